@@ -1,0 +1,42 @@
+"""ppl_notes: generative stories as Pyro models, inferred by SVI or NUTS, as ArviZ results.
+
+The public API::
+
+    from ppl_notes import model, guide, infer, load
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ppl_notes.errors import (
+    DataError,
+    InferenceError,
+    ModelGuideMismatchError,
+    OptionError,
+    OptionTypeError,
+    PPLNotesError,
+    StoryError,
+)
+from ppl_notes.inference import infer
+from ppl_notes.posterior import Posterior, load
+from ppl_notes.story import Guide, Model, check_pairing, guide, model
+
+__all__ = [
+    "__version__",
+    "model",
+    "guide",
+    "Model",
+    "Guide",
+    "check_pairing",
+    "infer",
+    "Posterior",
+    "load",
+    "PPLNotesError",
+    "DataError",
+    "OptionError",
+    "OptionTypeError",
+    "ModelGuideMismatchError",
+    "StoryError",
+    "InferenceError",
+]

@@ -1,0 +1,87 @@
+"""Helpers that read Pyro traces: site kinds, names of distributions and supports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import constraints
+
+_POSITIVE_NAMES = {"GreaterThan(lower_bound=0.0)", "GreaterThanEq(lower_bound=0.0)"}
+
+
+def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
+    """Trace one run of ``model`` on ``data`` (optionally replayed against a guide trace)."""
+    fn = poutine.replay(model, trace=replay) if replay is not None else model
+    with pyro.poutine.seed(rng_seed=seed):
+        return poutine.trace(fn).get_trace(**data)
+
+
+def sample_sites(trace) -> dict[str, dict]:
+    """The sample sites of a trace, in order, without the plates' subsample sites."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+
+
+def latent_sites(trace) -> dict[str, dict]:
+    """The non-observed, non-auxiliary sample sites of a trace, in order."""
+    return {
+        name: site
+        for name, site in sample_sites(trace).items()
+        if not site["is_observed"]
+        and not site["infer"].get("is_auxiliary")
+    }
+
+
+def is_enumerable(fn) -> bool:
+    """Whether a distribution is discrete with a finite support Pyro can enumerate."""
+    return bool(fn.support.is_discrete and getattr(fn, "has_enumerate_support", False))
+
+
+def distribution_name(fn) -> str:
+    """The name of a site's distribution, looking through Independent/Expanded wrappers."""
+    while hasattr(fn, "base_dist") and type(fn).__name__ in {
+        "Independent",
+        "ExpandedDistribution",
+        "MaskedDistribution",
+    }:
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def _strip_independent(constraint):
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint
+
+
+def support_name(constraint) -> str:
+    """A readable name for a support constraint (``positive``, ``real``, ``simplex``...)."""
+    base = _strip_independent(constraint)
+    text = str(base)
+    if text in _POSITIVE_NAMES:
+        return "positive"
+    if text == "Real()":
+        return "real"
+    return text.replace("()", "").lower() if text.endswith("()") else text
+
+
+def supports_compatible(model_support, guide_support) -> bool:
+    """Whether a guide's support lies in the model's (up to measure-zero boundaries)."""
+    return support_name(model_support) == support_name(guide_support)
+
+
+def guess_max_plate_nesting(model, data: Mapping[str, Any]) -> int:
+    """The deepest plate nesting of any site in one run of the model."""
+    trace = trace_model(model, data, 0)
+    depth = 0
+    for site in sample_sites(trace).values():
+        dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+        depth = max([depth, *dims])
+    return depth

@@ -1,0 +1,1 @@
+"""Variational families: one module per story, named like the story's module."""

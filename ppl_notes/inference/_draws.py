@@ -1,0 +1,242 @@
+"""Evaluate a story at many posterior draws at once.
+
+For each draw of the continuous latent sites this gives: the discrete sites drawn from
+their exact conditional posterior (``infer_discrete``, Pyro's forward-filter
+backward-sample), the pointwise log-likelihood of each observation marginal over the
+enumerated discrete sites, and the log joint density. Draws are vectorised in an outer
+plate left of the story's plates; a story whose code cannot broadcast over that plate is
+evaluated one draw at a time instead (slower, same numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import config_enumerate, infer_discrete
+
+from ppl_notes._sites import is_enumerable, sample_sites, trace_model
+from ppl_notes.errors import StoryError
+
+logger = logging.getLogger(__name__)
+
+_ELEMENTS_PER_CHUNK = 20_000_000
+
+
+@dataclass
+class DrawEvaluation:
+    """What :func:`evaluate_draws` returns; every array has the draws as leading dim."""
+
+    discrete: dict[str, np.ndarray] = field(default_factory=dict)
+    log_likelihood: dict[str, np.ndarray] = field(default_factory=dict)
+    log_joint: np.ndarray | None = None
+    log_likelihood_error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    plate_nesting: int
+    batch_ndim: dict[str, int]
+    discrete: tuple[str, ...]
+    observed: tuple[str, ...]
+    continuous: tuple[str, ...]
+    pointwise_error: str | None
+    value_shapes: dict[str, tuple[int, ...]]
+    batch_shapes: dict[str, tuple[int, ...]]
+
+
+def _layout(model, data: Mapping[str, Any]) -> _Layout:
+    trace = trace_model(model, data, 0)
+    sites = sample_sites(trace)
+    plate_nesting = max(
+        [0] + [-f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.vectorized]
+    )
+    discrete = tuple(n for n, s in sites.items() if not s["is_observed"] and is_enumerable(s["fn"]))
+    observed = tuple(n for n, s in sites.items() if s["is_observed"])
+    continuous = tuple(
+        n for n, s in sites.items() if not s["is_observed"] and n not in discrete
+    )
+    error = None
+    if discrete:
+        plates = {n: {f.name for f in sites[n]["cond_indep_stack"]} for n in discrete + observed}
+        if len(observed) != 1:
+            error = "pointwise log-likelihood with discrete latents needs exactly one observed site"
+        elif any(plates[d] != plates[observed[0]] for d in discrete):
+            error = (
+                "pointwise log-likelihood needs every discrete latent site in the same plates "
+                f"as {observed[0]!r} (one discrete value per observation)"
+            )
+    batch_ndim = {n: len(s["fn"].batch_shape) for n, s in sites.items()}
+    value_shapes = {n: tuple(s["value"].shape) for n, s in sites.items()}
+    batch_shapes = {n: tuple(s["fn"].batch_shape) for n, s in sites.items()}
+    return _Layout(plate_nesting, batch_ndim, discrete, observed, continuous, error,
+                   value_shapes, batch_shapes)
+
+
+def evaluate_draws(
+    model,
+    data: Mapping[str, Any],
+    draws: Mapping[str, torch.Tensor],
+    *,
+    recover_discrete: bool = True,
+    seed: int = 0,
+) -> DrawEvaluation:
+    """Discrete posterior draws, pointwise log-likelihood and log joint for each draw.
+
+    Parameters
+    ----------
+    model : Model
+        The story.
+    data : dict
+        Prepared data (tensors).
+    draws : dict of Tensor
+        The continuous latent sites, each with one leading draw dimension.
+    recover_discrete : bool
+        Draw the discrete sites from p(z | x, theta) for every draw (``infer_discrete``).
+    seed : int
+        Seed for the discrete draws.
+
+    Returns
+    -------
+    DrawEvaluation
+    """
+    layout = _layout(model, data)
+    num_draws = next(iter(draws.values())).shape[0]
+    per_draw = max(1, sum(int(v[0].numel()) for v in data.values() if torch.is_tensor(v)))
+    per_draw *= max(1, 2 ** len(layout.discrete))
+    chunk = max(1, min(num_draws, _ELEMENTS_PER_CHUNK // per_draw))
+    pieces = []
+    with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
+        for start in range(0, num_draws, chunk):
+            values = {k: v[start : start + chunk] for k, v in draws.items()}
+            pieces.append(_evaluate_chunk(model, data, values, layout, recover_discrete))
+    result = DrawEvaluation(log_likelihood_error=layout.pointwise_error)
+    for key in pieces[0].discrete:
+        result.discrete[key] = np.concatenate([p.discrete[key] for p in pieces])
+    for key in pieces[0].log_likelihood:
+        result.log_likelihood[key] = np.concatenate([p.log_likelihood[key] for p in pieces])
+    result.log_joint = np.concatenate([p.log_joint for p in pieces])
+    return result
+
+
+def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvaluation:
+    try:
+        return _evaluate_vectorized(model, data, values, layout, recover_discrete)
+    except (RuntimeError, ValueError, IndexError) as error:
+        logger.info("story %r does not broadcast over draws (%s); evaluating one draw at a "
+                    "time", getattr(model, "name", model), error)
+    singles = [
+        _evaluate_vectorized(model, data, {k: v[i : i + 1] for k, v in values.items()},
+                             layout, recover_discrete, vectorize=False)
+        for i in range(next(iter(values.values())).shape[0])
+    ]
+    merged = DrawEvaluation()
+    for key in singles[0].discrete:
+        merged.discrete[key] = np.concatenate([s.discrete[key] for s in singles])
+    for key in singles[0].log_likelihood:
+        merged.log_likelihood[key] = np.concatenate([s.log_likelihood[key] for s in singles])
+    merged.log_joint = np.concatenate([s.log_joint for s in singles])
+    return merged
+
+
+def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectorize=True):
+    plate_nesting = layout.plate_nesting
+    num = next(iter(values.values())).shape[0]
+
+    def shaped(name, value):
+        if not vectorize:
+            return value[0]
+        pad = plate_nesting - layout.batch_ndim[name]
+        return value.reshape((num,) + (1,) * pad + tuple(value.shape[1:]))
+
+    conditioned = poutine.condition(model, data={k: shaped(k, v) for k, v in values.items()})
+
+    def story(**kwargs):
+        if not vectorize:
+            return conditioned(**kwargs)
+        with pyro.plate("_draws", num, dim=-(plate_nesting + 1)):
+            return conditioned(**kwargs)
+
+    enum_dim = -(plate_nesting + 2) if vectorize else -(plate_nesting + 1)
+    lead = 1 if vectorize else 0
+    result = DrawEvaluation()
+    if layout.discrete and recover_discrete:
+        sampler = infer_discrete(config_enumerate(story), first_available_dim=enum_dim,
+                                 temperature=1)
+        trace = poutine.trace(sampler).get_trace(**data)
+        for name in layout.discrete:
+            value = trace.nodes[name]["value"]
+            result.discrete[name] = _draw_major(value, num, layout.value_shapes[name])
+    enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
+    trace = poutine.trace(enumerated).get_trace(**data)
+    trace.compute_log_prob()
+    total = torch.zeros(num, dtype=torch.float64)
+    for name in layout.continuous:
+        log_prob = trace.nodes[name]["log_prob"]
+        total = total + _sum_to_draws(log_prob, num, vectorize)
+    if layout.discrete:
+        if layout.pointwise_error is not None:
+            raise StoryError(layout.pointwise_error)
+        factor = sum(trace.nodes[n]["log_prob"] for n in layout.discrete + layout.observed)
+        enum_ndim = factor.dim() - (plate_nesting + lead)
+        pointwise = torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)
+        obs = layout.observed[0]
+        result.log_likelihood[obs] = _draw_major(pointwise, num, layout.batch_shapes[obs])
+        total = total + _sum_to_draws(pointwise, num, vectorize)
+    else:
+        for name in layout.observed:
+            log_prob = trace.nodes[name]["log_prob"]
+            log_prob = log_prob.expand(trace.nodes[name]["fn"].batch_shape)
+            result.log_likelihood[name] = _draw_major(log_prob, num, layout.batch_shapes[name])
+            total = total + _sum_to_draws(log_prob, num, vectorize)
+    result.log_joint = total.double().numpy()
+    return result
+
+
+def _draw_major(value: torch.Tensor, num: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Reshape a (vectorised) site value to ``(draws, *shape)``."""
+    return value.detach().cpu().reshape((num,) + tuple(shape)).numpy()
+
+
+def _sum_to_draws(log_prob: torch.Tensor, num: int, vectorize: bool) -> torch.Tensor:
+    if not vectorize:
+        return log_prob.sum().reshape(1).double()
+    return log_prob.expand((num,) + log_prob.shape[1:]).reshape(num, -1).sum(-1).double()
+
+
+def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: int, seed: int,
+                 sites: tuple[str, ...] | None = None):
+    r"""Draw ``num_draws`` values of every guide site, and log q of each draw.
+
+    Returns
+    -------
+    (dict of Tensor, numpy.ndarray)
+        Site values with a leading draw dim, and :math:`\log q(\theta_s)`.
+    """
+    with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
+        plain = poutine.trace(guide).get_trace(**data)
+        shapes = {n: tuple(s["value"].shape) for n, s in sample_sites(plain).items()
+                  if not s["is_observed"]}
+        names = tuple(shapes) if sites is None else sites
+        try:
+            def vectorized(**kwargs):
+                with pyro.plate("_draws", num_draws, dim=-(plate_nesting + 1)):
+                    return guide(**kwargs)
+
+            trace = poutine.trace(vectorized).get_trace(**data)
+            trace.compute_log_prob()
+            values = {n: trace.nodes[n]["value"].reshape((num_draws,) + shapes[n]) for n in names}
+            log_q = sum(_sum_to_draws(trace.nodes[n]["log_prob"], num_draws, True) for n in names)
+        except (RuntimeError, ValueError, IndexError) as error:
+            logger.info("guide does not broadcast over draws (%s); drawing one at a time", error)
+            traces = [poutine.trace(guide).get_trace(**data) for _ in range(num_draws)]
+            values = {n: torch.stack([t.nodes[n]["value"] for t in traces]) for n in names}
+            log_q = torch.stack([sum(t.nodes[n]["fn"].log_prob(t.nodes[n]["value"]).sum()
+                                     for n in names) for t in traces])
+    return values, np.asarray(log_q, dtype=float)

@@ -1,0 +1,140 @@
+r"""NUTS: Hamiltonian Monte Carlo with the No-U-Turn criterion (notes §2.c).
+
+Discrete latent sites with finite support are summed out of the potential exactly
+(Pyro's enumeration; the plate nesting is found from the story, no bookkeeping), and
+after sampling each draw's discrete sites are drawn from p(z | x, θ) with
+``infer_discrete``, so every person's gender is in the posterior.
+
+Two engines compute the same posterior:
+
+* ``engine="fast"`` (default): the potential is traced once with TorchScript and driven
+  by ppl_notes' own NUTS (numpy tree building, Stan's windowed warmup), chains in
+  parallel worker processes;
+* ``engine="pyro"``: Pyro's :class:`~pyro.infer.mcmc.NUTS` and
+  :class:`~pyro.infer.mcmc.api.MCMC`, chains one after another.
+
+References
+----------
+Hoffman, M. D. & Gelman, A. (2014). The No-U-Turn Sampler: Adaptively Setting Path
+Lengths in Hamiltonian Monte Carlo. JMLR 15, 1593-1623.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer.autoguide.initialization import init_to_sample
+from pyro.infer.mcmc import MCMC
+from pyro.infer.mcmc import NUTS as PyroNUTS
+
+from ppl_notes._sites import latent_sites, trace_model
+from ppl_notes.inference._chains import run_chains
+from ppl_notes.inference._draws import evaluate_draws
+from ppl_notes.inference._options import Option, choice, open_unit, positive_int
+from ppl_notes.inference._potential import FlatPotential, init_to_prior_median
+from ppl_notes.inference._result import RunResult
+
+OPTIONS = (
+    positive_int("chains", 4, "independent chains"),
+    positive_int("warmup", 1000, "adaptation iterations per chain (discarded)", minimum=0),
+    positive_int("draws", 1000, "kept draws per chain"),
+    open_unit("target_accept", 0.8, "target mean acceptance statistic of the step size"),
+    positive_int("max_tree_depth", 10, "at most 2**max_tree_depth leapfrog steps"),
+    choice("engine", "fast", "'fast' (traced potential, own NUTS, parallel chains) or "
+           "'pyro' (Pyro's NUTS)", ("fast", "pyro")),
+    choice("init", "median", "starting point: the prior median (vector sites too) or a "
+           "prior draw",
+           ("median", "sample")),
+    Option("processes", (int, type(None)), None, "worker processes (default: one per core)",
+           lambda v: v is None or v >= 1, "None or an integer >= 1"),
+    Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
+)
+
+
+def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
+        options: dict[str, Any]) -> RunResult:
+    """Sample the posterior with NUTS. See the module docstring."""
+    started = time.perf_counter()
+    chains, draws = options["chains"], options["draws"]
+    if options["engine"] == "fast":
+        flat, stats, potential = _run_fast(model, data, seed, progress, options)
+    else:
+        flat, stats, potential = _run_pyro(model, data, seed, progress, options)
+    constrained = potential.constrain(flat.reshape(chains * draws, -1))
+    with torch.no_grad():
+        evaluation = evaluate_draws(model, data, constrained,
+                                    recover_discrete=options["recover_discrete"], seed=seed + 1)
+    values = {k: v.detach().cpu().numpy() for k, v in constrained.items()}
+    values.update(evaluation.discrete)
+    order = list(latent_sites(trace_model(model, data, 0)))
+    posterior = {n: _chains_first(values[n], chains, draws) for n in order if n in values}
+    log_likelihood = {k: _chains_first(v, chains, draws)
+                      for k, v in evaluation.log_likelihood.items()}
+    return RunResult(
+        method="nuts",
+        sample_dims=("chain", "draw"),
+        posterior=posterior,
+        sample_stats=stats,
+        log_likelihood=log_likelihood,
+        options=options,
+        info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
+              "parameters": potential.dim},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
+    return array.reshape((chains, draws) + array.shape[1:])
+
+
+def _run_fast(model, data, seed, progress, options):
+    results = run_chains(
+        model, data, chains=options["chains"], warmup=options["warmup"],
+        draws=options["draws"], target_accept=options["target_accept"],
+        max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"], jit=True,
+        progress=progress, processes=options["processes"],
+    )
+    potential = FlatPotential(model, data, init=options["init"], seed=seed, jit=False)
+    flat = np.stack([r.positions for r in results])
+    stats = {
+        "lp": -np.stack([r.potential for r in results]),
+        "acceptance_rate": np.stack([r.accept_prob for r in results]),
+        "n_steps": np.stack([r.num_steps for r in results]),
+        "tree_depth": np.stack([r.tree_depth for r in results]),
+        "diverging": np.stack([r.diverging for r in results]),
+        "energy": np.stack([r.energy for r in results]),
+        "step_size": np.stack([np.full(options["draws"], r.step_size) for r in results]),
+    }
+    stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
+    return flat, stats, potential
+
+
+def _run_pyro(model, data, seed, progress, options):
+    potential = FlatPotential(model, data, init=options["init"], seed=seed, jit=False)
+    init = {"median": init_to_prior_median, "sample": init_to_sample}[options["init"]]
+    flats, stats = [], {"lp": [], "diverging": [], "acceptance_rate": []}
+    for chain in range(options["chains"]):
+        pyro.set_rng_seed(seed * 1000 + chain)
+        kernel = PyroNUTS(model, target_accept_prob=options["target_accept"],
+                          max_tree_depth=options["max_tree_depth"],
+                          max_plate_nesting=potential.max_plate_nesting, init_strategy=init)
+        mcmc = MCMC(kernel, num_samples=options["draws"], warmup_steps=options["warmup"],
+                    disable_progbar=not progress)
+        mcmc.run(**data)
+        samples = mcmc.get_samples()
+        unconstrained = {n: potential.transforms[n](samples[n]) for n in potential.names}
+        flats.append(np.concatenate(
+            [unconstrained[n].reshape(options["draws"], -1).double().numpy()
+             for n in potential.names], axis=1))
+        diagnostics = mcmc.diagnostics()
+        divergences = np.zeros(options["draws"], dtype=bool)
+        divergences[diagnostics["divergences"]["chain 0"]] = True
+        stats["diverging"].append(divergences)
+        stats["acceptance_rate"].append(np.full(options["draws"],
+                                                diagnostics["acceptance rate"]["chain 0"]))
+        stats["lp"].append(np.array([-potential(f)[0] for f in flats[-1]]))
+    return np.stack(flats), {k: np.stack(v) for k, v in stats.items()}, potential

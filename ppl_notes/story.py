@@ -1,0 +1,451 @@
+"""The DSL: ``@model`` and ``@guide`` turn plain Pyro functions into stories.
+
+A generative story (notes §2.a) is a Pyro model: latent variables are drawn first, the
+observed ones from them. :class:`Model` keeps the function callable as it is, so every
+Pyro tool still works on it, and adds what a user of the story needs: its name and text,
+which sites are observed, default data, a table of its sites, the *generation* direction
+(:meth:`Model.simulate`, :meth:`Model.prior_predictive`) and the model/guide pairing
+check run before any inference.
+
+Data conventions: the story's observed sites are keyword arguments of the function with
+the same name (``def heights(height=None, ...)`` observes ``height``). Data arrive as a
+dict or a pandas DataFrame whose keys are keyword arguments of the function; arrays
+become tensors of the story's dtype once, scalars pass through.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from ppl_notes._sites import (
+    distribution_name,
+    guess_max_plate_nesting,
+    is_enumerable,
+    latent_sites,
+    sample_sites,
+    support_name,
+    supports_compatible,
+    trace_model,
+)
+from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
+
+__all__ = ["Model", "Guide", "model", "guide", "check_pairing"]
+
+
+class Model:
+    """A generative story: a Pyro model with a name, observed sites and default data.
+
+    Parameters
+    ----------
+    fn : callable
+        The Pyro model. Data and settings are keyword arguments; observed sites take
+        ``None`` when the story is run forwards (generation).
+    observed : str or sequence of str
+        Names of the observed sample sites; each is also a keyword argument of ``fn``.
+    data : callable or mapping, optional
+        Default data: a mapping, or a loader returning one (called lazily).
+    dims : mapping, optional
+        Names of the *event* dimensions of sites, e.g. ``{"mu": ["components"]}``.
+        Batch dimensions are named after the Pyro plates the site is in.
+    coords : callable, optional
+        ``coords(data) -> dict`` giving coordinate values for named dims.
+    name : str, optional
+        Defaults to the function's name.
+    fixed : mapping, optional
+        Keyword arguments fixed for every call (see :meth:`configure`).
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        observed: str | tuple[str, ...] | list[str],
+        data: Callable[[], Mapping] | Mapping | None = None,
+        dims: Mapping[str, list[str]] | None = None,
+        coords: Callable[[Mapping], dict] | None = None,
+        name: str | None = None,
+        fixed: Mapping[str, Any] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.fn = fn
+        self.observed = (observed,) if isinstance(observed, str) else tuple(observed)
+        self._default_data = data
+        self.dims = dict(dims or {})
+        self._coords = coords
+        self.name = name or fn.__name__
+        self.fixed = dict(fixed or {})
+        self.dtype = dtype
+        self.parameters = tuple(inspect.signature(fn).parameters)
+        functools.update_wrapper(self, fn)
+        for site in self.observed:
+            if site not in self.parameters:
+                raise StoryError(
+                    f"story {self.name!r}: observed site {site!r} must also be a keyword "
+                    f"argument of the function; its arguments are {list(self.parameters)}"
+                )
+        for key in self.fixed:
+            self._check_argument(key, "fixed argument")
+
+    def __call__(self, *args, **kwargs):
+        """Run the story as a plain Pyro model."""
+        return self.fn(*args, **{**self.fixed, **kwargs})
+
+    def __repr__(self) -> str:
+        return f"<Model {self.name!r} observing {list(self.observed)}>"
+
+    def __reduce__(self):
+        # A story defined at module level pickles by reference (needed by worker processes).
+        module = inspect.getmodule(self.fn)
+        if module is not None and getattr(module, self.name, None) is self:
+            return (_import_attribute, (module.__name__, self.name))
+        return object.__reduce__(self)
+
+    @property
+    def story(self) -> str:
+        """The generative story, in words: the function's docstring."""
+        return inspect.cleandoc(self.fn.__doc__ or "")
+
+    def configure(self, **fixed: Any) -> Model:
+        """Return the same story with some keyword arguments fixed (e.g. its priors).
+
+        Examples
+        --------
+        >>> from ppl_notes.models import heights
+        >>> three = heights.model.configure(num_groups=3)
+        """
+        for key in fixed:
+            self._check_argument(key, "argument")
+        return Model(
+            self.fn,
+            observed=self.observed,
+            data=self._default_data,
+            dims=self.dims,
+            coords=self._coords,
+            name=self.name,
+            fixed={**self.fixed, **fixed},
+            dtype=self.dtype,
+        )
+
+    def _check_argument(self, key: str, what: str) -> None:
+        if key not in self.parameters:
+            raise DataError(
+                f"story {self.name!r} has no {what} {key!r}; "
+                f"its keyword arguments are {list(self.parameters)}"
+            )
+
+    # -- data ---------------------------------------------------------------------
+    def default_data(self) -> dict[str, Any]:
+        """The story's default data set (e.g. Galton's heights), as raw values."""
+        if self._default_data is None:
+            raise DataError(
+                f"story {self.name!r} has no default data: pass data for "
+                f"{list(self.observed)}"
+            )
+        source = self._default_data
+        raw = source() if callable(source) else source
+        return dict(raw)
+
+    def prepare_data(self, data: Mapping | pd.DataFrame | None = None) -> dict[str, Any]:
+        """Check data against the story and turn arrays into tensors, once.
+
+        Parameters
+        ----------
+        data : dict, pandas.DataFrame or None
+            ``None`` means the story's default data. Keys (or columns) must be keyword
+            arguments of the story.
+
+        Returns
+        -------
+        dict
+            Keyword arguments for the model: tensors for arrays, scalars as they are.
+
+        Raises
+        ------
+        DataError
+            For a key the story does not have, an empty, non-numeric or non-finite
+            array, or an observed site without data.
+        """
+        raw = self.default_data() if data is None else data
+        if isinstance(raw, pd.DataFrame):
+            if raw.empty:
+                raise DataError(f"story {self.name!r}: the data frame has no rows")
+            raw = {column: raw[column].to_numpy() for column in raw.columns}
+        elif not isinstance(raw, Mapping):
+            raise DataError(
+                f"story {self.name!r}: data must be a dict or a pandas DataFrame, "
+                f"not {type(raw).__name__}"
+            )
+        prepared = {}
+        for key, value in raw.items():
+            if key not in self.parameters:
+                raise DataError(
+                    f"story {self.name!r} has no site or argument {key!r} to take data; "
+                    f"its keyword arguments are {list(self.parameters)} "
+                    f"(observed sites: {list(self.observed)})"
+                )
+            prepared[key] = self._to_tensor(key, value)
+        for site in self.observed:
+            if prepared.get(site) is None:
+                raise DataError(
+                    f"story {self.name!r}: observed site {site!r} has no data; pass "
+                    f"data={{{site!r}: ...}} or leave data=None for the default data"
+                )
+        return prepared
+
+    def _to_tensor(self, key: str, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, torch.Tensor):
+            array = value.detach().cpu().numpy()
+        else:
+            array = np.asarray(value)
+        if array.dtype == object or not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
+            raise DataError(
+                f"story {self.name!r}: data for {key!r} must be numeric, got dtype "
+                f"{array.dtype}"
+            )
+        if array.size == 0:
+            raise DataError(f"story {self.name!r}: data for {key!r} is empty")
+        bad = ~np.isfinite(array.astype(float))
+        if bad.any():
+            where = np.argwhere(bad)[:5].tolist()
+            raise DataError(
+                f"story {self.name!r}: data for {key!r} has {int(bad.sum())} NaN or "
+                f"infinite value(s), first at index {where}; remove or impute them"
+            )
+        return torch.as_tensor(array.astype(float), dtype=self.dtype)
+
+    def coords(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Coordinate values for named dims, computed from the data."""
+        return dict(self._coords(data)) if self._coords is not None else {}
+
+    # -- inspection ---------------------------------------------------------------
+    def max_plate_nesting(self, data: Mapping[str, Any]) -> int:
+        """The number of batch dims the story's plates use (for enumeration)."""
+        return guess_max_plate_nesting(self, data)
+
+    def trace(self, data: Mapping[str, Any] | None = None, seed: int = 0):
+        """One run of the story on ``data`` (default data when omitted), as a Pyro trace."""
+        return trace_model(self, self.prepare_data(data), seed)
+
+    def sites(self, data: Mapping | None = None) -> pd.DataFrame:
+        """A table of the story's sample sites.
+
+        Columns: ``name``, ``kind`` (latent/observed), ``distribution``, ``support``,
+        ``shape`` (of one value), ``plates``, ``discrete``.
+        """
+        trace = self.trace(data)
+        rows = []
+        for name, site in sample_sites(trace).items():
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "observed" if site["is_observed"] else "latent",
+                    "distribution": distribution_name(site["fn"]),
+                    "support": support_name(site["fn"].support),
+                    "shape": tuple(site["value"].shape),
+                    "plates": tuple(f.name for f in site["cond_indep_stack"]),
+                    "discrete": bool(site["fn"].support.is_discrete),
+                }
+            )
+        return pd.DataFrame(rows, columns=["name", "kind", "distribution", "support", "shape",
+                                           "plates", "discrete"])
+
+    def discrete_latent_sites(self, data: Mapping[str, Any]) -> list[str]:
+        """Names of the latent sites with a discrete support."""
+        trace = trace_model(self, data, 0)
+        return [n for n, s in latent_sites(trace).items() if s["fn"].support.is_discrete]
+
+    # -- generation (notes §2.a) -------------------------------------------------
+    def simulate(self, seed: int = 0, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run the story forwards once: draw latent values, then a data set from them.
+
+        Keyword arguments are passed to the story (e.g. ``num_people=500`` or fixed
+        parameter values through ``pyro.condition`` by the caller). Observed sites are
+        left free, so this is the notes' *generation* direction.
+
+        Returns
+        -------
+        dict
+            Every sample site's value, latent and observed.
+        """
+        free = {site: None for site in self.observed}
+        with pyro.poutine.seed(rng_seed=seed):
+            trace = poutine.trace(self).get_trace(**{**free, **kwargs})
+        return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
+
+    def prior_predictive(
+        self, num_samples: int = 500, seed: int = 0, **kwargs: Any
+    ) -> dict[str, np.ndarray]:
+        """Draw ``num_samples`` data sets from the prior story.
+
+        Returns
+        -------
+        dict of numpy arrays
+            Each site's draws, with a leading sample dimension.
+        """
+        draws = [self.simulate(seed=seed + i, **kwargs) for i in range(num_samples)]
+        return {name: np.stack([d[name].numpy() for d in draws]) for name in draws[0]}
+
+    def render(self, data: Mapping | None = None):
+        """Draw the story's graph (needs the ``graphviz`` package and binary)."""
+        try:
+            import graphviz  # noqa: F401
+        except ImportError as error:  # pragma: no cover - optional dependency
+            raise ImportError("Model.render needs the 'graphviz' package") from error
+        prepared = self.prepare_data(data)
+        return pyro.render_model(self, model_kwargs=prepared, render_distributions=True)
+
+
+class Guide:
+    """A variational family for one story: a Pyro guide that knows its model.
+
+    Parameters
+    ----------
+    fn : callable
+        The Pyro guide; it takes the same keyword arguments as the model.
+    model : Model
+        The story it approximates the posterior of.
+    name : str, optional
+        Defaults to the function's name.
+    """
+
+    def __init__(self, fn: Callable, model: Model, name: str | None = None) -> None:
+        if not isinstance(model, Model):
+            raise StoryError(
+                f"@guide needs a story made with @model, got {type(model).__name__}"
+            )
+        self.fn = fn
+        self.model = model
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        if not isinstance(fn, torch.nn.Module):
+            functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        """Run the guide as a plain Pyro guide."""
+        return self.fn(*args, **{**self.model.fixed, **kwargs})
+
+    def __repr__(self) -> str:
+        return f"<Guide {self.name!r} for {self.model.name!r}>"
+
+    def __reduce__(self):
+        module = inspect.getmodule(self.fn)
+        if module is not None and getattr(module, self.name, None) is self:
+            return (_import_attribute, (module.__name__, self.name))
+        return object.__reduce__(self)
+
+
+def model(
+    fn: Callable | None = None,
+    *,
+    observed: str | tuple[str, ...] | list[str],
+    data: Callable[[], Mapping] | Mapping | None = None,
+    dims: Mapping[str, list[str]] | None = None,
+    coords: Callable[[Mapping], dict] | None = None,
+    name: str | None = None,
+) -> Model | Callable[[Callable], Model]:
+    """Declare a generative story.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist
+    >>> @model(observed="x")
+    ... def coin(x=None, n=10):
+    ...     p = pyro.sample("p", dist.Beta(1.0, 1.0))
+    ...     with pyro.plate("flips", n):
+    ...         pyro.sample("x", dist.Bernoulli(p), obs=x)
+    """
+
+    def wrap(function: Callable) -> Model:
+        return Model(function, observed=observed, data=data, dims=dims, coords=coords,
+                     name=name)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def guide(story: Model, *, name: str | None = None) -> Callable[[Callable], Guide]:
+    """Declare a variational family for ``story``; see :class:`Guide`."""
+
+    def wrap(function: Callable) -> Guide:
+        return Guide(function, story, name=name)
+
+    return wrap
+
+
+def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> None:
+    """Check that ``guide`` fits ``model`` before any inference starts.
+
+    Every latent site of the model must be drawn by the guide, unless it is discrete
+    with a finite support (it will then be enumerated); every guide site must be a
+    latent site of the model; shapes must be equal and the guide's support must lie in
+    the model's.
+
+    Raises
+    ------
+    ModelGuideMismatchError
+        Naming the first offending site and what would be valid.
+    """
+    guide_name = getattr(guide, "name", getattr(guide, "__name__", type(guide).__name__))
+    with pyro.poutine.seed(rng_seed=0):
+        guide_trace = poutine.trace(guide).get_trace(**data)
+    model_trace = trace_model(model, data, 0, replay=guide_trace)
+    model_latent = latent_sites(model_trace)
+    guide_sites = {
+        name: site
+        for name, site in sample_sites(guide_trace).items()
+        if not site["is_observed"] and not site["infer"].get("is_auxiliary")
+    }
+    for name, site in model_latent.items():
+        if name in guide_sites:
+            continue
+        if is_enumerable(site["fn"]):
+            continue
+        kind = "discrete with infinite support" if site["fn"].support.is_discrete else "continuous"
+        raise ModelGuideMismatchError(
+            f"guide {guide_name!r} does not draw latent site {name!r} of story "
+            f"{model.name!r} ({kind}, {distribution_name(site['fn'])}); add "
+            f"pyro.sample({name!r}, ...) to the guide"
+        )
+    observed = {n for n, s in sample_sites(model_trace).items() if s["is_observed"]}
+    for name, site in guide_sites.items():
+        if name in observed:
+            raise ModelGuideMismatchError(
+                f"guide {guide_name!r} samples {name!r}, which is observed in story "
+                f"{model.name!r}; a guide draws only latent sites"
+            )
+        if name not in model_latent:
+            raise ModelGuideMismatchError(
+                f"guide {guide_name!r} samples {name!r}, which is not a site of story "
+                f"{model.name!r}; its latent sites are {sorted(model_latent)}"
+            )
+        model_fn, guide_fn = model_latent[name]["fn"], site["fn"]
+        model_shape = tuple(model_fn.batch_shape + model_fn.event_shape)
+        guide_shape = tuple(site["value"].shape)
+        if model_shape != guide_shape:
+            raise ModelGuideMismatchError(
+                f"site {name!r}: guide {guide_name!r} draws shape {guide_shape} but story "
+                f"{model.name!r} expects shape {model_shape}"
+            )
+        if not supports_compatible(model_fn.support, guide_fn.support):
+            raise ModelGuideMismatchError(
+                f"site {name!r}: guide {guide_name!r} draws from {distribution_name(guide_fn)} "
+                f"with support {support_name(guide_fn.support)}, but story {model.name!r} "
+                f"gives it support {support_name(model_fn.support)}; use a guide family "
+                f"on that support (e.g. LogNormal for a positive scale, Dirichlet for a "
+                f"simplex, a TransformedDistribution with biject_to(support))"
+            )
+
+
+def _import_attribute(module_name: str, attribute: str):
+    import importlib
+
+    return getattr(importlib.import_module(module_name), attribute)
