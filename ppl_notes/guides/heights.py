@@ -30,7 +30,7 @@ def _initial_means(height, num_groups, dtype):
 
 @_guide(heights, name="meanfield")
 def meanfield(height=None, num_people=None, num_groups=2, mu_loc=170.0, mu_scale=20.0,
-              sigma_scale=10.0, alpha_concentration=1.0):
+              sigma_median=7.0, sigma_spread=0.5, alpha_concentration=1.0):
     """q(alpha) Dirichlet, q(mu) ordered Normal, q(sigma_k) LogNormal; gender enumerated."""
     dtype = height.dtype if height is not None else torch.float64
     concentration = pyro.param(

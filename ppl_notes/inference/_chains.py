@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes.inference._potential import FlatPotential
-from ppl_notes.inference.nuts_sampler import ChainResult, sample_chain
+from ppl_notes.inference._potential import BatchedPotential
+from ppl_notes.inference.nuts_sampler import ChainResult, chain_process, drive_lockstep
 
 _PROGRESS_EVERY = 25
 _progress_queue = None
@@ -37,41 +37,34 @@ def _init_worker(progress_queue) -> None:
 
 
 def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
+    """Run a group of chains in lockstep against one batched potential."""
     job = cloudpickle.loads(payload)
-    potential = FlatPotential(job["model"], job["data"], init=job["init"], seed=job["seed"],
-                              jit=job["jit"])
-    results = []
-    for chain in chains:
-        initial = _initial_point(job, chain, potential)
-        total = job["warmup"] + job["draws"]
+    potential = BatchedPotential(job["model"], job["data"], len(chains), jit=job["jit"])
+    initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
+    total = job["warmup"] + job["draws"]
 
-        def report(iteration, chain=chain, total=total):
+    def reporter(chain):
+        def report(iteration):
             done = iteration + 1
             if _progress_queue is not None and (done % _PROGRESS_EVERY == 0 or done == total):
                 _progress_queue.put((chain, done))
+        return report
 
-        result = sample_chain(
-            potential,
-            initial,
+    processes = [
+        chain_process(
+            initial[i],
             num_warmup=job["warmup"],
             num_draws=job["draws"],
             target_accept=job["target_accept"],
             max_tree_depth=job["max_tree_depth"],
+            dense_mass=job["dense_mass"],
             seed=(job["seed"], chain),
-            on_iteration=report,
+            on_iteration=reporter(chain),
         )
-        results.append({"chain": chain, **asdict(result)})
-    return results
-
-
-def _initial_point(job, chain: int, potential: FlatPotential) -> np.ndarray:
-    """Chain 0 starts where Pyro's init strategy puts it; the others from a fresh draw of
-    the same strategy under their own seed, so chains start dispersed."""
-    if chain == 0:
-        return potential.initial
-    other = FlatPotential(job["model"], job["data"], init=job["init"],
-                          seed=job["seed"] * 1000 + chain, jit=False)
-    return other.initial
+        for i, chain in enumerate(chains)
+    ]
+    results = drive_lockstep(processes, potential)
+    return [{"chain": chain, **asdict(result)} for chain, result in zip(chains, results)]
 
 
 def run_chains(
@@ -86,12 +79,14 @@ def run_chains(
     seed: int,
     init: str,
     jit: bool,
+    dense_mass: bool,
     progress: bool,
     processes: int | None = None,
 ) -> list[ChainResult]:
     """Sample ``chains`` chains; results come back ordered by chain."""
     job = dict(model=model, data=data, warmup=warmup, draws=draws, target_accept=target_accept,
-               max_tree_depth=max_tree_depth, seed=seed, init=init, jit=jit)
+               max_tree_depth=max_tree_depth, seed=seed, init=init, jit=jit,
+               dense_mass=dense_mass)
     payload = cloudpickle.dumps(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = min(chains, processes if processes is not None else cores or 1)

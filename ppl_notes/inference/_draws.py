@@ -51,7 +51,8 @@ class _Layout:
     batch_shapes: dict[str, tuple[int, ...]]
 
 
-def _layout(model, data: Mapping[str, Any]) -> _Layout:
+def layout_of(model, data: Mapping[str, Any]) -> _Layout:
+    """Which sites are discrete, continuous and observed, and their shapes."""
     trace = trace_model(model, data, 0)
     sites = sample_sites(trace)
     plate_nesting = max(
@@ -106,7 +107,7 @@ def evaluate_draws(
     -------
     DrawEvaluation
     """
-    layout = _layout(model, data)
+    layout = layout_of(model, data)
     num_draws = next(iter(draws.values())).shape[0]
     per_draw = max(1, sum(int(v[0].numel()) for v in data.values() if torch.is_tensor(v)))
     per_draw *= max(1, 2 ** len(layout.discrete))
@@ -145,7 +146,8 @@ def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvalua
     return merged
 
 
-def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectorize=True):
+def _vectorized_story(model, values, layout, vectorize):
+    """The story conditioned on ``values`` (draws first), inside a plate over the draws."""
     plate_nesting = layout.plate_nesting
     num = next(iter(values.values())).shape[0]
 
@@ -164,38 +166,59 @@ def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectoriz
             return conditioned(**kwargs)
 
     enum_dim = -(plate_nesting + 2) if vectorize else -(plate_nesting + 1)
-    lead = 1 if vectorize else 0
+    return story, num, enum_dim
+
+
+def log_joint(model, data, values, layout: _Layout, vectorize: bool = True):
+    r"""Differentiable :math:`\log p(x, \theta_s)` for each draw, and pointwise
+    log-likelihoods, with local discrete sites summed out exactly:
+
+    .. math:: \log p(x,\theta) = \log p(\theta)
+              + \sum_i \log \sum_{z_i} p(z_i \mid \theta)\, p(x_i \mid z_i, \theta).
+
+    Returns
+    -------
+    (Tensor, dict of Tensor)
+        Shape ``(draws,)``, and per observed site ``(draws, *batch_shape)``.
+    """
+    story, num, enum_dim = _vectorized_story(model, values, layout, vectorize)
+    enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
+    trace = poutine.trace(enumerated).get_trace(**data)
+    trace.compute_log_prob()
+    total = 0.0
+    for name in layout.continuous:
+        total = total + _sum_to_draws(trace.nodes[name]["log_prob"], num, vectorize)
+    pointwise = {}
+    if layout.discrete:
+        if layout.pointwise_error is not None:
+            raise StoryError(layout.pointwise_error)
+        factor = sum(trace.nodes[n]["log_prob"] for n in layout.discrete + layout.observed)
+        enum_ndim = factor.dim() - (layout.plate_nesting + (1 if vectorize else 0))
+        marginal = torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)
+        pointwise[layout.observed[0]] = marginal
+    else:
+        for name in layout.observed:
+            pointwise[name] = trace.nodes[name]["log_prob"].expand(
+                trace.nodes[name]["fn"].batch_shape)
+    for name, log_prob in pointwise.items():
+        total = total + _sum_to_draws(log_prob, num, vectorize)
+        pointwise[name] = log_prob.reshape((num,) + layout.batch_shapes[name])
+    return total, pointwise
+
+
+def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectorize=True):
     result = DrawEvaluation()
     if layout.discrete and recover_discrete:
+        story, num, enum_dim = _vectorized_story(model, values, layout, vectorize)
         sampler = infer_discrete(config_enumerate(story), first_available_dim=enum_dim,
                                  temperature=1)
         trace = poutine.trace(sampler).get_trace(**data)
         for name in layout.discrete:
             value = trace.nodes[name]["value"]
             result.discrete[name] = _draw_major(value, num, layout.value_shapes[name])
-    enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
-    trace = poutine.trace(enumerated).get_trace(**data)
-    trace.compute_log_prob()
-    total = torch.zeros(num, dtype=torch.float64)
-    for name in layout.continuous:
-        log_prob = trace.nodes[name]["log_prob"]
-        total = total + _sum_to_draws(log_prob, num, vectorize)
-    if layout.discrete:
-        if layout.pointwise_error is not None:
-            raise StoryError(layout.pointwise_error)
-        factor = sum(trace.nodes[n]["log_prob"] for n in layout.discrete + layout.observed)
-        enum_ndim = factor.dim() - (plate_nesting + lead)
-        pointwise = torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)
-        obs = layout.observed[0]
-        result.log_likelihood[obs] = _draw_major(pointwise, num, layout.batch_shapes[obs])
-        total = total + _sum_to_draws(pointwise, num, vectorize)
-    else:
-        for name in layout.observed:
-            log_prob = trace.nodes[name]["log_prob"]
-            log_prob = log_prob.expand(trace.nodes[name]["fn"].batch_shape)
-            result.log_likelihood[name] = _draw_major(log_prob, num, layout.batch_shapes[name])
-            total = total + _sum_to_draws(log_prob, num, vectorize)
-    result.log_joint = total.double().numpy()
+    total, pointwise = log_joint(model, data, values, layout, vectorize)
+    result.log_likelihood = {k: v.detach().cpu().numpy() for k, v in pointwise.items()}
+    result.log_joint = total.detach().double().cpu().numpy()
     return result
 
 

@@ -1,10 +1,13 @@
-"""A story's potential energy as a function of one flat, unconstrained float64 vector.
+r"""A story's potential energy on a batch of flat, unconstrained float64 vectors.
 
-Pyro's :func:`~pyro.infer.mcmc.util.initialize_model` builds the potential
-:math:`U(\\theta) = -\\log p(x, \\theta) - \\log|J|` on the unconstrained space, with
-enumerated discrete sites summed out exactly. We flatten its dict of sites into one
-vector and trace the whole computation once with :func:`torch.jit.trace`, so each
-gradient afterwards runs a fixed graph without Pyro's per-call bookkeeping.
+NUTS needs :math:`U(q) = -\log p(x, T(q)) - \log|\det J_T(q)|` and its gradient, where
+:math:`T` maps the unconstrained space onto each latent site's support
+(``biject_to(support)``, as Pyro and Stan do). Here one call evaluates it for a whole
+batch of chains: the story runs once inside a plate over the chains, local discrete sites
+are summed out exactly (:func:`~ppl_notes.inference._draws.log_joint`), and the
+computation is traced once with :func:`torch.jit.trace`, so each later call runs a fixed
+graph without Pyro's per-call bookkeeping. Where the story's discrete sites are not local
+to its observations, Pyro's own potential (``initialize_model``) is called chain by chain.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import Any
 
 import numpy as np
 import pyro
+import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide.initialization import init_to_feasible, init_to_sample
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_sample
 from pyro.infer.mcmc.util import initialize_model
 
-from ppl_notes._sites import guess_max_plate_nesting
+from ppl_notes._sites import sample_sites, trace_model
 from ppl_notes.errors import InferenceError
-
+from ppl_notes.inference._draws import layout_of, log_joint
 
 
 def init_to_prior_median(site, num_samples: int = 15):
@@ -43,76 +48,126 @@ def init_to_prior_median(site, num_samples: int = 15):
     return value
 
 
-_INIT_STRATEGIES = {"median": init_to_prior_median, "sample": init_to_sample}
+INIT_STRATEGIES = {"median": init_to_prior_median, "sample": init_to_sample}
 
 
-class FlatPotential:
-    """Potential energy and its gradient on a flat unconstrained vector.
+class BatchedPotential:
+    """Potential energy and gradient for ``num_chains`` points at once.
 
     Parameters
     ----------
-    model : callable
+    model : Model
         The story.
     data : dict
-        Prepared data (keyword arguments of the story).
-    init : {"median", "sample"}
-        How each chain's starting point is chosen (Pyro's init strategies).
-    seed : int
-        Seed for the starting point.
+        Prepared data.
+    num_chains : int
+        The batch size every call uses.
     jit : bool
-        Trace the potential with TorchScript (the fast path) or call Pyro each time.
+        Trace the computation with TorchScript (the fast path).
     """
 
-    def __init__(self, model, data: Mapping[str, Any], init: str = "median", seed: int = 0,
-                 jit: bool = True) -> None:
-        self.max_plate_nesting = guess_max_plate_nesting(model, data)
-        pyro.set_rng_seed(seed)
-        try:
-            initial, potential_fn, transforms, trace = initialize_model(
-                model,
-                model_kwargs=dict(data),
-                max_plate_nesting=self.max_plate_nesting,
-                init_strategy=_INIT_STRATEGIES[init],
-            )
-        except (RuntimeError, ValueError) as error:
-            raise InferenceError(f"NUTS could not find a starting point: {error}") from error
-        self.transforms = transforms
-        self.names = list(initial)
-        self.shapes = {name: tuple(initial[name].shape) for name in self.names}
+    def __init__(self, model, data: Mapping[str, Any], num_chains: int, jit: bool = True):
+        self.model, self.data, self.num_chains = model, dict(data), num_chains
+        self.layout = layout_of(model, data)
+        trace = trace_model(model, data, 0)
+        sites = sample_sites(trace)
+        self.names = list(self.layout.continuous)
+        self.transforms = {n: biject_to(sites[n]["fn"].support) for n in self.names}
+        with torch.no_grad():
+            self.shapes = {n: tuple(self.transforms[n].inv(sites[n]["value"]).shape)
+                           for n in self.names}
         self.sizes = [int(np.prod(self.shapes[n], dtype=int)) for n in self.names]
         self.dim = sum(self.sizes)
-        self.initial = self.flatten({k: v.detach() for k, v in initial.items()})
-        self._potential_fn = potential_fn
+        self.uses_pyro_potential = self.layout.pointwise_error is not None
+        if self.uses_pyro_potential:
+            self._pyro_potential = self._build_pyro_potential()
         self._fn = self._potential
-        if jit:
-            example = torch.as_tensor(self.initial)
+        if jit and not self.uses_pyro_potential:
+            example = torch.zeros(num_chains, self.dim, dtype=torch.float64)
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
                 self._fn = torch.jit.trace(self._potential, (example,), check_trace=False)
 
+    def _build_pyro_potential(self):
+        _, potential_fn, _, _ = initialize_model(
+            self.model, model_kwargs=self.data, max_plate_nesting=self.layout.plate_nesting)
+        return potential_fn
+
+    # -- flat <-> sites ---------------------------------------------------------------
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat vector (or a batch of them, draws first) into sites."""
+        """Split ``(batch, dim)`` unconstrained vectors into sites."""
         lead = flat.shape[:-1]
         pieces = torch.split(flat, self.sizes, dim=-1)
         return {n: p.reshape(lead + self.shapes[n]) for n, p in zip(self.names, pieces)}
 
     def flatten(self, values: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """Join site values into one float64 vector."""
+        """Unconstrained site values (no batch dim) -> one float64 vector."""
         return np.concatenate(
-            [values[n].detach().double().reshape(-1).cpu().numpy() for n in self.names]
-        )
-
-    def _potential(self, flat: torch.Tensor) -> torch.Tensor:
-        return self._potential_fn(self.unflatten(flat))
-
-    def __call__(self, position: np.ndarray) -> tuple[float, np.ndarray]:
-        """Potential energy and its gradient at ``position``."""
-        x = torch.from_numpy(position).requires_grad_(True)
-        value = self._fn(x)
-        (grad,) = torch.autograd.grad(value, x)
-        return float(value.detach()), grad.numpy()
+            [values[n].detach().double().reshape(-1).cpu().numpy() for n in self.names])
 
     def constrain(self, flat_draws: np.ndarray) -> dict[str, torch.Tensor]:
-        """Map unconstrained draws (draws first) to each site's support."""
-        sites = self.unflatten(torch.as_tensor(flat_draws))
-        return {n: self.transforms[n].inv(v) for n, v in sites.items()}
+        """Map unconstrained draws ``(draws, dim)`` to each site's support."""
+        sites = self.unflatten(torch.as_tensor(flat_draws, dtype=torch.float64))
+        return {n: self.transforms[n](v) for n, v in sites.items()}
+
+    def unconstrain(self, values: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """Map constrained draws (draws first) to ``(draws, dim)`` unconstrained vectors."""
+        pieces = [self.transforms[n].inv(values[n]).reshape(values[n].shape[0], -1)
+                  for n in self.names]
+        return torch.cat(pieces, dim=-1).double().numpy()
+
+    # -- the potential ----------------------------------------------------------------
+    def _potential(self, flat: torch.Tensor) -> torch.Tensor:
+        batch = flat.shape[0]
+        values, log_det = {}, torch.zeros(batch, dtype=flat.dtype)
+        for name, unconstrained in self.unflatten(flat).items():
+            transform = self.transforms[name]
+            value = transform(unconstrained)
+            values[name] = value
+            jacobian = transform.log_abs_det_jacobian(unconstrained, value)
+            log_det = log_det + jacobian.reshape(batch, -1).sum(-1)
+        total, _ = log_joint(self.model, self.data, values, self.layout)
+        return -(total + log_det)
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Potentials ``(batch,)`` and gradients ``(batch, dim)`` at ``positions``."""
+        if self.uses_pyro_potential:
+            return self._call_pyro(positions)
+        x = torch.from_numpy(np.ascontiguousarray(positions)).requires_grad_(True)
+        value = self._fn(x)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        return value.detach().numpy(), grad.numpy()
+
+    def _call_pyro(self, positions):
+        values, grads = [], []
+        for row in positions:
+            x = torch.from_numpy(row.copy()).requires_grad_(True)
+            sites = {n: v[0] for n, v in self.unflatten(x[None]).items()}
+            value = self._pyro_potential(sites)
+            (grad,) = torch.autograd.grad(value, x)
+            values.append(float(value.detach()))
+            grads.append(grad.numpy())
+        return np.array(values), np.stack(grads)
+
+    def initial_points(self, init: str, seeds: list[int]) -> np.ndarray:
+        """One starting point per seed, by the named init strategy, unconstrained."""
+        strategy = INIT_STRATEGIES[init]
+        points = []
+        for seed in seeds:
+            pyro.set_rng_seed(seed)
+            with torch.no_grad():
+                trace = poutine.trace(InitMessenger(strategy)(self.model)).get_trace(**self.data)
+                values = {n: self.transforms[n].inv(trace.nodes[n]["value"]) for n in self.names}
+            point = self.flatten(values)
+            value, _ = self(np.repeat(point[None], self.num_chains, axis=0))
+            if not np.isfinite(value[0]):
+                raise InferenceError(
+                    f"NUTS: the log density of story {getattr(self.model, 'name', '')!r} is "
+                    f"not finite at the starting point {self._describe(values)}; check the "
+                    "priors and the data, or pass init='sample'"
+                )
+            points.append(point)
+        return np.stack(points)
+
+    def _describe(self, values) -> str:
+        return ", ".join(f"{n}={self.transforms[n](v).tolist()}" for n, v in values.items())

@@ -7,9 +7,11 @@ after sampling each draw's discrete sites are drawn from p(z | x, θ) with
 
 Two engines compute the same posterior:
 
-* ``engine="fast"`` (default): the potential is traced once with TorchScript and driven
-  by ppl_notes' own NUTS (numpy tree building, Stan's windowed warmup), chains in
-  parallel worker processes;
+* ``engine="fast"`` (default): the potential of a batch of chains is traced once with
+  TorchScript (using the story's hand-marginalised form when it has one) and driven by
+  ppl_notes' own NUTS (numpy tree building, Stan's windowed warmup with a dense or
+  diagonal metric), the chains in lockstep so that one call serves them all, groups of
+  chains in parallel worker processes;
 * ``engine="pyro"``: Pyro's :class:`~pyro.infer.mcmc.NUTS` and
   :class:`~pyro.infer.mcmc.api.MCMC`, chains one after another.
 
@@ -35,12 +37,12 @@ from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._draws import evaluate_draws
 from ppl_notes.inference._options import Option, choice, open_unit, positive_int
-from ppl_notes.inference._potential import FlatPotential, init_to_prior_median
+from ppl_notes.inference._potential import BatchedPotential, init_to_prior_median
 from ppl_notes.inference._result import RunResult
 
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
-    positive_int("warmup", 1000, "adaptation iterations per chain (discarded)", minimum=0),
+    positive_int("warmup", 500, "adaptation iterations per chain (discarded)", minimum=0),
     positive_int("draws", 1000, "kept draws per chain"),
     open_unit("target_accept", 0.8, "target mean acceptance statistic of the step size"),
     positive_int("max_tree_depth", 10, "at most 2**max_tree_depth leapfrog steps"),
@@ -51,8 +53,12 @@ OPTIONS = (
            ("median", "sample")),
     Option("processes", (int, type(None)), None, "worker processes (default: one per core)",
            lambda v: v is None or v >= 1, "None or an integer >= 1"),
+    choice("mass_matrix", "auto", "the adapted metric: 'dense', 'diag', or 'auto' (dense up "
+           "to 100 unconstrained parameters, else diagonal)", ("auto", "dense", "diag")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
 )
+
+_DENSE_UP_TO = 100
 
 
 def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
@@ -82,7 +88,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         log_likelihood=log_likelihood,
         options=options,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
-              "parameters": potential.dim},
+              "parameters": potential.dim, "marginal_story": potential.model is not model},
         seconds=time.perf_counter() - started,
     )
 
@@ -92,13 +98,16 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
 
 
 def _run_fast(model, data, seed, progress, options):
+    model = model.marginal
+    potential = BatchedPotential(model, data, 1, jit=False)
+    dense = options["mass_matrix"] == "dense" or (
+        options["mass_matrix"] == "auto" and potential.dim <= _DENSE_UP_TO)
     results = run_chains(
         model, data, chains=options["chains"], warmup=options["warmup"],
         draws=options["draws"], target_accept=options["target_accept"],
         max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"], jit=True,
-        progress=progress, processes=options["processes"],
+        dense_mass=dense, progress=progress, processes=options["processes"],
     )
-    potential = FlatPotential(model, data, init=options["init"], seed=seed, jit=False)
     flat = np.stack([r.positions for r in results])
     stats = {
         "lp": -np.stack([r.potential for r in results]),
@@ -114,7 +123,7 @@ def _run_fast(model, data, seed, progress, options):
 
 
 def _run_pyro(model, data, seed, progress, options):
-    potential = FlatPotential(model, data, init=options["init"], seed=seed, jit=False)
+    potential = BatchedPotential(model, data, 1, jit=False)
     init = {"median": init_to_prior_median, "sample": init_to_sample}[options["init"]]
     flats, stats = [], {"lp": [], "diverging": [], "acceptance_rate": []}
     for chain in range(options["chains"]):
@@ -126,15 +135,12 @@ def _run_pyro(model, data, seed, progress, options):
                     disable_progbar=not progress)
         mcmc.run(**data)
         samples = mcmc.get_samples()
-        unconstrained = {n: potential.transforms[n](samples[n]) for n in potential.names}
-        flats.append(np.concatenate(
-            [unconstrained[n].reshape(options["draws"], -1).double().numpy()
-             for n in potential.names], axis=1))
+        flats.append(potential.unconstrain(samples))
         diagnostics = mcmc.diagnostics()
         divergences = np.zeros(options["draws"], dtype=bool)
         divergences[diagnostics["divergences"]["chain 0"]] = True
         stats["diverging"].append(divergences)
         stats["acceptance_rate"].append(np.full(options["draws"],
                                                 diagnostics["acceptance rate"]["chain 0"]))
-        stats["lp"].append(np.array([-potential(f)[0] for f in flats[-1]]))
+        stats["lp"].append(np.array([-potential(f[None])[0][0] for f in flats[-1]]))
     return np.stack(flats), {k: np.stack(v) for k, v in stats.items()}, potential

@@ -18,7 +18,7 @@ Stan Development Team. Stan Reference Manual, "MCMC Sampling" (windowed adaptati
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,9 @@ import numpy as np
 MAX_ENERGY_ERROR = 1000.0
 
 Potential = Callable[[np.ndarray], tuple[float, np.ndarray]]
+#: A chain is a generator: it yields positions whose potential and gradient it needs,
+#: receives ``(U, dU/dq)`` for each, and returns its :class:`ChainResult`.
+ChainProcess = Generator[np.ndarray, tuple[float, np.ndarray], "ChainResult"]
 
 
 @dataclass
@@ -82,49 +85,77 @@ def _criterion(p_sharp_minus, p_sharp_plus, rho) -> bool:
     return float(p_sharp_plus @ rho) > 0 and float(p_sharp_minus @ rho) > 0
 
 
+class Metric:
+    r"""The kinetic energy's metric: a diagonal or dense inverse mass matrix.
+
+    ``inverse`` is the covariance estimate of the posterior (unconstrained); momenta are
+    drawn from :math:`\mathcal N(0, M)` with :math:`M = \text{inverse}^{-1}`.
+    """
+
+    def __init__(self, inverse: np.ndarray) -> None:
+        self.inverse = inverse
+        self.dense = inverse.ndim == 2
+        if self.dense:
+            self._chol_mass = np.linalg.cholesky(np.linalg.inv(inverse))
+        else:
+            self._sqrt_mass = 1.0 / np.sqrt(inverse)
+
+    def sharp(self, p: np.ndarray) -> np.ndarray:
+        """:math:`M^{-1} p`, the velocity."""
+        return self.inverse @ p if self.dense else self.inverse * p
+
+    def kinetic(self, p: np.ndarray) -> float:
+        """:math:`\tfrac12 p^\top M^{-1} p`."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return 0.5 * float(p @ self.sharp(p))
+
+    def momentum(self, rng: np.random.Generator) -> np.ndarray:
+        r"""A draw from :math:`\mathcal N(0, M)`."""
+        z = rng.standard_normal(self.inverse.shape[0])
+        return self._chol_mass @ z if self.dense else self._sqrt_mass * z
+
+
 class NUTS:
-    """The No-U-Turn sampler for one chain.
+    """The No-U-Turn sampler for one chain, written as generators.
+
+    Every call of the potential is a ``yield`` of the position: the driver evaluates
+    the potential (for many chains at once, see :func:`drive_lockstep`) and sends back
+    ``(U, dU/dq)``. The tree building is otherwise Stan's.
 
     Parameters
     ----------
-    potential : callable
-        ``potential(q) -> (U(q), dU/dq)`` on a flat float64 vector.
     rng : numpy.random.Generator
         The chain's random numbers.
     max_tree_depth : int
         At most ``2**max_tree_depth`` leapfrog steps per transition.
     """
 
-    def __init__(self, potential: Potential, rng: np.random.Generator, max_tree_depth: int = 10):
-        self.potential = potential
+    def __init__(self, rng: np.random.Generator, metric: Metric, max_tree_depth: int = 10):
         self.rng = rng
+        self.metric = metric
         self.max_tree_depth = max_tree_depth
         self.step_size = 1.0
-        self.inv_mass: np.ndarray | None = None
 
     def _kinetic(self, p: np.ndarray) -> float:
-        with np.errstate(over="ignore", invalid="ignore"):
-            return 0.5 * float(p @ (self.inv_mass * p))
+        return self.metric.kinetic(p)
 
-    def _leapfrog(self, point: _Point, step: float) -> _Point:
+    def _leapfrog(self, point: _Point, step: float):
         p = point.p - 0.5 * step * point.grad
-        q = point.q + step * self.inv_mass * p
-        potential, grad = self.potential(q)
+        q = point.q + step * self.metric.sharp(p)
+        potential, grad = yield q
         if not math.isfinite(potential) or not np.all(np.isfinite(grad)):
             return _Point(q, p, math.inf, np.zeros_like(grad))
         return _Point(q, p - 0.5 * step * grad, potential, grad)
 
-    def _momentum(self, size: int) -> np.ndarray:
-        return self.rng.standard_normal(size) / np.sqrt(self.inv_mass)
-
-    def transition(self, q: np.ndarray, potential: float, grad: np.ndarray) -> Transition:
-        """Draw a momentum, build a trajectory and sample a point from it."""
-        p0 = self._momentum(q.size)
+    def transition(self, q: np.ndarray, potential: float, grad: np.ndarray):
+        """Draw a momentum, build a trajectory and sample a point from it (generator
+        returning a :class:`Transition`)."""
+        p0 = self.metric.momentum(self.rng)
         start = _Point(q, p0, potential, grad)
         h0 = potential + self._kinetic(p0)
         forward_end = backward_end = start
         sample = start
-        p_sharp0 = self.inv_mass * p0
+        p_sharp0 = self.metric.sharp(p0)
         p_sharp_fwd_bck = p_sharp_fwd_fwd = p_sharp_bck_fwd = p_sharp_bck_bck = p_sharp0
         p_fwd_bck = p_fwd_fwd = p_bck_fwd = p_bck_bck = p0
         rho = p0.copy()
@@ -135,7 +166,7 @@ class NUTS:
                 # Extend forwards: the old tree becomes the backward subtree.
                 rho_bck = rho
                 p_bck_fwd, p_sharp_bck_fwd = p_fwd_fwd, p_sharp_fwd_fwd
-                tree = self._build(forward_end, depth, +1, h0)
+                tree = yield from self._build(forward_end, depth, +1, h0)
                 forward_end = tree.proposal_end
                 rho_fwd = tree.rho
                 p_sharp_fwd_bck, p_sharp_fwd_fwd = tree.p_sharp_begin, tree.p_sharp_end
@@ -144,7 +175,7 @@ class NUTS:
                 # Extend backwards: the old tree becomes the forward subtree.
                 rho_fwd = rho
                 p_fwd_bck, p_sharp_fwd_bck = p_bck_bck, p_sharp_bck_bck
-                tree = self._build(backward_end, depth, -1, h0)
+                tree = yield from self._build(backward_end, depth, -1, h0)
                 backward_end = tree.proposal_end
                 rho_bck = tree.rho
                 p_sharp_bck_fwd, p_sharp_bck_bck = tree.p_sharp_begin, tree.p_sharp_end
@@ -180,13 +211,13 @@ class NUTS:
 
     def _build(self, end: _Point, depth: int, direction: int, h0: float):
         if depth == 0:
-            point = self._leapfrog(end, direction * self.step_size)
+            point = yield from self._leapfrog(end, direction * self.step_size)
             h = point.potential + self._kinetic(point.p)
             if not math.isfinite(h):
                 h = math.inf
             diverging = h - h0 > MAX_ENERGY_ERROR
             log_weight = h0 - h
-            p_sharp = self.inv_mass * point.p
+            p_sharp = self.metric.sharp(point.p)
             tree = _Subtree(
                 valid=not diverging,
                 proposal=point,
@@ -202,10 +233,10 @@ class NUTS:
             )
             tree.proposal_end = point
             return tree
-        init = self._build(end, depth - 1, direction, h0)
+        init = yield from self._build(end, depth - 1, direction, h0)
         if not init.valid:
             return init
-        final = self._build(init.proposal_end, depth - 1, direction, h0)
+        final = yield from self._build(init.proposal_end, depth - 1, direction, h0)
         merged = _Subtree(
             valid=False,
             proposal=init.proposal,
@@ -303,28 +334,37 @@ class WarmupSchedule:
 
 
 class _Welford:
-    def __init__(self, dim: int) -> None:
-        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros(dim)
+    """Running (co)variance of warmup draws, regularised towards the identity as Stan."""
+
+    def __init__(self, dim: int, dense: bool) -> None:
+        self.n, self.dense, self.mean = 0, dense, np.zeros(dim)
+        self.m2 = np.zeros((dim, dim)) if dense else np.zeros(dim)
 
     def add(self, x: np.ndarray) -> None:
         self.n += 1
         delta = x - self.mean
         self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
+        after = x - self.mean
+        self.m2 += np.outer(after, delta) if self.dense else delta * after
 
-    def regularized_variance(self) -> np.ndarray:
-        variance = self.m2 / max(self.n - 1, 1)
-        return (self.n / (self.n + 5.0)) * variance + 1e-3 * (5.0 / (self.n + 5.0))
+    def regularized(self) -> np.ndarray:
+        covariance = self.m2 / max(self.n - 1, 1)
+        shrink = 1e-3 * (5.0 / (self.n + 5.0))
+        covariance = (self.n / (self.n + 5.0)) * covariance
+        if self.dense:
+            covariance = 0.5 * (covariance + covariance.T) + shrink * np.eye(self.mean.size)
+            return covariance
+        return covariance + shrink
 
 
-def find_reasonable_step_size(sampler: NUTS, q, potential, grad, step_size: float) -> float:
+def find_reasonable_step_size(sampler: NUTS, q, potential, grad, step_size: float):
     """Stan's heuristic: double or halve the step until one leapfrog's acceptance
-    crosses 0.8."""
+    crosses 0.8 (a generator, like every potential call here)."""
     direction = 0
     for _ in range(100):
-        p = sampler._momentum(q.size)
+        p = sampler.metric.momentum(sampler.rng)
         h0 = potential + sampler._kinetic(p)
-        point = sampler._leapfrog(_Point(q, p, potential, grad), step_size)
+        point = yield from sampler._leapfrog(_Point(q, p, potential, grad), step_size)
         h = point.potential + sampler._kinetic(point.p)
         delta = h0 - h if math.isfinite(h) else -math.inf
         new_direction = 1 if delta > math.log(0.8) else -1
@@ -354,23 +394,21 @@ class ChainResult:
     num_completed: int
 
 
-def sample_chain(
-    potential: Potential,
+def chain_process(
     initial: np.ndarray,
     *,
     num_warmup: int,
     num_draws: int,
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
+    dense_mass: bool = False,
     seed: int | tuple = 0,
     on_iteration: Callable[[int], None] | None = None,
-) -> ChainResult:
-    """Run warmup then sampling for one chain.
+) -> ChainProcess:
+    """One chain's warmup and sampling, as a generator of potential requests.
 
     Parameters
     ----------
-    potential : callable
-        ``potential(q) -> (U, dU/dq)``.
     initial : numpy.ndarray
         Starting point (unconstrained).
     num_warmup, num_draws : int
@@ -379,37 +417,41 @@ def sample_chain(
         The dual-averaging target for the mean acceptance statistic.
     max_tree_depth : int
         Largest tree depth.
+    dense_mass : bool
+        Adapt a dense inverse mass matrix (the posterior covariance) instead of a diagonal.
     seed : int or tuple
         Seed of the chain's generator.
     on_iteration : callable, optional
         Called with the iteration number after each transition (progress bars).
     """
     rng = np.random.default_rng(seed)
-    sampler = NUTS(potential, rng, max_tree_depth)
-    sampler.inv_mass = np.ones(initial.size)
     q = np.asarray(initial, dtype=float).copy()
-    value, grad = potential(q)
-    sampler.step_size = find_reasonable_step_size(sampler, q, value, grad, 1.0)
+    dim = q.size
+    sampler = NUTS(rng, Metric(np.eye(dim) if dense_mass else np.ones(dim)), max_tree_depth)
+    value, grad = yield q
+    if not math.isfinite(value) or not np.all(np.isfinite(grad)):
+        raise FloatingPointError("the potential energy is not finite at the initial point")
+    sampler.step_size = yield from find_reasonable_step_size(sampler, q, value, grad, 1.0)
     adapt = DualAveraging(target=target_accept)
     adapt.restart(sampler.step_size)
     schedule = WarmupSchedule(num_warmup)
-    window = _Welford(q.size)
+    window = _Welford(dim, dense_mass)
     stats = {k: np.zeros(num_draws) for k in ("potential", "accept_prob", "energy")}
     ints = {k: np.zeros(num_draws, dtype=np.int64) for k in ("num_steps", "tree_depth")}
     diverging = np.zeros(num_draws, dtype=bool)
-    positions = np.zeros((num_draws, q.size))
+    positions = np.zeros((num_draws, dim))
     for iteration in range(num_warmup + num_draws):
-        step = sampler.transition(q, value, grad)
+        step = yield from sampler.transition(q, value, grad)
         q, value, grad = step.position, step.potential, step.grad
         if iteration < num_warmup:
             sampler.step_size = adapt.update(step.accept_prob)
             if schedule.in_slow_window(iteration):
                 window.add(q)
             if iteration + 1 in schedule.window_ends:
-                sampler.inv_mass = window.regularized_variance()
-                window = _Welford(q.size)
-                sampler.step_size = find_reasonable_step_size(sampler, q, value, grad,
-                                                              sampler.step_size)
+                sampler.metric = Metric(window.regularized())
+                window = _Welford(dim, dense_mass)
+                sampler.step_size = yield from find_reasonable_step_size(
+                    sampler, q, value, grad, sampler.step_size)
                 adapt.restart(sampler.step_size)
             if iteration + 1 == num_warmup:
                 sampler.step_size = adapt.final()
@@ -423,4 +465,47 @@ def sample_chain(
         if on_iteration is not None:
             on_iteration(iteration)
     return ChainResult(positions=positions, diverging=diverging, step_size=sampler.step_size,
-                       inv_mass=sampler.inv_mass, num_completed=num_draws, **stats, **ints)
+                       inv_mass=sampler.metric.inverse, num_completed=num_draws, **stats, **ints)
+
+
+BatchPotential = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential) -> list[ChainResult]:
+    """Run chains side by side: one batched potential call serves every chain's request.
+
+    The chains' trees differ, so each asks for its own next position; a chain that has
+    finished keeps its last position in the batch (its result is ignored). The cost per
+    call is nearly that of one chain where per-operation overhead dominates.
+
+    Parameters
+    ----------
+    processes : list of generators
+        From :func:`chain_process`.
+    potential : callable
+        ``potential(Q) -> (U, dU/dQ)`` for a ``(chains, dim)`` batch.
+    """
+    requests = [next(process) for process in processes]
+    results: list[ChainResult | None] = [None] * len(processes)
+    active = set(range(len(processes)))
+    while active:
+        values, grads = potential(np.stack(requests))
+        for chain in list(active):
+            try:
+                requests[chain] = processes[chain].send((float(values[chain]), grads[chain]))
+            except StopIteration as done:
+                results[chain] = done.value
+                active.discard(chain)
+    return results
+
+
+def sample_chain(potential: Potential, initial: np.ndarray, **options) -> ChainResult:
+    """Run one chain against a single-point potential ``potential(q) -> (U, dU/dq)``.
+
+    Takes the keyword options of :func:`chain_process`.
+    """
+    def batched(positions):
+        value, grad = potential(positions[0])
+        return np.array([value]), grad[None]
+
+    return drive_lockstep([chain_process(initial, **options)], batched)[0]

@@ -1,24 +1,56 @@
-"""Generative stories, one module per story; each module's ``model`` is the story."""
+"""Generative stories, one module per story.
+
+Each story module exposes its :class:`~ppl_notes.story.Model` objects; a story may also
+provide ``report(posterior) -> dict`` with the quantities its readers ask about (the
+heights story: how likely is someone of 180 cm to be male?).
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
-__all__ = ["STORIES", "get_story"]
+__all__ = ["STORIES", "StoryEntry", "get_story"]
 
-#: story name -> module path; the CLI lists and runs these.
+
+@dataclass(frozen=True)
+class StoryEntry:
+    """Where a story and its default guide live."""
+
+    module: str
+    model: str
+    guide_module: str
+    guide: str
+
+    def load_model(self):
+        """The story's :class:`~ppl_notes.story.Model`."""
+        return getattr(importlib.import_module(self.module), self.model)
+
+    def load_guide(self):
+        """The story's hand-written guide."""
+        return getattr(importlib.import_module(self.guide_module), self.guide)
+
+    def report(self, posterior) -> dict[str, float]:
+        """The story's own quantities of interest for a posterior (may be empty)."""
+        module = importlib.import_module(self.module)
+        return module.report(posterior) if hasattr(module, "report") else {}
+
+
+#: story name -> where it lives; the CLI lists and runs these.
 STORIES = {
-    "heights": "ppl_notes.models.heights",
-    "normal_mean": "ppl_notes.models.conjugate",
-    "beta_bernoulli": "ppl_notes.models.conjugate",
+    "heights": StoryEntry("ppl_notes.models.heights", "model",
+                          "ppl_notes.guides.heights", "meanfield"),
+    "normal_mean": StoryEntry("ppl_notes.models.conjugate", "normal_mean",
+                              "ppl_notes.guides.conjugate", "normal_mean_guide"),
+    "beta_bernoulli": StoryEntry("ppl_notes.models.conjugate", "beta_bernoulli",
+                                 "ppl_notes.guides.conjugate", "beta_bernoulli_guide"),
 }
 
 
-def get_story(name: str):
-    """The :class:`~ppl_notes.story.Model` registered under ``name``."""
+def get_story(name: str) -> StoryEntry:
+    """The registry entry of story ``name``."""
     from ppl_notes.errors import StoryError
 
     if name not in STORIES:
         raise StoryError(f"unknown story {name!r}; the stories are {sorted(STORIES)}")
-    module = importlib.import_module(STORIES[name])
-    return getattr(module, name) if hasattr(module, name) else module.model
+    return STORIES[name]

@@ -7,6 +7,8 @@ backwards (§2.b): someone is 180 cm tall, how likely are they male?
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -17,7 +19,7 @@ from ppl_notes.data import load_galton_heights
 from ppl_notes.distributions import OrderedNormal
 from ppl_notes.story import model as _model
 
-__all__ = ["model", "component_probabilities"]
+__all__ = ["model", "marginal", "component_probabilities", "report"]
 
 
 def _coords(data):
@@ -29,28 +31,8 @@ def _coords(data):
     return coords
 
 
-@_model(
-    observed="height",
-    data=load_galton_heights,
-    dims={"alpha": ["components"], "mu": ["components"]},
-    coords=_coords,
-    name="heights",
-)
-def model(
-    height=None,
-    num_people=None,
-    num_groups=2,
-    mu_loc=170.0,
-    mu_scale=20.0,
-    sigma_scale=10.0,
-    alpha_concentration=1.0,
-):
-    """Pick a gender with probability alpha, then a height from that gender's Normal.
-
-    alpha ~ Dirichlet(alpha_concentration), mu ~ OrderedNormal(mu_loc, mu_scale) (so
-    component 0 is the shorter), sigma_k ~ HalfNormal(sigma_scale); for each person,
-    gender ~ Categorical(alpha), height ~ Normal(mu[gender], sigma[gender]). Heights in cm.
-    """
+def _globals(height, num_people, num_groups, mu_loc, mu_scale, sigma_median, sigma_spread,
+             alpha_concentration):
     dtype = height.dtype if height is not None else torch.float64
     if height is not None:
         num_people = height.shape[-1]
@@ -63,15 +45,58 @@ def model(
                             num_groups)
     )
     with pyro.plate("components", num_groups):
-        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(sigma_scale, dtype=dtype)))
+        sigma = pyro.sample(
+            "sigma", dist.LogNormal(torch.tensor(math.log(sigma_median), dtype=dtype),
+                                    torch.tensor(sigma_spread, dtype=dtype)))
     # The components plate is the rightmost batch dim of sigma; moving it to an event dim
-    # lets Vindex broadcast it against enumerated and vectorised (draw) batch dims.
-    sigma_by_component = sigma.unsqueeze(-2)
+    # lets it broadcast against enumerated and vectorised (draw) batch dims.
+    return num_people, alpha, mu, sigma.unsqueeze(-2)
+
+
+def marginal(height=None, num_people=None, num_groups=2, mu_loc=170.0, mu_scale=20.0,
+             sigma_median=7.0, sigma_spread=0.5, alpha_concentration=1.0):
+    """The heights story with each person's gender summed out by hand:
+    height ~ sum_k alpha_k Normal(mu_k, sigma_k) (a MixtureSameFamily)."""
+    num_people, alpha, mu, sigma = _globals(height, num_people, num_groups, mu_loc, mu_scale,
+                                            sigma_median, sigma_spread, alpha_concentration)
+    with pyro.plate("people", num_people):
+        mixture = dist.MixtureSameFamily(dist.Categorical(alpha), dist.Normal(mu, sigma))
+        pyro.sample("height", mixture, obs=height)
+
+
+@_model(
+    observed="height",
+    marginal=marginal,
+    data=load_galton_heights,
+    dims={"alpha": ["components"], "mu": ["components"]},
+    coords=_coords,
+    name="heights",
+)
+def model(
+    height=None,
+    num_people=None,
+    num_groups=2,
+    mu_loc=170.0,
+    mu_scale=20.0,
+    sigma_median=7.0, sigma_spread=0.5,
+    alpha_concentration=1.0,
+):
+    """Pick a gender with probability alpha, then a height from that gender's Normal.
+
+    alpha ~ Dirichlet(alpha_concentration), mu ~ OrderedNormal(mu_loc, mu_scale) (so
+    component 0 is the shorter), sigma_k ~ LogNormal(log sigma_median, sigma_spread); for
+    each person, gender ~ Categorical(alpha), height ~ Normal(mu[gender], sigma[gender]).
+    Heights in cm. The LogNormal prior vanishes as sigma -> 0, which keeps the posterior
+    proper: a Gaussian mixture's likelihood is unbounded when one component shrinks onto
+    a single height, and a prior with mass near 0 (HalfNormal) would let it.
+    """
+    num_people, alpha, mu, sigma = _globals(height, num_people, num_groups, mu_loc, mu_scale,
+                                            sigma_median, sigma_spread, alpha_concentration)
     with pyro.plate("people", num_people):
         gender = pyro.sample("gender", dist.Categorical(alpha))
         pyro.sample(
             "height",
-            dist.Normal(Vindex(mu)[..., gender], Vindex(sigma_by_component)[..., gender]),
+            dist.Normal(Vindex(mu)[..., gender], Vindex(sigma)[..., gender]),
             obs=height,
         )
 
@@ -91,3 +116,29 @@ def component_probabilities(height, alpha, mu, sigma) -> np.ndarray:
     log_joint -= log_joint.max(-1, keepdims=True)
     joint = np.exp(log_joint)
     return joint / joint.sum(-1, keepdims=True)
+
+
+def report(posterior, height_cm: float = 180.0) -> dict[str, float]:
+    """What readers of the heights story ask of a posterior.
+
+    * ``P(taller component | height=180 cm)``: Bayes' rule averaged over the posterior
+      draws of (alpha, mu, sigma) -- the notes' "someone is 180 cm, how likely male?";
+    * ``agreement with recorded gender``: on Galton's data, the share of people whose
+      most probable component (taller = male) matches the recorded gender.
+    """
+    probabilities = component_probabilities(
+        height_cm, posterior.draws("alpha"), posterior.draws("mu"), posterior.draws("sigma"))
+    result = {f"P(taller component | height={height_cm:g} cm)": float(probabilities[:, -1].mean())}
+    if "gender" in posterior.tree["posterior"].data_vars and _is_galton(posterior):
+        from ppl_notes.data import load_galton_frame
+
+        recorded_male = load_galton_frame()["gender"].eq("male").to_numpy()
+        taller = posterior.draws("gender").mean(0) > 0.5 * (posterior.draws("alpha").shape[-1] - 1)
+        result["agreement with recorded gender"] = float((taller == recorded_male).mean())
+    return result
+
+
+def _is_galton(posterior) -> bool:
+    observed = posterior.tree["observed_data"]["height"].values
+    galton = load_galton_heights()["height"]
+    return observed.shape == galton.shape and np.allclose(observed, galton)

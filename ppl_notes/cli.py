@@ -1,0 +1,148 @@
+"""The ``ppl-notes`` command: list stories, run a method, compare SVI with NUTS, show."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["main"]
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"ppl-notes: --set takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def _list(_args) -> int:
+    from ppl_notes.models import STORIES
+
+    for name, entry in STORIES.items():
+        story = entry.load_model().story.splitlines()[0]
+        print(f"{name:16s} {story}")
+    return 0
+
+
+def _run(args) -> int:
+    from ppl_notes import infer
+    from ppl_notes.models import get_story
+
+    entry = get_story(args.story)
+    options = _parse_options(args.set)
+    guide = entry.load_guide() if args.method == "svi" and not args.autoguide else None
+    fit = infer(entry.load_model(), method=args.method, guide=guide, seed=args.seed,
+                progress=not args.no_progress, **options)
+    print(f"{args.story} by {args.method} in {fit.seconds:.1f} s")
+    print(fit.summary().to_string())
+    for key, value in entry.report(fit).items():
+        print(f"{key}: {value:.3f}")
+    if args.out:
+        print(f"saved to {fit.save(args.out)}")
+    return 0
+
+
+def _side_by_side(fits: dict) -> pd.DataFrame:
+    columns = []
+    for label, fit in fits.items():
+        table = fit.summary()
+        keep = [c for c in ("mean", "sd", "ess_bulk", "r_hat") if c in table.columns]
+        columns.append(table[keep].add_prefix(f"{label} "))
+    return pd.concat(columns, axis=1)
+
+
+def _compare(args) -> int:
+    from ppl_notes import infer
+    from ppl_notes.models import get_story
+
+    entry = get_story(args.story)
+    story = entry.load_model()
+    started = time.perf_counter()
+    fits = {
+        "svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
+                     progress=not args.no_progress),
+        "nuts": infer(story, method="nuts", seed=args.seed, progress=not args.no_progress),
+    }
+    table = _side_by_side(fits)
+    print(f"\n{args.story}: SVI ({fits['svi'].info['elbo']}) vs NUTS "
+          f"({fits['nuts'].options['chains']} chains x {fits['nuts'].options['draws']} draws)")
+    print(table.to_string())
+    for label, fit in fits.items():
+        extra = "".join(f"; {k}: {v:.3f}" for k, v in entry.report(fit).items())
+        print(f"{label}: {fit.seconds:.1f} s{extra}")
+    print(f"total: {time.perf_counter() - started:.1f} s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "summary.csv")
+        for label, fit in fits.items():
+            fit.save(out / f"{label}.nc")
+        print(f"wrote {out}/summary.csv, svi.nc, nuts.nc")
+    return 0
+
+
+def _show(args) -> int:
+    from ppl_notes import load
+
+    fit = load(args.file)
+    attrs = fit.tree.attrs
+    print(f"{attrs.get('model')} by {fit.method} ({fit.seconds:.1f} s), options {fit.options}")
+    print(fit.summary().to_string())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ppl-notes``."""
+    parser = argparse.ArgumentParser(prog="ppl-notes", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="the stories, one line each").set_defaults(func=_list)
+
+    run = commands.add_parser("run", help="run one method on a story's default data")
+    run.add_argument("story")
+    run.add_argument("--method", default="svi")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the method, e.g. --set steps=3000")
+    run.add_argument("--autoguide", action="store_true", help="SVI with AutoNormal")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", help="save the result (netCDF)")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=_run)
+
+    compare = commands.add_parser("compare", help="fit SVI and NUTS, print them side by side")
+    compare.add_argument("story")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", help="a folder for the tables and results")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(func=_compare)
+
+    show = commands.add_parser("show", help="summary of a saved result")
+    show.add_argument("file")
+    show.set_defaults(func=_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ppl-notes``; user mistakes print one line, not a traceback."""
+    from ppl_notes.errors import PPLNotesError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PPLNotesError as error:
+        print(f"ppl-notes: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
