@@ -153,6 +153,8 @@ def _numpy(value) -> np.ndarray:
 
 
 def _attr(value):
-    if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)  # netCDF attributes have no boolean type
+    if isinstance(value, (str, int, float, np.integer, np.floating)):
         return value
     return json.dumps(value, default=str, sort_keys=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import Normal, TorchDistribution
-from pyro.distributions import constraints
+from pyro.distributions import Normal, TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
 __all__ = ["OrderedNormal"]
@@ -48,7 +47,7 @@ class OrderedNormal(TorchDistribution):
     def _base(self) -> Normal:
         return Normal(self.loc.unsqueeze(-1), self.scale.unsqueeze(-1))
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         """Draw i.i.d. Normals and sort them."""
         shape = self._extended_shape(sample_shape)
         draws = self._base().expand(shape).rsample()

@@ -148,6 +148,12 @@ def load(path: str | os.PathLike) -> Posterior:
         raise DataError(f"{str(path)!r} is not a ppl_notes result: {error}") from error
     if "method" not in tree.attrs:
         raise DataError(f"{str(path)!r} is not a ppl_notes result (no 'method' attribute)")
+    for node in tree.subtree:
+        if node is tree:
+            continue
+        # netCDF stores a one-element list attribute as a scalar: restore ArviZ's lists.
+        if "sample_dims" in node.attrs:
+            node.attrs["sample_dims"] = [str(d) for d in np.atleast_1d(node.attrs["sample_dims"])]
     return Posterior(tree, model=_import_story(tree.attrs.get("model_path")))
 
 

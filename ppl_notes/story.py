@@ -68,6 +68,10 @@ class Model:
         fewer operations than Pyro's enumeration -- while the discrete sites are still
         drawn per posterior draw from the full story. It must define the same density;
         a test compares the two.
+    defaults : mapping, optional
+        Per-method option defaults the story recommends, e.g.
+        ``{"nuts": {"target_accept": 0.9}}`` for a posterior with a narrow tail; the
+        user's options override them.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Model:
         fixed: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float64,
         marginal: Callable | None = None,
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.fn = fn
         self.observed = (observed,) if isinstance(observed, str) else tuple(observed)
@@ -92,6 +97,7 @@ class Model:
         self.fixed = dict(fixed or {})
         self.dtype = dtype
         self._marginal_fn = marginal
+        self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
         self.parameters = tuple(inspect.signature(fn).parameters)
         functools.update_wrapper(self, fn)
         for site in self.observed:
@@ -151,6 +157,7 @@ class Model:
             fixed={**self.fixed, **fixed},
             dtype=self.dtype,
             marginal=self._marginal_fn,
+            defaults=self.defaults,
         )
 
     def _check_argument(self, key: str, what: str) -> None:
@@ -226,7 +233,8 @@ class Model:
             array = value.detach().cpu().numpy()
         else:
             array = np.asarray(value)
-        if array.dtype == object or not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
+        numeric = np.issubdtype(array.dtype, np.number) or array.dtype == bool
+        if array.dtype == object or not numeric:
             raise DataError(
                 f"story {self.name!r}: data for {key!r} must be numeric, got dtype "
                 f"{array.dtype}"
@@ -371,6 +379,7 @@ def model(
     coords: Callable[[Mapping], dict] | None = None,
     name: str | None = None,
     marginal: Callable | None = None,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Model | Callable[[Callable], Model]:
     """Declare a generative story.
 
@@ -386,7 +395,7 @@ def model(
 
     def wrap(function: Callable) -> Model:
         return Model(function, observed=observed, data=data, dims=dims, coords=coords,
-                     name=name, marginal=marginal)
+                     name=name, marginal=marginal, defaults=defaults)
 
     return wrap(fn) if fn is not None else wrap
 

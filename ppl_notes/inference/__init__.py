@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,7 +64,8 @@ def infer(
     progress : bool
         Show progress bars.
     **options
-        Options of the method; an unknown one is an error listing the valid ones.
+        Options of the method; an unknown one is an error listing the valid ones. A story
+        may recommend defaults of its own (``Model.defaults``); these override them.
 
     Returns
     -------
@@ -88,7 +90,7 @@ def infer(
     if not isinstance(progress, bool):
         raise OptionTypeError(f"progress must be True or False, got {progress!r}")
     backend = importlib.import_module(METHODS[method])
-    checked = validate(method, backend.OPTIONS, options)
+    checked = validate(method, backend.OPTIONS, {**model.defaults.get(method, {}), **options})
     prepared = model.prepare_data(data)
     if guide is not None:
         if method != "svi":
@@ -123,8 +125,8 @@ def infer(
 
 def _reference(model: Model) -> str:
     module = getattr(model.fn, "__module__", None)
-    if module and module != "__main__":
-        target = importlib.import_module(module)
+    target = sys.modules.get(module) if module and module != "__main__" else None
+    if target is not None:
         for attribute, value in vars(target).items():
             if value is model:
                 return f"{module}:{attribute}"

@@ -19,7 +19,6 @@ from dataclasses import asdict
 from typing import Any
 
 import cloudpickle
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -64,7 +63,8 @@ def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
         for i, chain in enumerate(chains)
     ]
     results = drive_lockstep(processes, potential)
-    return [{"chain": chain, **asdict(result)} for chain, result in zip(chains, results)]
+    return [{"chain": chain, **asdict(result)}
+            for chain, result in zip(chains, results, strict=True)]
 
 
 def run_chains(

@@ -170,8 +170,9 @@ def _vectorized_story(model, values, layout, vectorize):
 
 
 def log_joint(model, data, values, layout: _Layout, vectorize: bool = True):
-    r"""Differentiable :math:`\log p(x, \theta_s)` for each draw, and pointwise
-    log-likelihoods, with local discrete sites summed out exactly:
+    r"""Differentiable log joint density of each draw, and pointwise log-likelihoods.
+
+    Local discrete sites are summed out exactly:
 
     .. math:: \log p(x,\theta) = \log p(\theta)
               + \sum_i \log \sum_{z_i} p(z_i \mid \theta)\, p(x_i \mid z_i, \theta).
@@ -244,9 +245,12 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
     """
     with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
         plain = poutine.trace(guide).get_trace(**data)
-        shapes = {n: tuple(s["value"].shape) for n, s in sample_sites(plain).items()
-                  if not s["is_observed"]}
-        names = tuple(shapes) if sites is None else sites
+        # log q sums every guide site, auxiliary ones too (an autoguide draws an
+        # unconstrained auxiliary value and a Delta carrying the Jacobian).
+        drawn = {n: s for n, s in sample_sites(plain).items() if not s["is_observed"]}
+        shapes = {n: tuple(s["value"].shape) for n, s in drawn.items()}
+        names = tuple(n for n, s in drawn.items() if not s["infer"].get("is_auxiliary"))
+        names = names if sites is None else sites
         try:
             def vectorized(**kwargs):
                 with pyro.plate("_draws", num_draws, dim=-(plate_nesting + 1)):
@@ -255,11 +259,12 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
             trace = poutine.trace(vectorized).get_trace(**data)
             trace.compute_log_prob()
             values = {n: trace.nodes[n]["value"].reshape((num_draws,) + shapes[n]) for n in names}
-            log_q = sum(_sum_to_draws(trace.nodes[n]["log_prob"], num_draws, True) for n in names)
+            log_q = sum(_sum_to_draws(trace.nodes[n]["log_prob"], num_draws, True) for n in drawn)
         except (RuntimeError, ValueError, IndexError) as error:
             logger.info("guide does not broadcast over draws (%s); drawing one at a time", error)
             traces = [poutine.trace(guide).get_trace(**data) for _ in range(num_draws)]
+            for trace in traces:
+                trace.compute_log_prob()
             values = {n: torch.stack([t.nodes[n]["value"] for t in traces]) for n in names}
-            log_q = torch.stack([sum(t.nodes[n]["fn"].log_prob(t.nodes[n]["value"]).sum()
-                                     for n in names) for t in traces])
+            log_q = torch.stack([sum(t.nodes[n]["log_prob_sum"] for n in drawn) for t in traces])
     return values, np.asarray(log_q, dtype=float)

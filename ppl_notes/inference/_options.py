@@ -1,5 +1,8 @@
-"""Declared inference options: each back end lists its options; unknown names, wrong
-types and values out of range are errors that name the option before anything runs."""
+"""Declared inference options, checked before anything runs.
+
+Each back end lists its options; unknown names, wrong types and values out of range are
+errors that name the option.
+"""
 
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class BatchedPotential:
         """Split ``(batch, dim)`` unconstrained vectors into sites."""
         lead = flat.shape[:-1]
         pieces = torch.split(flat, self.sizes, dim=-1)
-        return {n: p.reshape(lead + self.shapes[n]) for n, p in zip(self.names, pieces)}
+        return {n: p.reshape(lead + self.shapes[n])
+                for n, p in zip(self.names, pieces, strict=True)}
 
     def flatten(self, values: Mapping[str, torch.Tensor]) -> np.ndarray:
         """Unconstrained site values (no batch dim) -> one float64 vector."""

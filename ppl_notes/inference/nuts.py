@@ -130,7 +130,7 @@ def _run_pyro(model, data, seed, progress, options):
         pyro.set_rng_seed(seed * 1000 + chain)
         kernel = PyroNUTS(model, target_accept_prob=options["target_accept"],
                           max_tree_depth=options["max_tree_depth"],
-                          max_plate_nesting=potential.max_plate_nesting, init_strategy=init)
+                          max_plate_nesting=potential.layout.plate_nesting, init_strategy=init)
         mcmc = MCMC(kernel, num_samples=options["draws"], warmup_steps=options["warmup"],
                     disable_progbar=not progress)
         mcmc.run(**data)

@@ -105,7 +105,7 @@ class Metric:
         return self.inverse @ p if self.dense else self.inverse * p
 
     def kinetic(self, p: np.ndarray) -> float:
-        """:math:`\tfrac12 p^\top M^{-1} p`."""
+        r""":math:`\tfrac12 p^\top M^{-1} p`."""
         with np.errstate(over="ignore", invalid="ignore"):
             return 0.5 * float(p @ self.sharp(p))
 
@@ -148,8 +148,10 @@ class NUTS:
         return _Point(q, p - 0.5 * step * grad, potential, grad)
 
     def transition(self, q: np.ndarray, potential: float, grad: np.ndarray):
-        """Draw a momentum, build a trajectory and sample a point from it (generator
-        returning a :class:`Transition`)."""
+        """Draw a momentum, build a trajectory and sample a point from it.
+
+        A generator returning a :class:`Transition`.
+        """
         p0 = self.metric.momentum(self.rng)
         start = _Point(q, p0, potential, grad)
         h0 = potential + self._kinetic(p0)
@@ -358,8 +360,10 @@ class _Welford:
 
 
 def find_reasonable_step_size(sampler: NUTS, q, potential, grad, step_size: float):
-    """Stan's heuristic: double or halve the step until one leapfrog's acceptance
-    crosses 0.8 (a generator, like every potential call here)."""
+    """Double or halve the step until one leapfrog's acceptance crosses 0.8 (Stan).
+
+    A generator, like every potential call here.
+    """
     direction = 0
     for _ in range(100):
         p = sampler.metric.momentum(sampler.rng)

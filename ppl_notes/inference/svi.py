@@ -32,7 +32,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, sample_sites, trace_model
+from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.errors import InferenceError
 from ppl_notes.inference._draws import evaluate_draws, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
@@ -112,7 +112,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
 def _guide_sites(guide, data) -> list[str]:
     with pyro.poutine.seed(rng_seed=0), torch.no_grad():
         trace = poutine.trace(guide).get_trace(**data)
-    return [n for n, s in sample_sites(trace).items() if not s["is_observed"]]
+    return list(latent_sites(trace))
 
 
 def _site_order(model, data) -> list[str]:

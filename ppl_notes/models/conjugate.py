@@ -59,7 +59,7 @@ def beta_bernoulli(y=None, num_obs=None, prior_a=1.0, prior_b=1.0):
 
 
 def normal_mean_posterior(x, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0):
-    r"""Exact posterior of ``mu``: a Normal with
+    r"""Exact posterior of ``mu``: a Normal with.
 
     .. math:: \tau_n = \tau_0 + n/\sigma^2, \quad
               m_n = (\tau_0 m_0 + \textstyle\sum_i x_i/\sigma^2)/\tau_n .
@@ -76,8 +76,10 @@ def normal_mean_posterior(x, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0):
 
 
 def normal_mean_log_evidence(x, prior_loc=0.0, prior_scale=1.0, noise_scale=1.0) -> float:
-    r"""Exact :math:`\log p(x)`: ``x`` is jointly Normal with mean ``prior_loc`` and
-    covariance :math:`\sigma^2 I + s_0^2 \mathbf 1 \mathbf 1^\top`.
+    r"""Exact log evidence of the Normal-mean story.
+
+    ``x`` is jointly Normal with mean ``prior_loc`` and covariance
+    :math:`\sigma^2 I + s_0^2 \mathbf 1 \mathbf 1^\top`.
     """
     x = np.asarray(x, dtype=float) - prior_loc
     n, s2, v0 = x.size, noise_scale**2, prior_scale**2

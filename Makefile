@@ -1,0 +1,29 @@
+# Set-up is part of every target: a fresh clone needs nothing but pyenv's Python 3.12.
+PYTHON_VERSION := $(shell cat .python-version)
+PYENV_PYTHON := $(HOME)/.pyenv/versions/$(PYTHON_VERSION)/bin/python
+PYTHON_FOR_VENV := $(shell test -x $(PYENV_PYTHON) && echo $(PYENV_PYTHON) || echo python3.12)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: env compare test lint bench clean
+
+$(BIN)/ppl-notes: setup.cfg pyproject.toml
+	$(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e ".[test,notebooks]"
+	touch $@
+
+env: $(BIN)/ppl-notes
+
+compare: env  ## the main job: SVI and NUTS on Galton's heights, side by side
+	$(BIN)/ppl-notes compare heights --out out/heights
+
+test: env  ## the whole test suite (what CI runs)
+	$(BIN)/ruff check ppl_notes tests benchmarks
+	$(BIN)/python -m pytest
+
+bench: env  ## speed against plain Pyro (run by hand)
+	$(BIN)/python benchmarks/bench_facade.py
+
+clean:
+	rm -rf $(VENV) out *.egg-info

@@ -1,0 +1,45 @@
+import pytest
+
+from ppl_notes import OptionError, OptionTypeError, StoryError, infer
+from ppl_notes.models.conjugate import normal_mean
+
+
+def test_unknown_method_lists_the_methods():
+    with pytest.raises(OptionError, match=r"unknown method 'hmc'.*\['nuts', 'svi'\]"):
+        infer(normal_mean, method="hmc")
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(OptionError, match=r"no option 'step'.*did you mean 'steps'"):
+        infer(normal_mean, method="svi", step=10)
+    with pytest.raises(OptionError, match="its options are .*'target_accept'"):
+        infer(normal_mean, method="nuts", tree_depth=3)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "message"),
+    [
+        ("svi", {"steps": 0}, OptionError, "'steps' must be an integer >= 1"),
+        ("svi", {"learning_rate": -0.1}, OptionError, "'learning_rate' must be a number > 0"),
+        ("svi", {"steps": 10.5}, OptionTypeError, "'steps' must be int"),
+        ("nuts", {"chains": 0}, OptionError, "'chains' must be an integer >= 1"),
+        ("nuts", {"target_accept": 1.0}, OptionError, r"must be a number in \(0, 1\)"),
+        ("nuts", {"draws": True}, OptionTypeError, "'draws' must be int"),
+        ("nuts", {"engine": "stan"}, OptionError, r"'engine' must be one of \['fast', 'pyro'\]"),
+    ],
+)
+def test_options_out_of_range_or_of_the_wrong_type(method, options, error, message):
+    with pytest.raises(error, match=message):
+        infer(normal_mean, method=method, progress=False, **options)
+
+
+def test_plain_callables_are_asked_to_become_stories():
+    with pytest.raises(StoryError, match="@ppl_notes.model"):
+        infer(lambda x=None: None)
+
+
+def test_nuts_takes_no_guide():
+    from ppl_notes.guides.conjugate import normal_mean_guide
+
+    with pytest.raises(OptionError, match="takes no guide"):
+        infer(normal_mean, method="nuts", guide=normal_mean_guide)
