@@ -109,8 +109,8 @@ def test_datatree_follows_arviz_conventions(galton_fits):
 
 def test_marginal_story_has_the_same_density_as_the_enumerated_one():
     data = heights.model.prepare_data(None)
-    full = BatchedPotential(heights.model, data, 5, jit=False)
-    marginal = BatchedPotential(heights.model.marginal, data, 5, jit=False)
+    full = BatchedPotential(heights.model, data, 5, compiler="none")
+    marginal = BatchedPotential(heights.model.marginal, data, 5, compiler="none")
     rng = np.random.default_rng(0)
     points = full.initial_points("sample", [1, 2, 3, 4, 5]) + rng.normal(0, 0.3, (5, 5))
     values_full, grads_full = full(points)
@@ -131,3 +131,16 @@ def test_batched_potential_equals_pyros_potential():
     for point, value in zip(points, values, strict=False):
         sites = {n: v[0] for n, v in ours.unflatten(torch.as_tensor(point)[None]).items()}
         assert float(pyro_potential(sites)) == pytest.approx(value, rel=1e-10)
+
+
+def test_compiled_potentials_agree():
+    data = heights.model.prepare_data(None)
+    reference = BatchedPotential(heights.model.marginal, data, 3, compiler="none")
+    points = reference.initial_points("sample", [7, 8, 9])
+    expected_values, expected_grads = reference(points)
+    for compiler in ("torchscript", "inductor"):
+        compiled = BatchedPotential(heights.model.marginal, data, 3, compiler=compiler)
+        assert compiled.compiler == compiler
+        values, grads = compiled(points)
+        np.testing.assert_allclose(values, expected_values, rtol=1e-10)
+        np.testing.assert_allclose(grads, expected_grads, rtol=1e-8, atol=1e-9)

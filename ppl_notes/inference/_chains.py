@@ -38,7 +38,8 @@ def _init_worker(progress_queue) -> None:
 def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
     """Run a group of chains in lockstep against one batched potential."""
     job = cloudpickle.loads(payload)
-    potential = BatchedPotential(job["model"], job["data"], len(chains), jit=job["jit"])
+    potential = BatchedPotential(job["model"], job["data"], len(chains),
+                                 compiler=job["compiler"])
     initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
     total = job["warmup"] + job["draws"]
 
@@ -78,14 +79,14 @@ def run_chains(
     max_tree_depth: int,
     seed: int,
     init: str,
-    jit: bool,
+    compiler: str,
     dense_mass: bool,
     progress: bool,
     processes: int | None = None,
 ) -> list[ChainResult]:
     """Sample ``chains`` chains; results come back ordered by chain."""
     job = dict(model=model, data=data, warmup=warmup, draws=draws, target_accept=target_accept,
-               max_tree_depth=max_tree_depth, seed=seed, init=init, jit=jit,
+               max_tree_depth=max_tree_depth, seed=seed, init=init, compiler=compiler,
                dense_mass=dense_mass)
     payload = cloudpickle.dumps(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

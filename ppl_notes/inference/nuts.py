@@ -37,12 +37,16 @@ from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._draws import evaluate_draws
 from ppl_notes.inference._options import Option, choice, open_unit, positive_int
-from ppl_notes.inference._potential import BatchedPotential, init_to_prior_median
+from ppl_notes.inference._potential import (
+    BatchedPotential,
+    compiler_available,
+    init_to_prior_median,
+)
 from ppl_notes.inference._result import RunResult
 
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
-    positive_int("warmup", 500, "adaptation iterations per chain (discarded)", minimum=0),
+    positive_int("warmup", 1000, "adaptation iterations per chain (discarded)", minimum=0),
     positive_int("draws", 1000, "kept draws per chain"),
     open_unit("target_accept", 0.8, "target mean acceptance statistic of the step size"),
     positive_int("max_tree_depth", 10, "at most 2**max_tree_depth leapfrog steps"),
@@ -53,6 +57,9 @@ OPTIONS = (
            ("median", "sample")),
     Option("processes", (int, type(None)), None, "worker processes (default: one per core)",
            lambda v: v is None or v >= 1, "None or an integer >= 1"),
+    choice("compiler", "auto", "how the fast engine compiles the potential: 'inductor' "
+           "(torch.compile; seconds to build, then fastest), 'torchscript', 'none', or 'auto' "
+           "(inductor where a C++ compiler exists)", ("auto", "inductor", "torchscript", "none")),
     choice("mass_matrix", "auto", "the adapted metric: 'dense', 'diag', or 'auto' (dense up "
            "to 100 unconstrained parameters, else diagonal)", ("auto", "dense", "diag")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
@@ -88,7 +95,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         log_likelihood=log_likelihood,
         options=options,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
-              "parameters": potential.dim, "marginal_story": potential.model is not model},
+              "parameters": potential.dim, "marginal_story": potential.model is not model,
+              "compiler": resolve_compiler(options["compiler"])
+              if options["engine"] == "fast" else "none"},
         seconds=time.perf_counter() - started,
     )
 
@@ -99,13 +108,15 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
 
 def _run_fast(model, data, seed, progress, options):
     model = model.marginal
-    potential = BatchedPotential(model, data, 1, jit=False)
+    potential = BatchedPotential(model, data, 1, compiler="none")
+    compiler = resolve_compiler(options["compiler"])
     dense = options["mass_matrix"] == "dense" or (
         options["mass_matrix"] == "auto" and potential.dim <= _DENSE_UP_TO)
     results = run_chains(
         model, data, chains=options["chains"], warmup=options["warmup"],
         draws=options["draws"], target_accept=options["target_accept"],
-        max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"], jit=True,
+        max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"],
+        compiler=compiler,
         dense_mass=dense, progress=progress, processes=options["processes"],
     )
     flat = np.stack([r.positions for r in results])
@@ -122,8 +133,15 @@ def _run_fast(model, data, seed, progress, options):
     return flat, stats, potential
 
 
+def resolve_compiler(requested: str) -> str:
+    """``auto`` means inductor where a C++ compiler exists, else TorchScript."""
+    if requested != "auto":
+        return requested
+    return "inductor" if compiler_available() else "torchscript"
+
+
 def _run_pyro(model, data, seed, progress, options):
-    potential = BatchedPotential(model, data, 1, jit=False)
+    potential = BatchedPotential(model, data, 1, compiler="none")
     init = {"median": init_to_prior_median, "sample": init_to_sample}[options["init"]]
     flats, stats = [], {"lp": [], "diverging": [], "acceptance_rate": []}
     for chain in range(options["chains"]):

@@ -18,8 +18,10 @@ Inference. Kingma, D. P. & Welling, M. (2014). Auto-Encoding Variational Bayes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,16 @@ import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+    config_enumerate,
+)
 from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 from tqdm.auto import tqdm
@@ -38,6 +49,8 @@ from ppl_notes.inference._draws import evaluate_draws, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
 
+logger = logging.getLogger(__name__)
+
 OPTIONS = (
     positive_int("steps", 2000, "optimisation steps"),
     positive_float("learning_rate", 0.01, "Adam's learning rate"),
@@ -47,10 +60,14 @@ OPTIONS = (
            "discrete sites the guide leaves to enumeration, else Trace_ELBO",
            ("auto", "Trace_ELBO", "TraceEnum_ELBO", "TraceMeanField_ELBO")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
+    Option("jit", (bool,), True, "compile the ELBO with TorchScript (Pyro's JitTrace* ELBOs); "
+           "a story or guide that cannot be traced runs uncompiled, with a warning"),
 )
 
 _ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
           "TraceMeanField_ELBO": TraceMeanField_ELBO}
+_JIT_ELBOS = {"Trace_ELBO": JitTrace_ELBO, "TraceEnum_ELBO": JitTraceEnum_ELBO,
+              "TraceMeanField_ELBO": JitTraceMeanField_ELBO}
 
 
 def _choose_elbo(requested: str, enumerated: list[str]) -> str:
@@ -79,11 +96,29 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if marginal:
         # The story's hand-marginalised likelihood gives the same ELBO with fewer operations.
         story, elbo_name = model.marginal, "Trace_ELBO"
-    elbo = _ELBOS[elbo_name](num_particles=options["num_particles"],
-                             max_plate_nesting=plate_nesting,
-                             vectorize_particles=options["num_particles"] > 1)
-    svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}), loss=elbo)
-    history = _optimise(svi, data, options["steps"], progress)
+    elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
+                        vectorize_particles=options["num_particles"] > 1)
+    jit = options["jit"]
+    if jit:
+        try:
+            svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
+                      loss=_JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                svi.evaluate_loss(**data)  # traces now: a failure shows before any step
+        except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
+            logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
+                           "uncompiled", model.name, type(error).__name__, error)
+            jit = False
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
+    extra = {"ignore_jit_warnings": True} if jit else {}
+    svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
+              loss=loss(**extra, **elbo_options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = _optimise(svi, data, options["steps"], progress)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites))
@@ -103,7 +138,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         params=params,
         options=options,
         info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
-              "marginal_story": marginal,
+              "marginal_story": marginal, "jit": jit,
               "final_elbo": float(history["elbo"].iloc[-1])},
         seconds=time.perf_counter() - started,
     )
