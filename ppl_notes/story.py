@@ -117,11 +117,7 @@ class Model:
         return f"<Model {self.name!r} observing {list(self.observed)}>"
 
     def __reduce__(self):
-        # A story defined at module level pickles by reference (needed by worker processes).
-        module = inspect.getmodule(self.fn)
-        if module is not None and getattr(module, self.name, None) is self:
-            return (_import_attribute, (module.__name__, self.name))
-        return object.__reduce__(self)
+        return _reduce_by_reference(self)
 
     @property
     def marginal(self) -> Model:
@@ -364,10 +360,7 @@ class Guide:
         return f"<Guide {self.name!r} for {self.model.name!r}>"
 
     def __reduce__(self):
-        module = inspect.getmodule(self.fn)
-        if module is not None and getattr(module, self.name, None) is self:
-            return (_import_attribute, (module.__name__, self.name))
-        return object.__reduce__(self)
+        return _reduce_by_reference(self)
 
 
 def model(
@@ -471,6 +464,17 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
                 f"on that support (e.g. LogNormal for a positive scale, Dirichlet for a "
                 f"simplex, a TransformedDistribution with biject_to(support))"
             )
+
+
+def _reduce_by_reference(obj):
+    """Pickle a module-level story or guide by its import path, any other by value.
+
+    Worker processes then import it rather than receive a copy.
+    """
+    module = inspect.getmodule(obj.fn)
+    if module is not None and getattr(module, obj.name, None) is obj:
+        return (_import_attribute, (module.__name__, obj.name))
+    return object.__reduce__(obj)
 
 
 def _import_attribute(module_name: str, attribute: str):

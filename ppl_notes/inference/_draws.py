@@ -38,6 +38,18 @@ class DrawEvaluation:
     log_joint: np.ndarray | None = None
     log_likelihood_error: str | None = None
 
+    @classmethod
+    def concatenate(cls, pieces: list[DrawEvaluation], error: str | None = None):
+        """Join evaluations of consecutive chunks of draws."""
+        return cls(
+            discrete={k: np.concatenate([p.discrete[k] for p in pieces])
+                      for k in pieces[0].discrete},
+            log_likelihood={k: np.concatenate([p.log_likelihood[k] for p in pieces])
+                            for k in pieces[0].log_likelihood},
+            log_joint=np.concatenate([p.log_joint for p in pieces]),
+            log_likelihood_error=error,
+        )
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -117,13 +129,7 @@ def evaluate_draws(
         for start in range(0, num_draws, chunk):
             values = {k: v[start : start + chunk] for k, v in draws.items()}
             pieces.append(_evaluate_chunk(model, data, values, layout, recover_discrete))
-    result = DrawEvaluation(log_likelihood_error=layout.pointwise_error)
-    for key in pieces[0].discrete:
-        result.discrete[key] = np.concatenate([p.discrete[key] for p in pieces])
-    for key in pieces[0].log_likelihood:
-        result.log_likelihood[key] = np.concatenate([p.log_likelihood[key] for p in pieces])
-    result.log_joint = np.concatenate([p.log_joint for p in pieces])
-    return result
+    return DrawEvaluation.concatenate(pieces, layout.pointwise_error)
 
 
 def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvaluation:
@@ -137,13 +143,7 @@ def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvalua
                              layout, recover_discrete, vectorize=False)
         for i in range(next(iter(values.values())).shape[0])
     ]
-    merged = DrawEvaluation()
-    for key in singles[0].discrete:
-        merged.discrete[key] = np.concatenate([s.discrete[key] for s in singles])
-    for key in singles[0].log_likelihood:
-        merged.log_likelihood[key] = np.concatenate([s.log_likelihood[key] for s in singles])
-    merged.log_joint = np.concatenate([s.log_joint for s in singles])
-    return merged
+    return DrawEvaluation.concatenate(singles)
 
 
 def _vectorized_story(model, values, layout, vectorize):
