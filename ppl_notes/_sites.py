@@ -21,11 +21,21 @@ def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
 
 
 def sample_sites(trace) -> dict[str, dict]:
-    """The sample sites of a trace, in order, without the plates' subsample sites."""
+    """The sample sites of a trace, in order, without plates' and deterministic sites."""
     return {
         name: site
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site_is_subsample(site)
+        and not site["infer"].get("_deterministic")
+    }
+
+
+def deterministic_sites(trace) -> dict[str, dict]:
+    """The ``pyro.deterministic`` sites of a trace (functions of the latent sites)."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("_deterministic")
     }
 
 

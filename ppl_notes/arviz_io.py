@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 from arviz_base import dict_to_dataset
 
-from ppl_notes._sites import sample_sites, trace_model
+from ppl_notes._sites import deterministic_sites, sample_sites, trace_model
 from ppl_notes.inference._result import RunResult
 
 __all__ = ["PyroConverter", "infer_dims", "to_datatree"]
@@ -33,7 +33,7 @@ def infer_dims(model, data: Mapping[str, Any]) -> dict[str, list[str]]:
     trace = trace_model(model, data, 0)
     declared = getattr(model, "dims", {})
     dims = {}
-    for name, site in sample_sites(trace).items():
+    for name, site in {**sample_sites(trace), **deterministic_sites(trace)}.items():
         frames = sorted((f for f in site["cond_indep_stack"] if f.vectorized), key=lambda f: f.dim)
         batch = [f.name for f in frames]
         event = list(declared.get(name, site["infer"].get("event_dims", [])))

@@ -77,7 +77,7 @@ def _compare(args) -> int:
     table = _side_by_side(fits)
     print(f"\n{args.story}: SVI ({fits['svi'].info['elbo']}) vs NUTS "
           f"({fits['nuts'].options['chains']} chains x {fits['nuts'].options['draws']} draws)")
-    print(table.to_string())
+    print(table.to_string(float_format=lambda value: f"{value:.4g}"))
     for label, fit in fits.items():
         extra = "".join(f"; {k}: {v:.3f}" for k, v in entry.report(fit).items())
         print(f"{label}: {fit.seconds:.1f} s{extra}")

@@ -21,7 +21,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import config_enumerate, infer_discrete
 
-from ppl_notes._sites import is_enumerable, sample_sites, trace_model
+from ppl_notes._sites import deterministic_sites, is_enumerable, sample_sites, trace_model
 from ppl_notes.errors import StoryError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class DrawEvaluation:
     """What :func:`evaluate_draws` returns; every array has the draws as leading dim."""
 
     discrete: dict[str, np.ndarray] = field(default_factory=dict)
+    deterministic: dict[str, np.ndarray] = field(default_factory=dict)
     log_likelihood: dict[str, np.ndarray] = field(default_factory=dict)
     log_joint: np.ndarray | None = None
     log_likelihood_error: str | None = None
@@ -44,6 +45,8 @@ class DrawEvaluation:
         return cls(
             discrete={k: np.concatenate([p.discrete[k] for p in pieces])
                       for k in pieces[0].discrete},
+            deterministic={k: np.concatenate([p.deterministic[k] for p in pieces])
+                           for k in pieces[0].deterministic},
             log_likelihood={k: np.concatenate([p.log_likelihood[k] for p in pieces])
                             for k in pieces[0].log_likelihood},
             log_joint=np.concatenate([p.log_joint for p in pieces]),
@@ -61,6 +64,7 @@ class _Layout:
     pointwise_error: str | None
     value_shapes: dict[str, tuple[int, ...]]
     batch_shapes: dict[str, tuple[int, ...]]
+    deterministic: tuple[str, ...] = ()
 
 
 def layout_of(model, data: Mapping[str, Any]) -> _Layout:
@@ -88,8 +92,10 @@ def layout_of(model, data: Mapping[str, Any]) -> _Layout:
     batch_ndim = {n: len(s["fn"].batch_shape) for n, s in sites.items()}
     value_shapes = {n: tuple(s["value"].shape) for n, s in sites.items()}
     batch_shapes = {n: tuple(s["fn"].batch_shape) for n, s in sites.items()}
+    deterministic = deterministic_sites(trace)
+    value_shapes.update({n: tuple(s["value"].shape) for n, s in deterministic.items()})
     return _Layout(plate_nesting, batch_ndim, discrete, observed, continuous, error,
-                   value_shapes, batch_shapes)
+                   value_shapes, batch_shapes, tuple(deterministic))
 
 
 def evaluate_draws(
@@ -169,7 +175,8 @@ def _vectorized_story(model, values, layout, vectorize):
     return story, num, enum_dim
 
 
-def log_joint(model, data, values, layout: _Layout, vectorize: bool = True):
+def log_joint(model, data, values, layout: _Layout, vectorize: bool = True,
+              deterministic: dict | None = None):
     r"""Differentiable log joint density of each draw, and pointwise log-likelihoods.
 
     Local discrete sites are summed out exactly:
@@ -180,11 +187,17 @@ def log_joint(model, data, values, layout: _Layout, vectorize: bool = True):
     Returns
     -------
     (Tensor, dict of Tensor)
-        Shape ``(draws,)``, and per observed site ``(draws, *batch_shape)``.
+        Shape ``(draws,)``, and per observed site ``(draws, *batch_shape)``. The values
+        of ``pyro.deterministic`` sites go into ``deterministic`` when it is given.
     """
     story, num, enum_dim = _vectorized_story(model, values, layout, vectorize)
     enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
     trace = poutine.trace(enumerated).get_trace(**data)
+    if deterministic is not None:
+        for name in layout.deterministic:
+            value = trace.nodes[name]["value"].expand(
+                (num,) if not vectorize else trace.nodes[name]["value"].shape)
+            deterministic[name] = value.reshape((num,) + layout.value_shapes[name])
     trace.compute_log_prob()
     total = 0.0
     for name in layout.continuous:
@@ -217,7 +230,8 @@ def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectoriz
         for name in layout.discrete:
             value = trace.nodes[name]["value"]
             result.discrete[name] = _draw_major(value, num, layout.value_shapes[name])
-    total, pointwise = log_joint(model, data, values, layout, vectorize)
+    total, pointwise = log_joint(model, data, values, layout, vectorize, result.deterministic)
+    result.deterministic = {k: v.detach().cpu().numpy() for k, v in result.deterministic.items()}
     result.log_likelihood = {k: v.detach().cpu().numpy() for k, v in pointwise.items()}
     result.log_joint = total.detach().double().cpu().numpy()
     return result

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.errors import InferenceError
+from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import evaluate_draws, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
@@ -60,8 +61,13 @@ OPTIONS = (
            "discrete sites the guide leaves to enumeration, else Trace_ELBO",
            ("auto", "Trace_ELBO", "TraceEnum_ELBO", "TraceMeanField_ELBO")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
-    Option("jit", (bool,), True, "compile the ELBO with TorchScript (Pyro's JitTrace* ELBOs); "
-           "a story or guide that cannot be traced runs uncompiled, with a warning"),
+    choice("engine", "fast", "'fast': the Trace_ELBO step compiled as one graph "
+           "(torch.compile) with Adam on one flat parameter vector; 'pyro': Pyro's SVI loop "
+           "(always used for TraceEnum_ELBO and TraceMeanField_ELBO)",
+           ("fast", "pyro")),
+    Option("jit", (bool,), True, "engine='pyro' only: compile the ELBO with TorchScript "
+           "(Pyro's JitTrace* ELBOs); a story or guide that cannot be traced runs "
+           "uncompiled, with a warning"),
 )
 
 _ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
@@ -98,27 +104,27 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         story, elbo_name = model.marginal, "Trace_ELBO"
     elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
                         vectorize_particles=options["num_particles"] > 1)
-    jit = options["jit"]
-    if jit:
+    engine, jit = options["engine"], options["jit"]
+    if engine == "fast" and elbo_name != "Trace_ELBO":
+        logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
+        engine = "pyro"
+    if engine == "fast":
         try:
-            svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
-                      loss=_JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                svi.evaluate_loss(**data)  # traces now: a failure shows before any step
-        except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
-            logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
-                           "uncompiled", model.name, type(error).__name__, error)
-            jit = False
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
-    extra = {"ignore_jit_warnings": True} if jit else {}
-    svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
-              loss=loss(**extra, **elbo_options))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        history = _optimise(svi, data, options["steps"], progress)
+            compiled = CompiledELBO(story, guide, data, _ELBOS[elbo_name](**elbo_options))
+        except Exception as error:  # noqa: BLE001 - any capture failure: say so, use Pyro's loop
+            logger.warning("SVI: the ELBO step of %r could not be compiled (%s: %s); using "
+                           "Pyro's SVI loop", model.name, type(error).__name__, error)
+            engine = "pyro"
+            pyro.clear_param_store()
+    if engine == "fast":
+        pyro.set_rng_seed(seed)
+        history = _optimise_compiled(compiled, options["steps"], options["learning_rate"],
+                                     progress)
+        jit = False
+    else:
+        history = _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, model.name,
+                             options, progress)
+        jit = history.attrs["jit"]
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites))
@@ -128,6 +134,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     posterior = {k: v.detach().cpu().numpy() for k, v in values.items()}
     posterior.update(evaluation.discrete)
     posterior = {n: posterior[n] for n in _site_order(model, data) if n in posterior}
+    posterior.update(evaluation.deterministic)
     return RunResult(
         method="svi",
         sample_dims=("sample",),
@@ -138,7 +145,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         params=params,
         options=options,
         info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
-              "marginal_story": marginal, "jit": jit,
+              "marginal_story": marginal, "engine": engine, "jit": jit,
               "final_elbo": float(history["elbo"].iloc[-1])},
         seconds=time.perf_counter() - started,
     )
@@ -168,4 +175,57 @@ def _optimise(svi: SVI, data: dict[str, Any], steps: int, progress: bool) -> pd.
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
                 bar.update(step + 1 - bar.n)
+    return pd.DataFrame({"elbo": elbo}, index=pd.RangeIndex(steps, name="step"))
+
+
+def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, options,
+               progress) -> pd.DataFrame:
+    """Pyro's own SVI loop (optionally with a TorchScript-compiled ELBO)."""
+    if jit:
+        try:
+            svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
+                      loss=_JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                svi.evaluate_loss(**data)  # traces now: a failure shows before any step
+        except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
+            logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
+                           "uncompiled", name, type(error).__name__, error)
+            jit = False
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
+    extra = {"ignore_jit_warnings": True} if jit else {}
+    svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
+              loss=loss(**extra, **elbo_options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = _optimise(svi, data, options["steps"], progress)
+    history.attrs["jit"] = jit
+    return history
+
+
+def _optimise_compiled(compiled: CompiledELBO, steps: int, learning_rate: float,
+                       progress: bool) -> pd.DataFrame:
+    """Adam on the flat parameter vector, one compiled ELBO call per step."""
+    flat = compiled.initial.clone()
+    state = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
+    elbo = np.full(steps, np.nan)
+    with tqdm(total=steps, desc="SVI", disable=not progress) as bar:
+        for step in range(steps):
+            loss, grad = compiled(flat)
+            loss = float(loss)
+            if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
+                compiled.write_back(flat)
+                raise InferenceError(
+                    f"SVI: the ELBO or its gradient became non-finite at step {step} "
+                    f"(ELBO {-loss}); lower the learning rate or check the story's priors "
+                    "and the guide's initial values"
+                )
+            flat = adam_step(flat, grad, state, learning_rate)
+            elbo[step] = -loss
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
+                bar.update(step + 1 - bar.n)
+    compiled.write_back(flat)
     return pd.DataFrame({"elbo": elbo}, index=pd.RangeIndex(steps, name="step"))

@@ -44,6 +44,11 @@ STORIES = {
                               "ppl_notes.guides.conjugate", "normal_mean_guide"),
     "beta_bernoulli": StoryEntry("ppl_notes.models.conjugate", "beta_bernoulli",
                                  "ppl_notes.guides.conjugate", "beta_bernoulli_guide"),
+    "eight_schools": StoryEntry("ppl_notes.models.eight_schools", "centered",
+                                "ppl_notes.guides.eight_schools", "centered_meanfield"),
+    "eight_schools_noncentered": StoryEntry("ppl_notes.models.eight_schools", "noncentered",
+                                            "ppl_notes.guides.eight_schools",
+                                            "noncentered_meanfield"),
 }
 
 
