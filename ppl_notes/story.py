@@ -97,6 +97,7 @@ class Model:
         self.fixed = dict(fixed or {})
         self.dtype = dtype
         self._marginal_fn = marginal
+        self._covariates_cache: dict[str, Any] | None = None
         self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
         self.parameters = tuple(inspect.signature(fn).parameters)
         functools.update_wrapper(self, fn)
@@ -291,19 +292,30 @@ class Model:
     def simulate(self, seed: int = 0, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Run the story forwards once: draw latent values, then a data set from them.
 
-        Keyword arguments are passed to the story (e.g. ``num_people=500`` or fixed
-        parameter values through ``pyro.condition`` by the caller). Observed sites are
-        left free, so this is the notes' *generation* direction.
+        Keyword arguments are passed to the story (e.g. ``num_people=500``). Covariates
+        of the default data (arguments that are not observed sites, such as each
+        school's standard error) are used unless given. Observed sites are left free, so
+        this is the notes' *generation* direction.
 
         Returns
         -------
         dict
             Every sample site's value, latent and observed.
         """
+        covariates = self._default_covariates()
         free = {site: None for site in self.observed}
         with pyro.poutine.seed(rng_seed=seed):
-            trace = poutine.trace(self).get_trace(**{**free, **kwargs})
+            trace = poutine.trace(self).get_trace(**{**covariates, **free, **kwargs})
         return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
+
+    def _default_covariates(self) -> dict[str, Any]:
+        if self._default_data is None:
+            return {}
+        if self._covariates_cache is None:
+            defaults = self.prepare_data(None)
+            self._covariates_cache = {k: v for k, v in defaults.items()
+                                      if k not in self.observed}
+        return dict(self._covariates_cache)
 
     def prior_predictive(
         self, num_samples: int = 500, seed: int = 0, **kwargs: Any

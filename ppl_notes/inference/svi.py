@@ -63,7 +63,7 @@ OPTIONS = (
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
     choice("engine", "fast", "'fast': the Trace_ELBO step compiled as one graph "
            "(torch.compile) with Adam on one flat parameter vector; 'pyro': Pyro's SVI loop "
-           "(always used for TraceEnum_ELBO and TraceMeanField_ELBO)",
+           "(always used for TraceEnum_ELBO, TraceMeanField_ELBO and autoguides)",
            ("fast", "pyro")),
     Option("jit", (bool,), True, "engine='pyro' only: compile the ELBO with TorchScript "
            "(Pyro's JitTrace* ELBOs); a story or guide that cannot be traced runs "
@@ -108,6 +108,12 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if engine == "fast" and elbo_name != "Trace_ELBO":
         logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
         engine = "pyro"
+    if engine == "fast" and isinstance(getattr(guide, "fn", guide), torch.nn.Module):
+        # Module guides (autoguides) keep their parameters as module attributes, which
+        # the compiled step cannot swap for its flat vector.
+        logger.info("SVI: the fast engine takes function guides; %s runs in Pyro's loop",
+                    guide_name)
+        engine = "pyro"
     if engine == "fast":
         try:
             compiled = CompiledELBO(story, guide, data, _ELBOS[elbo_name](**elbo_options))
@@ -116,8 +122,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                            "Pyro's SVI loop", model.name, type(error).__name__, error)
             engine = "pyro"
             pyro.clear_param_store()
+    loop_started = time.perf_counter()
     if engine == "fast":
         pyro.set_rng_seed(seed)
+        loop_started = time.perf_counter()
         history = _optimise_compiled(compiled, options["steps"], options["learning_rate"],
                                      progress)
         jit = False
@@ -125,6 +133,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         history = _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, model.name,
                              options, progress)
         jit = history.attrs["jit"]
+    steps_per_second = options["steps"] / (time.perf_counter() - loop_started)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites))
@@ -146,6 +155,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options=options,
         info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
               "marginal_story": marginal, "engine": engine, "jit": jit,
+              "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1])},
         seconds=time.perf_counter() - started,
     )
