@@ -5,7 +5,7 @@ PYTHON_FOR_VENV := $(shell test -x $(PYENV_PYTHON) && echo $(PYENV_PYTHON) || ec
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env compare test lint bench clean
+.PHONY: env compare test bench clean
 
 $(BIN)/ppl-notes: setup.cfg pyproject.toml
 	$(PYTHON_FOR_VENV) -m venv $(VENV)
@@ -22,8 +22,11 @@ test: env  ## the whole test suite (what CI runs)
 	$(BIN)/ruff check ppl_notes tests benchmarks
 	$(BIN)/python -m pytest
 
-bench: env  ## speed against plain Pyro (run by hand)
+bench: env  ## speed against plain Pyro and NumPyro (run by hand)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_facade.py
+	$(BIN)/python benchmarks/bench_nuts.py
+	$(BIN)/python benchmarks/bench_svi.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

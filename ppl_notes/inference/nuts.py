@@ -176,5 +176,5 @@ def _run_pyro(model, data, seed, progress, options):
         stats["diverging"].append(divergences)
         stats["acceptance_rate"].append(np.full(options["draws"],
                                                 diagnostics["acceptance rate"]["chain 0"]))
-        stats["lp"].append(np.array([-potential(f[None])[0][0] for f in flats[-1]]))
+        stats["lp"].append(-potential(flats[-1])[0])
     return np.stack(flats), {k: np.stack(v) for k, v in stats.items()}, potential
