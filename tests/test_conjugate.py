@@ -108,3 +108,11 @@ def test_log_q_of_an_autoguide_is_the_density_of_its_draws():
     expected = stats.norm(loc, scale).logpdf(fit.draws("mu"))
     np.testing.assert_allclose(fit.to_arviz()["sample_stats"]["log_q"].values, expected,
                                rtol=1e-10)
+
+
+def test_pyro_engine_recovers_the_same_posterior():
+    # the plain path (Pyro's own NUTS) against the same truth as the fast engine above
+    fit = infer(normal_mean, method="nuts", engine="pyro", chains=2, warmup=300, draws=1000,
+                seed=7, progress=False)
+    assert fit.info["engine"] == "pyro"
+    _nuts_matches(fit, "mu", *normal_mean_posterior(X))
