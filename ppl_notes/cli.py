@@ -102,28 +102,30 @@ def _show(args) -> int:
     return 0
 
 
+def _story_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("story")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--no-progress", action="store_true")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ppl-notes``."""
     parser = argparse.ArgumentParser(prog="ppl-notes", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the stories, one line each").set_defaults(func=_list)
 
-    run = commands.add_parser("run", help="run one method on a story's default data")
-    run.add_argument("story")
+    run = _story_command(commands, "run", "run one method on a story's default data")
     run.add_argument("--method", default="svi")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an option of the method, e.g. --set steps=3000")
     run.add_argument("--autoguide", action="store_true", help="SVI with AutoNormal")
-    run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", help="save the result (netCDF)")
-    run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_run)
 
-    compare = commands.add_parser("compare", help="fit SVI and NUTS, print them side by side")
-    compare.add_argument("story")
-    compare.add_argument("--seed", type=int, default=0)
+    compare = _story_command(commands, "compare", "fit SVI and NUTS, print them side by side")
     compare.add_argument("--out", help="a folder for the tables and results")
-    compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(func=_compare)
 
     show = commands.add_parser("show", help="summary of a saved result")
