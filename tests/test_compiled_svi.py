@@ -63,3 +63,13 @@ def test_both_engines_reach_the_exact_posterior(engine):
     mean, sd = normal_mean_posterior(normal_mean.default_data()["x"])
     assert float(params["mu_loc"]) == pytest.approx(mean, rel=0.05)
     assert float(params["mu_scale"]) == pytest.approx(sd, rel=0.05)
+
+
+def test_auto_engine_compiles_only_long_runs():
+    from ppl_notes.inference.svi import _choose_engine
+    from ppl_notes.models import heights
+
+    galton = heights.model.prepare_data(None)  # 934 heights
+    assert _choose_engine("auto", 2000, heights.model, galton) == "pyro"
+    assert _choose_engine("auto", 20_000, heights.model, galton) == "fast"
+    assert _choose_engine("fast", 10, heights.model, galton) == "fast"
