@@ -87,11 +87,15 @@ def supports_compatible(model_support, guide_support) -> bool:
     return support_name(model_support) == support_name(guide_support)
 
 
-def guess_max_plate_nesting(model, data: Mapping[str, Any]) -> int:
-    """The deepest plate nesting of any site in one run of the model."""
-    trace = trace_model(model, data, 0)
+def trace_plate_nesting(trace) -> int:
+    """The deepest plate nesting of any sample site of a trace."""
     depth = 0
     for site in sample_sites(trace).values():
         dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
         depth = max([depth, *dims])
     return depth
+
+
+def guess_max_plate_nesting(model, data: Mapping[str, Any]) -> int:
+    """The deepest plate nesting of any site in one run of the model."""
+    return trace_plate_nesting(trace_model(model, data, 0))

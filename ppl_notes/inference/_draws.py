@@ -21,7 +21,13 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import config_enumerate, infer_discrete
 
-from ppl_notes._sites import deterministic_sites, is_enumerable, sample_sites, trace_model
+from ppl_notes._sites import (
+    deterministic_sites,
+    is_enumerable,
+    sample_sites,
+    trace_model,
+    trace_plate_nesting,
+)
 from ppl_notes.errors import StoryError
 
 logger = logging.getLogger(__name__)
@@ -71,9 +77,7 @@ def layout_of(model, data: Mapping[str, Any]) -> _Layout:
     """Which sites are discrete, continuous and observed, and their shapes."""
     trace = trace_model(model, data, 0)
     sites = sample_sites(trace)
-    plate_nesting = max(
-        [0] + [-f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.vectorized]
-    )
+    nesting = trace_plate_nesting(trace)
     discrete = tuple(n for n, s in sites.items() if not s["is_observed"] and is_enumerable(s["fn"]))
     observed = tuple(n for n, s in sites.items() if s["is_observed"])
     continuous = tuple(
@@ -94,7 +98,7 @@ def layout_of(model, data: Mapping[str, Any]) -> _Layout:
     batch_shapes = {n: tuple(s["fn"].batch_shape) for n, s in sites.items()}
     deterministic = deterministic_sites(trace)
     value_shapes.update({n: tuple(s["value"].shape) for n, s in deterministic.items()})
-    return _Layout(plate_nesting, batch_ndim, discrete, observed, continuous, error,
+    return _Layout(nesting, batch_ndim, discrete, observed, continuous, error,
                    value_shapes, batch_shapes, tuple(deterministic))
 
 
