@@ -1,7 +1,8 @@
 # Set-up is part of every target: a fresh clone needs nothing but pyenv's Python 3.12.
+# .python-version names 3.12 (ArviZ 1.x needs it); take pyenv's newest 3.12.x, else python3.12.
 PYTHON_VERSION := $(shell cat .python-version)
-PYENV_PYTHON := $(HOME)/.pyenv/versions/$(PYTHON_VERSION)/bin/python
-PYTHON_FOR_VENV := $(shell test -x $(PYENV_PYTHON) && echo $(PYENV_PYTHON) || echo python3.12)
+PYENV_PYTHON := $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/$(PYTHON_VERSION)*/bin/python)))
+PYTHON_FOR_VENV := $(if $(PYENV_PYTHON),$(PYENV_PYTHON),python$(PYTHON_VERSION))
 VENV := .venv
 BIN := $(VENV)/bin
 

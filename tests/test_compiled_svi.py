@@ -73,3 +73,13 @@ def test_auto_engine_compiles_only_long_runs():
     assert _choose_engine("auto", 2000, heights.model, galton) == "pyro"
     assert _choose_engine("auto", 20_000, heights.model, galton) == "fast"
     assert _choose_engine("fast", 10, heights.model, galton) == "fast"
+
+
+@pytest.mark.parametrize("engine", ["fast", "pyro"])
+def test_a_non_finite_elbo_stops_the_run_with_the_step(engine):
+    from ppl_notes import InferenceError
+
+    # a learning rate this large throws the guide's scale to overflow within a few steps
+    with pytest.raises(InferenceError, match="at step"):
+        infer(normal_mean, method="svi", guide=normal_mean_guide, steps=500,
+              learning_rate=1e6, engine=engine, jit=False, progress=False)

@@ -93,8 +93,3 @@ def _check(method: str, option: Option, value: Any) -> None:
         raise OptionError(
             f"method {method!r}: option {option.name!r} must be {option.valid}, got {value!r}"
         )
-
-
-def describe(spec: tuple[Option, ...]) -> str:
-    """A numpydoc-style table of options, for back-end docstrings and the CLI."""
-    return "\n".join(f"{o.name} (default {o.default!r}): {o.doc}" for o in spec)

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -185,20 +186,28 @@ def _site_order(model, data) -> list[str]:
     return list(latent_sites(trace_model(model, data, 0)))
 
 
-def _optimise(svi: SVI, data: dict[str, Any], steps: int, progress: bool) -> pd.DataFrame:
+def _run_steps(step: Callable[[int], float], steps: int, progress: bool) -> pd.DataFrame:
+    """Call ``step(i) -> loss`` ``steps`` times with a progress bar; the ELBO history."""
     elbo = np.full(steps, np.nan)
     with tqdm(total=steps, desc="SVI", disable=not progress) as bar:
-        for step in range(steps):
-            loss = svi.step(**data)
+        for index in range(steps):
+            try:
+                loss = step(index)
+            except ValueError as error:  # Pyro's validation: a parameter left its support
+                reason = str(error).splitlines()[0]
+                raise InferenceError(
+                    f"SVI: at step {index} the guide's or story's parameters became invalid "
+                    f"({reason}); lower the learning rate or check the guide's initial values"
+                ) from error
             if not math.isfinite(loss):
                 raise InferenceError(
-                    f"SVI: the ELBO became {loss} at step {step}; lower the learning rate or "
-                    "check the story's priors and the guide's initial values"
+                    f"SVI: the ELBO became {-loss} at step {index}; lower the learning rate "
+                    "or check the story's priors and the guide's initial values"
                 )
-            elbo[step] = -loss
-            if step % 50 == 0 or step == steps - 1:
+            elbo[index] = -loss
+            if index % 50 == 0 or index == steps - 1:
                 bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
-                bar.update(step + 1 - bar.n)
+                bar.update(index + 1 - bar.n)
     return pd.DataFrame({"elbo": elbo}, index=pd.RangeIndex(steps, name="step"))
 
 
@@ -224,7 +233,7 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
               loss=loss(**extra, **elbo_options))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        history = _optimise(svi, data, options["steps"], progress)
+        history = _run_steps(lambda _: svi.step(**data), options["steps"], progress)
     history.attrs["jit"] = jit
     return history
 
@@ -234,22 +243,17 @@ def _optimise_compiled(compiled: CompiledELBO, steps: int, learning_rate: float,
     """Adam on the flat parameter vector, one compiled ELBO call per step."""
     flat = compiled.initial.clone()
     state = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
-    elbo = np.full(steps, np.nan)
-    with tqdm(total=steps, desc="SVI", disable=not progress) as bar:
-        for step in range(steps):
-            loss, grad = compiled(flat)
-            loss = float(loss)
-            if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
-                compiled.write_back(flat)
-                raise InferenceError(
-                    f"SVI: the ELBO or its gradient became non-finite at step {step} "
-                    f"(ELBO {-loss}); lower the learning rate or check the story's priors "
-                    "and the guide's initial values"
-                )
+
+    def step(index: int) -> float:
+        nonlocal flat
+        loss, grad = compiled(flat)
+        value = float(loss)
+        if math.isfinite(value) and bool(torch.isfinite(grad).all()):
             flat = adam_step(flat, grad, state, learning_rate)
-            elbo[step] = -loss
-            if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
-                bar.update(step + 1 - bar.n)
-    compiled.write_back(flat)
-    return pd.DataFrame({"elbo": elbo}, index=pd.RangeIndex(steps, name="step"))
+            return value
+        return value if not math.isfinite(value) else float("nan")  # a non-finite gradient
+
+    try:
+        return _run_steps(step, steps, progress)
+    finally:
+        compiled.write_back(flat)  # the last finite state stays in the param store
