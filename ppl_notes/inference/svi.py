@@ -44,7 +44,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, trace_model
+from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
 from ppl_notes.errors import InferenceError
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import evaluate_draws, sample_guide
@@ -90,8 +90,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     started = time.perf_counter()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    plate_nesting = model.max_plate_nesting(data)
-    discrete = model.discrete_latent_sites(data)
+    story_trace = trace_model(model, data, 0)
+    plate_nesting = trace_plate_nesting(story_trace)
+    latent = latent_sites(story_trace)
+    discrete = [n for n, site in latent.items() if site["fn"].support.is_discrete]
     guide_name = getattr(guide, "name", None)
     if guide is None:
         guide = AutoNormal(poutine.block(model, hide=discrete))
@@ -144,7 +146,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                                 recover_discrete=options["recover_discrete"], seed=seed + 2)
     posterior = {k: v.detach().cpu().numpy() for k, v in values.items()}
     posterior.update(evaluation.discrete)
-    posterior = {n: posterior[n] for n in _site_order(model, data) if n in posterior}
+    posterior = {n: posterior[n] for n in latent if n in posterior}
     posterior.update(evaluation.deterministic)
     return RunResult(
         method="svi",
@@ -180,10 +182,6 @@ def _guide_sites(guide, data) -> list[str]:
     with pyro.poutine.seed(rng_seed=0), torch.no_grad():
         trace = poutine.trace(guide).get_trace(**data)
     return list(latent_sites(trace))
-
-
-def _site_order(model, data) -> list[str]:
-    return list(latent_sites(trace_model(model, data, 0)))
 
 
 def _run_steps(step: Callable[[int], float], steps: int, progress: bool) -> pd.DataFrame:
