@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -44,16 +45,28 @@ def _ppl_notes(size: int, steps: int, engine: str) -> dict:
 
 def _plain_pyro(size: int, steps: int) -> dict:
     import pyro
+    import pyro.distributions as dist
     import torch
     from pyro.infer import SVI, Trace_ELBO
     from pyro.optim import Adam
 
+    from ppl_notes.distributions import OrderedNormal
     from ppl_notes.guides.heights import meanfield
-    from ppl_notes.models import heights
+
+    def marginal(height):  # the heights story as a Pyro user writes it: MixtureSameFamily
+        alpha = pyro.sample("alpha", dist.Dirichlet(torch.ones(2, dtype=torch.float64)))
+        mu = pyro.sample("mu", OrderedNormal(torch.tensor(170.0, dtype=torch.float64),
+                                             torch.tensor(20.0, dtype=torch.float64), 2))
+        with pyro.plate("components", 2):
+            log_median = torch.tensor(math.log(7.0), dtype=torch.float64)
+            sigma = pyro.sample("sigma", dist.LogNormal(log_median, 0.5))
+        with pyro.plate("people", height.shape[-1]):
+            pyro.sample("height", dist.MixtureSameFamily(dist.Categorical(alpha),
+                                                         dist.Normal(mu, sigma)), obs=height)
 
     data = {"height": torch.as_tensor(_data(size))}
     pyro.set_rng_seed(0)
-    svi = SVI(heights.model.marginal, meanfield, Adam({"lr": 0.01}), loss=Trace_ELBO())
+    svi = SVI(marginal, meanfield, Adam({"lr": 0.01}), loss=Trace_ELBO())
     started = time.perf_counter()
     for _ in range(steps):
         svi.step(**data)

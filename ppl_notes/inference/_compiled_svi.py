@@ -7,8 +7,8 @@ estimate (Pyro's ``Trace_ELBO`` arithmetic on Pyro's own traces, so the estimato
 unchanged: reparameterised where the guide allows it, score-function terms otherwise)
 and its gradient are captured as one graph of tensor operations with ``make_fx`` -- the
 guide's random draws included, so each call draws fresh noise -- and compiled with
-``torch.compile`` (inductor). Adam then updates the flat vector with the same arithmetic
-as :class:`torch.optim.Adam`.
+inductor (:mod:`ppl_notes.inference._compile`). Adam then updates the flat vector with
+the same arithmetic as :class:`torch.optim.Adam`.
 
 References
 ----------
@@ -28,7 +28,7 @@ import torch
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 
-from ppl_notes.inference._potential import compiler_available
+from ppl_notes.inference._compile import capture, compiler_available
 
 
 @dataclass
@@ -140,16 +140,8 @@ class CompiledELBO:
         return loss.detach(), grad.detach()
 
     def _compile(self):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        with warnings.catch_warnings(), pyro.validation_enabled(False):
-            warnings.simplefilter("ignore")
-            graph = make_fx(lambda flat: self._value_and_grad(flat))(self.initial.clone())
-            if not compiler_available():
-                return graph
-            compiled = torch.compile(graph, dynamic=False)
-            compiled(self.initial.clone())
-        return compiled
+        return capture(lambda flat: self._value_and_grad(flat), self.initial.clone(),
+                       compile=compiler_available())
 
     def __call__(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The negative ELBO estimate and its gradient at ``flat``."""

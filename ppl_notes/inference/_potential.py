@@ -13,8 +13,6 @@ to its observations, Pyro's own potential (``initialize_model``) is called chain
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -29,12 +27,12 @@ from pyro.infer.mcmc.util import initialize_model
 
 from ppl_notes._sites import sample_sites, trace_model
 from ppl_notes.errors import InferenceError
+from ppl_notes.inference._compile import capture
 from ppl_notes.inference._draws import layout_of, log_joint
 
 
 def _compile_value_and_grad(potential, example: torch.Tensor):
     """Capture potential and gradient as one aten graph, then compile it with inductor."""
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def value_and_grad(x):
         x = x.detach().requires_grad_(True)
@@ -43,17 +41,7 @@ def _compile_value_and_grad(potential, example: torch.Tensor):
             (grad,) = torch.autograd.grad(value.sum(), x)
         return value.detach(), grad.detach()
 
-    with warnings.catch_warnings(), pyro.validation_enabled(False):
-        warnings.simplefilter("ignore")
-        graph = make_fx(value_and_grad)(example)
-        compiled = torch.compile(graph, dynamic=False)
-        compiled(example)  # compile now, not inside the first NUTS step
-    return compiled
-
-
-def compiler_available() -> bool:
-    """Whether torch.compile's CPU backend can build kernels here (needs a C++ compiler)."""
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
+    return capture(value_and_grad, example)
 
 
 def init_to_prior_median(site, num_samples: int = 15):

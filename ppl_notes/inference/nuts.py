@@ -35,13 +35,10 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.inference._chains import run_chains
+from ppl_notes.inference._compile import compiler_available
 from ppl_notes.inference._draws import evaluate_draws
 from ppl_notes.inference._options import Option, choice, open_unit, positive_int
-from ppl_notes.inference._potential import (
-    BatchedPotential,
-    compiler_available,
-    init_to_prior_median,
-)
+from ppl_notes.inference._potential import BatchedPotential, init_to_prior_median
 from ppl_notes.inference._result import RunResult
 
 OPTIONS = (

@@ -16,7 +16,7 @@ import torch
 from pyro.ops.indexing import Vindex
 
 from ppl_notes.data import load_galton_heights
-from ppl_notes.distributions import OrderedNormal
+from ppl_notes.distributions import NormalMixture, OrderedNormal
 from ppl_notes.story import model as _model
 
 __all__ = ["model", "marginal", "component_probabilities", "report"]
@@ -57,13 +57,13 @@ def marginal(height=None, num_people=None, num_groups=2, mu_loc=170.0, mu_scale=
              sigma_median=7.0, sigma_spread=0.5, alpha_concentration=1.0):
     """The heights story with each person's gender summed out by hand.
 
-    height ~ sum_k alpha_k Normal(mu_k, sigma_k), a MixtureSameFamily.
+    height ~ sum_k alpha_k Normal(mu_k, sigma_k), a :class:`NormalMixture` (a
+    MixtureSameFamily whose log density is laid out for fast compiled kernels).
     """
     num_people, alpha, mu, sigma = _globals(height, num_people, num_groups, mu_loc, mu_scale,
                                             sigma_median, sigma_spread, alpha_concentration)
     with pyro.plate("people", num_people):
-        mixture = dist.MixtureSameFamily(dist.Categorical(alpha), dist.Normal(mu, sigma))
-        pyro.sample("height", mixture, obs=height)
+        pyro.sample("height", NormalMixture(alpha, mu, sigma), obs=height)
 
 
 @_model(
