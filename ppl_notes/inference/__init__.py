@@ -17,6 +17,7 @@ from typing import Any
 import pyro
 import torch
 
+from ppl_notes._sites import trace_model, unenumerable_discrete_sites
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.errors import OptionError, OptionTypeError, StoryError
 from ppl_notes.inference._options import validate
@@ -25,10 +26,16 @@ from ppl_notes.story import Guide, Model, check_pairing
 
 __all__ = ["infer", "METHODS"]
 
-#: method name -> back-end module (each has ``OPTIONS`` and ``run``).
+#: method name -> ``"module"`` or ``"module:function"``: the back end's module declares
+#: ``OPTIONS`` (and ``TAKES_GUIDE`` when it fits a guide); the function (default ``run``)
+#: runs it.
 METHODS = {
     "svi": "ppl_notes.inference.svi",
     "nuts": "ppl_notes.inference.nuts",
+    "map": "ppl_notes.inference.point:run_map",
+    "mle": "ppl_notes.inference.point:run_mle",
+    "em": "ppl_notes.inference.em",
+    "bbvi": "ppl_notes.inference.bbvi",
 }
 
 
@@ -51,14 +58,19 @@ def infer(
     data : dict, pandas.DataFrame or None
         Observed data and other keyword arguments of the story; ``None`` uses the story's
         default data.
-    method : {"svi", "nuts"}
+    method : {"svi", "nuts", "map", "mle", "em", "bbvi"}
         The back end. ``svi``: stochastic variational inference (options ``steps``,
-        ``learning_rate``, ``num_draws``, ``num_particles``, ``elbo``). ``nuts``: the
-        No-U-Turn sampler (options ``chains``, ``warmup``, ``draws``, ``target_accept``,
-        ``max_tree_depth``, ``engine``, ``init``, ``processes``).
+        ``learning_rate``, ``num_draws``, ``num_particles``, ``elbo``, ``estimator``...).
+        ``nuts``: the No-U-Turn sampler (options ``chains``, ``warmup``, ``draws``,
+        ``target_accept``, ``max_tree_depth``, ``engine``, ``init``, ``processes``...).
+        ``map`` / ``mle``: the posterior mode / maximum-likelihood point estimate by
+        L-BFGS. ``em``: expectation-maximisation for stories with discrete latent sites.
+        ``bbvi``: black-box VI with score-function gradients and Robbins-Monro steps.
+        ``ppl_notes.inference.METHODS`` lists them; each module's ``OPTIONS`` documents
+        its options.
     guide : Guide or callable, optional
-        The variational family for ``svi``; AutoNormal over the continuous sites when
-        omitted. Checked against the story before fitting.
+        The variational family for ``svi`` and ``bbvi``; AutoNormal over the continuous
+        sites when omitted. Checked against the story before fitting.
     seed : int
         Seeds every random number of the run: the same seed gives the same draws.
     progress : bool
@@ -89,12 +101,15 @@ def infer(
         raise OptionTypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     if not isinstance(progress, bool):
         raise OptionTypeError(f"progress must be True or False, got {progress!r}")
-    backend = importlib.import_module(METHODS[method])
+    module_name, _, function = METHODS[method].partition(":")
+    backend = importlib.import_module(module_name)
     checked = validate(method, backend.OPTIONS, {**model.defaults.get(method, {}), **options})
     prepared = model.prepare_data(data)
+    takes_guide = getattr(backend, "TAKES_GUIDE", False)
     if guide is not None:
-        if method != "svi":
-            raise OptionError(f"method {method!r} takes no guide; only 'svi' does")
+        if not takes_guide:
+            guided = sorted(m for m, p in METHODS.items() if _takes_guide(p))
+            raise OptionError(f"method {method!r} takes no guide; only {guided} do")
         if isinstance(guide, Guide) and guide.model.fn is not model.fn:
             raise StoryError(
                 f"guide {guide.name!r} was written for story {guide.model.name!r}, "
@@ -103,8 +118,10 @@ def infer(
         pyro.clear_param_store()
         check_pairing(model, guide, prepared)
         pyro.clear_param_store()
-    run = backend.run(model, prepared, guide=guide, seed=seed, progress=progress,
-                      options=checked)
+    if guide is None:
+        _require_enumerable(model, prepared, method)
+    run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
+                                              progress=progress, options=checked)
     attrs = {
         "method": run.method,
         "model": model.name,
@@ -121,6 +138,24 @@ def infer(
     }
     tree = to_datatree(run, model, prepared, attrs)
     return Posterior(tree, model=model, guide=guide, data=prepared)
+
+
+def _takes_guide(path: str) -> bool:
+    return bool(getattr(importlib.import_module(path.partition(":")[0]), "TAKES_GUIDE", False))
+
+
+def _require_enumerable(model: Model, data: Mapping, method: str) -> None:
+    """Without a guide every discrete latent site is summed out: it must be finite."""
+    unbounded = unenumerable_discrete_sites(trace_model(model, data, 0))
+    if unbounded:
+        name, site = next(iter(unbounded.items()))
+        raise StoryError(
+            f"site {name!r} of story {model.name!r} is discrete with an infinite support "
+            f"({type(site['fn']).__name__}), so method {method!r} cannot sum it out by "
+            f"enumeration. Ways out: fit it with method='svi' and a guide that samples "
+            f"{name!r} (score-function gradients), or write the story with {name!r} summed "
+            "out by hand and pass it as marginal=..."
+        )
 
 
 def _reference(model: Model) -> str:

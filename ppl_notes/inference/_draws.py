@@ -180,13 +180,17 @@ def _vectorized_story(model, values, layout, vectorize):
 
 
 def log_joint(model, data, values, layout: _Layout, vectorize: bool = True,
-              deterministic: dict | None = None):
+              deterministic: dict | None = None, priors: bool = True):
     r"""Differentiable log joint density of each draw, and pointwise log-likelihoods.
 
     Local discrete sites are summed out exactly:
 
     .. math:: \log p(x,\theta) = \log p(\theta)
               + \sum_i \log \sum_{z_i} p(z_i \mid \theta)\, p(x_i \mid z_i, \theta).
+
+    With ``priors=False`` the continuous sites' prior terms are left out: the result is
+    the log-likelihood :math:`\log p(x \mid \theta)` (the discrete sites' own
+    probabilities stay, they are part of it).
 
     Returns
     -------
@@ -204,7 +208,7 @@ def log_joint(model, data, values, layout: _Layout, vectorize: bool = True,
             deterministic[name] = value.reshape((num,) + layout.value_shapes[name])
     trace.compute_log_prob()
     total = 0.0
-    for name in layout.continuous:
+    for name in layout.continuous if priors else ():
         total = total + _sum_to_draws(trace.nodes[name]["log_prob"], num, vectorize)
     pointwise = {}
     if layout.discrete:

@@ -197,7 +197,7 @@ class BatchedPotential:
             value, _ = self(np.repeat(point[None], self.num_chains, axis=0))
             if not np.isfinite(value[0]):
                 raise InferenceError(
-                    f"NUTS: the log density of story {getattr(self.model, 'name', '')!r} is "
+                    f"the log density of story {getattr(self.model, 'name', '')!r} is "
                     f"not finite at the starting point {self._describe(values)}; check the "
                     "priors and the data, or pass init='sample'"
                 )

@@ -53,6 +53,8 @@ from ppl_notes.inference._result import RunResult
 
 logger = logging.getLogger(__name__)
 
+TAKES_GUIDE = True
+
 OPTIONS = (
     positive_int("steps", 2000, "optimisation steps"),
     positive_float("learning_rate", 0.01, "Adam's learning rate"),
