@@ -72,6 +72,12 @@ class Model:
         Per-method option defaults the story recommends, e.g.
         ``{"nuts": {"target_accept": 0.9}}`` for a posterior with a narrow tail; the
         user's options override them.
+    m_step : callable, optional
+        The closed-form maximum-likelihood M-step of EM:
+        ``m_step(data, responsibilities) -> {site: value}``, where ``data`` are the
+        story's prepared keyword arguments and ``responsibilities`` maps each discrete
+        site to its E-step posterior q(z_i = k) = p(z_i = k | x_i, theta),
+        shape ``(K, *plate shape)``. ``method="em"`` uses gradient steps without it.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class Model:
         dtype: torch.dtype = torch.float64,
         marginal: Callable | None = None,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        m_step: Callable | None = None,
     ) -> None:
         self.fn = fn
         self.observed = (observed,) if isinstance(observed, str) else tuple(observed)
@@ -97,6 +104,7 @@ class Model:
         self.fixed = dict(fixed or {})
         self.dtype = dtype
         self._marginal_fn = marginal
+        self.m_step = m_step
         self._covariates_cache: dict[str, Any] | None = None
         self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
         self.parameters = tuple(inspect.signature(fn).parameters)
@@ -155,6 +163,7 @@ class Model:
             dtype=self.dtype,
             marginal=self._marginal_fn,
             defaults=self.defaults,
+            m_step=self.m_step,
         )
 
     def _check_argument(self, key: str, what: str) -> None:
@@ -385,6 +394,7 @@ def model(
     name: str | None = None,
     marginal: Callable | None = None,
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    m_step: Callable | None = None,
 ) -> Model | Callable[[Callable], Model]:
     """Declare a generative story.
 
@@ -400,7 +410,7 @@ def model(
 
     def wrap(function: Callable) -> Model:
         return Model(function, observed=observed, data=data, dims=dims, coords=coords,
-                     name=name, marginal=marginal, defaults=defaults)
+                     name=name, marginal=marginal, defaults=defaults, m_step=m_step)
 
     return wrap(fn) if fn is not None else wrap
 

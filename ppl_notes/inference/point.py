@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,10 +75,16 @@ class PointObjective:
         return -total[0]
 
 
-def maximise(objective: PointObjective, start: np.ndarray, steps: int, tolerance: float,
-             progress: bool, label: str) -> tuple[torch.Tensor, pd.DataFrame, dict[str, Any]]:
-    """Minimise ``objective`` from ``start`` by L-BFGS; the optimum, history and facts."""
-    flat = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+def maximise(objective: Callable[[torch.Tensor], torch.Tensor], start, steps: int,
+             tolerance: float, progress: bool, label: str, hint: str = "",
+             ) -> tuple[torch.Tensor, pd.DataFrame, dict[str, Any]]:
+    """Minimise ``objective`` from ``start`` by L-BFGS; the optimum, history and facts.
+
+    The history holds the log density (minus the objective) at every function
+    evaluation; a non-finite value stops the search with an :class:`InferenceError`
+    that ends with ``hint``.
+    """
+    flat = torch.as_tensor(start, dtype=torch.float64).detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([flat], lr=1.0, max_iter=steps, max_eval=steps * 5 // 4 + 20,
                                   tolerance_grad=tolerance, tolerance_change=1e-14,
                                   history_size=50, line_search_fn="strong_wolfe")
@@ -88,10 +95,8 @@ def maximise(objective: PointObjective, start: np.ndarray, steps: int, tolerance
             loss = objective(flat)
             if not torch.isfinite(loss):
                 raise InferenceError(
-                    f"{label}: the objective became {float(-loss)} after {len(values)} "
-                    "evaluations; the density is unbounded here (a scale going to 0?). "
-                    + ("Use MAP (the priors keep it bounded) or " if not objective.priors
-                       else "") + "check the story's priors and data")
+                    f"{label}: the log density became {float(-loss)} after {len(values)} "
+                    f"evaluations; the density is unbounded here (a scale going to 0?). {hint}")
             loss.backward()
             values.append(-loss.item())
             bar.update(min(optimizer.state[flat].get("n_iter", 0), steps) - bar.n)
@@ -118,15 +123,20 @@ def _run(model, data, *, seed: int, progress: bool, options: dict[str, Any],
     objective = PointObjective(model, data, priors)
     start = objective.sites.initial_points(options["init"], [seed])[0]
     label = "MAP" if priors else "MLE"
+    hint = ("Use method='map' (the priors keep it bounded) or check the data" if not priors
+            else "Check the story's priors and data")
     flat, history, facts = maximise(objective, start, options["steps"], options["tolerance"],
-                                    progress, label)
+                                    progress, label, hint)
     return point_result(method, model, data, objective.sites, flat, history, facts, options,
                         seed, started)
 
 
 def point_result(method, model, data, sites: BatchedPotential, flat, history, facts,
                  options, seed, started, params=None) -> RunResult:
-    """A one-draw :class:`RunResult` for a point estimate at unconstrained ``flat``."""
+    """A one-draw :class:`RunResult` for a point estimate at unconstrained ``flat``.
+
+    ``history``'s first column is the objective (a log density) at each step.
+    """
     constrained = sites.constrain(flat.reshape(1, -1).numpy())
     with torch.no_grad():
         evaluation = evaluate_draws(model, data, constrained,
@@ -138,7 +148,7 @@ def point_result(method, model, data, sites: BatchedPotential, flat, history, fa
     posterior.update(evaluation.deterministic)
     return RunResult(
         method=method, sample_dims=("sample",), posterior=posterior,
-        sample_stats={"log_density": np.array([history["log_density"].iloc[-1]])},
+        sample_stats={"log_density": np.array([history.iloc[-1, 0]])},
         log_likelihood=evaluation.log_likelihood, history=history, params=params or {},
         options=options, info={**facts, "objective": history.columns[0]},
         seconds=time.perf_counter() - started)

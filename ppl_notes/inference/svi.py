@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
 from ppl_notes.errors import InferenceError
+from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import evaluate_draws, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
@@ -64,6 +65,10 @@ OPTIONS = (
            "discrete sites the guide leaves to enumeration, else Trace_ELBO",
            ("auto", "Trace_ELBO", "TraceEnum_ELBO", "TraceMeanField_ELBO")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
+    choice("estimator", "auto", "the ELBO gradient: 'auto' (reparameterised where the "
+           "guide's distribution allows it, score function elsewhere), 'reparam' (every "
+           "site; an error where impossible) or 'score' (every site by the score function, "
+           "as black-box VI)", ESTIMATORS),
     choice("engine", "auto", "'fast': the Trace_ELBO step compiled as one graph "
            "(torch.compile) with Adam on one flat parameter vector; 'pyro': Pyro's SVI loop "
            "(always used for TraceEnum_ELBO, TraceMeanField_ELBO and autoguides); 'auto': "
@@ -120,9 +125,12 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         logger.info("SVI: the fast engine takes function guides; %s runs in Pyro's loop",
                     guide_name)
         engine = "pyro"
+    fit_guide = force_estimator(guide, options["estimator"])
+    if options["estimator"] == "reparam":
+        _guide_sites(fit_guide, data)  # names a site without rsample before any step
     if engine == "fast":
         try:
-            compiled = CompiledELBO(story, guide, data, _ELBOS[elbo_name](**elbo_options))
+            compiled = CompiledELBO(story, fit_guide, data, _ELBOS[elbo_name](**elbo_options))
         except Exception as error:  # noqa: BLE001 - any capture failure: say so, use Pyro's loop
             logger.warning("SVI: the ELBO step of %r could not be compiled (%s: %s); using "
                            "Pyro's SVI loop", model.name, type(error).__name__, error)
@@ -136,8 +144,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                                      progress)
         jit = False
     else:
-        history = _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, model.name,
-                             options, progress)
+        history = _pyro_loop(story, fit_guide, data, seed, elbo_name, elbo_options, jit,
+                             model.name, options, progress)
         jit = history.attrs["jit"]
     steps_per_second = options["steps"] / (time.perf_counter() - loop_started)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
@@ -162,7 +170,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
               "marginal_story": marginal, "engine": engine, "jit": jit,
               "steps_per_second": steps_per_second,
-              "final_elbo": float(history["elbo"].iloc[-1])},
+              "final_elbo": float(history["elbo"].iloc[-1]),
+              "estimator": options["estimator"]},
         seconds=time.perf_counter() - started,
     )
 

@@ -19,7 +19,7 @@ from ppl_notes.data import load_galton_heights
 from ppl_notes.distributions import NormalMixture, OrderedNormal
 from ppl_notes.story import model as _model
 
-__all__ = ["model", "marginal", "component_probabilities", "report"]
+__all__ = ["model", "marginal", "m_step", "component_probabilities", "report"]
 
 
 def _coords(data):
@@ -66,9 +66,26 @@ def marginal(height=None, num_people=None, num_groups=2, mu_loc=170.0, mu_scale=
         pyro.sample("height", NormalMixture(alpha, mu, sigma), obs=height)
 
 
+def m_step(data, responsibilities):
+    r"""The closed-form maximum-likelihood M-step of EM for the Gaussian mixture.
+
+    With :math:`r_{ki} = q(z_i = k)` from the E-step (Dempster, Laird & Rubin 1977):
+
+    .. math:: \alpha_k = \tfrac1N \sum_i r_{ki},\quad
+              \mu_k = \frac{\sum_i r_{ki} x_i}{\sum_i r_{ki}},\quad
+              \sigma_k^2 = \frac{\sum_i r_{ki} (x_i-\mu_k)^2}{\sum_i r_{ki}}.
+    """
+    r, x = responsibilities["gender"], data["height"]
+    weight = r.sum(-1)
+    mu = (r * x).sum(-1) / weight
+    sigma = ((r * (x - mu.unsqueeze(-1)) ** 2).sum(-1) / weight).sqrt()
+    return {"alpha": weight / weight.sum(), "mu": mu, "sigma": sigma}
+
+
 @_model(
     observed="height",
     marginal=marginal,
+    m_step=m_step,
     # The weights, means and sds are strongly correlated a posteriori (a dense metric
     # cuts the trajectory from ~24 to ~7 steps), and the posterior narrows into a funnel
     # where one component's weight and sd are both small (target_accept=0.9 integrates
