@@ -3,12 +3,14 @@
 The public API::
 
     from ppl_notes import model, guide, infer, load
+    from ppl_notes import decide, exact_posterior, gradient_variance
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ppl_notes.decisions import Decision, decide
 from ppl_notes.errors import (
     DataError,
     InferenceError,
@@ -18,6 +20,9 @@ from ppl_notes.errors import (
     PPLNotesError,
     StoryError,
 )
+from ppl_notes.evidence import Estimate
+from ppl_notes.exact import exact_posterior
+from ppl_notes.gradients import gradient_variance
 from ppl_notes.inference import infer
 from ppl_notes.posterior import Posterior, load
 from ppl_notes.story import Guide, Model, check_pairing, guide, model
@@ -30,6 +35,11 @@ __all__ = [
     "Guide",
     "check_pairing",
     "infer",
+    "decide",
+    "Decision",
+    "exact_posterior",
+    "gradient_variance",
+    "Estimate",
     "Posterior",
     "load",
     "PPLNotesError",

@@ -41,7 +41,8 @@ def _run(args) -> int:
 
     entry = get_story(args.story)
     options = _parse_options(args.set)
-    guide = entry.load_guide() if args.method == "svi" and not args.autoguide else None
+    takes_guide = args.method in ("svi", "bbvi")
+    guide = entry.load_guide() if takes_guide and not args.autoguide else None
     fit = infer(entry.load_model(), method=args.method, guide=guide, seed=args.seed,
                 progress=not args.no_progress, **options)
     print(f"{args.story} by {args.method} in {fit.seconds:.1f} s")
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the stories, one line each").set_defaults(func=_list)
 
     run = _story_command(commands, "run", "run one method on a story's default data")
-    run.add_argument("--method", default="svi")
+    run.add_argument("--method", default="svi", help="svi, nuts, map, mle, em or bbvi")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an option of the method, e.g. --set steps=3000")
     run.add_argument("--autoguide", action="store_true", help="SVI with AutoNormal")

@@ -17,9 +17,12 @@ from typing import Any
 import arviz_stats
 import numpy as np
 import pandas as pd
+import pyro
+import torch
 import xarray as xr
 
-from ppl_notes.errors import DataError
+from ppl_notes.errors import DataError, OptionError
+from ppl_notes.evidence import Estimate
 
 __all__ = ["Posterior", "load"]
 
@@ -120,8 +123,81 @@ class Posterior:
         if var_names is None:
             var_names = [v for v in self.tree["posterior"].data_vars
                          if v not in self.discrete_sites]
-        return arviz_stats.summary(self.tree, var_names=var_names,
-                                   sample_dims=self.sample_dims, **kwargs)
+        table = arviz_stats.summary(self.tree, var_names=var_names,
+                                    sample_dims=self.sample_dims, **kwargs)
+        if self.num_draws == 1:  # a point estimate (MAP, MLE, EM): its value only
+            return table[["mean"]].rename(columns={"mean": "estimate"})
+        return table
+
+    @property
+    def num_draws(self) -> int:
+        """The number of draws (chains times draws for MCMC)."""
+        posterior = self.tree["posterior"]
+        return int(np.prod([posterior.sizes[d] for d in self.sample_dims]))
+
+    def log_weights(self, num_samples: int | None = None, seed: int = 0) -> tuple:
+        """``(log p(x, z_s), log q(z_s))`` for draws from a variational posterior.
+
+        The draws stored with the fit, or ``num_samples`` fresh ones from the guide at
+        its fitted parameters (the global param store is left as it was).
+        """
+        stats = self.tree["sample_stats"] if "sample_stats" in self.tree.children else None
+        if stats is None or "log_q" not in stats.data_vars:
+            raise OptionError(
+                f"log_evidence and kl_gap need a variational posterior (draws from q with "
+                f"log q); this one is from {self.method!r}. For MCMC, fit a guide with "
+                "method='svi' and compare it with ppl_notes.compare")
+        if num_samples is None:
+            return stats["log_p"].values.reshape(-1), stats["log_q"].values.reshape(-1)
+        if self.guide is None or self.model is None:
+            raise OptionError(
+                "num_samples needs the fit's guide in memory (a loaded posterior or an "
+                "autoguide fit has only its stored draws): call without num_samples")
+        from ppl_notes.inference._draws import evaluate_draws, sample_guide
+
+        params = self.tree["fitted_params"].to_dataset() if "fitted_params" in self.tree.children \
+            else {}
+        enumerated = json.loads(self.tree.attrs.get("info", "{}")).get("enumerated", [])
+        with pyro.get_param_store().scope():
+            pyro.clear_param_store()
+            for name in params:
+                pyro.get_param_store()[name] = torch.as_tensor(params[name].values)
+            nesting = self.model.max_plate_nesting(self.data)
+            draws, log_q = sample_guide(self.guide, self.data, num_samples, nesting, seed)
+            draws = {k: v for k, v in draws.items() if k not in enumerated}
+            evaluation = evaluate_draws(self.model, self.data, draws, recover_discrete=False)
+        return evaluation.log_joint, log_q
+
+    def log_evidence(self, how: str = "elbo", num_samples: int | None = None,
+                     seed: int = 0) -> Estimate:
+        r"""Estimate :math:`\log p(x)` from a variational posterior, with a standard error.
+
+        Parameters
+        ----------
+        how : {"elbo", "importance"}
+            ``elbo``: the lower bound :math:`\mathbb E_q[\log p(x,z) - \log q(z)]`;
+            ``importance``: :math:`\log \frac1S \sum_s p(x, z_s)/q(z_s)`.
+        num_samples : int, optional
+            Fresh draws from the guide; by default the draws stored with the fit.
+        seed : int
+            Seeds fresh draws.
+        """
+        from ppl_notes.evidence import elbo_estimate, importance_estimate
+
+        estimators = {"elbo": elbo_estimate, "importance": importance_estimate}
+        if how not in estimators:
+            raise OptionError(f"how must be one of {sorted(estimators)}, got {how!r}")
+        return estimators[how](*self.log_weights(num_samples, seed))
+
+    def kl_gap(self, num_samples: int | None = None, seed: int = 0) -> Estimate:
+        r""":math:`\mathrm{KL}(q\,\|\,p(z\mid x))` = importance :math:`\log p(x)` − ELBO.
+
+        Notes §2.f: :math:`\log p(x) = \mathrm{KL} + \mathrm{ELBO}`; both estimates use
+        the same draws (see :mod:`ppl_notes.evidence`).
+        """
+        from ppl_notes.evidence import kl_gap_estimate
+
+        return kl_gap_estimate(*self.log_weights(num_samples, seed))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the results to a netCDF file (h5netcdf; no pickle). Returns the path."""

@@ -159,7 +159,7 @@ def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvalua
 def _vectorized_story(model, values, layout, vectorize):
     """The story conditioned on ``values`` (draws first), inside a plate over the draws."""
     plate_nesting = layout.plate_nesting
-    num = next(iter(values.values())).shape[0]
+    num = next(iter(values.values())).shape[0] if values else 1
 
     def shaped(name, value):
         if not vectorize:

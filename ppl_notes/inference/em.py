@@ -111,7 +111,7 @@ class EnumeratedStory:
         return prior, terms, enum_ndim, site_dims
 
 
-def _responsibilities(terms, enum_ndim, site_dims) -> tuple[torch.Tensor, dict]:
+def responsibilities(terms, enum_ndim, site_dims) -> tuple[torch.Tensor, dict]:
     """The E-step: the joint posterior of the discrete sites, and each site's marginal."""
     flat_terms = terms.reshape((-1,) + terms.shape[enum_ndim:])
     joint = torch.softmax(flat_terms, dim=0).reshape(terms.shape)
@@ -183,7 +183,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
             bar.update(1)
             if iteration and record[-1] - record[-2] < options["tolerance"] * (1 + abs(objective)):
                 break
-            joint, marginals = _responsibilities(terms, enum_ndim, site_dims)
+            joint, marginals = responsibilities(terms, enum_ndim, site_dims)
             flat = _m_step(story, flat, joint.detach(), closed_form, marginals, data, priors,
                            options["m_step_iterations"])
             collapsed = _collapsed(story, flat, scale)
@@ -195,7 +195,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
              "m_step": "closed form" if closed_form is not None else "L-BFGS"}
     with torch.no_grad():
         _, terms, enum_ndim, site_dims = story(flat)
-        _, marginals = _responsibilities(terms, enum_ndim, site_dims)
+        _, marginals = responsibilities(terms, enum_ndim, site_dims)
     params = {f"q_{n}": m.numpy().copy() for n, m in marginals.items()}
     return point_result("em", model, data, story.sites, flat, history, facts, options, seed,
                         started, params=params)

@@ -19,6 +19,11 @@ is then drawn from its exact conditional posterior at the estimate.
 
 The result is a one-draw posterior; its objective at every function evaluation is the
 history.
+
+L-BFGS assumes a smooth density. A Laplace (lasso) prior is not differentiable at 0:
+where its mode puts weights exactly at 0 the estimate of those weights is only close to
+0 (about 1e-2 on the diabetes data), not 0; elsewhere it is as exact as for the ridge.
+A proximal or orthant-wise method (OWL-QN; Andrew & Gao 2007) would be the fix.
 """
 
 from __future__ import annotations

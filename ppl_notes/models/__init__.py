@@ -19,15 +19,17 @@ class StoryEntry:
 
     module: str
     model: str
-    guide_module: str
-    guide: str
+    guide_module: str | None = None
+    guide: str | None = None
 
     def load_model(self):
         """The story's :class:`~ppl_notes.story.Model`."""
         return getattr(importlib.import_module(self.module), self.model)
 
     def load_guide(self):
-        """The story's hand-written guide."""
+        """The story's hand-written guide, or None (an autoguide is used)."""
+        if self.guide_module is None:
+            return None
         return getattr(importlib.import_module(self.guide_module), self.guide)
 
     def report(self, posterior) -> dict[str, float]:
@@ -49,6 +51,8 @@ STORIES = {
     "eight_schools_noncentered": StoryEntry("ppl_notes.models.eight_schools", "noncentered",
                                             "ppl_notes.guides.eight_schools",
                                             "noncentered_meanfield"),
+    "linear_regression": StoryEntry("ppl_notes.models.regression", "linear"),
+    "logistic_regression": StoryEntry("ppl_notes.models.regression", "logistic"),
 }
 
 
