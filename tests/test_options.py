@@ -5,7 +5,7 @@ from ppl_notes.models.conjugate import normal_mean
 
 
 def test_unknown_method_lists_the_methods():
-    with pytest.raises(OptionError, match=r"unknown method 'hmc'.*\['nuts', 'svi'\]"):
+    with pytest.raises(OptionError, match=r"unknown method 'hmc'.*'map', 'mle', 'nuts', 'svi'"):
         infer(normal_mean, method="hmc")
 
 
@@ -43,3 +43,16 @@ def test_nuts_takes_no_guide():
 
     with pytest.raises(OptionError, match="takes no guide"):
         infer(normal_mean, method="nuts", guide=normal_mean_guide)
+
+
+def test_options_of_the_new_methods_are_checked_by_name_and_range():
+    with pytest.raises(OptionError, match="power.*0.5, 1"):
+        infer(normal_mean, method="bbvi", power=0.4)
+    with pytest.raises(OptionError, match="no option 'iteration'.*did you mean 'iterations'"):
+        infer(normal_mean, method="em", iteration=3)
+    with pytest.raises(OptionError, match="takes no guide"):
+        from ppl_notes.guides.conjugate import normal_mean_guide
+
+        infer(normal_mean, method="map", guide=normal_mean_guide)
+    with pytest.raises(OptionError, match="estimator"):
+        infer(normal_mean, method="svi", estimator="pathwise")
