@@ -64,3 +64,11 @@ def test_every_method_runs_from_the_cli(story, method, capsys, tmp_path):
                  "--out", str(tmp_path / "fit.nc")]) == 0
     out = capsys.readouterr().out
     assert f"{story} by {method}" in out and "saved to" in out
+
+
+@pytest.mark.parametrize("method", ["map", "em", "nuts", "svi"])
+def test_a_story_with_only_discrete_latents_points_to_exact_posterior(method):
+    from ppl_notes import StoryError
+
+    with pytest.raises(StoryError, match=r"no continuous latent sites.*exact_posterior"):
+        infer(diagnosis, method=method, progress=False)

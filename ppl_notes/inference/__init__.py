@@ -17,7 +17,7 @@ from typing import Any
 import pyro
 import torch
 
-from ppl_notes._sites import trace_model, unenumerable_discrete_sites
+from ppl_notes._sites import latent_sites, trace_model, unenumerable_discrete_sites
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.errors import OptionError, OptionTypeError, StoryError
 from ppl_notes.inference._options import validate
@@ -119,7 +119,7 @@ def infer(
         check_pairing(model, guide, prepared)
         pyro.clear_param_store()
     if guide is None:
-        _require_enumerable(model, prepared, method)
+        _require_continuous_and_enumerable(model, prepared, method)
     run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
                                               progress=progress, options=checked)
     attrs = {
@@ -144,9 +144,22 @@ def _takes_guide(path: str) -> bool:
     return bool(getattr(importlib.import_module(path.partition(":")[0]), "TAKES_GUIDE", False))
 
 
-def _require_enumerable(model: Model, data: Mapping, method: str) -> None:
-    """Without a guide every discrete latent site is summed out: it must be finite."""
-    unbounded = unenumerable_discrete_sites(trace_model(model, data, 0))
+def _require_continuous_and_enumerable(model: Model, data: Mapping, method: str) -> None:
+    """Check what a guide-less method can do with the story's latent sites.
+
+    Every discrete latent site is summed out, so it must have a finite support, and a
+    continuous site must be left to infer.
+    """
+    trace = trace_model(model, data, 0)
+    latent = latent_sites(trace)
+    if not any(not site["fn"].support.is_discrete for site in latent.values()):
+        raise StoryError(
+            f"story {model.name!r} has no continuous latent sites for method {method!r}"
+            + (f"; its discrete sites {list(latent)} have an exact posterior by enumeration: "
+               "ppl_notes.exact_posterior(story, data)" if latent else
+               "; it has no latent sites at all")
+        )
+    unbounded = unenumerable_discrete_sites(trace)
     if unbounded:
         name, site = next(iter(unbounded.items()))
         raise StoryError(
