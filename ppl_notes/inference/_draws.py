@@ -24,6 +24,7 @@ from pyro.infer import config_enumerate, infer_discrete
 from ppl_notes._sites import (
     deterministic_sites,
     is_enumerable,
+    latent_sites,
     sample_sites,
     trace_model,
     trace_plate_nesting,
@@ -140,6 +141,25 @@ def evaluate_draws(
             values = {k: v[start : start + chunk] for k, v in draws.items()}
             pieces.append(_evaluate_chunk(model, data, values, layout, recover_discrete))
     return DrawEvaluation.concatenate(pieces, layout.pointwise_error)
+
+
+def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor], *,
+                 recover_discrete: bool, seed: int, order=None
+                 ) -> tuple[dict[str, np.ndarray], DrawEvaluation]:
+    """Every method's posterior from draws of its continuous (or guide) sites.
+
+    The draws are evaluated (:func:`evaluate_draws`); the result holds the latent sites
+    in the story's order (``order``, traced when not given) with the recovered discrete
+    sites among them, then the deterministic sites; arrays keep the leading draw dim.
+    """
+    evaluation = evaluate_draws(model, data, draws, recover_discrete=recover_discrete,
+                                seed=seed)
+    values = {k: v.detach().cpu().numpy() for k, v in draws.items()}
+    values.update(evaluation.discrete)
+    order = latent_sites(trace_model(model, data, 0)) if order is None else order
+    posterior = {n: values[n] for n in order if n in values}
+    posterior.update(evaluation.deterministic)
+    return posterior, evaluation
 
 
 def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvaluation:

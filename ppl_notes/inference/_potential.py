@@ -137,8 +137,11 @@ class BatchedPotential:
         return np.concatenate(
             [values[n].detach().double().reshape(-1).cpu().numpy() for n in self.names])
 
-    def constrain(self, flat_draws: np.ndarray) -> dict[str, torch.Tensor]:
-        """Map unconstrained draws ``(draws, dim)`` to each site's support."""
+    def constrain(self, flat_draws: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map unconstrained draws ``(draws, dim)`` to each site's support.
+
+        A float64 tensor passes through as is, so gradients flow to it.
+        """
         sites = self.unflatten(torch.as_tensor(flat_draws, dtype=torch.float64))
         return {n: self.transforms[n](v) for n, v in sites.items()}
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
 from ppl_notes.errors import InferenceError, OptionError, StoryError
 from ppl_notes.gradients import force_estimator
-from ppl_notes.inference._draws import _sum_to_draws, evaluate_draws, sample_guide
+from ppl_notes.inference._draws import _sum_to_draws, posterior_of, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
 
@@ -162,12 +162,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     draws, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                 tuple(n for n in latent if n in guide_trace.nodes))
     enumerated = [n for n in latent if n not in guide_trace.nodes]
-    evaluation = evaluate_draws(model, data, draws, recover_discrete=options["recover_discrete"],
-                                seed=seed + 2)
-    posterior = {k: v.detach().cpu().numpy() for k, v in draws.items()}
-    posterior.update(evaluation.discrete)
-    posterior = {n: posterior[n] for n in latent if n in posterior}
-    posterior.update(evaluation.deterministic)
+    posterior, evaluation = posterior_of(model, data, draws, order=latent, seed=seed + 2,
+                                         recover_discrete=options["recover_discrete"])
     converged = bool(history.attrs["converged"])
     if not converged:
         logger.warning("bbvi: lambda still moved more than tolerance=%g between the last "

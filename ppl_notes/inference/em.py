@@ -90,7 +90,7 @@ class EnumeratedStory:
 
     def values(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Constrained site values (leading dim 1) at unconstrained ``flat``."""
-        return {n: self.sites.transforms[n](v) for n, v in self.sites.unflatten(flat[None]).items()}
+        return self.sites.constrain(flat[None])
 
     def __call__(self, flat: torch.Tensor):
         """``(log prior, complete-data terms, {discrete site: its enumerated dim})``."""

@@ -28,15 +28,13 @@ from typing import Any
 
 import numpy as np
 import pyro
-import torch
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
-from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
-from ppl_notes.inference._draws import evaluate_draws
+from ppl_notes.inference._draws import posterior_of
 from ppl_notes.inference._options import Option, choice, open_unit, positive_int
 from ppl_notes.inference._potential import BatchedPotential, init_to_prior_median
 from ppl_notes.inference._result import RunResult
@@ -75,16 +73,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         flat, stats, potential = _run_fast(model, data, seed, progress, options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
-    constrained = potential.constrain(flat.reshape(chains * draws, -1))
-    with torch.no_grad():
-        evaluation = evaluate_draws(model, data, constrained,
-                                    recover_discrete=options["recover_discrete"], seed=seed + 1)
-    values = {k: v.detach().cpu().numpy() for k, v in constrained.items()}
-    values.update(evaluation.discrete)
-    order = list(latent_sites(trace_model(model, data, 0)))
-    values.update(evaluation.deterministic)
-    order += list(evaluation.deterministic)
-    posterior = {n: _chains_first(values[n], chains, draws) for n in order if n in values}
+    flat_draws, evaluation = posterior_of(model, data,
+                                          potential.constrain(flat.reshape(chains * draws, -1)),
+                                          recover_discrete=options["recover_discrete"],
+                                          seed=seed + 1)
+    posterior = {n: _chains_first(v, chains, draws) for n, v in flat_draws.items()}
     log_likelihood = {k: _chains_first(v, chains, draws)
                       for k, v in evaluation.log_likelihood.items()}
     return RunResult(

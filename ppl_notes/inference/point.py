@@ -39,9 +39,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, trace_model
 from ppl_notes.errors import InferenceError
-from ppl_notes.inference._draws import evaluate_draws, log_joint
+from ppl_notes.inference._draws import log_joint, posterior_of
 from ppl_notes.inference._options import Option, choice, positive_int
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference._result import RunResult
@@ -74,9 +73,8 @@ class PointObjective:
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The objective at ``flat`` (shape ``(dim,)``), differentiable."""
-        values = {n: self.sites.transforms[n](v)
-                  for n, v in self.sites.unflatten(flat[None]).items()}
-        total, _ = log_joint(self.model, self.data, values, self.sites.layout,
+        total, _ = log_joint(self.model, self.data, self.sites.constrain(flat[None]),
+                             self.sites.layout,
                              priors=self.priors)
         return -total[0]
 
@@ -143,15 +141,9 @@ def point_result(method, model, data, sites: BatchedPotential, flat, history, fa
 
     ``history``'s first column is the objective (a log density) at each step.
     """
-    constrained = sites.constrain(flat.reshape(1, -1).numpy())
-    with torch.no_grad():
-        evaluation = evaluate_draws(model, data, constrained,
-                                    recover_discrete=options["recover_discrete"], seed=seed + 1)
-    values = {k: v.detach().cpu().numpy() for k, v in constrained.items()}
-    values.update(evaluation.discrete)
-    order = list(latent_sites(trace_model(model, data, 0)))
-    posterior = {n: values[n] for n in order if n in values}
-    posterior.update(evaluation.deterministic)
+    posterior, evaluation = posterior_of(model, data, sites.constrain(flat.reshape(1, -1)),
+                                         recover_discrete=options["recover_discrete"],
+                                         seed=seed + 1)
     return RunResult(
         method=method, sample_dims=("sample",), posterior=posterior,
         sample_stats={"log_density": np.array([history.iloc[-1, 0]])},

@@ -48,7 +48,7 @@ from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
 from ppl_notes.errors import InferenceError
 from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
-from ppl_notes.inference._draws import evaluate_draws, sample_guide
+from ppl_notes.inference._draws import posterior_of, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
 
@@ -151,13 +151,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites))
-    evaluation = evaluate_draws(model, data, {k: v for k, v in values.items()
-                                              if k not in enumerated},
-                                recover_discrete=options["recover_discrete"], seed=seed + 2)
-    posterior = {k: v.detach().cpu().numpy() for k, v in values.items()}
-    posterior.update(evaluation.discrete)
-    posterior = {n: posterior[n] for n in latent if n in posterior}
-    posterior.update(evaluation.deterministic)
+    posterior, evaluation = posterior_of(
+        model, data, {k: v for k, v in values.items() if k not in enumerated},
+        recover_discrete=options["recover_discrete"], seed=seed + 2, order=latent)
     return RunResult(
         method="svi",
         sample_dims=("sample",),
