@@ -1,4 +1,4 @@
-"""The ``ppl-notes`` command: list stories, run a method, compare SVI with NUTS, show."""
+"""The ``ppl-notes`` command: list stories, run a method, compare SVI with NUTS (a report), show."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import ast
 import sys
 import time
 from pathlib import Path
-
-import pandas as pd
 
 __all__ = ["main"]
 
@@ -54,42 +52,48 @@ def _run(args) -> int:
     return 0
 
 
-def _side_by_side(fits: dict) -> pd.DataFrame:
-    columns = []
-    for label, fit in fits.items():
-        table = fit.summary()
-        keep = [c for c in ("mean", "sd", "ess_bulk", "r_hat") if c in table.columns]
-        columns.append(table[keep].add_prefix(f"{label} "))
-    return pd.concat(columns, axis=1)
-
-
 def _compare(args) -> int:
+    import warnings
+
     from ppl_notes import infer
+    from ppl_notes.compare import compare
+    from ppl_notes.errors import DiagnosticWarning
     from ppl_notes.models import get_story
 
     entry = get_story(args.story)
     story = entry.load_model()
     started = time.perf_counter()
-    fits = {
-        "svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
-                     progress=not args.no_progress),
-        "nuts": infer(story, method="nuts", seed=args.seed, progress=not args.no_progress),
-    }
-    table = _side_by_side(fits)
-    print(f"\n{args.story}: SVI ({fits['svi'].info['elbo']}) vs NUTS "
+    svi_options, nuts_options = _parse_options(args.svi), _parse_options(args.nuts)
+    with warnings.catch_warnings():  # printed below, under the table, with the others
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        fits = {
+            "svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
+                         progress=not args.no_progress, **svi_options),
+            "nuts": infer(story, method="nuts", seed=args.seed, progress=not args.no_progress,
+                          **nuts_options),
+        }
+    labelled = {fit.label: fit for fit in fits.values()}
+    table = compare(labelled)
+    print(f"\n{args.story}: {fits['svi'].label} ({fits['svi'].info['elbo']}) vs NUTS "
           f"({fits['nuts'].options['chains']} chains x {fits['nuts'].options['draws']} draws)")
-    print(table.to_string(float_format=lambda value: f"{value:.4g}"))
-    for label, fit in fits.items():
+    shown = table.drop(columns=["wasserstein", "ks"])
+    print(shown.to_string(float_format=lambda value: f"{value:.4g}", na_rep=""))
+    for label, fit in labelled.items():
         extra = "".join(f"; {k}: {v:.3f}" for k, v in entry.report(fit).items())
         print(f"{label}: {fit.seconds:.1f} s{extra}")
-    print(f"total: {time.perf_counter() - started:.1f} s")
+    for label, messages in table.attrs["findings"].items():
+        for message in messages:
+            print(f"warning ({label}): {message}")
     if args.out:
+        from ppl_notes.report import write_report
+
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "summary.csv")
+        written = write_report(labelled, out=out, reference=fits["nuts"].label)
         for label, fit in fits.items():
             fit.save(out / f"{label}.nc")
-        print(f"wrote {out}/summary.csv, svi.nc, nuts.nc")
+        print(f"wrote {written['report']} with {len(written) - 1} tables and figures, "
+              f"and svi.nc, nuts.nc in {out}")
+    print(f"total: {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -125,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="save the result (netCDF)")
     run.set_defaults(func=_run)
 
-    compare = _story_command(commands, "compare", "fit SVI and NUTS, print them side by side")
-    compare.add_argument("--out", help="a folder for the tables and results")
+    compare = _story_command(commands, "compare", "fit SVI and NUTS, compare them, write a "
+                             "report (tables, figures, HTML)")
+    compare.add_argument("--out", help="a folder for the report: CSV tables, PNG figures, "
+                         "report.html, and both results (netCDF)")
+    compare.add_argument("--svi", action="append", default=[], metavar="KEY=VALUE",
+                         help="an SVI option, e.g. --svi steps=3000")
+    compare.add_argument("--nuts", action="append", default=[], metavar="KEY=VALUE",
+                         help="a NUTS option, e.g. --nuts chains=2")
     compare.set_defaults(func=_compare)
 
     show = commands.add_parser("show", help="summary of a saved result")

@@ -14,6 +14,7 @@ __all__ = [
     "ModelGuideMismatchError",
     "StoryError",
     "InferenceError",
+    "DiagnosticWarning",
 ]
 
 
@@ -43,3 +44,11 @@ class StoryError(PPLNotesError, ValueError):
 
 class InferenceError(PPLNotesError, RuntimeError):
     """A run that failed numerically (non-finite ELBO, failed initialisation)."""
+
+
+class DiagnosticWarning(UserWarning):
+    """A diagnostic crossed its threshold (R-hat, ESS, divergences, BFMI, k-hat, ELBO).
+
+    Issued when a run ends; see :mod:`ppl_notes.diagnostics`. Silence it with
+    ``warnings.filterwarnings("ignore", category=DiagnosticWarning)``.
+    """

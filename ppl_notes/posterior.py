@@ -46,6 +46,46 @@ class Posterior:
         self.guide = guide
         self.data = data
 
+    @classmethod
+    def from_draws(cls, draws: dict[str, Any], *, method: str = "reference",
+                   model_name: str = "", sample_dims: tuple[str, ...] = ("chain", "draw"),
+                   sample_stats: dict[str, Any] | None = None,
+                   dims: dict[str, list[str]] | None = None,
+                   coords: dict[str, Any] | None = None) -> Posterior:
+        """A posterior from arrays of draws made elsewhere.
+
+        A reference posterior or another library's run, to compare with
+        :func:`ppl_notes.compare` or to diagnose.
+
+        Parameters
+        ----------
+        draws : dict of array
+            Each site's draws, sample dims first (``(chains, draws, ...)`` by default).
+        method : str
+            How the draws were made; MCMC diagnostics apply when ``sample_dims`` is
+            ``("chain", "draw")``.
+        model_name : str
+            The story's name (``compare`` checks that all posteriors share it).
+        sample_dims : tuple of str
+            ``("chain", "draw")`` for MCMC, ``("sample",)`` for independent draws.
+        sample_stats : dict of array, optional
+            e.g. NUTS's ``diverging`` and ``energy``, or VI's ``log_p`` and ``log_q``.
+        dims, coords : optional
+            ArviZ dims of each site and their coordinate values.
+        """
+        from arviz_base import from_dict
+
+        groups = {"posterior": dict(draws)}
+        if sample_stats:
+            groups["sample_stats"] = dict(sample_stats)
+        tree = from_dict(groups, sample_dims=list(sample_dims), dims=dims, coords=coords,
+                         check_conventions=False)
+        tree.attrs.update({"method": method, "model": model_name, "guide": "",
+                           "sample_dims": json.dumps(list(sample_dims)), "options": "{}",
+                           "info": "{}", "discrete_sites": "[]", "seconds": float("nan"),
+                           "partial": 0})
+        return cls(tree)
+
     def __repr__(self) -> str:
         flag = ", partial" if self.partial else ""
         return (f"<Posterior of {self.tree.attrs.get('model')!r} by {self.method!r}"
@@ -55,6 +95,17 @@ class Posterior:
     def method(self) -> str:
         """The inference method that produced the draws (``svi``, ``nuts``...)."""
         return str(self.tree.attrs["method"])
+
+    @property
+    def model_name(self) -> str:
+        """The name of the story the draws are from."""
+        return str(self.tree.attrs.get("model", ""))
+
+    @property
+    def label(self) -> str:
+        """How tables and plots name this posterior: its method, and guide if any."""
+        guide = str(self.tree.attrs.get("guide", "") or "")
+        return f"{self.method} ({guide})" if guide else self.method
 
     @property
     def partial(self) -> bool:
@@ -93,6 +144,34 @@ class Posterior:
             return pd.DataFrame()
         dataset = self.tree["history"].to_dataset()
         return dataset.to_dataframe()
+
+    def predict(self, num_draws: int = 500, seed: int = 0) -> xr.Dataset:
+        """Posterior predictive replicates of the observed data.
+
+        Added to the tree as ``posterior_predictive``; see
+        :func:`ppl_notes.predictive.posterior_predictive`.
+        """
+        from ppl_notes.predictive import posterior_predictive
+
+        return posterior_predictive(self, num_draws=num_draws, seed=seed)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """R-hat, ESS, divergences, BFMI (MCMC); ELBO trend and k-hat (VI).
+
+        See :func:`ppl_notes.diagnostics.diagnostics`.
+        """
+        from ppl_notes.diagnostics import diagnostics
+
+        return diagnostics(self)
+
+    def findings(self) -> list:
+        """The diagnostics that crossed their thresholds (the warnings ``infer`` issued).
+
+        Each names a parameter and a next step; see :mod:`ppl_notes.diagnostics`.
+        """
+        from ppl_notes.diagnostics import findings
+
+        return findings(self)
 
     def to_arviz(self) -> xr.DataTree:
         """The results as an ArviZ 1.x DataTree."""

@@ -478,6 +478,16 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
                 f"site {name!r}: guide {guide_name!r} draws shape {guide_shape} but story "
                 f"{model.name!r} expects shape {model_shape}"
             )
+        if distribution_name(guide_fn) == "Delta":
+            # A point mass placed by a transform (AutoContinuous guides such as
+            # AutoMultivariateNormal, or AutoDelta): its value must lie in the support.
+            if not bool(model_fn.support.check(site["value"]).all()):
+                raise ModelGuideMismatchError(
+                    f"site {name!r}: guide {guide_name!r} places a point mass outside the "
+                    f"support {support_name(model_fn.support)} that story {model.name!r} "
+                    f"gives it; transform its value with biject_to(support)"
+                )
+            continue
         if not supports_compatible(model_fn.support, guide_fn.support):
             raise ModelGuideMismatchError(
                 f"site {name!r}: guide {guide_name!r} draws from {distribution_name(guide_fn)} "

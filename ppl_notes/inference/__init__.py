@@ -19,6 +19,7 @@ import torch
 
 from ppl_notes._sites import latent_sites, trace_model, unenumerable_discrete_sites
 from ppl_notes.arviz_io import to_datatree
+from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import OptionError, OptionTypeError, StoryError
 from ppl_notes.inference._options import validate
 from ppl_notes.posterior import Posterior
@@ -137,7 +138,9 @@ def infer(
         "versions": json.dumps(_versions()),
     }
     tree = to_datatree(run, model, prepared, attrs)
-    return Posterior(tree, model=model, guide=guide, data=prepared)
+    posterior = Posterior(tree, model=model, guide=guide, data=prepared)
+    warn_about(posterior)
+    return posterior
 
 
 def _takes_guide(path: str) -> bool:

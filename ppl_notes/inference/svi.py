@@ -41,7 +41,7 @@ from pyro.infer import (
     config_enumerate,
 )
 from pyro.infer.autoguide import AutoNormal
-from pyro.optim import Adam
+from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
 from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
@@ -58,7 +58,11 @@ TAKES_GUIDE = True
 
 OPTIONS = (
     positive_int("steps", 2000, "optimisation steps"),
-    positive_float("learning_rate", 0.01, "Adam's learning rate"),
+    positive_float("learning_rate", 0.01, "Adam's initial learning rate"),
+    Option("learning_rate_decay", (float, int), 0.1,
+           "the final learning rate as a fraction of the initial one, reached by an "
+           "exponential decay over the run (1: a constant rate); in (0, 1]",
+           check=lambda v: 0 < v <= 1, valid="a number in (0, 1]"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
     choice("elbo", "auto", "which ELBO; 'auto' picks TraceEnum_ELBO when the story has "
@@ -140,8 +144,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if engine == "fast":
         pyro.set_rng_seed(seed)
         loop_started = time.perf_counter()
-        history = _optimise_compiled(compiled, options["steps"], options["learning_rate"],
-                                     progress)
+        history = _optimise_compiled(compiled, options, progress)
         jit = False
     else:
         history = _pyro_loop(story, fit_guide, data, seed, elbo_name, elbo_options, jit,
@@ -221,7 +224,7 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     """Pyro's own SVI loop (optionally with a TorchScript-compiled ELBO)."""
     if jit:
         try:
-            svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
+            svi = SVI(story, guide, _decaying_adam(options),
                       loss=_JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -234,18 +237,41 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     pyro.set_rng_seed(seed)
     loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
     extra = {"ignore_jit_warnings": True} if jit else {}
-    svi = SVI(story, guide, Adam({"lr": options["learning_rate"]}),
-              loss=loss(**extra, **elbo_options))
+    optimizer = _decaying_adam(options)
+    svi = SVI(story, guide, optimizer, loss=loss(**extra, **elbo_options))
+
+    def step(_index: int) -> float:
+        loss = svi.step(**data)
+        optimizer.step()  # the learning rate's decay, one factor per step
+        return loss
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        history = _run_steps(lambda _: svi.step(**data), options["steps"], progress)
+        history = _run_steps(step, options["steps"], progress)
     history.attrs["jit"] = jit
     return history
 
 
-def _optimise_compiled(compiled: CompiledELBO, steps: int, learning_rate: float,
+def _decay_per_step(options: dict[str, Any]) -> float:
+    """The factor by which the learning rate shrinks each step."""
+    return options["learning_rate_decay"] ** (1.0 / options["steps"])
+
+
+def _decaying_adam(options: dict[str, Any]) -> ExponentialLR:
+    """Torch's Adam with the rate decaying exponentially to ``learning_rate_decay`` of itself.
+
+    Robbins & Monro (1951): a decreasing step lets the stochastic iterates settle instead
+    of jittering around the optimum at a scale set by a constant rate.
+    """
+    return ExponentialLR({"optimizer": torch.optim.Adam,
+                          "optim_args": {"lr": options["learning_rate"]},
+                          "gamma": _decay_per_step(options)})
+
+
+def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any],
                        progress: bool) -> pd.DataFrame:
     """Adam on the flat parameter vector, one compiled ELBO call per step."""
+    learning_rate, decay = options["learning_rate"], _decay_per_step(options)
     flat = compiled.initial.clone()
     state = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
 
@@ -254,11 +280,11 @@ def _optimise_compiled(compiled: CompiledELBO, steps: int, learning_rate: float,
         loss, grad = compiled(flat)
         value = float(loss)
         if math.isfinite(value) and bool(torch.isfinite(grad).all()):
-            flat = adam_step(flat, grad, state, learning_rate)
+            flat = adam_step(flat, grad, state, learning_rate * decay**index)
             return value
         return value if not math.isfinite(value) else float("nan")  # a non-finite gradient
 
     try:
-        return _run_steps(step, steps, progress)
+        return _run_steps(step, options["steps"], progress)
     finally:
         compiled.write_back(flat)  # the last finite state stays in the param store

@@ -41,7 +41,7 @@ class StoryEntry:
 #: story name -> where it lives; the CLI lists and runs these.
 STORIES = {
     "heights": StoryEntry("ppl_notes.models.heights", "model",
-                          "ppl_notes.guides.heights", "meanfield"),
+                          "ppl_notes.guides.heights", "fullrank"),
     "normal_mean": StoryEntry("ppl_notes.models.conjugate", "normal_mean",
                               "ppl_notes.guides.conjugate", "normal_mean_guide"),
     "beta_bernoulli": StoryEntry("ppl_notes.models.conjugate", "beta_bernoulli",
@@ -51,6 +51,8 @@ STORIES = {
     "eight_schools_noncentered": StoryEntry("ppl_notes.models.eight_schools", "noncentered",
                                             "ppl_notes.guides.eight_schools",
                                             "noncentered_meanfield"),
+    "correlated_gaussian": StoryEntry("ppl_notes.models.correlated", "gaussian",
+                                      "ppl_notes.guides.correlated", "meanfield"),
     "linear_regression": StoryEntry("ppl_notes.models.regression", "linear"),
     "logistic_regression": StoryEntry("ppl_notes.models.regression", "logistic"),
 }

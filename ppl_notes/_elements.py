@@ -1,0 +1,37 @@
+"""Scalar elements of a posterior's variables, labelled as ArviZ labels them (``theta[A]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["element_draws", "element_labels"]
+
+
+def element_labels(array: xr.DataArray, sample_dims: Iterable[str]) -> list[str]:
+    """``name[c1,c2]`` for every element of ``array`` beyond its sample dims, in C order."""
+    name = str(array.name)
+    dims = [d for d in array.dims if d not in set(sample_dims)]
+    if not dims:
+        return [name]
+    coords = [array.coords[d].values if d in array.coords else np.arange(array.sizes[d])
+              for d in dims]
+    grid = np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1).reshape(-1, len(dims))
+    return [f"{name}[{','.join(str(c) for c in row)}]" for row in grid]
+
+
+def element_draws(dataset: xr.Dataset, var_names: Iterable[str],
+                  sample_dims: Iterable[str]) -> dict[str, np.ndarray]:
+    """Each scalar element's draws, flattened over the sample dims: label -> (draws,)."""
+    sample_dims = list(sample_dims)
+    out = {}
+    for name in var_names:
+        array = dataset[name]
+        other = [d for d in array.dims if d not in sample_dims]
+        values = array.transpose(*sample_dims, *other).values
+        values = values.reshape((int(np.prod(values.shape[:len(sample_dims)])), -1))
+        for column, label in enumerate(element_labels(array, sample_dims)):
+            out[label] = np.asarray(values[:, column], dtype=float)
+    return out

@@ -1,0 +1,319 @@
+r"""Diagnostics of one posterior, and the warnings they raise.
+
+MCMC (draws with ``chain`` and ``draw`` dims): the largest rank-normalised split R-hat,
+the smallest bulk and tail ESS (Vehtari et al. 2021), the number of divergent
+transitions, the lowest E-BFMI of any chain (Betancourt 2016) and how often the tree
+reached its maximum depth. Variational posteriors: the final ELBO, whether it was still
+moving when the run stopped, and the Pareto :math:`\hat k` of the importance ratios
+:math:`p(x, z_s)/q(z_s)` (Yao et al. 2018, "Yes, but did it work?"): above 0.7 the
+approximation cannot be trusted for this posterior. Point estimates: whether the
+optimiser converged.
+
+Every finding names the parameter it concerns and the next step to take. ``infer``
+issues each as a :class:`~ppl_notes.errors.DiagnosticWarning` when a run ends, so that
+nobody misses one; :func:`findings` returns them for reports.
+
+References
+----------
+Vehtari, A., Gelman, A., Simpson, D., Carpenter, B. & Bürkner, P.-C. (2021).
+Rank-normalization, folding, and localization: an improved R-hat. Bayesian Analysis.
+Betancourt, M. (2016). Diagnosing suboptimal cotangent disintegrations in Hamiltonian
+Monte Carlo. arXiv:1604.00695. Yao, Y., Vehtari, A., Simpson, D. & Gelman, A. (2018). Yes,
+but did it work?: Evaluating variational inference. ICML.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import arviz_stats
+import numpy as np
+import xarray as xr
+from scipy import stats
+
+from ppl_notes._elements import element_draws, element_labels
+from ppl_notes.errors import DiagnosticWarning
+
+__all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend",
+           "importance_khat", "warn_about"]
+
+#: Where each check starts to warn (Vehtari et al. 2021; Betancourt 2016; Yao et al. 2018).
+THRESHOLDS = {"r_hat": 1.01, "ess": 400, "bfmi": 0.3, "khat": 0.7, "tree_depth": 0.01,
+              "elbo_change": 0.05}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnostic that crossed its threshold.
+
+    Attributes
+    ----------
+    check : str
+        ``r_hat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``bfmi``, ``tree_depth``,
+        ``khat``, ``elbo`` or ``converged``.
+    parameter : str
+        The parameter element (``tau``, ``theta[A]``), chain or objective it concerns.
+    value, threshold : float
+        What was measured and where the warning starts.
+    message : str
+        What is wrong and the next step.
+    """
+
+    check: str
+    parameter: str
+    value: float
+    threshold: float
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def continuous_sites(posterior) -> list[str]:
+    """The posterior's variables minus its discrete latent sites (e.g. each person's gender)."""
+    return [str(v) for v in posterior.tree["posterior"].data_vars
+            if v not in posterior.discrete_sites]
+
+
+def _is_mcmc(posterior) -> bool:
+    return list(posterior.sample_dims) == ["chain", "draw"]
+
+
+def _is_variational(posterior) -> bool:
+    tree = posterior.tree
+    return "sample_stats" in tree.children and "log_q" in tree["sample_stats"].data_vars
+
+
+def _per_element(result: xr.DataTree | xr.Dataset) -> dict[str, float]:
+    dataset = result.to_dataset() if isinstance(result, xr.DataTree) else result
+    out = {}
+    for name in dataset.data_vars:
+        array = dataset[name]
+        for label, value in zip(element_labels(array, []), np.ravel(array.values), strict=True):
+            out[label] = float(value)
+    return out
+
+
+def _worst(values: dict[str, float], largest: bool) -> tuple[str, float]:
+    finite = {k: v for k, v in values.items() if math.isfinite(v)}
+    if not finite:
+        return "", float("nan")
+    key = (max if largest else min)(finite, key=finite.get)
+    return key, finite[key]
+
+
+def elbo_trend(elbo: np.ndarray, fraction: float = 0.1) -> tuple[float, float]:
+    r"""How much the ELBO moved at the end of a run, and the noise of that change.
+
+    The mean over the last ``fraction`` of the steps minus the mean over the
+    ``fraction`` before, with its standard error from the two windows' spreads
+    (the per-step estimates are nearly independent draws around a slowly moving value).
+
+    Returns
+    -------
+    (change, standard_error)
+    """
+    elbo = np.asarray(elbo, dtype=float)
+    elbo = elbo[np.isfinite(elbo)]
+    window = max(int(len(elbo) * fraction), 5)
+    if len(elbo) < 2 * window:
+        return float("nan"), float("nan")
+    last, before = elbo[-window:], elbo[-2 * window:-window]
+    change = float(last.mean() - before.mean())
+    standard_error = float(np.sqrt(last.var(ddof=1) / window + before.var(ddof=1) / window))
+    return change, standard_error
+
+
+def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
+    r"""Pareto :math:`\hat k` of the ratios :math:`p(x, z_s)/q(z_s)`, :math:`z_s \sim q`.
+
+    ArviZ's PSIS fit (Vehtari et al. 2024) to the largest ratios; Yao et al. (2018)
+    read it as a diagnostic of the approximation itself.
+    """
+    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    array = xr.DataArray(log_ratio, dims=["sample"])
+    return float(array.azstats.psislw(dim="sample")[1])
+
+
+def diagnostics(posterior) -> dict[str, Any]:
+    """The numbers behind the checks, for one posterior (``nan`` where a check does not apply).
+
+    Returns
+    -------
+    dict
+        MCMC: ``max_r_hat``, ``min_ess_bulk``, ``min_ess_tail``, ``divergences``,
+        ``min_bfmi``, ``max_tree_depth_share``; variational: ``final_elbo``,
+        ``elbo_change``, ``elbo_change_se``, ``khat``; point estimates: ``converged``.
+    """
+    numbers: dict[str, Any] = {}
+    if _is_mcmc(posterior):
+        numbers.update(_mcmc_numbers(posterior))
+    history = posterior.history
+    if "elbo" in history.columns:
+        change, standard_error = elbo_trend(history["elbo"].to_numpy())
+        window = max(len(history) // 10, 1)
+        numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
+        numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
+    if _is_variational(posterior) and posterior.num_draws > 1:
+        stats_ = posterior.tree["sample_stats"]
+        numbers["khat"] = importance_khat(stats_["log_p"].values, stats_["log_q"].values)
+    if "converged" in posterior.info:
+        numbers["converged"] = bool(posterior.info["converged"])
+    return numbers
+
+
+def _mcmc_numbers(posterior) -> dict[str, Any]:
+    tree, dims, sites = posterior.tree, ["chain", "draw"], continuous_sites(posterior)
+    numbers: dict[str, Any] = {}
+    if sites:
+        if posterior.tree["posterior"].sizes["chain"] > 1:
+            numbers["max_r_hat"] = _worst(_per_element(
+                arviz_stats.rhat(tree, var_names=sites, sample_dims=dims)), largest=True)
+        for kind in ("bulk", "tail"):
+            numbers[f"min_ess_{kind}"] = _worst(_per_element(
+                arviz_stats.ess(tree, var_names=sites, sample_dims=dims, method=kind)),
+                largest=False)
+    sample_stats = tree["sample_stats"] if "sample_stats" in tree.children else None
+    if sample_stats is not None and "diverging" in sample_stats.data_vars:
+        diverging = sample_stats["diverging"].values.astype(bool)
+        numbers["divergences"] = int(diverging.sum())
+        numbers["divergence_site"] = _where_divergent(posterior, sites, diverging)
+    if sample_stats is not None and "energy" in sample_stats.data_vars:
+        per_chain = arviz_stats.bfmi(tree)["energy"].values
+        chain = int(np.argmin(per_chain))
+        numbers["min_bfmi"] = (f"chain {chain}", float(per_chain[chain]))
+    if sample_stats is not None and "reached_max_tree_depth" in sample_stats.data_vars:
+        numbers["max_tree_depth_share"] = float(sample_stats["reached_max_tree_depth"].mean())
+    return numbers
+
+
+def _where_divergent(posterior, sites: list[str], diverging: np.ndarray) -> tuple[str, str]:
+    """The element whose divergent draws sit furthest from its other draws, and which side."""
+    if not diverging.any() or diverging.all() or not sites:
+        return "", ""
+    draws = element_draws(posterior.tree["posterior"].to_dataset(), sites, ["chain", "draw"])
+    flags = diverging.reshape(-1)
+    best, side, score = "", "", 0.0
+    for label, values in draws.items():
+        spread = values[~flags].std()
+        if spread <= 0:
+            continue
+        shift = (values[flags].mean() - values[~flags].mean()) / spread
+        if abs(shift) > score:
+            best, side, score = label, "small" if shift < 0 else "large", abs(shift)
+    return best, side
+
+
+def findings(posterior) -> list[Finding]:
+    """The checks that crossed their thresholds, each naming a parameter and a next step."""
+    numbers = diagnostics(posterior)
+    found: list[Finding] = []
+    if "max_r_hat" in numbers:
+        label, value = numbers["max_r_hat"]
+        if value > THRESHOLDS["r_hat"]:
+            found.append(Finding(
+                "r_hat", label, value, THRESHOLDS["r_hat"],
+                f"R-hat of {label} is {value:.3f} (> {THRESHOLDS['r_hat']}): the chains "
+                f"disagree. Run more warmup and draws (warmup=, draws=); if it stays high the "
+                f"posterior may be multimodal or poorly identified (for a hierarchical story, "
+                f"try its non-centred form)."))
+    for kind in ("bulk", "tail"):
+        key = f"min_ess_{kind}"
+        if key in numbers:
+            label, value = numbers[key]
+            if value < THRESHOLDS["ess"]:
+                found.append(Finding(
+                    f"ess_{kind}", label, value, THRESHOLDS["ess"],
+                    f"{kind} ESS of {label} is {value:.0f} (< {THRESHOLDS['ess']}): too few "
+                    f"effective draws for reliable {'means' if kind == 'bulk' else 'intervals'}"
+                    f". Run more draws (draws=) or more chains; a low ESS with divergences "
+                    f"points to a geometry a reparameterisation would fix."))
+    if numbers.get("divergences", 0) > 0:
+        count = numbers["divergences"]
+        label, side = numbers.get("divergence_site", ("", ""))
+        share = count / posterior.num_draws
+        where = f" They concentrate where {label} is {side}." if label else ""
+        found.append(Finding(
+            "divergences", label, float(count), 0.0,
+            f"{count} divergent transitions ({share:.1%} of draws): NUTS could not follow "
+            f"the posterior's curvature, so the draws are biased.{where} Raise target_accept "
+            f"(e.g. 0.95), or reparameterise: a centred hierarchical story (theta ~ "
+            f"Normal(mu, tau)) becomes non-centred (theta = mu + tau * z)."))
+    if "min_bfmi" in numbers:
+        chain, value = numbers["min_bfmi"]
+        if value < THRESHOLDS["bfmi"]:
+            found.append(Finding(
+                "bfmi", chain, value, THRESHOLDS["bfmi"],
+                f"E-BFMI of {chain} is {value:.2f} (< {THRESHOLDS['bfmi']}): momentum "
+                f"resampling explores the energy poorly (heavy tails or a funnel). "
+                f"Reparameterise the story, or try mass_matrix='dense'."))
+    if numbers.get("max_tree_depth_share", 0.0) > THRESHOLDS["tree_depth"]:
+        value = numbers["max_tree_depth_share"]
+        depth = posterior.options.get("max_tree_depth")
+        found.append(Finding(
+            "tree_depth", "max_tree_depth", value, THRESHOLDS["tree_depth"],
+            f"{value:.1%} of the transitions hit max_tree_depth={depth}: sampling is "
+            f"inefficient, not biased. Raise max_tree_depth, use "
+            f"mass_matrix='dense', or rescale strongly correlated parameters."))
+    found.extend(_variational_findings(posterior, numbers))
+    if numbers.get("converged") is False:
+        found.append(Finding(
+            "converged", posterior.method, 0.0, 1.0,
+            f"{posterior.method} stopped before converging: raise steps or iterations, or "
+            f"loosen tolerance."))
+    return found
+
+
+def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
+    found = []
+    change, standard_error = numbers.get("elbo_change", math.nan), numbers.get("elbo_change_se",
+                                                                                 math.nan)
+    if (math.isfinite(change) and abs(change) > 3 * standard_error
+            and abs(change) > THRESHOLDS["elbo_change"]):
+        direction = "still rising" if change > 0 else "falling"
+        step = ("run more steps (steps=)" if change > 0
+                else "lower learning_rate or raise learning_rate_decay's effect")
+        found.append(Finding(
+            "elbo", "ELBO", change, THRESHOLDS["elbo_change"],
+            f"the ELBO was {direction} when the run stopped ({change:+.3g} nats between the "
+            f"last two tenths of the steps, +/- {standard_error:.2g}): {step}."))
+    khat = numbers.get("khat", math.nan)
+    if math.isfinite(khat) and khat > THRESHOLDS["khat"]:
+        label, side = _most_underweighted(posterior)
+        where = (f" The largest ratios p/q come with {side} {label}: q is too narrow there."
+                 if label else "")
+        found.append(Finding(
+            "khat", label or "q", khat, THRESHOLDS["khat"],
+            f"Pareto k-hat of p/q is {khat:.2f} (> {THRESHOLDS['khat']}): the approximation "
+            f"can't be trusted for this posterior (Yao et al. 2018).{where} Use a richer "
+            f"guide (full-rank or a normalising flow; mean-field ignores correlations and "
+            f"is too narrow) or check it against NUTS with ppl_notes.compare."))
+    return found
+
+
+def _most_underweighted(posterior) -> tuple[str, str]:
+    """The element most rank-correlated with log p/q: where q puts too little mass."""
+    stats_ = posterior.tree["sample_stats"]
+    log_ratio = (stats_["log_p"].values - stats_["log_q"].values).reshape(-1)
+    sites = continuous_sites(posterior)
+    draws = element_draws(posterior.tree["posterior"].to_dataset(), sites, posterior.sample_dims)
+    best, side, score = "", "", 0.0
+    for label, values in draws.items():
+        if np.ptp(values) == 0:
+            continue
+        rho = stats.spearmanr(values, log_ratio).statistic
+        if np.isfinite(rho) and abs(rho) > score:
+            best, side, score = label, "large" if rho > 0 else "small", abs(rho)
+    return best, side
+
+
+def warn_about(posterior, stacklevel: int = 3) -> list[Finding]:
+    """Issue every finding as a :class:`DiagnosticWarning`; returns them."""
+    found = findings(posterior)
+    for finding in found:
+        warnings.warn(f"{posterior.model_name} by {posterior.method}: {finding.message}",
+                      DiagnosticWarning, stacklevel=stacklevel)
+    return found

@@ -1,0 +1,179 @@
+"""Figures for comparing posteriors (arviz-plots, matplotlib backend).
+
+- :func:`plot_marginals`: each parameter's marginal density, one curve per posterior
+  (VI over MCMC shows at a glance where q is too narrow or shifted);
+- :func:`plot_forest`: means and intervals of every posterior, parameter by parameter;
+- :func:`plot_elbo`: the ELBO per step of each variational run;
+- :func:`plot_trace` and :func:`plot_rank`: MCMC chains (rank plots are flat when
+  the chains agree; Vehtari et al. 2021);
+- :func:`plot_ppc`: replicated data sets against the observed data;
+- :func:`plot_loo_khat`: each observation's Pareto k-hat in PSIS-LOO.
+
+The ArviZ figures return a ``PlotCollection`` (``.savefig(path)``), the ELBO a
+matplotlib ``Figure``; :func:`save_figure` writes either.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import arviz_plots
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+from ppl_notes.compare import as_samples, labelled
+from ppl_notes.diagnostics import continuous_sites
+from ppl_notes.errors import OptionError
+
+__all__ = ["plot_marginals", "plot_forest", "plot_elbo", "plot_trace", "plot_rank",
+           "plot_ppc", "plot_loo_khat", "save_figure"]
+
+
+def _sites(fits: dict, var_names) -> list[str]:
+    if var_names is not None:
+        return [var_names] if isinstance(var_names, str) else list(var_names)
+    first = next(iter(fits.values()))
+    return [v for v in continuous_sites(first)
+            if all(v in p.tree["posterior"].data_vars for p in fits.values())]
+
+
+def _samples(posteriors, var_names):
+    fits = labelled(posteriors)
+    sites = _sites(fits, var_names)
+    return {label: as_samples(p, sites) for label, p in fits.items()}, sites
+
+
+def plot_marginals(*posteriors, var_names=None):
+    """Overlaid marginal densities: one panel per parameter element, a curve per posterior.
+
+    Parameters
+    ----------
+    *posteriors : Posterior, or one mapping ``{label: Posterior}``
+    var_names : str or list of str, optional
+        Default: the continuous latent sites all posteriors share.
+    """
+    trees, sites = _samples(posteriors, var_names)
+    panels = sum(int(np.prod([n for d, n in next(iter(trees.values()))["posterior"][s].sizes.items()
+                              if d != "sample"])) for s in sites)
+    columns = min(4, panels)
+    rows = -(-panels // columns)
+    collection = arviz_plots.plot_dist(
+        trees, var_names=sites, sample_dims=["sample"], backend="matplotlib",
+        visuals={"point_estimate_text": False},
+        figure_kwargs={"figsize": (3.3 * columns + 1.5, 2.8 * rows)})
+    collection.add_legend("model")
+    return collection
+
+
+def plot_forest(*posteriors, var_names=None, reference=None):
+    r"""Means and 94% intervals of each posterior, standardised parameter by parameter.
+
+    Each element is shown as :math:`(\theta - \bar\theta_{ref}) / s_{ref}` (the
+    reference as in :func:`ppl_notes.compare`; without one, all posteriors pooled), so
+    parameters of any scale share one axis and a shift of 0.1 reads as 0.1 posterior sd.
+    """
+    from ppl_notes.compare import _reference_label
+
+    fits = labelled(posteriors)
+    trees, sites = _samples((fits,), var_names)
+    ref = _reference_label(fits, reference)
+    datasets = {label: tree["posterior"].to_dataset() for label, tree in trees.items()}
+    base = (datasets[ref] if ref is not None else
+            xr.concat(list(datasets.values()), dim="sample", coords="minimal"))
+    centre, scale = base.mean("sample"), base.std("sample")
+    standardised = {label: xr.DataTree.from_dict({"posterior": (d - centre) / scale})
+                    for label, d in datasets.items()}
+    collection = arviz_plots.plot_forest(standardised, var_names=sites, sample_dims=["sample"],
+                                         combined=True, backend="matplotlib")
+    collection.add_legend("model")
+    chart = collection.get_viz("figure")
+    what = f"sd of {ref}" if ref is not None else "pooled sd"
+    chart.supxlabel(f"(value - reference mean) / {what}")
+    return collection
+
+
+def plot_elbo(*posteriors, skip: float = 0.1):
+    """The ELBO per step of each variational posterior, with a running mean.
+
+    Parameters
+    ----------
+    skip : float
+        The share of early steps left out of the y-range (the ELBO starts far below).
+    """
+    fits = {k: p for k, p in labelled(posteriors).items() if "elbo" in p.history.columns}
+    if not fits:
+        raise OptionError("plot_elbo needs a variational posterior (svi or bbvi)")
+    figure, axis = plt.subplots(figsize=(7, 3.5), layout="constrained")
+    low, high = np.inf, -np.inf
+    for label, posterior in fits.items():
+        elbo = posterior.history["elbo"].to_numpy()
+        steps = np.arange(len(elbo))
+        window = max(len(elbo) // 50, 1)
+        running = np.convolve(elbo, np.ones(window) / window, mode="valid")
+        line, = axis.plot(steps, elbo, alpha=0.25, linewidth=0.6)
+        axis.plot(steps[window - 1:], running, color=line.get_color(), label=label)
+        tail = elbo[int(len(elbo) * skip):]
+        low, high = min(low, np.nanquantile(tail, 0.01)), max(high, np.nanmax(tail))
+    if np.isfinite(low) and np.isfinite(high) and high > low:
+        margin = 0.05 * (high - low)
+        axis.set_ylim(low - margin, high + margin)
+    axis.set_xlabel("step")
+    axis.set_ylabel("ELBO")
+    axis.set_title("ELBO per step (light) and its running mean")
+    axis.legend()
+    return figure
+
+
+def _mcmc(posterior, what: str):
+    if list(posterior.sample_dims) != ["chain", "draw"]:
+        raise OptionError(f"{what} needs MCMC draws (chains); this posterior is from "
+                          f"{posterior.method!r}")
+
+
+def plot_trace(posterior, var_names=None):
+    """Each chain's draws over time, and their densities (MCMC)."""
+    _mcmc(posterior, "plot_trace")
+    sites = _sites({"": posterior}, var_names)
+    return arviz_plots.plot_trace_dist(posterior.tree, var_names=sites,
+                                       sample_dims=["chain", "draw"], backend="matplotlib")
+
+
+def plot_rank(posterior, var_names=None):
+    """Rank ECDF plots per chain (MCMC): inside the band when the chains agree."""
+    _mcmc(posterior, "plot_rank")
+    sites = _sites({"": posterior}, var_names)
+    return arviz_plots.plot_rank(posterior.tree, var_names=sites, sample_dims=["chain", "draw"],
+                                 backend="matplotlib")
+
+
+def plot_ppc(posterior, num_draws: int = 100, seed: int = 0):
+    """Replicated data sets from the posterior against the observed data."""
+    if "posterior_predictive" not in posterior.tree.children:
+        posterior.predict(num_draws=num_draws, seed=seed)
+    return arviz_plots.plot_ppc_dist(posterior.tree, sample_dims=list(posterior.sample_dims),
+                                     num_samples=num_draws, backend="matplotlib")
+
+
+def plot_loo_khat(posterior):
+    """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`)."""
+    from ppl_notes.loo import loo
+
+    with warnings.catch_warnings():  # ArviZ warns of k > 0.7; the plot shows them
+        warnings.simplefilter("ignore", UserWarning)
+        result = loo(posterior, pointwise=True)
+    return arviz_plots.plot_khat(result, threshold=0.7, backend="matplotlib")
+
+
+def save_figure(figure, path) -> Path:
+    """Write a PlotCollection or matplotlib Figure to ``path`` (PNG) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(figure, "get_viz"):  # a PlotCollection
+        figure.savefig(path, dpi=110)
+        plt.close(figure.get_viz("figure"))
+    else:
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+    return path

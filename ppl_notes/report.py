@@ -1,0 +1,193 @@
+"""A comparison report a person would read: CSV tables, PNG figures, one HTML page.
+
+:func:`write_report` takes posteriors of one story (typically VI and NUTS) and writes to
+a folder:
+
+- ``parameters.csv`` (:func:`ppl_notes.compare`), ``posteriors.csv`` (one row per
+  posterior: run time and diagnostics), ``warnings.csv`` (every finding), ``loo.csv``
+  (PSIS-LOO per posterior, where the story has data);
+- ``marginals.png``, ``forest.png``, ``elbo.png``, ``trace.png``, ``rank.png``,
+  ``ppc.png``, ``loo_khat.png`` (those that apply);
+- ``report.html``: all of it on one self-contained page (figures embedded as data URIs,
+  no scripts, no network), with the run settings and library versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import warnings
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from ppl_notes import plots
+from ppl_notes.compare import compare, labelled
+from ppl_notes.diagnostics import findings
+
+__all__ = ["write_report"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1.5em; }
+th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: .5em .8em;
+           margin: .4em 0; }
+.ok { background: #eaf7ea; border-left: 4px solid #2e8b57; padding: .5em .8em; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .9em; color: #555; }
+pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; }
+"""
+
+_CAPTIONS = {
+    "marginals": "Marginal densities, one curve per posterior.",
+    "forest": "Means with 50% and 94% intervals, standardised by the reference posterior.",
+    "elbo": "The ELBO per step of each variational run.",
+    "trace": "MCMC chains: draws over time and their densities.",
+    "rank": "Rank ECDFs per chain: inside the band when the chains agree.",
+    "ppc": "Posterior predictive check: replicated data sets against the observed data.",
+    "loo_khat": "Pareto k-hat of each observation in PSIS-LOO (above 0.7: unreliable).",
+}
+
+
+def _figures(fits: dict, reference: str | None, out: Path) -> dict[str, Path]:
+    figures = {"marginals": plots.plot_marginals(fits), "forest": plots.plot_forest(fits)}
+    variational = {k: p for k, p in fits.items() if "elbo" in p.history.columns}
+    if variational:
+        figures["elbo"] = plots.plot_elbo(variational)
+    mcmc = [p for p in fits.values() if list(p.sample_dims) == ["chain", "draw"]]
+    if mcmc:
+        figures["trace"] = plots.plot_trace(mcmc[0])
+        figures["rank"] = plots.plot_rank(mcmc[0])
+    predictive = fits[reference] if reference is not None else next(iter(fits.values()))
+    observed = predictive.model is not None and predictive.model.observed
+    if observed and predictive.num_draws > 1:
+        figures["ppc"] = plots.plot_ppc(predictive)
+    loo_ready = [p for p in variational.values() if "log_likelihood" in p.tree.children]
+    if loo_ready:
+        figures["loo_khat"] = plots.plot_loo_khat(loo_ready[0])
+    return {name: plots.save_figure(figure, out / f"{name}.png")
+            for name, figure in figures.items()}
+
+
+def _loo_table(fits: dict) -> pd.DataFrame:
+    from ppl_notes.loo import loo
+
+    rows = []
+    for label, posterior in fits.items():
+        if "log_likelihood" not in posterior.tree.children or posterior.num_draws < 2:
+            continue
+        with warnings.catch_warnings():  # ArviZ warns of large k; the table shows their share
+            warnings.simplefilter("ignore", UserWarning)
+            result = loo(posterior, pointwise=True)
+        k = result.pareto_k.values.reshape(-1)
+        rows.append({"posterior": label, "elpd_loo": result.elpd, "se": result.se,
+                     "p_loo": result.p, "share_k_above_0.7": float((k > 0.7).mean())})
+    return pd.DataFrame(rows).set_index("posterior") if rows else pd.DataFrame()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("ppl_notes", "torch", "pyro-ppl", "arviz", "arviz-base", "arviz-stats",
+                    "arviz-plots", "xarray", "numpy", "pandas", "matplotlib"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    return table.to_html(float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
+
+
+def write_report(*posteriors, out, title: str | None = None, reference=None,
+                 var_names=None) -> dict[str, Path]:
+    """Write the comparison tables, figures and one HTML page to ``out``.
+
+    Parameters
+    ----------
+    *posteriors : Posterior, or one mapping ``{label: Posterior}``
+        Posteriors of one story (see :func:`ppl_notes.compare`).
+    out : str or Path
+        The folder (created if needed).
+    title : str, optional
+        The page's heading; default ``"<story>: VI vs MCMC"``.
+    reference, var_names
+        As in :func:`ppl_notes.compare`.
+
+    Returns
+    -------
+    dict
+        What was written: ``"report"`` (the HTML page), each table and each figure.
+    """
+    fits = labelled(posteriors)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare(fits, reference=reference, var_names=var_names)
+    ref = table.attrs["reference"]
+    diagnostics = table.attrs["diagnostics"]
+    found = [{"posterior": label, "check": f.check, "parameter": f.parameter,
+              "value": f.value, "threshold": f.threshold, "message": f.message}
+             for label, posterior in fits.items() for f in findings(posterior)]
+    warnings_table = pd.DataFrame(found, columns=["posterior", "check", "parameter", "value",
+                                                  "threshold", "message"])
+    loo_table = _loo_table(fits)
+    written = {"parameters": out / "parameters.csv", "posteriors": out / "posteriors.csv",
+               "warnings": out / "warnings.csv"}
+    table.to_csv(written["parameters"])
+    diagnostics.to_csv(written["posteriors"])
+    warnings_table.to_csv(written["warnings"], index=False)
+    if not loo_table.empty:
+        written["loo"] = out / "loo.csv"
+        loo_table.to_csv(written["loo"])
+    figures = _figures(fits, ref, out)
+    written.update(figures)
+    story = next(iter(fits.values())).model_name
+    title = title or f"{story}: VI vs MCMC"
+    page = _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref)
+    written["report"] = out / "report.html"
+    written["report"].write_text(page, encoding="utf-8")
+    return written
+
+
+def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref) -> str:
+    escape = html.escape
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>{escape(title)}</h1>",
+             f"<p>Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by ppl_notes. "
+             f"Reference posterior: <b>{escape(str(ref))}</b>. smd = (mean - reference mean)"
+             f" / reference sd; sd_ratio = sd / reference sd; wasserstein and ks compare "
+             f"each marginal with the reference's.</p>",
+             "<h2>Warnings</h2>"]
+    if warnings_table.empty:
+        parts.append("<div class='ok'>No diagnostic crossed its threshold.</div>")
+    for row in warnings_table.itertuples():
+        parts.append(f"<div class='warning'><b>{escape(row.posterior)}</b>: "
+                     f"{escape(row.message)}</div>")
+    parts += ["<h2>Posteriors</h2>", _html_table(diagnostics.T),
+              "<h2>Parameters</h2>", _html_table(table)]
+    if not loo_table.empty:
+        parts += ["<h2>Leave-one-out (PSIS-LOO)</h2>", _html_table(loo_table)]
+    parts.append("<h2>Figures</h2>")
+    for name, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<figure><img alt='{escape(name)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{escape(_CAPTIONS.get(name, name))}</figcaption></figure>")
+    settings = {label: {"method": p.method, "guide": p.tree.attrs.get("guide", ""),
+                        "seed": int(p.tree.attrs.get("seed", 0)), "options": p.options,
+                        "info": p.info, "seconds": round(p.seconds, 2)}
+                for label, p in fits.items()}
+    parts += ["<h2>Run settings</h2>",
+              f"<pre>{escape(json.dumps(settings, indent=2, default=str))}</pre>",
+              "<h2>Versions</h2>",
+              f"<pre>{escape(json.dumps(_versions(), indent=2))}</pre>",
+              "</body></html>"]
+    return "\n".join(parts)
