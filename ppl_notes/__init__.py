@@ -3,6 +3,7 @@
 The public API::
 
     from ppl_notes import model, guide, infer, load
+    from ppl_notes import compare, loo, compare_models, write_report
     from ppl_notes import decide, exact_posterior, gradient_variance
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ppl_notes.comparison import compare, diagnostics_table
 from ppl_notes.decisions import Decision, decide
 from ppl_notes.errors import (
     DataError,
+    DiagnosticWarning,
     InferenceError,
     ModelGuideMismatchError,
     OptionError,
@@ -24,7 +27,9 @@ from ppl_notes.evidence import Estimate
 from ppl_notes.exact import exact_posterior
 from ppl_notes.gradients import gradient_variance
 from ppl_notes.inference import infer
+from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.posterior import Posterior, load
+from ppl_notes.report import write_report
 from ppl_notes.story import Guide, Model, check_pairing, guide, model
 
 __all__ = [
@@ -35,6 +40,11 @@ __all__ = [
     "Guide",
     "check_pairing",
     "infer",
+    "compare",
+    "diagnostics_table",
+    "loo",
+    "compare_models",
+    "write_report",
     "decide",
     "Decision",
     "exact_posterior",
@@ -49,4 +59,5 @@ __all__ = [
     "ModelGuideMismatchError",
     "StoryError",
     "InferenceError",
+    "DiagnosticWarning",
 ]

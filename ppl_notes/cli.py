@@ -56,7 +56,7 @@ def _compare(args) -> int:
     import warnings
 
     from ppl_notes import infer
-    from ppl_notes.compare import compare
+    from ppl_notes.comparison import compare
     from ppl_notes.errors import DiagnosticWarning
     from ppl_notes.models import get_story
 

@@ -109,8 +109,9 @@ def elbo_trend(elbo: np.ndarray, fraction: float = 0.1) -> tuple[float, float]:
     r"""How much the ELBO moved at the end of a run, and the noise of that change.
 
     The mean over the last ``fraction`` of the steps minus the mean over the
-    ``fraction`` before, with its standard error from the two windows' spreads
-    (the per-step estimates are nearly independent draws around a slowly moving value).
+    ``fraction`` before, with its standard error from the per-step noise (estimated from
+    successive differences: the per-step estimates are nearly independent draws around a
+    slowly moving value).
 
     Returns
     -------
@@ -123,7 +124,10 @@ def elbo_trend(elbo: np.ndarray, fraction: float = 0.1) -> tuple[float, float]:
         return float("nan"), float("nan")
     last, before = elbo[-window:], elbo[-2 * window:-window]
     change = float(last.mean() - before.mean())
-    standard_error = float(np.sqrt(last.var(ddof=1) / window + before.var(ddof=1) / window))
+    # The per-step noise from successive differences (half their variance), which a
+    # trend inside the windows does not inflate as the windows' own spreads would.
+    noise = np.diff(elbo[-2 * window:]).var(ddof=1) / 2
+    standard_error = float(np.sqrt(2 * noise / window))
     return change, standard_error
 
 
@@ -131,11 +135,15 @@ def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
     r"""Pareto :math:`\hat k` of the ratios :math:`p(x, z_s)/q(z_s)`, :math:`z_s \sim q`.
 
     ArviZ's PSIS fit (Vehtari et al. 2024) to the largest ratios; Yao et al. (2018)
-    read it as a diagnostic of the approximation itself.
+    read it as a diagnostic of the approximation itself. ``nan`` with too few draws to
+    fit a tail (fewer than about 30).
     """
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
     array = xr.DataArray(log_ratio, dims=["sample"])
-    return float(array.azstats.psislw(dim="sample")[1])
+    try:
+        return float(array.azstats.psislw(dim="sample")[1])
+    except ValueError:  # too few draws for a tail fit (ArviZ needs >= 5 in the tail)
+        return float("nan")
 
 
 def diagnostics(posterior) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-from ppl_notes.compare import as_samples, labelled
+from ppl_notes.comparison import as_samples, labelled
 from ppl_notes.diagnostics import continuous_sites
 from ppl_notes.errors import OptionError
 
@@ -74,7 +74,7 @@ def plot_forest(*posteriors, var_names=None, reference=None):
     reference as in :func:`ppl_notes.compare`; without one, all posteriors pooled), so
     parameters of any scale share one axis and a shift of 0.1 reads as 0.1 posterior sd.
     """
-    from ppl_notes.compare import _reference_label
+    from ppl_notes.comparison import _reference_label
 
     fits = labelled(posteriors)
     trees, sites = _samples((fits,), var_names)
@@ -158,7 +158,7 @@ def plot_ppc(posterior, num_draws: int = 100, seed: int = 0):
 
 def plot_loo_khat(posterior):
     """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`)."""
-    from ppl_notes.loo import loo
+    from ppl_notes.cross_validation import loo
 
     with warnings.catch_warnings():  # ArviZ warns of k > 0.7; the plot shows them
         warnings.simplefilter("ignore", UserWarning)

@@ -80,14 +80,14 @@ def posterior_predictive(posterior, num_draws: int = 500, seed: int = 0) -> xr.D
     sites = [s for s in dataset.data_vars if s in _sample_site_names(model, data)]
     flat = {s: posterior.draws(s)[index] for s in sites}
     replicated = {name: [] for name in model.observed}
-    free = poutine.uncondition(model)
     with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
         for row in range(len(index)):
             values = {s: torch.as_tensor(flat[s][row], dtype=_dtype(model, flat[s]))
                       for s in sites}
-            trace = poutine.trace(poutine.condition(free, data=values)).get_trace(**data)
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**data)
             for name in model.observed:
-                replicated[name].append(trace.nodes[name]["value"].detach().cpu().numpy())
+                # a fresh draw from the observed site's distribution given this draw
+                replicated[name].append(trace.nodes[name]["fn"].sample().cpu().numpy())
     arrays = {name: np.stack(values).reshape(shape + values[0].shape)
               for name, values in replicated.items()}
     result = dict_to_dataset(arrays, coords={k: np.asarray(v) for k, v in

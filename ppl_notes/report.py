@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from ppl_notes import plots
-from ppl_notes.compare import compare, labelled
+from ppl_notes.comparison import compare, labelled
 from ppl_notes.diagnostics import findings
 
 __all__ = ["write_report"]
@@ -77,7 +77,7 @@ def _figures(fits: dict, reference: str | None, out: Path) -> dict[str, Path]:
 
 
 def _loo_table(fits: dict) -> pd.DataFrame:
-    from ppl_notes.loo import loo
+    from ppl_notes.cross_validation import loo
 
     rows = []
     for label, posterior in fits.items():

@@ -131,8 +131,8 @@ def compare(*posteriors, reference=None, var_names: str | Sequence[str] | None =
     >>> table.xs("svi (fullrank)", level="posterior")["sd_ratio"]  # doctest: +SKIP
     """
     fits = labelled(posteriors)
-    ref = _reference_label(fits, reference)
     sites = _common_sites(fits, var_names)
+    ref = _reference_label(fits, reference)
     draws = {label: element_draws(p.tree["posterior"].to_dataset(), sites, p.sample_dims)
              for label, p in fits.items()}
     tail = (1 - CI_PROB) / 2
@@ -190,8 +190,8 @@ def diagnostics_table(*posteriors, reference=None, var_names=None) -> pd.DataFra
     ``warnings`` counts the findings.
     """
     fits = labelled(posteriors)
-    ref = _reference_label(fits, reference)
     sites = _common_sites(fits, var_names)
+    ref = _reference_label(fits, reference)
     rows = []
     for label, posterior in fits.items():
         row: dict[str, Any] = {"posterior": label, "method": posterior.method,
