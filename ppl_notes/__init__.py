@@ -12,6 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ppl_notes.comparison import compare, diagnostics_table
+from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.decisions import Decision, decide
 from ppl_notes.errors import (
     DataError,
@@ -27,7 +28,6 @@ from ppl_notes.evidence import Estimate
 from ppl_notes.exact import exact_posterior
 from ppl_notes.gradients import gradient_variance
 from ppl_notes.inference import infer
-from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.posterior import Posterior, load
 from ppl_notes.report import write_report
 from ppl_notes.story import Guide, Model, check_pairing, guide, model

@@ -15,9 +15,9 @@ from scipy import stats
 
 from ppl_notes import DiagnosticWarning, OptionError, Posterior, StoryError, compare, infer
 from ppl_notes.comparison import diagnostics_table
+from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.guides.correlated import fullrank as correlated_fullrank
 from ppl_notes.guides.correlated import meanfield as correlated_meanfield
-from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.models.conjugate import normal_mean, normal_mean_posterior
 from ppl_notes.models.correlated import gaussian, meanfield_sd_ratio
 from ppl_notes.models.eight_schools import centered, noncentered
