@@ -40,9 +40,23 @@ def _sites(fits: dict, var_names) -> list[str]:
 
 
 def _samples(posteriors, var_names):
+    """Each posterior on one ``sample`` dim, thinned evenly to the smallest draw count.
+
+    ArviZ stacks them along a ``model`` dim, which needs equal lengths (4000 NUTS draws
+    against 1000 VI draws would otherwise be padded with NaN).
+    """
     fits = labelled(posteriors)
     sites = _sites(fits, var_names)
-    return {label: as_samples(p, sites) for label, p in fits.items()}, sites
+    trees = {label: as_samples(p, sites) for label, p in fits.items()}
+    size = min(t["posterior"].sizes["sample"] for t in trees.values())
+    for label, tree in trees.items():
+        total = tree["posterior"].sizes["sample"]
+        if total > size:
+            keep = np.linspace(0, total - 1, size).round().astype(int)
+            dataset = tree["posterior"].to_dataset().isel(sample=keep)
+            trees[label] = xr.DataTree.from_dict(
+                {"posterior": dataset.assign_coords(sample=np.arange(size))})
+    return trees, sites
 
 
 def plot_marginals(*posteriors, var_names=None):
@@ -62,8 +76,9 @@ def plot_marginals(*posteriors, var_names=None):
     collection = arviz_plots.plot_dist(
         trees, var_names=sites, sample_dims=["sample"], backend="matplotlib",
         visuals={"point_estimate_text": False},
-        figure_kwargs={"figsize": (3.3 * columns + 1.5, 2.8 * rows)})
+        figure_kwargs={"figsize": (3.3 * columns + 1.5, 3.2 * rows)})
     collection.add_legend("model")
+    collection.get_viz("figure").set_layout_engine("constrained")  # titles clear of axes
     return collection
 
 

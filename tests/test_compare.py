@@ -209,7 +209,7 @@ def test_plots_write_pngs(tmp_path, correlated_fits, eight_schools_fits):
     for name, figure in figures.items():
         path = plots.save_figure(figure, tmp_path / f"{name}.png")
         assert path.stat().st_size > 5000, name
-    assert noncentred.to_arviz()["posterior_predictive"]["y"].shape[:2] == (4, 125)
+    assert noncentred.to_arviz()["posterior_predictive"]["y"].shape == (4, 25, 8)  # 100, thinned
     with pytest.raises(OptionError, match="MCMC"):
         plots.plot_trace(correlated_fits["meanfield"])
     with pytest.raises(OptionError, match="variational"):
