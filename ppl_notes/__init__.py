@@ -15,12 +15,14 @@ from ppl_notes.comparison import compare, diagnostics_table
 from ppl_notes.cross_validation import compare_models, loo
 from ppl_notes.decisions import Decision, decide
 from ppl_notes.errors import (
+    CheckpointError,
     DataError,
     DiagnosticWarning,
     InferenceError,
     ModelGuideMismatchError,
     OptionError,
     OptionTypeError,
+    PartialResultWarning,
     PPLNotesError,
     StoryError,
 )
@@ -60,4 +62,6 @@ __all__ = [
     "StoryError",
     "InferenceError",
     "DiagnosticWarning",
+    "CheckpointError",
+    "PartialResultWarning",
 ]

@@ -14,7 +14,9 @@ __all__ = [
     "ModelGuideMismatchError",
     "StoryError",
     "InferenceError",
+    "CheckpointError",
     "DiagnosticWarning",
+    "PartialResultWarning",
 ]
 
 
@@ -44,6 +46,14 @@ class StoryError(PPLNotesError, ValueError):
 
 class InferenceError(PPLNotesError, RuntimeError):
     """A run that failed numerically (non-finite ELBO, failed initialisation)."""
+
+
+class CheckpointError(PPLNotesError, ValueError):
+    """A checkpoint that is missing, damaged, foreign, or from another run's settings."""
+
+
+class PartialResultWarning(UserWarning):
+    """A run was interrupted (Ctrl-C); its result holds what was done so far."""
 
 
 class DiagnosticWarning(UserWarning):

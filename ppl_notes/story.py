@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,8 @@ from ppl_notes._sites import (
     trace_model,
 )
 from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Model", "Guide", "model", "guide", "check_pairing"]
 
@@ -185,7 +188,8 @@ class Model:
         raw = source() if callable(source) else source
         return dict(raw)
 
-    def prepare_data(self, data: Mapping | pd.DataFrame | None = None) -> dict[str, Any]:
+    def prepare_data(self, data: Mapping | pd.DataFrame | None = None,
+                     drop_incomplete: bool = False) -> dict[str, Any]:
         """Check data against the story and turn arrays into tensors, once.
 
         Parameters
@@ -193,6 +197,11 @@ class Model:
         data : dict, pandas.DataFrame or None
             ``None`` means the story's default data. Keys (or columns) must be keyword
             arguments of the story.
+        drop_incomplete : bool
+            Drop the rows (entries along the first axis, shared by every array of that
+            length, e.g. the columns of a data frame) where any value is NaN or infinite,
+            instead of raising. Valid where rows are exchangeable observations of the
+            story's outermost plate; the number dropped is logged.
 
         Returns
         -------
@@ -215,6 +224,8 @@ class Model:
                 f"story {self.name!r}: data must be a dict or a pandas DataFrame, "
                 f"not {type(raw).__name__}"
             )
+        if drop_incomplete:
+            raw = self._drop_incomplete_rows(raw)
         prepared = {}
         for key, value in raw.items():
             if key not in self.parameters:
@@ -232,13 +243,79 @@ class Model:
                 )
         return prepared
 
+    def _drop_incomplete_rows(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                  for k, v in raw.items() if v is not None and not np.isscalar(v)}
+        numeric = {k: a for k, a in arrays.items()
+                   if a.ndim >= 1 and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)}
+        lengths = {len(numeric[k]) for k in self.observed if k in numeric}
+        if len(lengths) != 1:
+            raise DataError(
+                f"story {self.name!r}: drop_incomplete needs observed data with one shared "
+                f"number of rows; got lengths {sorted(lengths) or 'none'}")
+        rows = lengths.pop()
+        keep = np.ones(rows, dtype=bool)
+        for array in numeric.values():
+            if len(array) == rows:
+                keep &= np.isfinite(array.astype(float).reshape(rows, -1)).all(axis=1)
+        if not keep.any():
+            raise DataError(f"story {self.name!r}: every one of the {rows} rows has a NaN "
+                            "or infinite value; nothing is left after dropping them")
+        if not keep.all():
+            logger.info("story %r: dropped %d of %d rows with NaN or infinite values",
+                        self.name, rows - int(keep.sum()), rows)
+        return {k: (np.asarray(v)[keep] if k in numeric and len(numeric[k]) == rows else v)
+                for k, v in raw.items()}
+
+    def check_data(self, data: Mapping[str, Any]) -> None:
+        """Run the story once on prepared data and name whatever does not fit.
+
+        Raises
+        ------
+        DataError
+            When the story cannot run on the data (a shape that does not fit its
+            plates), or an observed site's data has another shape than its distribution.
+        StoryError
+            When the story has no sample sites, or never observes a declared site.
+        """
+        try:
+            with torch.no_grad():
+                trace = trace_model(self, data, 0)
+        except (ValueError, RuntimeError, IndexError) as error:
+            shapes = {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise DataError(f"story {self.name!r} cannot run on this data: {reason}. The "
+                            f"data's shapes: {shapes}") from error
+        sites = sample_sites(trace)
+        if not sites:
+            raise StoryError(f"story {self.name!r} has no pyro.sample sites: a story draws "
+                             "its latent values and observations with pyro.sample")
+        for name in self.observed:
+            site = sites.get(name)
+            if site is None or not site["is_observed"]:
+                raise StoryError(
+                    f"story {self.name!r} declares {name!r} observed but never calls "
+                    f"pyro.sample({name!r}, ..., obs={name})")
+            expected = tuple(site["fn"].batch_shape + site["fn"].event_shape)
+            got = tuple(site["value"].shape)
+            if got != expected:
+                plates = [f.name for f in site["cond_indep_stack"]]
+                raise DataError(
+                    f"story {self.name!r}: data for observed site {name!r} has shape {got}, "
+                    f"but its distribution inside plates {plates} gives shape {expected}")
+
     def _to_tensor(self, key: str, value: Any) -> Any:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, torch.Tensor):
             array = value.detach().cpu().numpy()
         else:
-            array = np.asarray(value)
+            try:
+                array = np.asarray(value)
+            except (ValueError, TypeError) as error:
+                raise DataError(
+                    f"story {self.name!r}: data for {key!r} is not a rectangular array of "
+                    f"numbers ({error})") from error
         numeric = np.issubdtype(array.dtype, np.number) or array.dtype == bool
         if array.dtype == object or not numeric:
             raise DataError(

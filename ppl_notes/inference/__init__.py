@@ -14,13 +14,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 
 from ppl_notes._sites import latent_sites, trace_model, unenumerable_discrete_sites
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.diagnostics import warn_about
-from ppl_notes.errors import OptionError, OptionTypeError, StoryError
+from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.inference._options import validate
 from ppl_notes.posterior import Posterior
 from ppl_notes.story import Guide, Model, check_pairing
@@ -48,6 +49,7 @@ def infer(
     guide=None,
     seed: int = 0,
     progress: bool = True,
+    drop_incomplete: bool = False,
     **options: Any,
 ) -> Posterior:
     """Infer the posterior of a story's latent sites given data.
@@ -76,6 +78,9 @@ def infer(
         Seeds every random number of the run: the same seed gives the same draws.
     progress : bool
         Show progress bars.
+    drop_incomplete : bool
+        Drop data rows with a NaN or infinite value instead of raising (see
+        :meth:`Model.prepare_data`).
     **options
         Options of the method; an unknown one is an error listing the valid ones. A story
         may recommend defaults of its own (``Model.defaults``); these override them.
@@ -105,7 +110,10 @@ def infer(
     module_name, _, function = METHODS[method].partition(":")
     backend = importlib.import_module(module_name)
     checked = validate(method, backend.OPTIONS, {**model.defaults.get(method, {}), **options})
-    prepared = model.prepare_data(data)
+    if not isinstance(drop_incomplete, bool):
+        raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
+    prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
+    model.check_data(prepared)
     takes_guide = getattr(backend, "TAKES_GUIDE", False)
     if guide is not None:
         if not takes_guide:
@@ -123,6 +131,7 @@ def infer(
         _require_continuous_and_enumerable(model, prepared, method)
     run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
                                               progress=progress, options=checked)
+    _require_finite_draws(run, model)
     attrs = {
         "method": run.method,
         "model": model.name,
@@ -141,6 +150,19 @@ def infer(
     posterior = Posterior(tree, model=model, guide=guide, data=prepared)
     warn_about(posterior)
     return posterior
+
+
+def _require_finite_draws(run, model: Model) -> None:
+    """Never hand back a posterior with NaN or infinite draws: name the sites instead."""
+    bad = {name: int((~np.isfinite(values)).sum()) for name, values in run.posterior.items()
+           if np.issubdtype(np.asarray(values).dtype, np.floating)
+           and not np.isfinite(values).all()}
+    if bad:
+        raise InferenceError(
+            f"{run.method}: the draws of story {model.name!r} are not finite at sites "
+            f"{sorted(bad)} ({', '.join(f'{k}: {v} values' for k, v in bad.items())}); the "
+            "fit diverged. Lower the learning rate or step size, check the priors, or start "
+            "from other initial values")
 
 
 def _takes_guide(path: str) -> bool:

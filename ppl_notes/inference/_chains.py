@@ -146,9 +146,17 @@ def _run_in_processes(payload: bytes, groups: list[list[int]], bars) -> list[dic
     ) as pool:
         with _without_main_module():
             futures = [pool.submit(_run_chains, payload, group) for group in groups]
+        interrupted = False
         while not all(f.done() for f in futures):
-            _drain(progress_queue, bars)
-            time.sleep(0.1)
+            try:
+                _drain(progress_queue, bars)
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                # The workers got the same Ctrl-C and are returning the draws they have;
+                # a second Ctrl-C gives up on them.
+                if interrupted:
+                    raise
+                interrupted = True
         for future in futures:
             outputs.extend(future.result())
     _drain(progress_queue, bars)

@@ -147,6 +147,11 @@ class CompiledELBO:
         """The negative ELBO estimate and its gradient at ``flat``."""
         return self.compiled(flat)
 
+    def names_where(self, mask: torch.Tensor) -> list[str]:
+        """The parameters with any element flagged in a flat ``mask``."""
+        pieces = torch.split(mask, self.sizes)
+        return [name for name, piece in zip(self.names, pieces, strict=True) if bool(piece.any())]
+
     def write_back(self, flat: torch.Tensor) -> None:
         """Store ``flat`` as the param store's unconstrained parameters."""
         for name, piece, shape in zip(self.names, torch.split(flat.detach(), self.sizes),

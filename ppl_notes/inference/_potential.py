@@ -199,13 +199,31 @@ class BatchedPotential:
             point = self.flatten(values)
             value, _ = self(np.repeat(point[None], self.num_chains, axis=0))
             if not np.isfinite(value[0]):
+                culprits = self._non_finite_sites(values)
+                where = f" (at sites {culprits})" if culprits else ""
                 raise InferenceError(
-                    f"the log density of story {getattr(self.model, 'name', '')!r} is "
-                    f"not finite at the starting point {self._describe(values)}; check the "
-                    "priors and the data, or pass init='sample'"
+                    f"NUTS cannot start: the log density of story "
+                    f"{getattr(self.model, 'name', '')!r} is not finite{where} at the starting "
+                    f"point {self._describe(values)}; check the priors and the data, or pass "
+                    "init='sample'"
                 )
             points.append(point)
         return np.stack(points)
+
+    def _non_finite_sites(self, values) -> list[str]:
+        """The sample sites whose log density is not finite at these (unconstrained) values."""
+        constrained = {n: self.transforms[n](v) for n, v in values.items()}
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(self.model, data=constrained)).get_trace(
+                **self.data)
+            bad = []
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                log_prob = site["fn"].log_prob(site["value"])
+                if not bool(torch.isfinite(log_prob).all()):
+                    bad.append(name)
+        return bad
 
     def _describe(self, values) -> str:
         return ", ".join(f"{n}={self.transforms[n](v).tolist()}" for n, v in values.items())

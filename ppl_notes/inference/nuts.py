@@ -23,7 +23,9 @@ Lengths in Hamiltonian Monte Carlo. JMLR 15, 1593-1623.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
+from ppl_notes.errors import PartialResultWarning
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
 from ppl_notes.inference._draws import posterior_of
@@ -42,7 +45,9 @@ from ppl_notes.inference._result import RunResult
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
     positive_int("warmup", 1000, "adaptation iterations per chain (discarded)", minimum=0),
-    positive_int("draws", 1000, "kept draws per chain"),
+    positive_int("draws", 1000, "draws per chain after warmup"),
+    positive_int("thin", 1, "keep every thin-th draw (draws / thin per chain): less memory "
+                 "for large stories, above all for their recovered discrete sites"),
     open_unit("target_accept", 0.8, "target mean acceptance statistic of the step size"),
     positive_int("max_tree_depth", 10, "at most 2**max_tree_depth leapfrog steps"),
     choice("engine", "fast", "'fast' (traced potential, own NUTS, parallel chains) or "
@@ -68,11 +73,15 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any]) -> RunResult:
     """Sample the posterior with NUTS. See the module docstring."""
     started = time.perf_counter()
-    chains, draws = options["chains"], options["draws"]
+    chains = options["chains"]
     if options["engine"] == "fast":
         flat, stats, potential = _run_fast(model, data, seed, progress, options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
+    partial = flat.shape[1] < options["draws"]  # Ctrl-C stopped the chains early
+    thin = options["thin"]
+    flat, stats = flat[:, ::thin], {k: v[:, ::thin] for k, v in stats.items()}
+    draws = flat.shape[1]
     flat_draws, evaluation = posterior_of(model, data,
                                           potential.constrain(flat.reshape(chains * draws, -1)),
                                           recover_discrete=options["recover_discrete"],
@@ -90,8 +99,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
               "parameters": potential.dim, "marginal_story": potential.model is not model,
               "compiler": resolve_compiler(options["compiler"])
-              if options["engine"] == "fast" else "none"},
+              if options["engine"] == "fast" else "none", "draws_kept": draws},
         seconds=time.perf_counter() - started,
+        partial=partial,
     )
 
 
@@ -111,6 +121,9 @@ def _run_fast(model, data, seed, progress, options):
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
     )
+    if any(r.interrupted for r in results):
+        results = _truncated(results, options["draws"])
+    draws = results[0].num_completed
     flat = np.stack([r.positions for r in results])
     stats = {
         "lp": -np.stack([r.potential for r in results]),
@@ -119,10 +132,25 @@ def _run_fast(model, data, seed, progress, options):
         "tree_depth": np.stack([r.tree_depth for r in results]),
         "diverging": np.stack([r.diverging for r in results]),
         "energy": np.stack([r.energy for r in results]),
-        "step_size": np.stack([np.full(options["draws"], r.step_size) for r in results]),
+        "step_size": np.stack([np.full(draws, r.step_size) for r in results]),
     }
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
     return flat, stats, potential
+
+
+def _truncated(results, requested: int):
+    """Chains stopped by Ctrl-C, cut to the draws every chain has (ArviZ needs equal chains)."""
+    kept = min(r.num_completed for r in results)
+    if kept == 0:
+        warnings.warn("NUTS interrupted before any chain finished warmup: there are no draws "
+                      "to return", PartialResultWarning, stacklevel=4)
+        raise KeyboardInterrupt
+    warnings.warn(f"NUTS interrupted: the posterior holds the first {kept} of {requested} "
+                  f"draws of each chain (partial=True)", PartialResultWarning, stacklevel=4)
+    fields = ("positions", "diverging", "potential", "accept_prob", "energy", "num_steps",
+              "tree_depth")
+    return [dataclasses.replace(r, num_completed=kept, interrupted=True,
+                                **{f: getattr(r, f)[:kept] for f in fields}) for r in results]
 
 
 #: Below this many observed values a potential call costs mostly fixed overhead, which

@@ -396,6 +396,11 @@ class ChainResult:
     step_size: float
     inv_mass: np.ndarray
     num_completed: int
+    interrupted: bool = False
+
+
+class ChainInterrupted(Exception):
+    """Thrown into a chain to stop it early; it then returns the draws it has."""
 
 
 def chain_process(
@@ -432,42 +437,51 @@ def chain_process(
     q = np.asarray(initial, dtype=float).copy()
     dim = q.size
     sampler = NUTS(rng, Metric(np.eye(dim) if dense_mass else np.ones(dim)), max_tree_depth)
-    value, grad = yield q
-    if not math.isfinite(value) or not np.all(np.isfinite(grad)):
-        raise FloatingPointError("the potential energy is not finite at the initial point")
-    sampler.step_size = yield from find_reasonable_step_size(sampler, q, value, grad, 1.0)
-    adapt = DualAveraging(target=target_accept)
-    adapt.restart(sampler.step_size)
-    schedule = WarmupSchedule(num_warmup)
-    window = _Welford(dim, dense_mass)
     stats = {k: np.zeros(num_draws) for k in ("potential", "accept_prob", "energy")}
     ints = {k: np.zeros(num_draws, dtype=np.int64) for k in ("num_steps", "tree_depth")}
     diverging = np.zeros(num_draws, dtype=bool)
     positions = np.zeros((num_draws, dim))
-    for iteration in range(num_warmup + num_draws):
-        step = yield from sampler.transition(q, value, grad)
-        q, value, grad = step.position, step.potential, step.grad
-        if iteration < num_warmup:
-            sampler.step_size = adapt.update(step.accept_prob)
-            if schedule.in_slow_window(iteration):
-                window.add(q)
-            if iteration + 1 in schedule.window_ends:
-                sampler.metric = Metric(window.regularized())
-                window = _Welford(dim, dense_mass)
-                sampler.step_size = yield from find_reasonable_step_size(
-                    sampler, q, value, grad, sampler.step_size)
-                adapt.restart(sampler.step_size)
-            if iteration + 1 == num_warmup:
-                sampler.step_size = adapt.final()
-        else:
-            i = iteration - num_warmup
-            positions[i] = q
-            stats["potential"][i], stats["accept_prob"][i] = value, step.accept_prob
-            stats["energy"][i] = step.energy
-            ints["num_steps"][i], ints["tree_depth"][i] = step.num_steps, step.tree_depth
-            diverging[i] = step.diverging
-        if on_iteration is not None:
-            on_iteration(iteration)
+    completed = 0
+    try:
+        value, grad = yield q
+        if not math.isfinite(value) or not np.all(np.isfinite(grad)):
+            raise FloatingPointError("the potential energy is not finite at the initial point")
+        sampler.step_size = yield from find_reasonable_step_size(sampler, q, value, grad, 1.0)
+        adapt = DualAveraging(target=target_accept)
+        adapt.restart(sampler.step_size)
+        schedule = WarmupSchedule(num_warmup)
+        window = _Welford(dim, dense_mass)
+        for iteration in range(num_warmup + num_draws):
+            step = yield from sampler.transition(q, value, grad)
+            q, value, grad = step.position, step.potential, step.grad
+            if iteration < num_warmup:
+                sampler.step_size = adapt.update(step.accept_prob)
+                if schedule.in_slow_window(iteration):
+                    window.add(q)
+                if iteration + 1 in schedule.window_ends:
+                    sampler.metric = Metric(window.regularized())
+                    window = _Welford(dim, dense_mass)
+                    sampler.step_size = yield from find_reasonable_step_size(
+                        sampler, q, value, grad, sampler.step_size)
+                    adapt.restart(sampler.step_size)
+                if iteration + 1 == num_warmup:
+                    sampler.step_size = adapt.final()
+            else:
+                i = iteration - num_warmup
+                positions[i] = q
+                stats["potential"][i], stats["accept_prob"][i] = value, step.accept_prob
+                stats["energy"][i] = step.energy
+                ints["num_steps"][i], ints["tree_depth"][i] = step.num_steps, step.tree_depth
+                diverging[i] = step.diverging
+                completed = i + 1
+            if on_iteration is not None:
+                on_iteration(iteration)
+    except (KeyboardInterrupt, ChainInterrupted):  # Ctrl-C: keep the draws made so far
+        keep = slice(0, completed)
+        return ChainResult(
+            positions=positions[keep], diverging=diverging[keep], step_size=sampler.step_size,
+            inv_mass=sampler.metric.inverse, num_completed=completed, interrupted=True,
+            **{k: v[keep] for k, v in stats.items()}, **{k: v[keep] for k, v in ints.items()})
     return ChainResult(positions=positions, diverging=diverging, step_size=sampler.step_size,
                        inv_mass=sampler.metric.inverse, num_completed=num_draws, **stats, **ints)
 
@@ -492,14 +506,25 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential) -> 
     requests = [next(process) for process in processes]
     results: list[ChainResult | None] = [None] * len(processes)
     active = set(range(len(processes)))
-    while active:
-        values, grads = potential(np.stack(requests))
-        for chain in list(active):
+    try:
+        while active:
+            values, grads = potential(np.stack(requests))
+            for chain in list(active):
+                try:
+                    requests[chain] = processes[chain].send((float(values[chain]),
+                                                             grads[chain]))
+                except StopIteration as done:
+                    results[chain] = done.value
+                    active.discard(chain)
+                    if done.value.interrupted:  # Ctrl-C arrived inside this chain
+                        raise KeyboardInterrupt from None
+    except KeyboardInterrupt:
+        # Stop every other chain where it is; each returns the draws it has made.
+        for chain in sorted(active):
             try:
-                requests[chain] = processes[chain].send((float(values[chain]), grads[chain]))
+                processes[chain].throw(ChainInterrupted())
             except StopIteration as done:
                 results[chain] = done.value
-                active.discard(chain)
     return results
 
 

@@ -18,6 +18,7 @@ Inference. Kingma, D. P. & Welling, M. (2014). Auto-Encoding Variational Bayes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -31,7 +32,6 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import (
-    SVI,
     JitTrace_ELBO,
     JitTraceEnum_ELBO,
     JitTraceMeanField_ELBO,
@@ -45,8 +45,14 @@ from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
 from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
-from ppl_notes.errors import InferenceError
+from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning
 from ppl_notes.gradients import ESTIMATORS, force_estimator
+from ppl_notes.inference._checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import posterior_of, sample_guide
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
@@ -81,6 +87,12 @@ OPTIONS = (
            "(always used for TraceEnum_ELBO, TraceMeanField_ELBO and autoguides); 'auto': "
            "'fast' when steps x observed values >= 1e7, where it repays its compilation",
            ("auto", "fast", "pyro")),
+    Option("checkpoint", (str, type(None)), None, "a file to write the run's state to "
+           "every checkpoint_every steps, at the end and on Ctrl-C (atomically; no pickle)"),
+    positive_int("checkpoint_every", 500, "steps between checkpoints"),
+    Option("resume", (str, type(None)), None, "a checkpoint to continue from: the same "
+           "story, guide, seed and options (steps may be raised) reach the result of an "
+           "uninterrupted run"),
     Option("jit", (bool,), True, "engine='pyro' only: compile the ELBO with TorchScript "
            "(Pyro's JitTrace* ELBOs); a story or guide that cannot be traced runs "
            "uncompiled, with a warning"),
@@ -143,17 +155,18 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                            "Pyro's SVI loop", model.name, type(error).__name__, error)
             engine = "pyro"
             pyro.clear_param_store()
+    identity = _identity(model, guide_name, seed, engine, options)
     loop_started = time.perf_counter()
     if engine == "fast":
         pyro.set_rng_seed(seed)
         loop_started = time.perf_counter()
-        history = _optimise_compiled(compiled, options, progress)
+        history = _optimise_compiled(compiled, options, progress, identity)
         jit = False
     else:
         history = _pyro_loop(story, fit_guide, data, seed, elbo_name, elbo_options, jit,
-                             model.name, options, progress)
+                             model.name, options, progress, identity)
         jit = history.attrs["jit"]
-    steps_per_second = options["steps"] / (time.perf_counter() - loop_started)
+    steps_per_second = len(history) / max(time.perf_counter() - loop_started, 1e-9)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites))
@@ -172,9 +185,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
               "marginal_story": marginal, "engine": engine, "jit": jit,
               "steps_per_second": steps_per_second,
-              "final_elbo": float(history["elbo"].iloc[-1]),
-              "estimator": options["estimator"]},
+              "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
+              "estimator": options["estimator"], "steps_done": len(history)},
         seconds=time.perf_counter() - started,
+        partial=history.attrs.get("interrupted_at") is not None,
     )
 
 
@@ -197,41 +211,121 @@ def _guide_sites(guide, data) -> list[str]:
     return list(latent_sites(trace))
 
 
-def _run_steps(step: Callable[[int], float], steps: int, progress: bool) -> pd.DataFrame:
-    """Call ``step(i) -> loss`` ``steps`` times with a progress bar; the ELBO history."""
-    elbo = np.full(steps, np.nan)
-    with tqdm(total=steps, desc="SVI", disable=not progress) as bar:
-        for index in range(steps):
+class _NonFinite(Exception):
+    """A step whose loss or gradients are not finite (raised before any update)."""
+
+    def __init__(self, loss: float, parameters: list[str]) -> None:
+        super().__init__(loss, parameters)
+        self.loss, self.parameters = loss, parameters
+
+
+class _Loop:
+    """The optimisation loop both engines share: steps, progress bar, ELBO history, stops.
+
+    ``step(i) -> loss`` runs one step and raises :class:`_NonFinite` *before* updating
+    anything when the loss or a gradient is not finite, so the parameters keep their last
+    finite values. ``state()`` returns what a checkpoint needs to continue the run.
+    Ctrl-C (KeyboardInterrupt) ends the loop early: the history so far is kept and the
+    run is marked interrupted (and checkpointed, when asked).
+    """
+
+    def __init__(self, options: dict[str, Any], progress: bool, identity: dict[str, Any]):
+        self.options, self.progress, self.identity = options, progress, identity
+        self.elbo = np.full(options["steps"], np.nan)
+        self.start = 0
+        self.interrupted_at: int | None = None
+
+    def resume_from(self, checkpoint: dict[str, Any]) -> None:
+        """Continue after the steps a checkpoint holds (its ELBO history included)."""
+        done = np.asarray(checkpoint["elbo"], dtype=float)
+        if len(done) > self.options["steps"]:
+            raise CheckpointError(f"the checkpoint holds {len(done)} steps, more than "
+                                  f"steps={self.options['steps']}")
+        self.elbo[:len(done)] = done
+        self.start = len(done)
+
+    def _checkpoint(self, state: Callable[[], dict], done: int) -> None:
+        path = self.options["checkpoint"]
+        if path is not None:
+            save_checkpoint(path, {**self.identity, **state(),
+                                   "elbo": torch.as_tensor(self.elbo[:done])})
+
+    def run(self, step: Callable[[int], float], state: Callable[[], dict]) -> pd.DataFrame:
+        steps, every = self.options["steps"], self.options["checkpoint_every"]
+        index = self.start
+        with tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar:
             try:
-                loss = step(index)
-            except ValueError as error:  # Pyro's validation: a parameter left its support
-                reason = str(error).splitlines()[0]
-                raise InferenceError(
-                    f"SVI: at step {index} the guide's or story's parameters became invalid "
-                    f"({reason}); lower the learning rate or check the guide's initial values"
-                ) from error
-            if not math.isfinite(loss):
-                raise InferenceError(
-                    f"SVI: the ELBO became {-loss} at step {index}; lower the learning rate "
-                    "or check the story's priors and the guide's initial values"
-                )
-            elbo[index] = -loss
-            if index % 50 == 0 or index == steps - 1:
-                bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
-                bar.update(index + 1 - bar.n)
-    return pd.DataFrame({"elbo": elbo}, index=pd.RangeIndex(steps, name="step"))
+                for index in range(self.start, steps):
+                    loss = self._one(step, index)
+                    self.elbo[index] = -loss
+                    if (index + 1) % every == 0 and index + 1 < steps:
+                        self._checkpoint(state, index + 1)
+                    if index % 50 == 0 or index == steps - 1:
+                        bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
+                        bar.update(index + 1 - bar.n)
+            except KeyboardInterrupt:
+                self.interrupted_at = index
+                self._checkpoint(state, index)
+                warnings.warn(
+                    f"SVI interrupted at step {index} of {steps}: the posterior is the guide "
+                    f"as it was then (partial=True)"
+                    + (f"; resume with resume={self.options['checkpoint']!r}"
+                       if self.options["checkpoint"] else ""),
+                    PartialResultWarning, stacklevel=2)
+        done = steps if self.interrupted_at is None else self.interrupted_at
+        self._checkpoint(state, done)
+        return pd.DataFrame({"elbo": self.elbo[:done]},
+                            index=pd.RangeIndex(done, name="step"))
+
+    @staticmethod
+    def _one(step: Callable[[int], float], index: int) -> float:
+        try:
+            return step(index)
+        except _NonFinite as fault:
+            which = (f"the gradients of {fault.parameters} are not finite" if fault.parameters
+                     else "its gradient is not finite")
+            raise InferenceError(
+                f"SVI: at step {index} the ELBO is {-fault.loss:.6g} and {which}. The "
+                "parameters keep their last finite values (pyro.get_param_store()). Lower "
+                "the learning rate, start the guide's scales smaller, or check the story's "
+                "priors and the guide's initial values") from None
+        except ValueError as error:  # Pyro's validation: a parameter left its support
+            reason = str(error).splitlines()[0]
+            raise InferenceError(
+                f"SVI: at step {index} the guide's or story's parameters became invalid "
+                f"({reason}); lower the learning rate or check the guide's initial values"
+            ) from error
+
+
+def _check_resumable(checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
+    for key, value in identity.items():
+        if checkpoint.get(key) != value:
+            raise CheckpointError(
+                f"the checkpoint was written by another run: its {key} is "
+                f"{checkpoint.get(key)!r}, this run's is {value!r}")
+
+
+def _identity(model, guide_name, seed, engine, options) -> dict[str, Any]:
+    """What must match between a checkpoint and the run that resumes it."""
+    same = {k: v for k, v in options.items()
+            if k not in ("steps", "checkpoint", "checkpoint_every", "resume", "num_draws")}
+    return {"story": model.name, "guide": str(guide_name), "seed": seed, "engine": engine,
+            "options": json.dumps(same, sort_keys=True, default=str)}
 
 
 def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, options,
-               progress) -> pd.DataFrame:
-    """Pyro's own SVI loop (optionally with a TorchScript-compiled ELBO)."""
+               progress, identity) -> pd.DataFrame:
+    """Pyro's ELBO (optionally TorchScript-compiled) with torch's Adam, step by step.
+
+    The step is Pyro's ``SVI.step`` written out so that non-finite gradients are caught
+    before the update and the optimizer's state can be checkpointed.
+    """
     if jit:
         try:
-            svi = SVI(story, guide, _decaying_adam(options),
-                      loss=_JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options))
+            trial = _JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                svi.evaluate_loss(**data)  # traces now: a failure shows before any step
+                trial.loss(story, guide, **data)  # traces now: a failure shows before any step
         except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
             logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
                            "uncompiled", name, type(error).__name__, error)
@@ -240,18 +334,49 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     pyro.set_rng_seed(seed)
     loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
     extra = {"ignore_jit_warnings": True} if jit else {}
+    elbo = loss(**extra, **elbo_options)
     optimizer = _decaying_adam(options)
-    svi = SVI(story, guide, optimizer, loss=loss(**extra, **elbo_options))
+    loop = _Loop(options, progress, identity)
+    store = pyro.get_param_store()
+    if options["resume"] is not None:
+        checkpoint = load_checkpoint(options["resume"])
+        _check_resumable(checkpoint, identity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            elbo.loss_and_grads(story, guide, **data)  # creates (and compiles) everything
+        for value in store._params.values():
+            value.grad = None
+        with torch.no_grad():
+            for key, value in checkpoint["params"].items():
+                store._params[key].copy_(value)
+        optimizer.set_state(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        loop.resume_from(checkpoint)
 
     def step(_index: int) -> float:
-        loss = svi.step(**data)
+        with poutine.trace(param_only=True) as capture:
+            value = elbo.loss_and_grads(story, guide, **data)
+        params = {key: site["value"].unconstrained() for key, site in capture.trace.nodes.items()}
+        bad = [key for key, p in params.items()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if not math.isfinite(value) or bad:
+            pyro.infer.util.zero_grads(set(params.values()))
+            raise _NonFinite(value, bad)
+        optimizer(set(params.values()))
+        pyro.infer.util.zero_grads(set(params.values()))
         optimizer.step()  # the learning rate's decay, one factor per step
-        return loss
+        return value
+
+    def state() -> dict[str, Any]:
+        return {"params": {k: v.detach().clone() for k, v in store._params.items()},
+                "optimizer": optimizer.get_state(), "rng": rng_state()}
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        history = _run_steps(step, options["steps"], progress)
+        warnings.filterwarnings("ignore", module="pyro")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        history = loop.run(step, state)
     history.attrs["jit"] = jit
+    history.attrs["interrupted_at"] = loop.interrupted_at
     return history
 
 
@@ -271,23 +396,40 @@ def _decaying_adam(options: dict[str, Any]) -> ExponentialLR:
                           "gamma": _decay_per_step(options)})
 
 
-def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any],
-                       progress: bool) -> pd.DataFrame:
+def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any], progress: bool,
+                       identity: dict[str, Any]) -> pd.DataFrame:
     """Adam on the flat parameter vector, one compiled ELBO call per step."""
     learning_rate, decay = options["learning_rate"], _decay_per_step(options)
     flat = compiled.initial.clone()
-    state = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
+    state_ = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
+    loop = _Loop(options, progress, identity)
+    if options["resume"] is not None:
+        checkpoint = load_checkpoint(options["resume"])
+        _check_resumable(checkpoint, identity)
+        flat = checkpoint["flat"].clone()
+        state_ = AdamState(int(checkpoint["adam_step"]), checkpoint["first_moment"].clone(),
+                           checkpoint["second_moment"].clone())
+        set_rng_state(checkpoint["rng"])
+        loop.resume_from(checkpoint)
 
     def step(index: int) -> float:
         nonlocal flat
         loss, grad = compiled(flat)
         value = float(loss)
-        if math.isfinite(value) and bool(torch.isfinite(grad).all()):
-            flat = adam_step(flat, grad, state, learning_rate * decay**index)
-            return value
-        return value if not math.isfinite(value) else float("nan")  # a non-finite gradient
+        finite = torch.isfinite(grad)
+        if not math.isfinite(value) or not bool(finite.all()):
+            raise _NonFinite(value, compiled.names_where(~finite))
+        flat = adam_step(flat, grad, state_, learning_rate * decay**index)
+        return value
+
+    def state() -> dict[str, Any]:
+        return {"flat": flat.detach().clone(), "adam_step": state_.step,
+                "first_moment": state_.first_moment.clone(),
+                "second_moment": state_.second_moment.clone(), "rng": rng_state()}
 
     try:
-        return _run_steps(step, options["steps"], progress)
+        history = loop.run(step, state)
     finally:
         compiled.write_back(flat)  # the last finite state stays in the param store
+    history.attrs["interrupted_at"] = loop.interrupted_at
+    return history

@@ -1,0 +1,82 @@
+"""SVI checkpoints: written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a ``torch.save`` file holding only tensors, numbers, strings, lists and
+dicts (parameters, optimizer state, random-number-generator states, the ELBO so far), so
+``torch.load(weights_only=True)`` reads it: a tampered file cannot run code, and a
+truncated or foreign one is a :class:`~ppl_notes.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ppl_notes.errors import CheckpointError
+
+__all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
+
+FORMAT = "ppl_notes-svi-checkpoint-1"
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's generator states, in types a safe load accepts."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": [version, list(internal), gauss],
+            "numpy": [name, torch.as_tensor(keys.astype(np.int64)), int(position),
+                      int(has_gauss), float(cached)]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: to a temporary file, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".part")
+    torch.save({"format": FORMAT, **state}, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``).
+
+    Raises
+    ------
+    CheckpointError
+        For a missing, truncated, tampered or foreign file, saying which.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        with warnings.catch_warnings():  # torch's own remarks on foreign pickle protocols
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, AttributeError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read safely (truncated, tampered with, or "
+            f"not a ppl_notes checkpoint): {reason}") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a ppl_notes SVI checkpoint "
+                              f"(expected format {FORMAT!r})")
+    return state
