@@ -139,7 +139,9 @@ def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
     fit a tail (fewer than about 30).
     """
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    array = xr.DataArray(log_ratio, dims=["sample"])
+    # ArviZ's psislw takes log-likelihood-like input and smooths its negation (the LOO
+    # ratios are 1/p(y_i | theta)): hand it -log(p/q) so that it fits the tail of p/q.
+    array = xr.DataArray(-log_ratio, dims=["sample"])
     try:
         return float(array.azstats.psislw(dim="sample")[1])
     except ValueError:  # too few draws for a tail fit (ArviZ needs >= 5 in the tail)

@@ -28,7 +28,7 @@ from ppl_notes.diagnostics import continuous_sites
 from ppl_notes.errors import OptionError
 
 __all__ = ["plot_marginals", "plot_forest", "plot_elbo", "plot_trace", "plot_rank",
-           "plot_ppc", "plot_loo_khat", "save_figure"]
+           "plot_ppc", "plot_loo_khat", "plot_story_graph", "save_figure"]
 
 
 def _sites(fits: dict, var_names) -> list[str]:
@@ -192,3 +192,56 @@ def save_figure(figure, path) -> Path:
         figure.savefig(path, dpi=110)
         plt.close(figure)
     return path
+
+
+def plot_story_graph(story, data=None):
+    """The story's graph: one node per sample site, arrows from what it depends on.
+
+    Nodes are placed by depth (a site right of everything it depends on); observed sites
+    are shaded; each label names the distribution and the plates the site sits in. Drawn
+    with matplotlib from Pyro's ``get_model_relations`` (no graphviz needed).
+    """
+    from pyro.infer.inspect import get_model_relations
+
+    prepared = story.prepare_data(data)
+    relations = get_model_relations(story, model_kwargs=prepared)
+    parents = relations["sample_sample"]
+    plates = {site: [p for p, sites in relations["plate_sample"].items() if site in sites]
+              for site in parents}
+    depth: dict[str, int] = {}
+
+    def depth_of(site):
+        if site not in depth:
+            depth[site] = 1 + max((depth_of(p) for p in parents[site]), default=-1)
+        return depth[site]
+
+    for site in parents:
+        depth_of(site)
+    columns: dict[int, list[str]] = {}
+    for site in parents:
+        columns.setdefault(depth[site], []).append(site)
+    position = {site: (column, -row + (len(sites) - 1) / 2)
+                for column, sites in columns.items() for row, site in enumerate(sites)}
+    tallest = max(len(sites) for sites in columns.values())
+    figure, axis = plt.subplots(figsize=(2.6 * len(columns) + 1, 1.2 * tallest + 1),
+                                layout="constrained")
+    for site, (x, y) in position.items():
+        for parent in parents[site]:
+            px, py = position[parent]
+            bend = -0.35 if x - px > 1 else 0.0  # around the columns in between
+            axis.annotate("", xy=(x - 0.28, y), xytext=(px + 0.28, py),
+                          arrowprops={"arrowstyle": "->", "color": "0.3",
+                                      "connectionstyle": f"arc3,rad={bend}"})
+        observed = site in relations["observed"]
+        label = f"{site}\n{relations['sample_dist'][site]}"
+        if plates[site]:
+            label += f"\n[{', '.join(plates[site])}]"
+        axis.text(x, y, label, ha="center", va="center", fontsize=9,
+                  bbox={"boxstyle": "round,pad=0.5", "facecolor": "0.8" if observed else "white",
+                        "edgecolor": "0.2"})
+    axis.set_xlim(-0.6, len(columns) - 0.4)
+    ys = [y for _, y in position.values()]
+    axis.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
+    axis.axis("off")
+    axis.set_title(f"story {story.name!r}: latent sites white, observed shaded")
+    return figure

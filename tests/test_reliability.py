@@ -403,8 +403,9 @@ REPRODUCIBLE = {
     "svi": (normal_mean, None, dict(steps=200), True),
     "nuts one chain": (normal_mean, None, dict(chains=1, warmup=100, draws=100), True),
     "nuts four chains": (normal_mean, None, dict(chains=4, warmup=100, draws=100), True),
+    # two worker processes: each starts Python and torch (~10 s); no compilation needed
     "nuts two processes": (normal_mean, None, dict(chains=2, warmup=100, draws=100,
-                                                   processes=2), True),
+                                                   processes=2, compiler="none"), False),
     "nuts pyro engine": (normal_mean, None, dict(chains=1, warmup=50, draws=50,
                                                  engine="pyro"), True),
     "bbvi": (normal_mean, None, dict(steps=300), True),

@@ -53,6 +53,7 @@ STORIES = {
                                             "noncentered_meanfield"),
     "correlated_gaussian": StoryEntry("ppl_notes.models.correlated", "gaussian",
                                       "ppl_notes.guides.correlated", "meanfield"),
+    "vae": StoryEntry("ppl_notes.models.vae", "vae", "ppl_notes.guides.vae", "encoder"),
     "linear_regression": StoryEntry("ppl_notes.models.regression", "linear"),
     "logistic_regression": StoryEntry("ppl_notes.models.regression", "logistic"),
 }
