@@ -66,10 +66,17 @@ class _WithoutRsample(TorchDistribution):
         return self.base.log_prob(value)
 
 
+def _is_plate(msg) -> bool:
+    """A plate's own subsample site: an index, not a latent variable."""
+    return type(msg["fn"]).__name__ == "_Subsample"
+
+
 class _ScoreFunction(Messenger):
     """Make every latent sample site draw without a reparameterisation path."""
 
     def _pyro_sample(self, msg):
+        if _is_plate(msg):
+            return
         if not msg["is_observed"] and msg["fn"].has_rsample:
             msg["fn"] = _WithoutRsample(msg["fn"])
 
@@ -78,6 +85,8 @@ class _RequireReparam(Messenger):
     """Fail, naming the site, where a latent site cannot be reparameterised."""
 
     def _pyro_sample(self, msg):
+        if _is_plate(msg):
+            return
         if not msg["is_observed"] and not msg["fn"].has_rsample:
             raise StoryError(
                 f"estimator='reparam': guide site {msg['name']!r} "

@@ -374,6 +374,9 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="pyro")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # Pyro's JitTrace_ELBO uses torch.jit.trace, which torch now calls deprecated
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated",
+                                category=FutureWarning)
         history = loop.run(step, state)
     history.attrs["jit"] = jit
     history.attrs["interrupted_at"] = loop.interrupted_at
