@@ -473,3 +473,25 @@ def test_recovered_discrete_draws_are_compact_and_their_cost_is_said(caplog, mon
     skipped = infer(heights, data, method="svi", steps=20, recover_discrete=False,
                     progress=False)
     assert "gender" not in skipped.to_arviz()["posterior"]
+
+
+def test_ctrl_c_during_pyros_nuts_keeps_the_chains_it_has(monkeypatch):
+    """engine='pyro': chains run one after another; Ctrl-C in the second keeps the first
+    and the second's draws so far, cut to a common length."""
+    from pyro.infer.mcmc import NUTS as PyroNUTS
+
+    calls = {"n": 0}
+    original = PyroNUTS.sample
+
+    def sample(self, params):
+        calls["n"] += 1
+        if calls["n"] == 60 + 60 + 60 + 25:  # chain 1: warmup 60, then 25 draws
+            raise KeyboardInterrupt
+        return original(self, params)
+
+    monkeypatch.setattr(PyroNUTS, "sample", sample)
+    with pytest.warns(PartialResultWarning, match="2 chain\\(s\\) with the first 24 of 60"):
+        fit = infer(normal_mean, {"x": X}, method="nuts", engine="pyro", chains=3, warmup=60,
+                    draws=60, progress=False)
+    assert fit.partial and fit["mu"].shape == (2, 24)
+    assert np.isfinite(fit["mu"]).all()

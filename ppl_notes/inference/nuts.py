@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyro
+import torch
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
@@ -73,12 +74,12 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any]) -> RunResult:
     """Sample the posterior with NUTS. See the module docstring."""
     started = time.perf_counter()
-    chains = options["chains"]
     if options["engine"] == "fast":
         flat, stats, potential = _run_fast(model, data, seed, progress, options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
-    partial = flat.shape[1] < options["draws"]  # Ctrl-C stopped the chains early
+    chains = flat.shape[0]  # fewer than asked where Ctrl-C stopped Pyro's chains early
+    partial = flat.shape[1] < options["draws"] or chains < options["chains"]
     thin = options["thin"]
     flat, stats = flat[:, ::thin], {k: v[:, ::thin] for k, v in stats.items()}
     draws = flat.shape[1]
@@ -183,16 +184,48 @@ def _run_pyro(model, data, seed, progress, options):
         kernel = PyroNUTS(model, target_accept_prob=options["target_accept"],
                           max_tree_depth=options["max_tree_depth"],
                           max_plate_nesting=potential.layout.plate_nesting, init_strategy=init)
+        kept: list[np.ndarray] = []
+
+        def keep(_kernel, params, stage, _i, kept=kept):
+            if stage.startswith("Sample"):  # unconstrained, as the potential's layout
+                kept.append(torch.cat([params[n].reshape(-1) for n in potential.names])
+                            .double().numpy())
+
         mcmc = MCMC(kernel, num_samples=options["draws"], warmup_steps=options["warmup"],
-                    disable_progbar=not progress)
-        mcmc.run(**data)
-        samples = mcmc.get_samples()
-        flats.append(potential.unconstrain(samples))
+                    disable_progbar=not progress, hook_fn=keep)
+        try:
+            mcmc.run(**data)
+        except KeyboardInterrupt:  # Ctrl-C: keep the chains (and draws) made so far
+            if kept:
+                flats.append(np.stack(kept))
+                _pyro_stats(stats, kernel.diagnostics(), len(kept), potential, flats[-1])
+            return _truncated_pyro(flats, stats, options["draws"]) + (potential,)
+        flats.append(np.stack(kept))
         diagnostics = mcmc.diagnostics()
-        divergences = np.zeros(options["draws"], dtype=bool)
-        divergences[diagnostics["divergences"]["chain 0"]] = True
-        stats["diverging"].append(divergences)
-        stats["acceptance_rate"].append(np.full(options["draws"],
-                                                diagnostics["acceptance rate"]["chain 0"]))
-        stats["lp"].append(-potential(flats[-1])[0])
+        _pyro_stats(stats, {"divergences": diagnostics["divergences"]["chain 0"],
+                            "acceptance rate": diagnostics["acceptance rate"]["chain 0"]},
+                    options["draws"], potential, flats[-1])
     return np.stack(flats), {k: np.stack(v) for k, v in stats.items()}, potential
+
+
+def _pyro_stats(stats, diagnostics, draws, potential, flat) -> None:
+    """One Pyro chain's divergences, acceptance rate and log density per draw."""
+    divergences = np.zeros(draws, dtype=bool)
+    divergences[[i for i in diagnostics["divergences"] if i < draws]] = True
+    stats["diverging"].append(divergences)
+    stats["acceptance_rate"].append(np.full(draws, float(diagnostics["acceptance rate"])))
+    stats["lp"].append(-potential(flat)[0])
+
+
+def _truncated_pyro(flats, stats, requested):
+    """Pyro's chains run one after another: keep those with draws, cut to a common length."""
+    if not flats:
+        warnings.warn("NUTS interrupted before the first chain finished warmup: there are no "
+                      "draws to return", PartialResultWarning, stacklevel=5)
+        raise KeyboardInterrupt
+    kept = min(len(f) for f in flats)
+    warnings.warn(f"NUTS interrupted: the posterior holds {len(flats)} chain(s) with the first "
+                  f"{kept} of {requested} draws each (partial=True)", PartialResultWarning,
+                  stacklevel=5)
+    return (np.stack([f[:kept] for f in flats]),
+            {k: np.stack([v[:kept] for v in values]) for k, values in stats.items()})
