@@ -68,7 +68,7 @@ def labelled(posteriors: Sequence[Any]) -> dict[str, Any]:
 
 def _reference_label(posteriors: dict[str, Any], reference) -> str | None:
     if reference is None:
-        mcmc = [k for k, p in posteriors.items() if list(p.sample_dims) == ["chain", "draw"]]
+        mcmc = [k for k, p in posteriors.items() if p.is_mcmc]
         if len(mcmc) > 1:
             raise OptionError(f"several MCMC posteriors ({mcmc}): name the reference, e.g. "
                               f"reference={mcmc[0]!r}")
@@ -122,7 +122,8 @@ def compare(*posteriors, reference=None, var_names: str | Sequence[str] | None =
         Indexed by (``parameter``, ``posterior``); columns ``mean``, ``sd``,
         ``eti_3%``, ``eti_97%`` and, against the reference, ``smd``, ``sd_ratio``,
         ``wasserstein``, ``ks``. ``attrs["diagnostics"]`` holds
-        :func:`diagnostics_table`, ``attrs["findings"]`` each posterior's warnings and
+        :func:`diagnostics_table`, ``attrs["findings"]`` each posterior's
+        :class:`~ppl_notes.diagnostics.Finding` s and
         ``attrs["reference"]`` the reference's label.
 
     Examples
@@ -148,9 +149,11 @@ def compare(*posteriors, reference=None, var_names: str | Sequence[str] | None =
                            dict.fromkeys(("smd", "sd_ratio", "wasserstein", "ks"), np.nan))
             rows.append(row)
     table = pd.DataFrame(rows).set_index(["parameter", "posterior"])
+    numbers = {label: diagnostics(p) for label, p in fits.items()}
+    found = {label: findings(p, numbers[label]) for label, p in fits.items()}
     table.attrs["reference"] = ref
-    table.attrs["diagnostics"] = diagnostics_table(fits, reference=ref, var_names=sites)
-    table.attrs["findings"] = {label: [str(f) for f in findings(p)] for label, p in fits.items()}
+    table.attrs["diagnostics"] = _diagnostics_rows(fits, ref, sites, numbers, found)
+    table.attrs["findings"] = found
     return table
 
 
@@ -192,13 +195,19 @@ def diagnostics_table(*posteriors, reference=None, var_names=None) -> pd.DataFra
     fits = labelled(posteriors)
     sites = _common_sites(fits, var_names)
     ref = _reference_label(fits, reference)
+    numbers = {label: diagnostics(p) for label, p in fits.items()}
+    found = {label: findings(p, numbers[label]) for label, p in fits.items()}
+    return _diagnostics_rows(fits, ref, sites, numbers, found)
+
+
+def _diagnostics_rows(fits, ref, sites, numbers, found) -> pd.DataFrame:
     rows = []
     for label, posterior in fits.items():
         row: dict[str, Any] = {"posterior": label, "method": posterior.method,
                                "guide": posterior.tree.attrs.get("guide", ""),
                                "seconds": posterior.seconds, "draws": posterior.num_draws,
                                "partial": posterior.partial}
-        for key, value in diagnostics(posterior).items():
+        for key, value in numbers[label].items():
             if key == "divergence_site":
                 continue
             if isinstance(value, tuple):
@@ -212,7 +221,7 @@ def diagnostics_table(*posteriors, reference=None, var_names=None) -> pd.DataFra
             row["wasserstein_joint"] = float(arviz_stats.wasserstein(*pair, num_samples=200,
                                                                      **common))
             row["kl_divergence"] = float(arviz_stats.kl_divergence(pair[1], pair[0], **common))
-        row["warnings"] = len(findings(posterior))
+        row["warnings"] = len(found[label])
         rows.append(row)
     table = pd.DataFrame(rows).set_index("posterior")
     order = [c for c in _DIAGNOSTIC_COLUMNS if c in table.columns]

@@ -19,6 +19,7 @@ leave-one-out cross-validation for large data. ICML.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import arviz_stats
@@ -44,7 +45,7 @@ def _chain_draw_tree(posterior) -> xr.DataTree:
     return xr.DataTree.from_dict(groups)
 
 
-def loo(posterior, pointwise: bool = True, var_name: str | None = None):
+def loo(posterior, pointwise: bool = True, var_name: str | None = None, warn: bool = True):
     """PSIS-LOO of a posterior from ``infer`` (MCMC or variational).
 
     Parameters
@@ -55,6 +56,9 @@ def loo(posterior, pointwise: bool = True, var_name: str | None = None):
         Keep each observation's elpd and Pareto k-hat (``elpd_i``, ``pareto_k``).
     var_name : str, optional
         The observed site, where a story has several.
+    warn : bool
+        Let ArviZ warn when some Pareto k exceeds 0.7 (reports and plots, which show the
+        k values themselves, turn it off).
 
     Returns
     -------
@@ -74,10 +78,16 @@ def loo(posterior, pointwise: bool = True, var_name: str | None = None):
     if posterior.num_draws < 2:
         raise OptionError(f"loo needs posterior draws; {posterior.method!r} gave a point "
                           "estimate (one draw). Use method='nuts' or 'svi'")
-    if list(posterior.sample_dims) == ["chain", "draw"]:
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", UserWarning)
+        return _loo(posterior, tree, pointwise, var_name)
+
+
+def _loo(posterior, tree, pointwise, var_name):
+    if posterior.is_mcmc:
         return arviz_stats.loo(tree, pointwise=pointwise, var_name=var_name)
-    stats_ = tree["sample_stats"] if "sample_stats" in tree.children else None
-    if stats_ is None or "log_q" not in stats_.data_vars:
+    if not posterior.is_variational:
         raise OptionError(f"loo of a {posterior.method!r} posterior needs log p and log q of "
                           "each draw (sample_stats), which this result does not have")
     layout = _chain_draw_tree(posterior)

@@ -78,15 +78,6 @@ def continuous_sites(posterior) -> list[str]:
             if v not in posterior.discrete_sites]
 
 
-def _is_mcmc(posterior) -> bool:
-    return list(posterior.sample_dims) == ["chain", "draw"]
-
-
-def _is_variational(posterior) -> bool:
-    tree = posterior.tree
-    return "sample_stats" in tree.children and "log_q" in tree["sample_stats"].data_vars
-
-
 def _per_element(result: xr.DataTree | xr.Dataset) -> dict[str, float]:
     dataset = result.to_dataset() if isinstance(result, xr.DataTree) else result
     out = {}
@@ -159,7 +150,7 @@ def diagnostics(posterior) -> dict[str, Any]:
         ``elbo_change``, ``elbo_change_se``, ``khat``; point estimates: ``converged``.
     """
     numbers: dict[str, Any] = {}
-    if _is_mcmc(posterior):
+    if posterior.is_mcmc:
         numbers.update(_mcmc_numbers(posterior))
     history = posterior.history
     if "elbo" in history.columns:
@@ -167,7 +158,7 @@ def diagnostics(posterior) -> dict[str, Any]:
         window = max(len(history) // 10, 1)
         numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
-    if _is_variational(posterior) and posterior.num_draws > 1:
+    if posterior.is_variational and posterior.num_draws > 1:
         stats_ = posterior.tree["sample_stats"]
         numbers["khat"] = importance_khat(stats_["log_p"].values, stats_["log_q"].values)
     if "converged" in posterior.info:
@@ -217,9 +208,12 @@ def _where_divergent(posterior, sites: list[str], diverging: np.ndarray) -> tupl
     return best, side
 
 
-def findings(posterior) -> list[Finding]:
-    """The checks that crossed their thresholds, each naming a parameter and a next step."""
-    numbers = diagnostics(posterior)
+def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
+    """The checks that crossed their thresholds, each naming a parameter and a next step.
+
+    ``numbers`` are :func:`diagnostics` of the posterior, when already computed.
+    """
+    numbers = diagnostics(posterior) if numbers is None else numbers
     found: list[Finding] = []
     if "max_r_hat" in numbers:
         label, value = numbers["max_r_hat"]

@@ -29,6 +29,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 from ppl_notes.errors import OptionError, StoryError
 
@@ -66,16 +67,11 @@ class _WithoutRsample(TorchDistribution):
         return self.base.log_prob(value)
 
 
-def _is_plate(msg) -> bool:
-    """A plate's own subsample site: an index, not a latent variable."""
-    return type(msg["fn"]).__name__ == "_Subsample"
-
-
 class _ScoreFunction(Messenger):
     """Make every latent sample site draw without a reparameterisation path."""
 
     def _pyro_sample(self, msg):
-        if _is_plate(msg):
+        if site_is_subsample(msg):  # a plate's index, not a latent variable
             return
         if not msg["is_observed"] and msg["fn"].has_rsample:
             msg["fn"] = _WithoutRsample(msg["fn"])
@@ -85,7 +81,7 @@ class _RequireReparam(Messenger):
     """Fail, naming the site, where a latent site cannot be reparameterised."""
 
     def _pyro_sample(self, msg):
-        if _is_plate(msg):
+        if site_is_subsample(msg):
             return
         if not msg["is_observed"] and not msg["fn"].has_rsample:
             raise StoryError(

@@ -15,7 +15,6 @@ matplotlib ``Figure``; :func:`save_figure` writes either.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import arviz_plots
@@ -142,7 +141,7 @@ def plot_elbo(*posteriors, skip: float = 0.1):
 
 
 def _mcmc(posterior, what: str):
-    if list(posterior.sample_dims) != ["chain", "draw"]:
+    if not posterior.is_mcmc:
         raise OptionError(f"{what} needs MCMC draws (chains); this posterior is from "
                           f"{posterior.method!r}")
 
@@ -175,10 +174,8 @@ def plot_loo_khat(posterior):
     """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`)."""
     from ppl_notes.cross_validation import loo
 
-    with warnings.catch_warnings():  # ArviZ warns of k > 0.7; the plot shows them
-        warnings.simplefilter("ignore", UserWarning)
-        result = loo(posterior, pointwise=True)
-    return arviz_plots.plot_khat(result, threshold=0.7, backend="matplotlib")
+    return arviz_plots.plot_khat(loo(posterior, pointwise=True, warn=False), threshold=0.7,
+                                 backend="matplotlib")
 
 
 def save_figure(figure, path) -> Path:

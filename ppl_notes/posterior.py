@@ -133,6 +133,17 @@ class Posterior:
         return json.loads(self.tree.attrs["sample_dims"])
 
     @property
+    def is_mcmc(self) -> bool:
+        """Whether the draws come in chains (``chain``, ``draw`` dims)."""
+        return list(self.sample_dims) == ["chain", "draw"]
+
+    @property
+    def is_variational(self) -> bool:
+        """Whether the draws come from a fitted q, with log p and log q of each draw."""
+        return ("sample_stats" in self.tree.children
+                and "log_q" in self.tree["sample_stats"].data_vars)
+
+    @property
     def discrete_sites(self) -> list[str]:
         """Latent sites with discrete support, drawn per posterior draw."""
         return json.loads(self.tree.attrs.get("discrete_sites", "[]"))
@@ -220,13 +231,13 @@ class Posterior:
         The draws stored with the fit, or ``num_samples`` fresh ones from the guide at
         its fitted parameters (the global param store is left as it was).
         """
-        stats = self.tree["sample_stats"] if "sample_stats" in self.tree.children else None
-        if stats is None or "log_q" not in stats.data_vars:
+        if not self.is_variational:
             raise OptionError(
                 f"log_evidence and kl_gap need a variational posterior (draws from q with "
                 f"log q); this one is from {self.method!r}. For MCMC, fit a guide with "
                 "method='svi' and compare it with ppl_notes.compare")
         if num_samples is None:
+            stats = self.tree["sample_stats"]
             return stats["log_p"].values.reshape(-1), stats["log_q"].values.reshape(-1)
         if self.guide is None or self.model is None:
             raise OptionError(

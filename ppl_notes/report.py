@@ -17,17 +17,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import platform
-import warnings
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
 from ppl_notes import plots
+from ppl_notes._versions import library_versions
 from ppl_notes.comparison import compare, labelled
-from ppl_notes.diagnostics import findings
 
 __all__ = ["write_report"]
 
@@ -61,7 +58,7 @@ def _figures(fits: dict, reference: str | None, out: Path) -> dict[str, Path]:
     variational = {k: p for k, p in fits.items() if "elbo" in p.history.columns}
     if variational:
         figures["elbo"] = plots.plot_elbo(variational)
-    mcmc = [p for p in fits.values() if list(p.sample_dims) == ["chain", "draw"]]
+    mcmc = [p for p in fits.values() if p.is_mcmc]
     if mcmc:
         figures["trace"] = plots.plot_trace(mcmc[0])
         figures["rank"] = plots.plot_rank(mcmc[0])
@@ -83,24 +80,11 @@ def _loo_table(fits: dict) -> pd.DataFrame:
     for label, posterior in fits.items():
         if "log_likelihood" not in posterior.tree.children or posterior.num_draws < 2:
             continue
-        with warnings.catch_warnings():  # ArviZ warns of large k; the table shows their share
-            warnings.simplefilter("ignore", UserWarning)
-            result = loo(posterior, pointwise=True)
+        result = loo(posterior, pointwise=True, warn=False)  # the table shows the k values
         k = result.pareto_k.values.reshape(-1)
         rows.append({"posterior": label, "elpd_loo": result.elpd, "se": result.se,
                      "p_loo": result.p, "share_k_above_0.7": float((k > 0.7).mean())})
     return pd.DataFrame(rows).set_index("posterior") if rows else pd.DataFrame()
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("ppl_notes", "torch", "pyro-ppl", "arviz", "arviz-base", "arviz-stats",
-                    "arviz-plots", "xarray", "numpy", "pandas", "matplotlib"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _html_table(table: pd.DataFrame) -> str:
@@ -135,7 +119,7 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
     diagnostics = table.attrs["diagnostics"]
     found = [{"posterior": label, "check": f.check, "parameter": f.parameter,
               "value": f.value, "threshold": f.threshold, "message": f.message}
-             for label, posterior in fits.items() for f in findings(posterior)]
+             for label, listed in table.attrs["findings"].items() for f in listed]
     warnings_table = pd.DataFrame(found, columns=["posterior", "check", "parameter", "value",
                                                   "threshold", "message"])
     loo_table = _loo_table(fits)
@@ -188,6 +172,6 @@ def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, r
     parts += ["<h2>Run settings</h2>",
               f"<pre>{escape(json.dumps(settings, indent=2, default=str))}</pre>",
               "<h2>Versions</h2>",
-              f"<pre>{escape(json.dumps(_versions(), indent=2))}</pre>",
+              f"<pre>{escape(json.dumps(library_versions(), indent=2))}</pre>",
               "</body></html>"]
     return "\n".join(parts)

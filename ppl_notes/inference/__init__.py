@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import pyro
-import torch
 
 from ppl_notes._sites import latent_sites, trace_model, unenumerable_discrete_sites
+from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
@@ -144,7 +144,7 @@ def infer(
         "seconds": float(run.seconds),
         "seed": seed,
         "partial": bool(run.partial),
-        "versions": json.dumps(_versions()),
+        "versions": json.dumps(library_versions()),
     }
     tree = to_datatree(run, model, prepared, attrs)
     posterior = Posterior(tree, model=model, guide=guide, data=prepared)
@@ -204,12 +204,3 @@ def _reference(model: Model) -> str:
             if value is model:
                 return f"{module}:{attribute}"
     return ""
-
-
-def _versions() -> dict[str, str]:
-    import arviz_base
-
-    from ppl_notes import __version__
-
-    return {"ppl_notes": __version__, "pyro": pyro.__version__, "torch": torch.__version__,
-            "arviz_base": arviz_base.__version__}

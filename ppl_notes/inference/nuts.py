@@ -23,7 +23,6 @@ Lengths in Hamiltonian Monte Carlo. JMLR 15, 1593-1623.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from typing import Any
@@ -122,36 +121,41 @@ def _run_fast(model, data, seed, progress, options):
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
     )
-    if any(r.interrupted for r in results):
-        results = _truncated(results, options["draws"])
-    draws = results[0].num_completed
-    flat = np.stack([r.positions for r in results])
+    flats = [r.positions for r in results]
     stats = {
-        "lp": -np.stack([r.potential for r in results]),
-        "acceptance_rate": np.stack([r.accept_prob for r in results]),
-        "n_steps": np.stack([r.num_steps for r in results]),
-        "tree_depth": np.stack([r.tree_depth for r in results]),
-        "diverging": np.stack([r.diverging for r in results]),
-        "energy": np.stack([r.energy for r in results]),
-        "step_size": np.stack([np.full(draws, r.step_size) for r in results]),
+        "lp": [-r.potential for r in results],
+        "acceptance_rate": [r.accept_prob for r in results],
+        "n_steps": [r.num_steps for r in results],
+        "tree_depth": [r.tree_depth for r in results],
+        "diverging": [r.diverging for r in results],
+        "energy": [r.energy for r in results],
+        "step_size": [np.full(r.num_completed, r.step_size) for r in results],
     }
+    if any(r.interrupted for r in results):
+        flat, stats = _common_length(flats, stats, options["draws"])
+    else:
+        flat, stats = np.stack(flats), {k: np.stack(v) for k, v in stats.items()}
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
     return flat, stats, potential
 
 
-def _truncated(results, requested: int):
-    """Chains stopped by Ctrl-C, cut to the draws every chain has (ArviZ needs equal chains)."""
-    kept = min(r.num_completed for r in results)
+def _common_length(flats: list[np.ndarray], stats: dict[str, list[np.ndarray]],
+                   requested: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Chains stopped by Ctrl-C, cut to the draws every chain has (ArviZ needs equal chains).
+
+    ``flats`` holds the chains that started sampling (Pyro's engine runs them one after
+    another; the default engine runs them all at once).
+    """
+    kept = min((len(f) for f in flats), default=0)
     if kept == 0:
         warnings.warn("NUTS interrupted before any chain finished warmup: there are no draws "
-                      "to return", PartialResultWarning, stacklevel=4)
+                      "to return", PartialResultWarning, stacklevel=5)
         raise KeyboardInterrupt
-    warnings.warn(f"NUTS interrupted: the posterior holds the first {kept} of {requested} "
-                  f"draws of each chain (partial=True)", PartialResultWarning, stacklevel=4)
-    fields = ("positions", "diverging", "potential", "accept_prob", "energy", "num_steps",
-              "tree_depth")
-    return [dataclasses.replace(r, num_completed=kept, interrupted=True,
-                                **{f: getattr(r, f)[:kept] for f in fields}) for r in results]
+    warnings.warn(f"NUTS interrupted: the posterior holds {len(flats)} chain(s) with the first "
+                  f"{kept} of {requested} draws each (partial=True)", PartialResultWarning,
+                  stacklevel=5)
+    return (np.stack([f[:kept] for f in flats]),
+            {k: np.stack([v[:kept] for v in values]) for k, values in stats.items()})
 
 
 #: Below this many observed values a potential call costs mostly fixed overhead, which
@@ -199,7 +203,7 @@ def _run_pyro(model, data, seed, progress, options):
             if kept:
                 flats.append(np.stack(kept))
                 _pyro_stats(stats, kernel.diagnostics(), len(kept), potential, flats[-1])
-            return _truncated_pyro(flats, stats, options["draws"]) + (potential,)
+            return _common_length(flats, stats, options["draws"]) + (potential,)
         flats.append(np.stack(kept))
         diagnostics = mcmc.diagnostics()
         _pyro_stats(stats, {"divergences": diagnostics["divergences"]["chain 0"],
@@ -215,17 +219,3 @@ def _pyro_stats(stats, diagnostics, draws, potential, flat) -> None:
     stats["diverging"].append(divergences)
     stats["acceptance_rate"].append(np.full(draws, float(diagnostics["acceptance rate"])))
     stats["lp"].append(-potential(flat)[0])
-
-
-def _truncated_pyro(flats, stats, requested):
-    """Pyro's chains run one after another: keep those with draws, cut to a common length."""
-    if not flats:
-        warnings.warn("NUTS interrupted before the first chain finished warmup: there are no "
-                      "draws to return", PartialResultWarning, stacklevel=5)
-        raise KeyboardInterrupt
-    kept = min(len(f) for f in flats)
-    warnings.warn(f"NUTS interrupted: the posterior holds {len(flats)} chain(s) with the first "
-                  f"{kept} of {requested} draws each (partial=True)", PartialResultWarning,
-                  stacklevel=5)
-    return (np.stack([f[:kept] for f in flats]),
-            {k: np.stack([v[:kept] for v in values]) for k, values in stats.items()})
