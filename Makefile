@@ -6,12 +6,15 @@ PYTHON_FOR_VENV := $(if $(PYENV_PYTHON),$(PYENV_PYTHON),python$(PYTHON_VERSION))
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env compare test bench clean
+.PHONY: env compare test bench lock clean
 
-$(BIN)/ppl-notes: setup.cfg pyproject.toml
+# The environment is the locked set (requirements.lock: what CI tested), then the package
+# itself without resolving anything again.
+$(BIN)/ppl-notes: setup.cfg pyproject.toml requirements.lock
 	$(PYTHON_FOR_VENV) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e ".[test,notebooks]"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 env: $(BIN)/ppl-notes
@@ -28,6 +31,15 @@ bench: env  ## speed against plain Pyro and NumPyro (run by hand)
 	$(BIN)/python benchmarks/bench_facade.py
 	$(BIN)/python benchmarks/bench_nuts.py
 	$(BIN)/python benchmarks/bench_svi.py
+
+# Refresh the lock on purpose: the newest versions setup.cfg allows (within the machine's
+# own pip constraints, where it has them, since pip applies those on install too).
+PIP_CONSTRAINTS := $(wildcard /etc/xdg/pip/constraints.txt)
+lock: env  ## re-resolve requirements.lock from setup.cfg (then run make test)
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile setup.cfg --extra test --extra notebooks --python-version 3.12 \
+		--python-platform x86_64-manylinux_2_28 $(addprefix -c ,$(PIP_CONSTRAINTS)) \
+		--no-header --quiet -o requirements.lock
 
 clean:
 	rm -rf $(VENV) out *.egg-info

@@ -147,15 +147,22 @@ def _start(story: EnumeratedStory, init, seed: int) -> torch.Tensor:
     return torch.cat([values[n].reshape(-1) for n in story.sites.names])
 
 
-def _collapsed(story: EnumeratedStory, flat: torch.Tensor, scale: float) -> str | None:
-    """Name the first positive site element that has shrunk to (almost) zero."""
-    for name, value in story.values(flat).items():
-        support = story.supports[name]
+def _collapsed(story: EnumeratedStory, values: Mapping[str, torch.Tensor],
+               scale: float) -> str | None:
+    """Name the first positive site element that has shrunk to (almost) zero.
+
+    ``values`` are constrained site values without a draw dim: the closed-form M-step's
+    candidate is checked before it is mapped to unconstrained space, where a scale of
+    exactly 0 has no image (log 0).
+    """
+    for name, value in values.items():
+        support = story.supports.get(name)
         if isinstance(support, constraints.greater_than) and float(support.lower_bound) == 0:
-            small = (value[0] < COLLAPSE_FRACTION * scale).nonzero()
+            value = torch.as_tensor(value)
+            small = (~(value >= COLLAPSE_FRACTION * scale)).nonzero()
             if len(small):
                 index = tuple(int(i) for i in small[0])
-                return f"{name}{list(index)} = {float(value[0][index]):.3g}"
+                return f"{name}{list(index)} = {float(value[index]):.3g}"
     return None
 
 
@@ -184,9 +191,14 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
             if iteration and record[-1] - record[-2] < options["tolerance"] * (1 + abs(objective)):
                 break
             joint, marginals = responsibilities(terms, enum_ndim, site_dims)
-            flat = _m_step(story, flat, joint.detach(), closed_form, marginals, data, priors,
-                           options["m_step_iterations"])
-            collapsed = _collapsed(story, flat, scale)
+            try:
+                flat = _m_step(story, flat, joint.detach(), closed_form, marginals, data,
+                               priors, options["m_step_iterations"], scale)
+            except _Collapse as collapse:
+                raise InferenceError(_collapse_message(iteration, objective, str(collapse),
+                                                       priors)) from None
+            collapsed = _collapsed(story, {n: v[0] for n, v in story.values(flat).items()},
+                                   scale)
             if collapsed is not None:
                 raise InferenceError(_collapse_message(iteration, objective, collapsed, priors))
     history = pd.DataFrame({name: record}, index=pd.RangeIndex(len(record), name="iteration"))
@@ -201,13 +213,27 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                         started, params=params)
 
 
-def _m_step(story, flat, joint, closed_form, marginals, data, priors, iterations):
-    """Maximise Q(theta) (+ log prior): the story's closed form, else L-BFGS from ``flat``."""
+class _Collapse(Exception):
+    """The closed-form M-step put a scale at (almost) zero; the message names it."""
+
+
+def _m_step(story, flat, joint, closed_form, marginals, data, priors, iterations, scale):
+    """Maximise Q(theta) (+ log prior): the story's closed form, else L-BFGS from ``flat``.
+
+    Raises
+    ------
+    _Collapse
+        When the closed form's optimum has a positive site at (almost) zero: the
+        likelihood is unbounded there, and no gradient step can do better.
+    """
     if closed_form is not None:
         with torch.no_grad():
             values = {n: v[0] for n, v in story.values(flat).items()}
             values.update({k: torch.as_tensor(v, dtype=torch.float64)
                            for k, v in closed_form(data, marginals).items()})
+            collapsed = _collapsed(story, values, scale)
+            if collapsed is not None:
+                raise _Collapse(collapsed)
             pieces = [story.sites.transforms[n].inv(values[n]).reshape(-1)
                       for n in story.sites.names]
         candidate = torch.cat(pieces)
