@@ -3,9 +3,9 @@
 For each draw of the continuous latent sites this gives: the discrete sites drawn from
 their exact conditional posterior (``infer_discrete``, Pyro's forward-filter
 backward-sample), the pointwise log-likelihood of each observation marginal over the
-enumerated discrete sites, and the log joint density. Draws are vectorised in an outer
-plate left of the story's plates; a story whose code cannot broadcast over that plate is
-evaluated one draw at a time instead (slower, same numbers).
+enumerated discrete sites (where it exists), and the log joint density. The draws are
+evaluated on the story's path (:mod:`ppl_notes.evaluation`): batched where that is
+checked to keep the story's meaning, one at a time otherwise.
 """
 
 from __future__ import annotations
@@ -21,15 +21,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import config_enumerate, infer_discrete
 
-from ppl_notes._sites import (
-    deterministic_sites,
-    is_enumerable,
-    latent_sites,
-    sample_sites,
-    trace_model,
-    trace_plate_nesting,
-)
-from ppl_notes.errors import StoryError
+from ppl_notes._sites import distribution_name, sample_sites
+from ppl_notes.evaluation import choose_path, evaluate, facts_of, run_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +37,14 @@ class DrawEvaluation:
     deterministic: dict[str, np.ndarray] = field(default_factory=dict)
     log_likelihood: dict[str, np.ndarray] = field(default_factory=dict)
     log_joint: np.ndarray | None = None
-    log_likelihood_error: str | None = None
+    log_likelihood_note: str | None = None
 
     @classmethod
-    def concatenate(cls, pieces: list[DrawEvaluation], error: str | None = None):
-        """Join evaluations of consecutive chunks of draws."""
+    def concatenate(cls, pieces: list[DrawEvaluation], note: str | None = None):
+        """Join evaluations of consecutive chunks of draws.
+
+        ``note`` says why no pointwise log-likelihood exists, where it does not.
+        """
         return cls(
             discrete={k: np.concatenate([p.discrete[k] for p in pieces])
                       for k in pieces[0].discrete},
@@ -57,50 +53,8 @@ class DrawEvaluation:
             log_likelihood={k: np.concatenate([p.log_likelihood[k] for p in pieces])
                             for k in pieces[0].log_likelihood},
             log_joint=np.concatenate([p.log_joint for p in pieces]),
-            log_likelihood_error=error,
+            log_likelihood_note=note,
         )
-
-
-@dataclass(frozen=True)
-class _Layout:
-    plate_nesting: int
-    batch_ndim: dict[str, int]
-    discrete: tuple[str, ...]
-    observed: tuple[str, ...]
-    continuous: tuple[str, ...]
-    pointwise_error: str | None
-    value_shapes: dict[str, tuple[int, ...]]
-    batch_shapes: dict[str, tuple[int, ...]]
-    deterministic: tuple[str, ...] = ()
-
-
-def layout_of(model, data: Mapping[str, Any]) -> _Layout:
-    """Which sites are discrete, continuous and observed, and their shapes."""
-    trace = trace_model(model, data, 0)
-    sites = sample_sites(trace)
-    nesting = trace_plate_nesting(trace)
-    discrete = tuple(n for n, s in sites.items() if not s["is_observed"] and is_enumerable(s["fn"]))
-    observed = tuple(n for n, s in sites.items() if s["is_observed"])
-    continuous = tuple(
-        n for n, s in sites.items() if not s["is_observed"] and n not in discrete
-    )
-    error = None
-    if discrete:
-        plates = {n: {f.name for f in sites[n]["cond_indep_stack"]} for n in discrete + observed}
-        if len(observed) != 1:
-            error = "pointwise log-likelihood with discrete latents needs exactly one observed site"
-        elif any(plates[d] != plates[observed[0]] for d in discrete):
-            error = (
-                "pointwise log-likelihood needs every discrete latent site in the same plates "
-                f"as {observed[0]!r} (one discrete value per observation)"
-            )
-    batch_ndim = {n: len(s["fn"].batch_shape) for n, s in sites.items()}
-    value_shapes = {n: tuple(s["value"].shape) for n, s in sites.items()}
-    batch_shapes = {n: tuple(s["fn"].batch_shape) for n, s in sites.items()}
-    deterministic = deterministic_sites(trace)
-    value_shapes.update({n: tuple(s["value"].shape) for n, s in deterministic.items()})
-    return _Layout(nesting, batch_ndim, discrete, observed, continuous, error,
-                   value_shapes, batch_shapes, tuple(deterministic))
 
 
 def evaluate_draws(
@@ -130,17 +84,18 @@ def evaluate_draws(
     -------
     DrawEvaluation
     """
-    layout = layout_of(model, data)
+    facts = facts_of(model, data)
+    path = choose_path(model, data, facts)
     num_draws = next(iter(draws.values())).shape[0]
-    per_draw = max(1, sum(int(v[0].numel()) for v in data.values() if torch.is_tensor(v)))
-    per_draw *= max(1, 2 ** len(layout.discrete))
+    per_draw = max(1, sum(int(v.numel()) for v in data.values() if torch.is_tensor(v)))
+    per_draw *= max(1, 2 ** len(facts.discrete))
     chunk = max(1, min(num_draws, _ELEMENTS_PER_CHUNK // per_draw))
     pieces = []
     with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
         for start in range(0, num_draws, chunk):
             values = {k: v[start : start + chunk] for k, v in draws.items()}
-            pieces.append(_evaluate_chunk(model, data, values, layout, recover_discrete))
-    return DrawEvaluation.concatenate(pieces, layout.pointwise_error)
+            pieces.append(_evaluate_chunk(model, data, values, facts, path, recover_discrete))
+    return DrawEvaluation.concatenate(pieces, facts.pointwise_note)
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
@@ -164,8 +119,8 @@ DISCRETE_BYTES_TO_MENTION = 256 * 2**20
 
 def discrete_cost(model, data: Mapping[str, Any], num_draws: int) -> int:
     """Bytes the recovered discrete draws take (one byte per element and draw, as int8)."""
-    layout = layout_of(model, data)
-    return num_draws * sum(int(np.prod(layout.value_shapes[n])) for n in layout.discrete)
+    facts = facts_of(model, data)
+    return num_draws * sum(int(np.prod(facts.value_shapes[n])) for n in facts.discrete)
 
 
 def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor], *,
@@ -188,136 +143,70 @@ def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tenso
                                 seed=seed)
     values = {k: v.detach().cpu().numpy() for k, v in draws.items()}
     values.update(evaluation.discrete)
-    order = latent_sites(trace_model(model, data, 0)) if order is None else order
+    order = facts_of(model, data).latent if order is None else order
     posterior = {n: values[n] for n in order if n in values}
     posterior.update(evaluation.deterministic)
     return posterior, evaluation
 
 
-def _evaluate_chunk(model, data, values, layout, recover_discrete) -> DrawEvaluation:
-    try:
-        return _evaluate_vectorized(model, data, values, layout, recover_discrete)
-    except (RuntimeError, ValueError, IndexError) as error:
-        logger.info("story %r does not broadcast over draws (%s); evaluating one draw at a "
-                    "time", getattr(model, "name", model), error)
-    singles = [
-        _evaluate_vectorized(model, data, {k: v[i : i + 1] for k, v in values.items()},
-                             layout, recover_discrete, vectorize=False)
-        for i in range(next(iter(values.values())).shape[0])
-    ]
-    return DrawEvaluation.concatenate(singles)
-
-
-def _vectorized_story(model, values, layout, vectorize):
-    """The story conditioned on ``values`` (draws first), inside a plate over the draws."""
-    plate_nesting = layout.plate_nesting
-    num = next(iter(values.values())).shape[0] if values else 1
-
-    def shaped(name, value):
-        if not vectorize:
-            return value[0]
-        pad = plate_nesting - layout.batch_ndim[name]
-        return value.reshape((num,) + (1,) * pad + tuple(value.shape[1:]))
-
-    conditioned = poutine.condition(model, data={k: shaped(k, v) for k, v in values.items()})
-
-    def story(**kwargs):
-        if not vectorize:
-            return conditioned(**kwargs)
-        with pyro.plate("_draws", num, dim=-(plate_nesting + 1)):
-            return conditioned(**kwargs)
-
-    enum_dim = -(plate_nesting + 2) if vectorize else -(plate_nesting + 1)
-    return story, num, enum_dim
-
-
-def log_joint(model, data, values, layout: _Layout, vectorize: bool = True,
-              deterministic: dict | None = None, priors: bool = True):
-    r"""Differentiable log joint density of each draw, and pointwise log-likelihoods.
-
-    Local discrete sites are summed out exactly:
-
-    .. math:: \log p(x,\theta) = \log p(\theta)
-              + \sum_i \log \sum_{z_i} p(z_i \mid \theta)\, p(x_i \mid z_i, \theta).
-
-    With ``priors=False`` the continuous sites' prior terms are left out: the result is
-    the log-likelihood :math:`\log p(x \mid \theta)` (the discrete sites' own
-    probabilities stay, they are part of it).
-
-    Returns
-    -------
-    (Tensor, dict of Tensor)
-        Shape ``(draws,)``, and per observed site ``(draws, *batch_shape)``. The values
-        of ``pyro.deterministic`` sites go into ``deterministic`` when it is given.
-    """
-    story, num, enum_dim = _vectorized_story(model, values, layout, vectorize)
-    enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
-    trace = poutine.trace(enumerated).get_trace(**data)
-    if deterministic is not None:
-        for name in layout.deterministic:
-            value = trace.nodes[name]["value"].expand(
-                (num,) if not vectorize else trace.nodes[name]["value"].shape)
-            deterministic[name] = value.reshape((num,) + layout.value_shapes[name])
-    trace.compute_log_prob()
-    total = 0.0
-    for name in layout.continuous if priors else ():
-        total = total + _sum_to_draws(trace.nodes[name]["log_prob"], num, vectorize)
-    pointwise = {}
-    if layout.discrete:
-        if layout.pointwise_error is not None:
-            raise StoryError(layout.pointwise_error)
-        factor = sum(trace.nodes[n]["log_prob"] for n in layout.discrete + layout.observed)
-        enum_ndim = factor.dim() - (layout.plate_nesting + (1 if vectorize else 0))
-        marginal = torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)
-        pointwise[layout.observed[0]] = marginal
-    else:
-        for name in layout.observed:
-            pointwise[name] = trace.nodes[name]["log_prob"].expand(
-                trace.nodes[name]["fn"].batch_shape)
-    for name, log_prob in pointwise.items():
-        total = total + _sum_to_draws(log_prob, num, vectorize)
-        pointwise[name] = log_prob.reshape((num,) + layout.batch_shapes[name])
-    return total, pointwise
-
-
-def _evaluate_vectorized(model, data, values, layout, recover_discrete, vectorize=True):
-    result = DrawEvaluation()
-    if layout.discrete and recover_discrete:
-        story, num, enum_dim = _vectorized_story(model, values, layout, vectorize)
-        sampler = infer_discrete(config_enumerate(story), first_available_dim=enum_dim,
-                                 temperature=1)
-        trace = poutine.trace(sampler).get_trace(**data)
-        for name in layout.discrete:
-            value = trace.nodes[name]["value"]
-            result.discrete[name] = _compact(_draw_major(value, num, layout.value_shapes[name]))
-    total, pointwise = log_joint(model, data, values, layout, vectorize, result.deterministic)
-    result.deterministic = {k: v.detach().cpu().numpy() for k, v in result.deterministic.items()}
-    result.log_likelihood = {k: v.detach().cpu().numpy() for k, v in pointwise.items()}
-    result.log_joint = total.detach().double().cpu().numpy()
+def _evaluate_chunk(model, data, values, facts, path, recover_discrete) -> DrawEvaluation:
+    evaluation = evaluate(model, data, facts, values, unconstrained=False, path=path)
+    result = DrawEvaluation(
+        deterministic={k: v.detach().cpu().numpy() for k, v in evaluation.deterministic.items()},
+        log_likelihood={k: v.detach().cpu().numpy() for k, v in evaluation.pointwise.items()},
+        log_joint=evaluation.total.detach().double().cpu().numpy())
+    if facts.discrete and recover_discrete:
+        result.discrete = {n: _compact(v) for n, v in
+                           _recover_discrete(model, data, facts, values, path).items()}
     return result
 
 
-def _draw_major(value: torch.Tensor, num: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Reshape a (vectorised) site value to ``(draws, *shape)``."""
-    return value.detach().cpu().reshape((num,) + tuple(shape)).numpy()
+def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]:
+    """Each draw's discrete sites from p(z | x, theta) (Pyro's ``infer_discrete``)."""
+    num = next(iter(values.values())).shape[0]
+    nesting = facts.plate_nesting
+    with run_dtype(facts.dtype), pyro.validation_enabled(False):
+        if path == "plate":
+            shaped = {n: v.to(facts.dtype).reshape(
+                (num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
+                for n, v in values.items()}
+            conditioned = poutine.condition(model, data=shaped)
 
+            def story(**kwargs):
+                with pyro.plate("_draws", num, dim=-(nesting + 1)):
+                    return conditioned(**kwargs)
 
-def _sum_to_draws(log_prob: torch.Tensor, num: int, vectorize: bool) -> torch.Tensor:
-    if not vectorize:
-        return log_prob.sum().reshape(1).double()
-    return log_prob.expand((num,) + log_prob.shape[1:]).reshape(num, -1).sum(-1).double()
+            sampler = infer_discrete(config_enumerate(story), first_available_dim=-(nesting + 2),
+                                     temperature=1)
+            trace = poutine.trace(sampler).get_trace(**data)
+            return {n: trace.nodes[n]["value"].reshape((num,) + facts.value_shapes[n]).numpy()
+                    for n in facts.discrete}
+        draws = {n: [] for n in facts.discrete}
+        for i in range(num):
+            conditioned = poutine.condition(model, data={k: v[i].to(facts.dtype)
+                                                         for k, v in values.items()})
+            sampler = infer_discrete(config_enumerate(conditioned),
+                                     first_available_dim=-(nesting + 1), temperature=1)
+            trace = poutine.trace(sampler).get_trace(**data)
+            for n in facts.discrete:
+                draws[n].append(trace.nodes[n]["value"].reshape(facts.value_shapes[n]))
+    return {n: torch.stack(v).numpy() for n, v in draws.items()}
 
 
 def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: int, seed: int,
-                 sites: tuple[str, ...] | None = None):
+                 sites: tuple[str, ...] | None = None, dtype: torch.dtype = torch.float64):
     r"""Draw ``num_draws`` values of every guide site, and log q of each draw.
+
+    The draws are taken in one run of the guide inside a plate over the draws where that
+    is checked to give, at a few draws, the log q that the guide gives one draw at a
+    time; otherwise the guide runs once per draw.
 
     Returns
     -------
     (dict of Tensor, numpy.ndarray)
         Site values with a leading draw dim, and :math:`\log q(\theta_s)`.
     """
-    with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
+    with pyro.poutine.seed(rng_seed=seed), torch.no_grad(), run_dtype(dtype):
         plain = poutine.trace(guide).get_trace(**data)
         # log q sums every guide site, auxiliary ones too (an autoguide draws an
         # unconstrained auxiliary value and a Delta carrying the Jacobian).
@@ -332,8 +221,12 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
 
             trace = poutine.trace(vectorized).get_trace(**data)
             trace.compute_log_prob()
-            values = {n: trace.nodes[n]["value"].reshape((num_draws,) + shapes[n]) for n in names}
-            log_q = sum(_sum_to_draws(trace.nodes[n]["log_prob"], num_draws, True) for n in drawn)
+            every = {n: trace.nodes[n]["value"].reshape((num_draws,) + shapes[n]) for n in drawn}
+            log_q = sum(trace.nodes[n]["log_prob"].expand((num_draws,) + trace.nodes[n][
+                "log_prob"].shape[1:]).reshape(num_draws, -1).sum(-1).double() for n in drawn)
+            point_masses = {n for n, s in drawn.items() if distribution_name(s["fn"]) == "Delta"}
+            _check_guide_draws(guide, data, every, log_q, point_masses)
+            values = {n: every[n] for n in names}
         except (RuntimeError, ValueError, IndexError) as error:
             logger.info("guide does not broadcast over draws (%s); drawing one at a time", error)
             traces = [poutine.trace(guide).get_trace(**data) for _ in range(num_draws)]
@@ -342,3 +235,19 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
             values = {n: torch.stack([t.nodes[n]["value"] for t in traces]) for n in names}
             log_q = torch.stack([sum(t.nodes[n]["log_prob_sum"] for n in drawn) for t in traces])
     return values, np.asarray(log_q, dtype=float)
+
+
+def _check_guide_draws(guide, data, values, log_q, point_masses, count: int = 3) -> None:
+    """Raise ``ValueError`` where the batched draws' log q is not the one-draw guide's.
+
+    Point masses (an autoguide's constrained values) are recomputed from the conditioned
+    draws rather than conditioned on: their density is defined only at exactly their value.
+    """
+    for i in range(min(count, log_q.shape[0])):
+        given = {n: v[i] for n, v in values.items() if n not in point_masses}
+        trace = poutine.trace(poutine.condition(guide, data=given)).get_trace(**data)
+        single = float(sum(site["fn"].log_prob(site["value"]).sum()
+                           for n, site in sample_sites(trace).items() if n in values))
+        if not np.isclose(single, float(log_q[i]), rtol=1e-6, atol=1e-8):
+            raise ValueError(f"the guide drawn in a plate gives log q {float(log_q[i]):.6g} at "
+                             f"draw {i}, one draw at a time {single:.6g}")

@@ -2,12 +2,14 @@ r"""A story's potential energy on a batch of flat, unconstrained float64 vectors
 
 NUTS needs :math:`U(q) = -\log p(x, T(q)) - \log|\det J_T(q)|` and its gradient, where
 :math:`T` maps the unconstrained space onto each latent site's support
-(``biject_to(support)``, as Pyro and Stan do). Here one call evaluates it for a whole
-batch of chains: the story runs once inside a plate over the chains, local discrete sites
-are summed out exactly (:func:`~ppl_notes.inference._draws.log_joint`), and the
-computation is traced once with :func:`torch.jit.trace`, so each later call runs a fixed
-graph without Pyro's per-call bookkeeping. Where the story's discrete sites are not local
-to its observations, Pyro's own potential (``initialize_model``) is called chain by chain.
+(``biject_to(support)`` of the support the site has at that evaluation, as Pyro, Stan and
+NumPyro do). One call evaluates it for a whole batch of chains, on the story's
+evaluation path (:mod:`ppl_notes.evaluation`: Pyro's plates for a batch-aware story,
+``torch.func.vmap`` over the one-draw story, or one chain at a time), with every
+enumerable discrete site summed out exactly. On the batched paths the potential and its
+gradient are captured once as one graph and compiled (inductor, or TorchScript for the
+plate path); the compiled graph is checked against the eager one at prior draws before
+it is used.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_sample
-from pyro.infer.mcmc.util import initialize_model
 
-from ppl_notes._sites import sample_sites, trace_model
 from ppl_notes.errors import InferenceError
+from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
+from ppl_notes.evaluation.density import trace_with
 from ppl_notes.inference._compile import capture
-from ppl_notes.inference._draws import layout_of, log_joint
+from ppl_notes.inference._draws import _ELEMENTS_PER_CHUNK
 
 
 def _compile_value_and_grad(potential, example: torch.Tensor):
@@ -80,49 +82,60 @@ class BatchedPotential:
     num_chains : int
         The batch size every call uses.
     compiler : {"inductor", "torchscript", "none"}
-        How the computation is compiled: ``"inductor"`` captures potential and gradient
-        as one graph of tensor operations (``make_fx``) and compiles it to fused C++ with
-        ``torch.compile`` (seconds to compile, then several times faster per call);
-        ``"torchscript"`` traces the potential with :func:`torch.jit.trace` and
-        differentiates it with autograd; ``"none"`` runs Pyro every call.
+        How the computation is compiled on a batched path: ``"inductor"`` captures
+        potential and gradient as one graph of tensor operations (``make_fx``) and
+        compiles it to fused C++ (seconds to compile, then several times faster per
+        call); ``"torchscript"`` traces the potential with :func:`torch.jit.trace` (plate
+        path only) and differentiates it with autograd; ``"none"`` runs Pyro every call.
+        The one-chain-at-a-time path is never compiled: a story that needs it branches
+        on values, which a captured graph would freeze.
     """
 
     def __init__(self, model, data: Mapping[str, Any], num_chains: int,
                  compiler: str = "torchscript"):
-        self.model, self.data, self.num_chains = model, dict(data), num_chains
-        self.layout = layout_of(model, data)
-        trace = trace_model(model, data, 0)
-        sites = sample_sites(trace)
-        self.names = list(self.layout.continuous)
-        self.transforms = {n: biject_to(sites[n]["fn"].support) for n in self.names}
-        with torch.no_grad():
-            self.shapes = {n: tuple(self.transforms[n].inv(sites[n]["value"]).shape)
-                           for n in self.names}
+        self.model, self.data, self.num_chains = model, data, num_chains
+        self.facts = facts_of(model, data)
+        self.path = choose_path(model, data, self.facts)
+        self.names = list(self.facts.continuous)
+        self.shapes = {n: self.facts.unconstrained_shapes[n] for n in self.names}
+        #: the maps to the supports at the story's first trace (for starting values given
+        #: on the sites' own scale; the potential itself maps with each call's supports)
+        self.transforms = {n: biject_to(self.facts.supports[n]) for n in self.names}
         self.sizes = [int(np.prod(self.shapes[n], dtype=int)) for n in self.names]
         self.dim = sum(self.sizes)
-        self.uses_pyro_potential = self.layout.pointwise_error is not None
-        if self.uses_pyro_potential:
-            self._pyro_potential = self._build_pyro_potential()
         self._fn = self._potential
         self._value_and_grad = None
-        self.compiler = "none" if self.uses_pyro_potential else compiler
+        self.compiler = compiler_for(self.path, compiler)
         example = torch.zeros(num_chains, self.dim, dtype=torch.float64)
         if self.compiler == "inductor":
             try:
                 self._value_and_grad = _compile_value_and_grad(self._potential, example)
-            except Exception as error:  # noqa: BLE001 - any compiler failure: say so, use TorchScript
-                logger.warning("torch.compile failed for story %r (%s: %s); using TorchScript",
-                               getattr(model, "name", model), type(error).__name__, error)
-                self.compiler = "torchscript"
+            except Exception as error:  # noqa: BLE001 - any compiler failure: say so, run eager
+                logger.warning("compiling the potential of story %r failed (%s: %s); it runs "
+                               "uncompiled", getattr(model, "name", model),
+                               type(error).__name__, error)
+                self.compiler = "none"
         if self.compiler == "torchscript":
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
                 self._fn = torch.jit.trace(self._potential, (example,), check_trace=False)
+        if self.compiler != "none" and not self._compiled_agrees():
+            logger.warning("the compiled potential of story %r differs from the story at a "
+                           "prior draw (it branches on values?); it runs uncompiled",
+                           getattr(model, "name", model))
+            self.compiler, self._fn, self._value_and_grad = "none", self._potential, None
 
-    def _build_pyro_potential(self):
-        _, potential_fn, _, _ = initialize_model(
-            self.model, model_kwargs=self.data, max_plate_nesting=self.layout.plate_nesting)
-        return potential_fn
+    def _compiled_agrees(self) -> bool:
+        """Whether the compiled potential equals the eager one at the prior check points."""
+        points = check_points(self.model, self.data, self.facts)
+        if not points:
+            return True
+        flat = torch.cat([points[n].reshape(points[n].shape[0], -1) for n in self.names], -1)
+        flat = flat.double()[torch.arange(self.num_chains) % flat.shape[0]].numpy()
+        compiled = self(flat)
+        eager = _eager_value_and_grad(self._potential, flat)
+        return all(np.allclose(a, b, rtol=1e-6, atol=1e-8, equal_nan=True)
+                   for a, b in zip(compiled, eager, strict=True))
 
     # -- flat <-> sites ---------------------------------------------------------------
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,52 +153,42 @@ class BatchedPotential:
     def constrain(self, flat_draws: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Map unconstrained draws ``(draws, dim)`` to each site's support.
 
-        A float64 tensor passes through as is, so gradients flow to it.
+        The story is run, so a support that depends on another site is honoured. A float64
+        tensor passes through as is, so gradients flow to it; arrays are mapped in chunks.
         """
-        sites = self.unflatten(torch.as_tensor(flat_draws, dtype=torch.float64))
-        return {n: self.transforms[n](v) for n, v in sites.items()}
-
-    def unconstrain(self, values: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """Map constrained draws (draws first) to ``(draws, dim)`` unconstrained vectors."""
-        pieces = [self.transforms[n].inv(values[n]).reshape(values[n].shape[0], -1)
-                  for n in self.names]
-        return torch.cat(pieces, dim=-1).double().numpy()
+        flat = torch.as_tensor(flat_draws, dtype=torch.float64)
+        if flat.requires_grad:
+            return self._evaluate(flat, jacobian=False).constrained
+        per_draw = max(1, sum(int(v.numel()) for v in self.data.values() if torch.is_tensor(v)))
+        chunk = max(1, _ELEMENTS_PER_CHUNK // (per_draw * max(1, 2 ** len(self.facts.discrete))))
+        with torch.no_grad():
+            pieces = [self._evaluate(flat[i:i + chunk], jacobian=False).constrained
+                      for i in range(0, flat.shape[0], chunk)]
+        return {n: torch.cat([p[n] for p in pieces]) for n in pieces[0]}
 
     # -- the potential ----------------------------------------------------------------
+    def _evaluate(self, flat: torch.Tensor, jacobian: bool = True, priors: bool = True):
+        return evaluate(self.model, self.data, self.facts, self.unflatten(flat),
+                        unconstrained=True, path=self.path, jacobian=jacobian, priors=priors)
+
     def _potential(self, flat: torch.Tensor) -> torch.Tensor:
-        batch = flat.shape[0]
-        values, log_det = {}, torch.zeros(batch, dtype=flat.dtype)
-        for name, unconstrained in self.unflatten(flat).items():
-            transform = self.transforms[name]
-            value = transform(unconstrained)
-            values[name] = value
-            jacobian = transform.log_abs_det_jacobian(unconstrained, value)
-            log_det = log_det + jacobian.reshape(batch, -1).sum(-1)
-        total, _ = log_joint(self.model, self.data, values, self.layout)
-        return -(total + log_det)
+        return -self._evaluate(flat).total
+
+    def log_density(self, flat: torch.Tensor, priors: bool = True) -> torch.Tensor:
+        r"""Differentiable log density at ``(batch, dim)`` unconstrained points.
+
+        :math:`\log p(x, \theta)`, or :math:`\log p(x \mid \theta)` with ``priors=False``,
+        without the Jacobian: the density of the sites themselves, whose mode MAP and MLE
+        seek.
+        """
+        return self._evaluate(flat, jacobian=False, priors=priors).total
 
     def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Potentials ``(batch,)`` and gradients ``(batch, dim)`` at ``positions``."""
-        if self.uses_pyro_potential:
-            return self._call_pyro(positions)
         if self._value_and_grad is not None:
             value, grad = self._value_and_grad(torch.from_numpy(np.ascontiguousarray(positions)))
             return value.numpy(), grad.numpy()
-        x = torch.from_numpy(np.ascontiguousarray(positions)).requires_grad_(True)
-        value = self._fn(x)
-        (grad,) = torch.autograd.grad(value.sum(), x)
-        return value.detach().numpy(), grad.numpy()
-
-    def _call_pyro(self, positions):
-        values, grads = [], []
-        for row in positions:
-            x = torch.from_numpy(row.copy()).requires_grad_(True)
-            sites = {n: v[0] for n, v in self.unflatten(x[None]).items()}
-            value = self._pyro_potential(sites)
-            (grad,) = torch.autograd.grad(value, x)
-            values.append(float(value.detach()))
-            grads.append(grad.numpy())
-        return np.array(values), np.stack(grads)
+        return _eager_value_and_grad(self._fn, positions)
 
     def initial_points(self, init: str, seeds: list[int]) -> np.ndarray:
         """One starting point per seed, by the named init strategy, unconstrained."""
@@ -193,9 +196,10 @@ class BatchedPotential:
         points = []
         for seed in seeds:
             pyro.set_rng_seed(seed)
-            with torch.no_grad():
+            with torch.no_grad(), run_dtype(self.facts.dtype):
                 trace = poutine.trace(InitMessenger(strategy)(self.model)).get_trace(**self.data)
-                values = {n: self.transforms[n].inv(trace.nodes[n]["value"]) for n in self.names}
+                values = {n: biject_to(trace.nodes[n]["fn"].support).inv(trace.nodes[n]["value"])
+                          .double() for n in self.names}
             point = self.flatten(values)
             value, _ = self(np.repeat(point[None], self.num_chains, axis=0))
             if not np.isfinite(value[0]):
@@ -204,7 +208,7 @@ class BatchedPotential:
                 raise InferenceError(
                     f"NUTS cannot start: the log density of story "
                     f"{getattr(self.model, 'name', '')!r} is not finite{where} at the starting "
-                    f"point {self._describe(values)}; check the priors and the data, or pass "
+                    f"point {self._describe(trace)}; check the priors and the data, or pass "
                     "init='sample'"
                 )
             points.append(point)
@@ -212,18 +216,24 @@ class BatchedPotential:
 
     def _non_finite_sites(self, values) -> list[str]:
         """The sample sites whose log density is not finite at these (unconstrained) values."""
-        constrained = {n: self.transforms[n](v) for n, v in values.items()}
-        with torch.no_grad(), pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(self.model, data=constrained)).get_trace(
-                **self.data)
-            bad = []
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                log_prob = site["fn"].log_prob(site["value"])
-                if not bool(torch.isfinite(log_prob).all()):
-                    bad.append(name)
-        return bad
+        with torch.no_grad(), pyro.validation_enabled(False), run_dtype(self.facts.dtype):
+            trace, _, _ = trace_with(self.model, self.data, self.facts, values, True)
+        return [name for name, site in trace.nodes.items() if site["type"] == "sample"
+                and not bool(torch.isfinite(site["log_prob"]).all())]
 
-    def _describe(self, values) -> str:
-        return ", ".join(f"{n}={self.transforms[n](v).tolist()}" for n, v in values.items())
+    def _describe(self, trace) -> str:
+        return ", ".join(f"{n}={trace.nodes[n]['value'].tolist()}" for n in self.names)
+
+
+def compiler_for(path: str, requested: str) -> str:
+    """The compiler a path can use: none for one chain at a time, TorchScript for plates."""
+    if path == "loop" or (requested == "torchscript" and path != "plate"):
+        return "none"
+    return requested
+
+
+def _eager_value_and_grad(potential, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.from_numpy(np.ascontiguousarray(positions)).requires_grad_(True)
+    value = potential(x)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach().numpy(), grad.numpy()

@@ -32,15 +32,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyro.poutine as poutine
+import pyro
 import torch
 from pyro.distributions import constraints
-from pyro.infer import config_enumerate
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import sample_sites, trace_model
 from ppl_notes.errors import InferenceError, OptionError, StoryError
-from ppl_notes.inference._draws import _vectorized_story
+from ppl_notes.evaluation import run_dtype
+from ppl_notes.evaluation.density import trace_with
 from ppl_notes.inference._options import Option, positive_int
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference._result import RunResult
@@ -76,17 +75,19 @@ class EnumeratedStory:
     def __init__(self, model, data: Mapping[str, Any]) -> None:
         self.model, self.data = model, data
         self.sites = BatchedPotential(model, data, 1, compiler="none")
-        layout = self.sites.layout
-        if not layout.discrete:
+        facts = self.sites.facts
+        if not facts.discrete:
             raise StoryError(
                 f"method 'em' needs a story with discrete latent sites (the E-step's "
                 f"q(z)); story {getattr(model, 'name', model)!r} has none: use 'map' or "
                 "'mle' for its point estimate")
-        if layout.pointwise_error is not None:
-            raise StoryError(f"method 'em' cannot enumerate this story: {layout.pointwise_error}")
-        self.layout = layout
-        self.supports = {n: s["fn"].support
-                         for n, s in sample_sites(trace_model(model, data, 0)).items()}
+        if not facts.local_discrete:
+            raise StoryError(
+                f"method 'em' here needs discrete sites local to the observations (one per "
+                f"observation): {facts.pointwise_note} Use 'map' (the discrete sites are "
+                "summed out exactly) or 'svi'/'nuts'")
+        self.layout = facts
+        self.supports = facts.supports
 
     def values(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Constrained site values (leading dim 1) at unconstrained ``flat``."""
@@ -94,11 +95,10 @@ class EnumeratedStory:
 
     def __call__(self, flat: torch.Tensor):
         """``(log prior, complete-data terms, {discrete site: its enumerated dim})``."""
-        story, _, enum_dim = _vectorized_story(self.model, self.values(flat), self.layout,
-                                               vectorize=False)
-        enumerated = poutine.enum(config_enumerate(story), first_available_dim=enum_dim)
-        trace = poutine.trace(enumerated).get_trace(**self.data)
-        trace.compute_log_prob()
+        with run_dtype(self.layout.dtype), pyro.validation_enabled(False):
+            trace, _, _ = trace_with(self.model, self.data, self.layout,
+                                     {n: v[0] for n, v in self.sites.unflatten(flat[None]).items()},
+                                     unconstrained=True)
         prior = sum((trace.nodes[n]["log_prob"].sum() for n in self.layout.continuous),
                     torch.zeros((), dtype=flat.dtype))
         terms = sum(trace.nodes[n]["log_prob"] for n in self.layout.discrete + self.layout.observed)

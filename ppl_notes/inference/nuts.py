@@ -39,7 +39,11 @@ from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
 from ppl_notes.inference._draws import posterior_of
 from ppl_notes.inference._options import Option, choice, open_unit, positive_int
-from ppl_notes.inference._potential import BatchedPotential, init_to_prior_median
+from ppl_notes.inference._potential import (
+    BatchedPotential,
+    compiler_for,
+    init_to_prior_median,
+)
 from ppl_notes.inference._result import RunResult
 
 OPTIONS = (
@@ -98,8 +102,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options=options,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
               "parameters": potential.dim, "marginal_story": potential.model is not model,
-              "compiler": resolve_compiler(options["compiler"])
-              if options["engine"] == "fast" else "none", "draws_kept": draws},
+              "compiler": compiler_for(potential.path, resolve_compiler(options["compiler"]))
+              if options["engine"] == "fast" else "none",
+              "path": potential.path, "path_reason": potential.facts.path_reason,
+              "draws_kept": draws},
         seconds=time.perf_counter() - started,
         partial=partial,
     )
@@ -187,7 +193,7 @@ def _run_pyro(model, data, seed, progress, options):
         pyro.set_rng_seed(seed * 1000 + chain)
         kernel = PyroNUTS(model, target_accept_prob=options["target_accept"],
                           max_tree_depth=options["max_tree_depth"],
-                          max_plate_nesting=potential.layout.plate_nesting, init_strategy=init)
+                          max_plate_nesting=potential.facts.plate_nesting, init_strategy=init)
         kept: list[np.ndarray] = []
 
         def keep(_kernel, params, stage, _i, kept=kept):

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_notes.errors import InferenceError
-from ppl_notes.inference._draws import log_joint, posterior_of
+from ppl_notes.inference._draws import posterior_of
 from ppl_notes.inference._options import Option, choice, positive_int
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference._result import RunResult
@@ -73,10 +73,7 @@ class PointObjective:
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The objective at ``flat`` (shape ``(dim,)``), differentiable."""
-        total, _ = log_joint(self.model, self.data, self.sites.constrain(flat[None]),
-                             self.sites.layout,
-                             priors=self.priors)
-        return -total[0]
+        return -self.sites.log_density(flat[None], priors=self.priors)[0]
 
 
 def maximise(objective: Callable[[torch.Tensor], torch.Tensor], start, steps: int,

@@ -1,0 +1,216 @@
+r"""The log density of a story at a batch of draws, on each of three paths.
+
+For draws :math:`\theta_1..\theta_S` of the continuous latent sites this gives, per draw,
+
+.. math:: \log p(x, \theta_s) = \log p(\theta_s) + \log \sum_z p(z \mid \theta_s)
+          \, p(x \mid z, \theta_s)
+
+with every enumerable discrete site :math:`z` summed out exactly (Pyro's enumeration and
+tensor variable elimination, so global discrete sites and Markov chains work too), the
+pointwise log-likelihood where it exists, the ``pyro.deterministic`` values and the
+constrained values. Given unconstrained draws :math:`u`, :math:`\theta = T(u)` per site and
+:math:`\log|\det J_T(u)|` is added: NUTS's potential is minus that total.
+
+The paths compute the same numbers (:mod:`~ppl_notes.evaluation.paths` checks it):
+
+* ``"plate"``: the draws in one extra Pyro plate left of the story's own, one run of
+  the story for all of them. Fastest, but only right for stories written batch-aware.
+* ``"vmap"``: the one-draw computation mapped over the draws by
+  :func:`torch.func.vmap`, as NumPyro maps with ``jax.vmap``: the story sees one draw, so
+  ``X @ w`` and ``locs[z]`` keep their meaning.
+* ``"loop"``: the one-draw computation once per draw. Always right; as slow as Pyro.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import config_enumerate
+from pyro.infer.mcmc.util import TraceEinsumEvaluator
+
+from ppl_notes.evaluation.facts import StoryFacts
+from ppl_notes.evaluation.handlers import (
+    Unconstrain,
+    VmapSafeEnum,
+    run_dtype,
+    vmap_safe_contraction,
+)
+
+__all__ = ["Evaluation", "evaluate", "trace_with", "PATHS"]
+
+PATHS = ("plate", "vmap", "loop")
+
+
+class Evaluation(NamedTuple):
+    """Per draw (leading dim): log density and the story's values at the draw.
+
+    ``pointwise`` is the log-likelihood of each declared observation, ``deterministic``
+    the ``pyro.deterministic`` sites, ``constrained`` the latent sites on their supports.
+    """
+
+    total: torch.Tensor
+    pointwise: dict[str, torch.Tensor]
+    deterministic: dict[str, torch.Tensor]
+    constrained: dict[str, torch.Tensor]
+
+
+def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
+             values: Mapping[str, torch.Tensor], *, unconstrained: bool, path: str,
+             priors: bool = True, jacobian: bool = True) -> Evaluation:
+    """Evaluate the story at ``values`` (each with a leading draw dim) on ``path``.
+
+    Parameters
+    ----------
+    model, data
+        The story and its prepared data.
+    facts : StoryFacts
+        The story's facts (:func:`~ppl_notes.evaluation.facts.facts_of`).
+    values : dict of Tensor
+        The continuous latent sites, draws first: constrained, or on the unconstrained
+        space when ``unconstrained`` (then the log-Jacobian is part of the total).
+    path : {"plate", "vmap", "loop"}
+    priors : bool
+        ``False`` leaves the continuous sites' prior terms out (the log-likelihood).
+    jacobian : bool
+        With ``unconstrained``: add the log-Jacobian of the map to the supports (NUTS's
+        density of ``u``); ``False`` gives the density of the constrained values
+        themselves (the mode MAP and MLE look for).
+
+    Returns
+    -------
+    Evaluation
+        ``total`` is float64, shape ``(draws,)``; gradients flow to ``values``.
+    """
+    dtype = facts.dtype
+    values = {k: v.to(dtype) for k, v in values.items()}
+    with run_dtype(dtype), pyro.validation_enabled(False), vmap_safe_contraction():
+        if path == "plate":
+            result = _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian)
+        elif path == "vmap":
+            def one(draw):
+                return _evaluate_one(model, data, facts, draw, unconstrained, priors, jacobian)
+
+            result = Evaluation(*torch.func.vmap(one, randomness="different")(values))
+        elif path == "loop":
+            num = next(iter(values.values())).shape[0]
+            pieces = [_evaluate_one(model, data, facts, {k: v[i] for k, v in values.items()},
+                                    unconstrained, priors, jacobian) for i in range(num)]
+            result = Evaluation(
+                torch.stack([p.total for p in pieces]),
+                *({k: torch.stack([getattr(p, part)[k] for p in pieces])
+                   for k in getattr(pieces[0], part)}
+                  for part in ("pointwise", "deterministic", "constrained")))
+        else:
+            raise ValueError(f"unknown evaluation path {path!r}; the paths are {PATHS}")
+    return result._replace(total=result.total.double())
+
+
+def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=None):
+    """Trace the story with ``values`` substituted and discrete sites enumerated.
+
+    Returns the trace (log probabilities computed), the constrained values and, for
+    unconstrained ``values``, each site's log-Jacobian. ``enum_dim`` defaults to the dim
+    left of the story's plates (one draw, no draw dim).
+    """
+    enum_dim = -(facts.plate_nesting + 1) if enum_dim is None else enum_dim
+    handler = Unconstrain(values) if unconstrained else None
+    story = handler(model) if handler is not None else poutine.condition(model, data=values)
+    if outer is not None:
+        story = outer(story)
+    if facts.discrete:
+        story = VmapSafeEnum(first_available_dim=enum_dim)(config_enumerate(story))
+    trace = poutine.trace(story).get_trace(**data)
+    trace.compute_log_prob()
+    if handler is None:
+        constrained, log_det = dict(values), {}
+    else:
+        constrained, log_det = handler.constrained, handler.log_det
+    return trace, constrained, log_det
+
+
+def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian) -> Evaluation:
+    """One draw (no draw dim): the story as its author wrote it."""
+    trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained)
+    log_det = log_det if jacobian else {}
+    zero = torch.zeros((), dtype=facts.dtype)
+    if facts.discrete:
+        total = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
+        if not priors:
+            total = total - sum((trace.nodes[n]["log_prob"].sum() for n in facts.continuous),
+                                zero)
+    else:
+        sites = [n for n in facts.observed + (facts.continuous if priors else ())]
+        total = sum((trace.nodes[n]["log_prob"].sum() for n in sites), zero)
+    total = total + sum((d.sum() for d in log_det.values()), zero)
+    pointwise = _pointwise(trace, facts, vectorized=False)
+    pointwise = {n: v.reshape(facts.batch_shapes[n]) for n, v in pointwise.items()}
+    deterministic = {n: trace.nodes[n]["value"].reshape(facts.value_shapes[n])
+                     for n in facts.deterministic}
+    constrained = {n: constrained[n].reshape(facts.value_shapes[n]) for n in facts.continuous
+                   if n in constrained}
+    return Evaluation(total, pointwise, deterministic, constrained)
+
+
+def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:
+    """Each declared observation's log-likelihood, discrete sites summed out per observation."""
+    if facts.pointwise_note is not None:
+        return {}
+    if not facts.discrete:
+        return {n: trace.nodes[n]["log_prob"] for n in facts.likelihood}
+    name = facts.likelihood[0]
+    factor = sum(trace.nodes[n]["log_prob"] for n in facts.discrete + (name,))
+    enum_ndim = factor.dim() - facts.plate_nesting - (1 if vectorized else 0)
+    return {name: torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)}
+
+
+def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian) -> Evaluation:
+    """Every draw at once, in a plate over the draws left of the story's plates."""
+    num = next(iter(values.values())).shape[0]
+    nesting = facts.plate_nesting
+    shaped = {n: v.reshape((num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
+              for n, v in values.items()}
+
+    def outer(story):
+        def in_plate(**kwargs):
+            with pyro.plate("_draws", num, dim=-(nesting + 1)):
+                return story(**kwargs)
+        return in_plate
+
+    trace, constrained, log_det = trace_with(model, data, facts, shaped, unconstrained,
+                                             -(nesting + 2), outer)
+    log_det = log_det if jacobian else {}
+    if facts.discrete and not facts.local_discrete:
+        raise ValueError("the plate path sums out only local discrete sites")
+    total = torch.zeros(num, dtype=facts.dtype)
+    terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
+    pointwise = _pointwise(trace, facts, vectorized=True)
+    if facts.discrete:
+        terms += list(pointwise.values())
+        terms += [trace.nodes[n]["log_prob"] for n in facts.observed if n not in pointwise]
+    else:
+        terms += [trace.nodes[n]["log_prob"] for n in facts.observed]
+    for term in terms + list(log_det.values()):
+        total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
+    pointwise = {n: _per_draw(v, num, facts.batch_shapes[n]) for n, v in pointwise.items()}
+    deterministic = {n: _per_draw(trace.nodes[n]["value"], num, facts.value_shapes[n])
+                     for n in facts.deterministic}
+    constrained = {n: _per_draw(constrained[n], num, facts.value_shapes[n])
+                   for n in facts.continuous if n in constrained}
+    return Evaluation(total, pointwise, deterministic, constrained)
+
+
+def _per_draw(value: torch.Tensor, num: int, shape: tuple[int, ...] | None = None):
+    """A plate-path tensor as ``(draws, *shape)``, broadcasting what does not vary by draw."""
+    if shape is None:
+        lead = value.shape[0] if value.dim() else 1
+        if lead != num:
+            value = value.expand((num,) + tuple(value.shape[1:] if value.dim() else ()))
+        return value
+    size = int(torch.tensor(shape).prod()) if shape else 1
+    if value.numel() == num * size:
+        return value.reshape((num,) + tuple(shape))
+    return value.reshape(-1).reshape(shape).expand((num,) + tuple(shape))

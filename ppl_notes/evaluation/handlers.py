@@ -1,0 +1,100 @@
+"""Pyro handlers the evaluation layer runs stories under.
+
+* :class:`Unconstrain` substitutes latent values given on the unconstrained space and
+  maps each through ``biject_to`` of the support the site has *at that moment*, as
+  NumPyro's potential does: a bound that depends on another parameter (GARCH's
+  ``beta1 < 1 - alpha1``) is honoured at every evaluation, not frozen at the start.
+* :class:`VmapSafeEnum` is Pyro's enumeration without its one read of ``Tensor.data``,
+  which ``torch.func.vmap`` forbids.
+* :func:`vmap_safe_contraction` swaps Pyro's ``safe_log`` (an ``autograd.Function``
+  without the ``setup_context`` that functorch transforms need) for ``torch.log`` inside
+  the log-space einsum that sums enumerated sites out; the operands there are shifted by
+  their maximum, so the argument of the log is positive wherever the result is finite.
+* :func:`run_dtype` runs a story under the run's dtype, so the constants a user writes
+  with torch's default dtype (``torch.ones(3)``, ``dist.Beta(5., 5.)``) agree with data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping
+
+import pyro.ops.einsum.torch_log as torch_log_einsum
+import torch
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
+
+__all__ = ["Unconstrain", "VmapSafeEnum", "vmap_safe_contraction", "run_dtype"]
+
+
+class Unconstrain(Messenger):
+    r"""Substitute latent sites from unconstrained values, recording the log-Jacobian.
+
+    For each named site :math:`\theta = T(u)` with :math:`T` = ``biject_to(support)``
+    of the site's distribution as the story builds it; ``log_det[name]`` holds
+    :math:`\log|\det J_T(u)|` with the site's batch shape, ``constrained[name]`` the
+    value.
+    """
+
+    def __init__(self, values: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+        self.log_det: dict[str, torch.Tensor] = {}
+        self.constrained: dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if name not in self.values or msg["is_observed"]:
+            return
+        unconstrained = self.values[name]
+        transform = biject_to(msg["fn"].support)
+        value = transform(unconstrained)
+        self.log_det[name] = transform.log_abs_det_jacobian(unconstrained, value)
+        self.constrained[name] = value
+        msg["value"] = value
+        msg["is_observed"] = True
+
+
+class VmapSafeEnum(EnumMessenger):
+    """Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger`, usable under vmap."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        # Pyro's version reads ``value.data.shape``; under vmap only ``value.shape`` exists.
+        if not isinstance(msg["fn"], TorchDistributionMixin) or msg["value"] is None:
+            return
+        value = msg["value"]
+        shape = value.shape[: value.dim() - msg["fn"].event_dim]
+        dim_to_id = msg["infer"].setdefault("_dim_to_id", {})
+        dim_to_id.update(self._param_dims.get(msg["name"], {}))
+        self._value_dims[msg["name"]] = {
+            dim: id_ for dim, id_ in dim_to_id.items() if len(shape) >= -dim and shape[dim] > 1
+        }
+
+
+_contraction_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def vmap_safe_contraction():
+    """Pyro's log-space einsum with ``torch.log`` in place of ``safe_log``."""
+    with _contraction_lock:
+        original = torch_log_einsum.safe_log
+        torch_log_einsum.safe_log = torch.log
+        try:
+            yield
+        finally:
+            torch_log_einsum.safe_log = original
+
+
+@contextlib.contextmanager
+def run_dtype(dtype: torch.dtype):
+    """Run with ``dtype`` as torch's default dtype (restored afterwards)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

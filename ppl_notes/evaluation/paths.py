@@ -1,0 +1,104 @@
+"""Choose how a batch of draws is evaluated: decided by checking, never assumed.
+
+A story is evaluated at a few draws from its prior one draw at a time (the ``"loop"``
+path: exactly what its author wrote); then the vectorised paths are tried on the same
+draws in order of speed, ``"plate"`` (Pyro's vectorised plates; right only for a story
+written batch-aware) and ``"vmap"`` (:func:`torch.func.vmap` over the one-draw story).
+The first whose log density, pointwise log-likelihood, deterministic and constrained
+values all equal the one-draw ones is kept; when none does, every draw is evaluated on
+its own. The reason each path was passed over is kept in ``StoryFacts.path_reason``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pyro.distributions.transforms import biject_to
+
+from ppl_notes._sites import trace_model
+from ppl_notes.evaluation.density import Evaluation, evaluate
+from ppl_notes.evaluation.facts import StoryFacts
+from ppl_notes.evaluation.handlers import run_dtype
+
+__all__ = ["choose_path", "check_points"]
+
+logger = logging.getLogger(__name__)
+
+#: How many prior draws the paths are compared at.
+CHECK_POINTS = 3
+#: Relative and absolute tolerance of the comparison (float64 rounding of reordered sums).
+RTOL, ATOL = 1e-6, 1e-8
+
+
+def check_points(model, data: Mapping[str, Any], facts: StoryFacts, count: int = CHECK_POINTS,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """``count`` prior draws of the continuous sites, unconstrained, draws first.
+
+    Draws whose unconstrained image is not finite (a value on a boundary) are skipped.
+    """
+    points: list[dict[str, torch.Tensor]] = []
+    attempt = 0
+    with run_dtype(facts.dtype), torch.no_grad():
+        while len(points) < count and attempt < 10 * count:
+            trace = trace_model(model, data, seed + 7919 * attempt)
+            attempt += 1
+            point = {}
+            for name in facts.continuous:
+                site = trace.nodes[name]
+                point[name] = biject_to(site["fn"].support).inv(site["value"])
+            if all(bool(torch.isfinite(v).all()) for v in point.values()):
+                points.append(point)
+    if not points:
+        return {}
+    return {n: torch.stack([p[n] for p in points]) for n in facts.continuous}
+
+
+def _agree(got: Evaluation, reference: Evaluation) -> bool:
+    def close(a, b):
+        return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=RTOL,
+                                                           atol=ATOL, equal_nan=True))
+    if not close(got.total, reference.total):
+        return False
+    for part in ("pointwise", "deterministic", "constrained"):
+        mine, theirs = getattr(got, part), getattr(reference, part)
+        if set(mine) != set(theirs) or not all(close(mine[k], theirs[k]) for k in theirs):
+            return False
+    return True
+
+
+def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
+    """The fastest path that evaluates the story as its one-draw self does; see module."""
+    if facts.path is not None:
+        return facts.path
+    points = check_points(model, data, facts)
+    if not points:
+        facts.path, facts.path_reason = "loop", "no continuous latent sites to vectorise"
+        return facts.path
+    with torch.no_grad():
+        reference = evaluate(model, data, facts, points, unconstrained=True, path="loop")
+    candidates = ["plate"] if not facts.discrete or facts.local_discrete else []
+    candidates.append("vmap")
+    reasons = []
+    if "plate" not in candidates:
+        reasons.append("plate: the story has global or non-local discrete sites")
+    for path in candidates:
+        try:
+            with torch.no_grad():
+                got = evaluate(model, data, facts, points, unconstrained=True, path=path)
+        except Exception as error:  # noqa: BLE001 - any failure rules the path out; kept as the reason
+            reasons.append(f"{path}: {type(error).__name__}: {str(error).strip().splitlines()[0]
+                                                            if str(error).strip() else ''}")
+            continue
+        if _agree(got, reference):
+            facts.path = path
+            break
+        reasons.append(f"{path}: differs from the one-draw story at a prior draw")
+    else:
+        facts.path = "loop"
+    facts.path_reason = "; ".join(reasons)
+    logger.info("story %r is evaluated on the %r path%s", getattr(model, "name", model),
+                facts.path, f" ({facts.path_reason})" if reasons else "")
+    return facts.path
