@@ -6,17 +6,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
+import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
+
+from ppl_notes._dtype import run_dtype
 
 _POSITIVE_NAMES = {"GreaterThan(lower_bound=0.0)", "GreaterThanEq(lower_bound=0.0)"}
 
 
 def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
-    """Trace one run of ``model`` on ``data`` (optionally replayed against a guide trace)."""
+    """Trace one run of ``model`` on ``data`` (optionally replayed against a guide trace).
+
+    A story (or a guide of one) runs in its story's dtype.
+    """
     fn = poutine.replay(model, trace=replay) if replay is not None else model
-    with pyro.poutine.seed(rng_seed=seed):
+    dtype = getattr(model, "dtype", None) or getattr(getattr(model, "model", None), "dtype",
+                                                     None)
+    with pyro.poutine.seed(rng_seed=seed), run_dtype(dtype or torch.get_default_dtype()):
         return poutine.trace(fn).get_trace(**data)
 
 
@@ -82,9 +91,29 @@ def support_name(constraint) -> str:
     return text.replace("()", "").lower() if text.endswith("()") else text
 
 
-def supports_compatible(model_support, guide_support) -> bool:
-    """Whether a guide's support lies in the model's (up to measure-zero boundaries)."""
-    return support_name(model_support) == support_name(guide_support)
+def supports_compatible(model_support, guide_fn, num_draws: int = 256) -> bool:
+    """Whether a guide distribution's (or a constraint's) support lies in the model's.
+
+    Equal supports pass by name, up to boundaries (nonnegative and positive). A ``TransformedDistribution`` of an unbounded base
+    (the Stan way: ``TransformedDistribution(Normal(...), biject_to(support))``) reports
+    only its last transform's codomain -- ``real`` for an affine map -- so its support is
+    read from where its draws fall: every one of ``num_draws`` must lie in the model's.
+    """
+    guide_support = getattr(guide_fn, "support", guide_fn)
+    if support_name(model_support) == support_name(guide_support):
+        return True
+    if not hasattr(guide_fn, "support"):
+        return False
+    base = guide_fn
+    while isinstance(base, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        base = base.base_dist
+    if not isinstance(base, torch.distributions.TransformedDistribution):
+        return False
+    if support_name(base.base_dist.support) != "real":
+        return False
+    with torch.no_grad():
+        draws = guide_fn.sample((num_draws,))
+    return bool(model_support.check(draws).all())
 
 
 def trace_plate_nesting(trace) -> int:

@@ -18,7 +18,8 @@ import numpy as np
 import xarray as xr
 from arviz_base import dict_to_dataset
 
-from ppl_notes._sites import deterministic_sites, sample_sites, trace_model
+from ppl_notes._sites import deterministic_sites, sample_sites
+from ppl_notes.evaluation import facts_of
 from ppl_notes.inference._result import RunResult
 
 __all__ = ["PyroConverter", "infer_dims", "to_datatree"]
@@ -30,7 +31,7 @@ def infer_dims(model, data: Mapping[str, Any]) -> dict[str, list[str]]:
     Event dims come from the story's ``dims`` declaration or a site's
     ``infer={"event_dims": [...]}``; undeclared ones are left to ArviZ's defaults.
     """
-    trace = trace_model(model, data, 0)
+    trace = facts_of(model, data).trace
     declared = getattr(model, "dims", {})
     dims = {}
     for name, site in {**sample_sites(trace), **deterministic_sites(trace)}.items():
@@ -94,15 +95,17 @@ class PyroConverter:
         return self._dataset(self.run.log_likelihood, self.run.sample_dims, skip_event_dims=True)
 
     def observed_data_to_xarray(self):
-        """The data of the observed sites."""
-        observed = {k: _numpy(self.data[k]) for k in self.model.observed if k in self.data}
+        """The data of the observed sites (as the story observed them)."""
+        facts = facts_of(self.model, self.data)
+        observed = {k: _numpy(facts.trace.nodes[k]["value"]) for k in facts.likelihood}
         return self._dataset(observed, [])
 
     def constant_data_to_xarray(self):
         """Array-valued data that are not observed sites (covariates)."""
         constant = {
             k: _numpy(v) for k, v in self.data.items()
-            if k not in self.model.observed and hasattr(v, "shape") and np.ndim(_numpy(v)) > 0
+            if k not in self.model.observed_arguments.values() and hasattr(v, "shape")
+            and np.ndim(_numpy(v)) > 0
         }
         return self._dataset(constant, [])
 

@@ -27,6 +27,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import (
     distribution_name,
     guess_max_plate_nesting,
@@ -52,8 +53,11 @@ class Model:
     fn : callable
         The Pyro model. Data and settings are keyword arguments; observed sites take
         ``None`` when the story is run forwards (generation).
-    observed : str or sequence of str
-        Names of the observed sample sites; each is also a keyword argument of ``fn``.
+    observed : str, sequence of str, or mapping
+        Names of the observed sample sites. A site named like a keyword argument of
+        ``fn`` takes its data from that argument; for ``pyro.sample("obs", ...,
+        obs=data)`` give ``{"obs": "data"}`` (site: argument), or just ``"obs"``: the
+        argument is then found the first time the story runs on data.
     data : callable or mapping, optional
         Default data: a mapping, or a loader returning one (called lazily).
     dims : mapping, optional
@@ -71,6 +75,10 @@ class Model:
         fewer operations than Pyro's enumeration -- while the discrete sites are still
         drawn per posterior draw from the full story. It must define the same density;
         a test compares the two.
+    dtype : torch.dtype
+        The dtype the story runs in (float64 unless given): data become tensors of it,
+        and the story runs with it as torch's default dtype, so constants written as
+        ``torch.ones(3)`` or ``dist.Beta(5., 5.)`` agree with the data.
     defaults : mapping, optional
         Per-method option defaults the story recommends, e.g.
         ``{"nuts": {"target_accept": 0.9}}`` for a posterior with a narrow tail; the
@@ -87,7 +95,7 @@ class Model:
         self,
         fn: Callable,
         *,
-        observed: str | tuple[str, ...] | list[str],
+        observed: str | tuple[str, ...] | list[str] | Mapping[str, str],
         data: Callable[[], Mapping] | Mapping | None = None,
         dims: Mapping[str, list[str]] | None = None,
         coords: Callable[[Mapping], dict] | None = None,
@@ -99,7 +107,11 @@ class Model:
         m_step: Callable | None = None,
     ) -> None:
         self.fn = fn
-        self.observed = (observed,) if isinstance(observed, str) else tuple(observed)
+        if isinstance(observed, str):
+            observed = (observed,)
+        if not isinstance(observed, Mapping):
+            observed = {site: site for site in observed}
+        self.observed = tuple(observed)
         self._default_data = data
         self.dims = dict(dims or {})
         self._coords = coords
@@ -112,11 +124,16 @@ class Model:
         self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
         self.parameters = tuple(inspect.signature(fn).parameters)
         functools.update_wrapper(self, fn)
-        for site in self.observed:
-            if site not in self.parameters:
+        #: site -> the keyword argument holding its data (None until found by a run)
+        self.observed_arguments: dict[str, str | None] = {
+            site: (argument if argument in self.parameters else None)
+            for site, argument in observed.items()}
+        for site, argument in observed.items():
+            if argument != site and argument not in self.parameters:
                 raise StoryError(
-                    f"story {self.name!r}: observed site {site!r} must also be a keyword "
-                    f"argument of the function; its arguments are {list(self.parameters)}"
+                    f"story {self.name!r}: observed site {site!r} takes its data from "
+                    f"{argument!r}, which is not a keyword argument of the function; its "
+                    f"arguments are {list(self.parameters)}"
                 )
         for key in self.fixed:
             self._check_argument(key, "fixed argument")
@@ -136,7 +153,7 @@ class Model:
         """The story with discrete sites summed out by hand, or the story itself."""
         if self._marginal_fn is None:
             return self
-        return Model(self._marginal_fn, observed=self.observed, data=self._default_data,
+        return Model(self._marginal_fn, observed=self._observed_spec(), data=self._default_data,
                      dims=self.dims, coords=self._coords, name=f"{self.name} (marginal)",
                      fixed=self.fixed, dtype=self.dtype)
 
@@ -157,7 +174,7 @@ class Model:
             self._check_argument(key, "argument")
         return Model(
             self.fn,
-            observed=self.observed,
+            observed=self._observed_spec(),
             data=self._default_data,
             dims=self.dims,
             coords=self._coords,
@@ -168,6 +185,9 @@ class Model:
             defaults=self.defaults,
             m_step=self.m_step,
         )
+
+    def _observed_spec(self) -> dict[str, str]:
+        return {site: argument or site for site, argument in self.observed_arguments.items()}
 
     def _check_argument(self, key: str, what: str) -> None:
         if key not in self.parameters:
@@ -235,11 +255,11 @@ class Model:
                     f"(observed sites: {list(self.observed)})"
                 )
             prepared[key] = self._to_tensor(key, value)
-        for site in self.observed:
-            if prepared.get(site) is None:
+        for site, argument in self.observed_arguments.items():
+            if argument is not None and prepared.get(argument) is None:
                 raise DataError(
                     f"story {self.name!r}: observed site {site!r} has no data; pass "
-                    f"data={{{site!r}: ...}} or leave data=None for the default data"
+                    f"data={{{argument!r}: ...}} or leave data=None for the default data"
                 )
         return prepared
 
@@ -248,7 +268,7 @@ class Model:
                   for k, v in raw.items() if v is not None and not np.isscalar(v)}
         numeric = {k: a for k, a in arrays.items()
                    if a.ndim >= 1 and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)}
-        lengths = {len(numeric[k]) for k in self.observed if k in numeric}
+        lengths = {len(numeric[k]) for k in self.observed_arguments.values() if k in numeric}
         if len(lengths) != 1:
             raise DataError(
                 f"story {self.name!r}: drop_incomplete needs observed data with one shared "
@@ -267,8 +287,12 @@ class Model:
         return {k: (np.asarray(v)[keep] if k in numeric and len(numeric[k]) == rows else v)
                 for k, v in raw.items()}
 
-    def check_data(self, data: Mapping[str, Any]) -> None:
+    def check_data(self, data: dict[str, Any]) -> None:
         """Run the story once on prepared data and name whatever does not fit.
+
+        Integer-valued covariates that the story uses as indices (``locs[group]``) become
+        ``torch.long`` in ``data``; an observed site whose data argument was not named is
+        matched to it here.
 
         Raises
         ------
@@ -279,8 +303,7 @@ class Model:
             When the story has no sample sites, or never observes a declared site.
         """
         try:
-            with torch.no_grad():
-                trace = trace_model(self, data, 0)
+            trace = self._trace_with_index_covariates(data)
         except (ValueError, RuntimeError, IndexError) as error:
             shapes = {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -293,9 +316,13 @@ class Model:
         for name in self.observed:
             site = sites.get(name)
             if site is None or not site["is_observed"]:
+                argument = self.observed_arguments.get(name) or "..."
                 raise StoryError(
                     f"story {self.name!r} declares {name!r} observed but never calls "
-                    f"pyro.sample({name!r}, ..., obs={name})")
+                    f"pyro.sample({name!r}, ..., obs={argument})")
+            if self.observed_arguments.get(name) is None:
+                self.observed_arguments[name] = next(
+                    (k for k, v in data.items() if v is site["value"]), None)
             expected = tuple(site["fn"].batch_shape + site["fn"].event_shape)
             got = tuple(site["value"].shape)
             if got != expected:
@@ -303,6 +330,30 @@ class Model:
                 raise DataError(
                     f"story {self.name!r}: data for observed site {name!r} has shape {got}, "
                     f"but its distribution inside plates {plates} gives shape {expected}")
+
+    def _trace_with_index_covariates(self, data: dict[str, Any]):
+        """One run of the story on ``data``; integer covariates used as indices become long.
+
+        Data arrive as floating-point tensors; a story that indexes with a covariate
+        (``locs[group]``, as Pyro users write) needs it as integers. On torch's "used as
+        indices" error the integer-valued covariates are made ``torch.long`` and the run
+        is tried again.
+        """
+        with torch.no_grad(), run_dtype(self.dtype):
+            try:
+                return trace_model(self, data, 0)
+            except IndexError as error:
+                observed = set(self.observed_arguments.values())
+                integer = {k: v.long() for k, v in data.items()
+                           if k not in observed and torch.is_tensor(v) and v.is_floating_point()
+                           and bool((v == v.round()).all())}
+                if "used as indices" not in str(error) or not integer:
+                    raise
+                trace = trace_model(self, {**data, **integer}, 0)
+        logger.info("story %r: integer covariates %s used as indices, now torch.long",
+                    self.name, sorted(integer))
+        data.update(integer)
+        return trace
 
     def _to_tensor(self, key: str, value: Any) -> Any:
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -389,8 +440,8 @@ class Model:
             Every sample site's value, latent and observed.
         """
         covariates = self._default_covariates()
-        free = {site: None for site in self.observed}
-        with pyro.poutine.seed(rng_seed=seed):
+        free = {argument: None for argument in self.observed_arguments.values() if argument}
+        with pyro.poutine.seed(rng_seed=seed), run_dtype(self.dtype):
             trace = poutine.trace(self).get_trace(**{**covariates, **free, **kwargs})
         return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
 
@@ -400,7 +451,7 @@ class Model:
         if self._covariates_cache is None:
             defaults = self.prepare_data(None)
             self._covariates_cache = {k: v for k, v in defaults.items()
-                                      if k not in self.observed}
+                                      if k not in self.observed_arguments.values()}
         return dict(self._covariates_cache)
 
     def prior_predictive(
@@ -464,7 +515,7 @@ class Guide:
 def model(
     fn: Callable | None = None,
     *,
-    observed: str | tuple[str, ...] | list[str],
+    observed: str | tuple[str, ...] | list[str] | Mapping[str, str],
     data: Callable[[], Mapping] | Mapping | None = None,
     dims: Mapping[str, list[str]] | None = None,
     coords: Callable[[Mapping], dict] | None = None,
@@ -472,6 +523,7 @@ def model(
     marginal: Callable | None = None,
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
     m_step: Callable | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Model | Callable[[Callable], Model]:
     """Declare a generative story.
 
@@ -487,7 +539,7 @@ def model(
 
     def wrap(function: Callable) -> Model:
         return Model(function, observed=observed, data=data, dims=dims, coords=coords,
-                     name=name, marginal=marginal, defaults=defaults, m_step=m_step)
+                     name=name, marginal=marginal, defaults=defaults, m_step=m_step, dtype=dtype)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -565,7 +617,7 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
                     f"gives it; transform its value with biject_to(support)"
                 )
             continue
-        if not supports_compatible(model_fn.support, guide_fn.support):
+        if not supports_compatible(model_fn.support, guide_fn):
             raise ModelGuideMismatchError(
                 f"site {name!r}: guide {guide_name!r} draws from {distribution_name(guide_fn)} "
                 f"with support {support_name(guide_fn.support)}, but story {model.name!r} "
@@ -578,10 +630,14 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
 def _reduce_by_reference(obj):
     """Pickle a module-level story or guide by its import path, any other by value.
 
-    Worker processes then import it rather than receive a copy.
+    Worker processes then import it rather than receive a copy. A story defined in
+    ``__main__`` (a script, a notebook) or in no importable module travels by value:
+    cloudpickle copies its function.
     """
     module = inspect.getmodule(obj.fn)
-    if module is not None and getattr(module, obj.name, None) is obj:
+    importable = module is not None and module.__name__ != "__main__" and getattr(
+        module, "__spec__", None) is not None
+    if importable and getattr(module, obj.name, None) is obj:
         return (_import_attribute, (module.__name__, obj.name))
     return object.__reduce__(obj)
 

@@ -163,9 +163,18 @@ def test_data_frames_are_accepted():
     assert prepared["y"].dtype == torch.float64 and prepared["y"].shape == (5,)
 
 
-def test_observed_site_must_be_an_argument():
-    with pytest.raises(StoryError, match="observed site 'x'"):
-        model(observed="x")(lambda y=None: None)
+def test_observed_site_data_argument_must_exist():
+    with pytest.raises(StoryError, match="observed site 'x' takes its data from 'z'"):
+        model(observed={"x": "z"})(lambda y=None: None)
+
+
+def test_observed_site_never_observed_is_named():
+    @model(observed="x")
+    def story(y=None):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(StoryError, match="declares 'x' observed but never calls"):
+        infer(story, {"y": [1.0, 2.0]}, steps=5, progress=False)
 
 
 def test_guide_written_for_another_story_is_rejected():

@@ -27,6 +27,8 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
+from ppl_notes._dtype import run_dtype
+
 __all__ = ["Unconstrain", "VmapSafeEnum", "vmap_safe_contraction", "run_dtype"]
 
 
@@ -87,14 +89,3 @@ def vmap_safe_contraction():
             yield
         finally:
             torch_log_einsum.safe_log = original
-
-
-@contextlib.contextmanager
-def run_dtype(dtype: torch.dtype):
-    """Run with ``dtype`` as torch's default dtype (restored afterwards)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

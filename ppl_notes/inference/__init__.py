@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import pyro
 
-from ppl_notes._sites import latent_sites, trace_model, unenumerable_discrete_sites
+from ppl_notes._dtype import run_dtype
+from ppl_notes._sites import distribution_name
 from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
+from ppl_notes.evaluation import facts_of, story_dtype
 from ppl_notes.inference._options import validate
 from ppl_notes.posterior import Posterior
 from ppl_notes.story import Guide, Model, check_pairing
@@ -125,12 +127,15 @@ def infer(
                 f"not {model.name!r}"
             )
         pyro.clear_param_store()
-        check_pairing(model, guide, prepared)
+        with run_dtype(story_dtype(model)):
+            check_pairing(model, guide, prepared)
         pyro.clear_param_store()
+    facts = facts_of(model, prepared)
     if guide is None:
-        _require_continuous_and_enumerable(model, prepared, method)
-    run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
-                                              progress=progress, options=checked)
+        _require_continuous_and_enumerable(model, facts, method)
+    with run_dtype(story_dtype(model)):
+        run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
+                                                  progress=progress, options=checked)
     _require_finite_draws(run, model)
     attrs = {
         "method": run.method,
@@ -140,7 +145,8 @@ def infer(
         "sample_dims": json.dumps(list(run.sample_dims)),
         "options": json.dumps(run.options, sort_keys=True, default=str),
         "info": json.dumps(run.info, sort_keys=True, default=str),
-        "discrete_sites": json.dumps(sorted(model.discrete_latent_sites(prepared))),
+        "discrete_sites": json.dumps(sorted(facts.discrete)),
+        "log_likelihood_note": facts.pointwise_note or "",
         "seconds": float(run.seconds),
         "seed": seed,
         "partial": bool(run.partial),
@@ -169,27 +175,26 @@ def _takes_guide(path: str) -> bool:
     return bool(getattr(importlib.import_module(path.partition(":")[0]), "TAKES_GUIDE", False))
 
 
-def _require_continuous_and_enumerable(model: Model, data: Mapping, method: str) -> None:
+def _require_continuous_and_enumerable(model: Model, facts, method: str) -> None:
     """Check what a guide-less method can do with the story's latent sites.
 
     Every discrete latent site is summed out, so it must have a finite support, and a
     continuous site must be left to infer.
     """
-    trace = trace_model(model, data, 0)
-    latent = latent_sites(trace)
-    if not any(not site["fn"].support.is_discrete for site in latent.values()):
+    latent = facts.latent
+    if not facts.continuous:
         raise StoryError(
             f"story {model.name!r} has no continuous latent sites for method {method!r}"
             + (f"; its discrete sites {list(latent)} have an exact posterior by enumeration: "
                "ppl_notes.exact_posterior(story, data)" if latent else
                "; it has no latent sites at all")
         )
-    unbounded = unenumerable_discrete_sites(trace)
-    if unbounded:
-        name, site = next(iter(unbounded.items()))
+    if facts.unenumerable:
+        name = facts.unenumerable[0]
+        kind = distribution_name(facts.trace.nodes[name]["fn"])
         raise StoryError(
             f"site {name!r} of story {model.name!r} is discrete with an infinite support "
-            f"({type(site['fn']).__name__}), so method {method!r} cannot sum it out by "
+            f"({kind}), so method {method!r} cannot sum it out by "
             f"enumeration. Ways out: fit it with method='svi' and a guide that samples "
             f"{name!r} (score-function gradients), or write the story with {name!r} summed "
             "out by hand and pass it as marginal=..."

@@ -193,6 +193,11 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
     return {n: torch.stack(v).numpy() for n, v in draws.items()}
 
 
+def sum_to_draws(log_prob: torch.Tensor, num: int) -> torch.Tensor:
+    """Sum a log-probability computed in a plate over ``num`` draws (leftmost) per draw."""
+    return log_prob.expand((num,) + log_prob.shape[1:]).reshape(num, -1).sum(-1).double()
+
+
 def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: int, seed: int,
                  sites: tuple[str, ...] | None = None, dtype: torch.dtype = torch.float64):
     r"""Draw ``num_draws`` values of every guide site, and log q of each draw.
@@ -222,8 +227,7 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
             trace = poutine.trace(vectorized).get_trace(**data)
             trace.compute_log_prob()
             every = {n: trace.nodes[n]["value"].reshape((num_draws,) + shapes[n]) for n in drawn}
-            log_q = sum(trace.nodes[n]["log_prob"].expand((num_draws,) + trace.nodes[n][
-                "log_prob"].shape[1:]).reshape(num_draws, -1).sum(-1).double() for n in drawn)
+            log_q = sum(sum_to_draws(trace.nodes[n]["log_prob"], num_draws) for n in drawn)
             point_masses = {n for n, s in drawn.items() if distribution_name(s["fn"]) == "Delta"}
             _check_guide_draws(guide, data, every, log_q, point_masses)
             values = {n: every[n] for n in names}

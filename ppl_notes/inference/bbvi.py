@@ -46,10 +46,11 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
+from ppl_notes._sites import trace_model
 from ppl_notes.errors import InferenceError, OptionError, StoryError
+from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import force_estimator
-from ppl_notes.inference._draws import _sum_to_draws, posterior_of, sample_guide
+from ppl_notes.inference._draws import posterior_of, sample_guide, sum_to_draws
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
 
@@ -113,10 +114,10 @@ class ScoreFunctionGradient:
         guide_trace.compute_log_prob()
         model_trace.compute_log_prob()
         num = self.num_samples
-        log_q = sum(_sum_to_draws(s["log_prob"], num, True)
+        log_q = sum(sum_to_draws(s["log_prob"], num)
                     for s in guide_trace.nodes.values() if s["type"] == "sample")
         with torch.no_grad():
-            log_p = sum(_sum_to_draws(s["log_prob"], num, True)
+            log_p = sum(sum_to_draws(s["log_prob"], num)
                         for s in model_trace.nodes.values() if s["type"] == "sample")
             weight = log_p - log_q.detach()
             if self.baseline == "leave_one_out" and num > 1:
@@ -135,9 +136,14 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     _check(options)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    story_trace = trace_model(model, data, 0)
-    plate_nesting = trace_plate_nesting(story_trace)
-    latent = latent_sites(story_trace)
+    facts = facts_of(model, data)
+    plate_nesting = facts.plate_nesting
+    latent = {n: facts.trace.nodes[n] for n in facts.latent}
+    if choose_path(model, data, facts) != "plate":
+        raise StoryError(
+            f"bbvi draws its S samples in one plate, and story {model.name!r} is not "
+            f"batch-safe in a plate ({facts.path_reason}); fit it with method='svi', "
+            "estimator='score' (the same score-function gradient, one sample per run)")
     guide, guide_name = _guide_for(model, guide, latent)
     with torch.no_grad():
         guide_trace = trace_model(guide, data, seed)

@@ -172,7 +172,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     started = time.perf_counter()
     story = EnumeratedStory(model, data)
     priors = options["priors"]
-    observed = torch.cat([data[n].reshape(-1) for n in model.observed])
+    observed = torch.cat([story.layout.trace.nodes[n]["value"].reshape(-1).double()
+                          for n in story.layout.likelihood])
     scale = float(observed.std()) if observed.numel() > 1 else 1.0
     flat = _start(story, options["init"], seed)
     closed_form = model.m_step if (model.m_step is not None and not priors) else None

@@ -35,6 +35,7 @@ from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppl_notes.errors import PartialResultWarning
+from ppl_notes.evaluation import facts_of
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
 from ppl_notes.inference._draws import posterior_of
@@ -174,7 +175,8 @@ _OBSERVED_VALUES_FOR_PROCESSES = 500
 def _processes(model, data, options) -> int | None:
     if options["processes"] is not None:
         return options["processes"]
-    observed = sum(data[name].numel() for name in model.observed if name in data)
+    facts = facts_of(model, data)
+    observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return None if observed >= _OBSERVED_VALUES_FOR_PROCESSES else 1
 
 

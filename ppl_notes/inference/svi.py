@@ -44,8 +44,9 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, trace_model, trace_plate_nesting
+from ppl_notes._sites import latent_sites
 from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning
+from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._checkpoint import (
     load_checkpoint,
@@ -116,10 +117,12 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     started = time.perf_counter()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    story_trace = trace_model(model, data, 0)
-    plate_nesting = trace_plate_nesting(story_trace)
-    latent = latent_sites(story_trace)
-    discrete = [n for n, site in latent.items() if site["fn"].support.is_discrete]
+    facts = facts_of(model, data)
+    plate_nesting = facts.plate_nesting
+    latent = facts.latent
+    discrete = [n for n in latent if n in facts.discrete or n in facts.unenumerable]
+    # Particles are vectorised in a plate only where the story is checked to be batch-safe.
+    vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
     if guide is None:
         guide = AutoNormal(poutine.block(model, hide=discrete))
@@ -133,7 +136,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         # The story's hand-marginalised likelihood gives the same ELBO with fewer operations.
         story, elbo_name = model.marginal, "Trace_ELBO"
     elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
-                        vectorize_particles=options["num_particles"] > 1)
+                        vectorize_particles=vectorize)
     engine, jit = _choose_engine(options["engine"], options["steps"], model, data), options["jit"]
     if engine == "fast" and elbo_name != "Trace_ELBO":
         logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
@@ -169,7 +172,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     steps_per_second = len(history) / max(time.perf_counter() - loop_started, 1e-9)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
-                                 tuple(guide_sites))
+                                 tuple(guide_sites), dtype=facts.dtype)
     posterior, evaluation = posterior_of(
         model, data, {k: v for k, v in values.items() if k not in enumerated},
         recover_discrete=options["recover_discrete"], seed=seed + 2, order=latent)
@@ -186,7 +189,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "marginal_story": marginal, "engine": engine, "jit": jit,
               "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
-              "estimator": options["estimator"], "steps_done": len(history)},
+              "estimator": options["estimator"], "steps_done": len(history),
+              "path": facts.path, "particles_vectorized": vectorize},
         seconds=time.perf_counter() - started,
         partial=history.attrs.get("interrupted_at") is not None,
     )
@@ -201,7 +205,8 @@ _WORK_FOR_FAST_ENGINE = 10_000_000
 def _choose_engine(requested: str, steps: int, model, data) -> str:
     if requested != "auto":
         return requested
-    observed = sum(data[name].numel() for name in model.observed if name in data)
+    facts = facts_of(model, data)
+    observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return "fast" if steps * observed >= _WORK_FOR_FAST_ENGINE else "pyro"
 
 
