@@ -9,6 +9,8 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
@@ -20,13 +22,38 @@ _POSITIVE_NAMES = {"GreaterThan(lower_bound=0.0)", "GreaterThanEq(lower_bound=0.
 def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
     """Trace one run of ``model`` on ``data`` (optionally replayed against a guide trace).
 
-    A story (or a guide of one) runs in its story's dtype.
+    A story (or a guide of one) runs in its story's dtype. A latent site whose
+    distribution cannot be sampled (``ImproperUniform``, a flat prior as in Stan) takes a
+    value drawn uniformly on (-2, 2) in its unconstrained space, as Pyro's
+    ``init_to_uniform`` does.
     """
     fn = poutine.replay(model, trace=replay) if replay is not None else model
+    fn = InitMessenger(_sample_or_uniform)(fn)
     dtype = getattr(model, "dtype", None) or getattr(getattr(model, "model", None), "dtype",
                                                      None)
     with pyro.poutine.seed(rng_seed=seed), run_dtype(dtype or torch.get_default_dtype()):
         return poutine.trace(fn).get_trace(**data)
+
+
+def unconstrained_value(site, unconstrained: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """A value in a site's support, mapped from ``unconstrained`` (the origin by default).
+
+    Needs no sampling, so it works for ``ImproperUniform`` sites too (Pyro's
+    ``init_to_feasible`` draws a sample to learn the shape).
+    """
+    fn = site["fn"]
+    transform = biject_to(fn.support)
+    shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+    return transform(torch.zeros(shape) + unconstrained)
+
+
+def _sample_or_uniform(site, radius: float = 2.0):
+    try:
+        return init_to_sample(site)
+    except NotImplementedError:
+        shape = biject_to(site["fn"].support).inverse_shape(
+            site["fn"].batch_shape + site["fn"].event_shape)
+        return unconstrained_value(site, torch.rand(shape) * 2 * radius - radius)
 
 
 def sample_sites(trace) -> dict[str, dict]:
@@ -94,10 +121,11 @@ def support_name(constraint) -> str:
 def supports_compatible(model_support, guide_fn, num_draws: int = 256) -> bool:
     """Whether a guide distribution's (or a constraint's) support lies in the model's.
 
-    Equal supports pass by name, up to boundaries (nonnegative and positive). A ``TransformedDistribution`` of an unbounded base
-    (the Stan way: ``TransformedDistribution(Normal(...), biject_to(support))``) reports
-    only its last transform's codomain -- ``real`` for an affine map -- so its support is
-    read from where its draws fall: every one of ``num_draws`` must lie in the model's.
+    Equal supports pass by name, up to boundaries (nonnegative and positive). A
+    ``TransformedDistribution`` of an unbounded base (the Stan way:
+    ``TransformedDistribution(Normal(...), biject_to(support))``) reports only its last
+    transform's codomain -- ``real`` for an affine map -- so its support is read from where
+    its draws fall: every one of ``num_draws`` must lie in the model's.
     """
     guide_support = getattr(guide_fn, "support", guide_fn)
     if support_name(model_support) == support_name(guide_support):

@@ -382,6 +382,8 @@ class Model:
                 f"story {self.name!r}: data for {key!r} has {int(bad.sum())} NaN or "
                 f"infinite value(s), first at index {where}; remove or impute them"
             )
+        if array.dtype == bool and key not in self.observed_arguments.values():
+            return torch.as_tensor(array)  # a mask (poutine.mask takes booleans)
         return torch.as_tensor(array.astype(float), dtype=self.dtype)
 
     def coords(self, data: Mapping[str, Any]) -> dict[str, Any]:

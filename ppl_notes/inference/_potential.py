@@ -24,8 +24,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_sample
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 
+from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
 from ppl_notes.evaluation.density import trace_with
@@ -59,9 +60,9 @@ def init_to_prior_median(site, num_samples: int = 15):
         try:
             value = site["fn"].sample(sample_shape=(num_samples,)).median(dim=0).values
         except (RuntimeError, ValueError, NotImplementedError):
-            return init_to_feasible(site)
+            return unconstrained_value(site)
         if torch.isnan(value).any() or not bool(site["fn"].support.check(value).all()):
-            return init_to_feasible(site)
+            return unconstrained_value(site)
     return value
 
 

@@ -46,7 +46,7 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import trace_model
+from ppl_notes._sites import trace_model, unconstrained_value
 from ppl_notes.errors import InferenceError, OptionError, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import force_estimator
@@ -193,7 +193,8 @@ def _guide_for(model, guide, latent):
     from pyro.infer.autoguide import AutoNormal
 
     discrete = [n for n, s in latent.items() if s["fn"].support.is_discrete]
-    return AutoNormal(poutine.block(model, hide=discrete)), "AutoNormal"
+    return (AutoNormal(poutine.block(model, hide=discrete), init_loc_fn=unconstrained_value),
+            "AutoNormal")
 
 
 def _ascend(estimator: ScoreFunctionGradient, params: list[torch.Tensor],

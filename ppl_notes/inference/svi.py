@@ -44,7 +44,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites
+from ppl_notes._sites import latent_sites, unconstrained_value
 from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import ESTIMATORS, force_estimator
@@ -125,7 +125,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
     if guide is None:
-        guide = AutoNormal(poutine.block(model, hide=discrete))
+        # init_to_feasible without its sample() (improper priors cannot be sampled)
+        guide = AutoNormal(poutine.block(model, hide=discrete), init_loc_fn=unconstrained_value)
         guide_name = "AutoNormal"
     guide_sites = _guide_sites(guide, data)
     enumerated = [d for d in discrete if d not in guide_sites]
