@@ -10,6 +10,9 @@ import xarray as xr
 __all__ = ["element_draws", "element_labels"]
 
 
+#: The interval every table shows: summary() and compare() alike (ArviZ 1.x's 94%).
+CI_PROB = 0.94
+
 def element_labels(array: xr.DataArray, sample_dims: Iterable[str]) -> list[str]:
     """``name[c1,c2]`` for every element of ``array`` beyond its sample dims, in C order."""
     name = str(array.name)

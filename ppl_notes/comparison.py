@@ -29,14 +29,13 @@ import pandas as pd
 import xarray as xr
 from scipy import stats
 
-from ppl_notes._elements import element_draws
+from ppl_notes._elements import CI_PROB, element_draws
 from ppl_notes.diagnostics import continuous_sites, diagnostics, findings
 from ppl_notes.errors import OptionError, StoryError
 
 __all__ = ["compare", "diagnostics_table", "as_samples", "labelled"]
 
 #: The probability mass of the reported interval (ArviZ 1.x's default).
-CI_PROB = 0.94
 
 
 def labelled(posteriors: Sequence[Any]) -> dict[str, Any]:

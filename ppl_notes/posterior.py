@@ -21,6 +21,7 @@ import pyro
 import torch
 import xarray as xr
 
+from ppl_notes._elements import CI_PROB
 from ppl_notes.errors import DataError, OptionError
 from ppl_notes.evidence import Estimate
 
@@ -202,7 +203,7 @@ class Posterior:
         return values.reshape((-1,) + values.shape[len(self.sample_dims):])
 
     def summary(self, var_names: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
-        """ArviZ's summary table (mean, sd, interval, MCSE, ESS, R-hat).
+        """ArviZ's summary table (mean, sd, 94% interval, MCSE, ESS, R-hat).
 
         By default discrete per-observation sites (e.g. every person's gender) are left
         out; name them in ``var_names`` to include them. Variational draws are
@@ -210,6 +211,7 @@ class Posterior:
         """
         if len(self.sample_dims) == 1:
             kwargs.setdefault("kind", "stats")
+        kwargs.setdefault("ci_prob", CI_PROB)  # one interval everywhere: compare()'s too
         if var_names is None:
             var_names = [v for v in self.tree["posterior"].data_vars
                          if v not in self.discrete_sites]

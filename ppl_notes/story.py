@@ -287,7 +287,7 @@ class Model:
         return {k: (np.asarray(v)[keep] if k in numeric and len(numeric[k]) == rows else v)
                 for k, v in raw.items()}
 
-    def check_data(self, data: dict[str, Any]) -> None:
+    def check_data(self, data: dict[str, Any]):
         """Run the story once on prepared data and name whatever does not fit.
 
         Integer-valued covariates that the story uses as indices (``locs[group]``) become
@@ -301,6 +301,11 @@ class Model:
             plates), or an observed site's data has another shape than its distribution.
         StoryError
             When the story has no sample sites, or never observes a declared site.
+
+        Returns
+        -------
+        pyro.poutine.Trace
+            The run, from which the story's facts are read.
         """
         try:
             trace = self._trace_with_index_covariates(data)
@@ -330,6 +335,7 @@ class Model:
                 raise DataError(
                     f"story {self.name!r}: data for observed site {name!r} has shape {got}, "
                     f"but its distribution inside plates {plates} gives shape {expected}")
+        return trace
 
     def _trace_with_index_covariates(self, data: dict[str, Any]):
         """One run of the story on ``data``; integer covariates used as indices become long.
@@ -571,7 +577,9 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
     guide_name = getattr(guide, "name", getattr(guide, "__name__", type(guide).__name__))
     with pyro.poutine.seed(rng_seed=0):
         guide_trace = poutine.trace(guide).get_trace(**data)
-    model_trace = trace_model(model, data, 0)
+    # The model replayed on the guide's draws: a support that depends on another site
+    # (beta1 in (0, 1 - alpha1)) is then the one the guide's draw of that site gives.
+    model_trace = trace_model(model, data, 0, replay=guide_trace)
     model_latent = latent_sites(model_trace)
     guide_sites = {
         name: site

@@ -56,3 +56,22 @@ def test_options_of_the_new_methods_are_checked_by_name_and_range():
         infer(normal_mean, method="map", guide=normal_mean_guide)
     with pytest.raises(OptionError, match="estimator"):
         infer(normal_mean, method="svi", estimator="pathwise")
+
+
+def test_numpy_integers_are_integers_and_a_negative_seed_is_named():
+    import numpy as np
+
+    from ppl_notes import infer
+    from ppl_notes.errors import OptionError
+    from ppl_notes.models.conjugate import normal_mean
+
+    fit = infer(normal_mean, method="svi", seed=np.int64(3), steps=np.int64(20), progress=False)
+    assert fit.to_arviz().attrs["seed"] == 3
+    with pytest.raises(OptionError, match=r"seed must be an integer in \[0, 2\*\*32\), got -1"):
+        infer(normal_mean, method="svi", seed=-1, steps=5, progress=False)
+
+
+def test_summary_shows_the_same_94_percent_interval_as_compare():
+    fit = infer(normal_mean, method="svi", steps=20, progress=False)
+    columns = " ".join(fit.summary().columns)
+    assert "94" in columns and "89" not in columns

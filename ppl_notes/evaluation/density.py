@@ -40,7 +40,7 @@ from ppl_notes.evaluation.handlers import (
     vmap_safe_contraction,
 )
 
-__all__ = ["Evaluation", "evaluate", "trace_with", "PATHS"]
+__all__ = ["Evaluation", "evaluate", "trace_with", "draws_per_batch", "PATHS"]
 
 PATHS = ("plate", "vmap", "loop")
 
@@ -60,7 +60,7 @@ class Evaluation(NamedTuple):
 
 def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
              values: Mapping[str, torch.Tensor], *, unconstrained: bool, path: str,
-             priors: bool = True, jacobian: bool = True) -> Evaluation:
+             priors: bool = True, jacobian: bool = True, density: bool = True) -> Evaluation:
     """Evaluate the story at ``values`` (each with a leading draw dim) on ``path``.
 
     Parameters
@@ -79,6 +79,10 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
         With ``unconstrained``: add the log-Jacobian of the map to the supports (NUTS's
         density of ``u``); ``False`` gives the density of the constrained values
         themselves (the mode MAP and MLE look for).
+    density : bool
+        ``False`` only runs the story for the constrained and deterministic values
+        (``total`` is then zero and ``pointwise`` empty): no log probabilities, no sum
+        over the discrete sites.
 
     Returns
     -------
@@ -89,16 +93,19 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
     values = {k: v.to(dtype) for k, v in values.items()}
     with run_dtype(dtype), pyro.validation_enabled(False), vmap_safe_contraction():
         if path == "plate":
-            result = _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian)
+            result = _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
+                                     density)
         elif path == "vmap":
             def one(draw):
-                return _evaluate_one(model, data, facts, draw, unconstrained, priors, jacobian)
+                return _evaluate_one(model, data, facts, draw, unconstrained, priors, jacobian,
+                                     density)
 
             result = Evaluation(*torch.func.vmap(one, randomness="different")(values))
         elif path == "loop":
             num = next(iter(values.values())).shape[0]
             pieces = [_evaluate_one(model, data, facts, {k: v[i] for k, v in values.items()},
-                                    unconstrained, priors, jacobian) for i in range(num)]
+                                    unconstrained, priors, jacobian, density)
+                      for i in range(num)]
             result = Evaluation(
                 torch.stack([p.total for p in pieces]),
                 *({k: torch.stack([getattr(p, part)[k] for p in pieces])
@@ -109,7 +116,8 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
     return result._replace(total=result.total.double())
 
 
-def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=None):
+def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=None,
+               density=True):
     """Trace the story with ``values`` substituted and discrete sites enumerated.
 
     Returns the trace (log probabilities computed), the constrained values and, for
@@ -124,7 +132,8 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
     if facts.discrete:
         story = VmapSafeEnum(first_available_dim=enum_dim)(config_enumerate(story))
     trace = poutine.trace(story).get_trace(**data)
-    trace.compute_log_prob()
+    if density:
+        trace.compute_log_prob()
     if handler is None:
         constrained, log_det = dict(values), {}
     else:
@@ -132,11 +141,19 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
     return trace, constrained, log_det
 
 
-def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian) -> Evaluation:
+def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
+                  density=True) -> Evaluation:
     """One draw (no draw dim): the story as its author wrote it."""
-    trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained)
+    trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained,
+                                             density=density)
     log_det = log_det if jacobian else {}
     zero = torch.zeros((), dtype=facts.dtype)
+    deterministic = {n: trace.nodes[n]["value"].reshape(facts.value_shapes[n])
+                     for n in facts.deterministic}
+    constrained = {n: constrained[n].reshape(facts.value_shapes[n]) for n in facts.continuous
+                   if n in constrained}
+    if not density:
+        return Evaluation(zero, {}, deterministic, constrained)
     if facts.discrete:
         total = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
         if not priors:
@@ -148,10 +165,6 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian) -
     total = total + sum((d.sum() for d in log_det.values()), zero)
     pointwise = _pointwise(trace, facts, vectorized=False)
     pointwise = {n: v.reshape(facts.batch_shapes[n]) for n, v in pointwise.items()}
-    deterministic = {n: trace.nodes[n]["value"].reshape(facts.value_shapes[n])
-                     for n in facts.deterministic}
-    constrained = {n: constrained[n].reshape(facts.value_shapes[n]) for n in facts.continuous
-                   if n in constrained}
     return Evaluation(total, pointwise, deterministic, constrained)
 
 
@@ -167,7 +180,8 @@ def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:
     return {name: torch.logsumexp(factor.reshape((-1,) + factor.shape[enum_ndim:]), dim=0)}
 
 
-def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian) -> Evaluation:
+def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
+                    density=True) -> Evaluation:
     """Every draw at once, in a plate over the draws left of the story's plates."""
     num = next(iter(values.values())).shape[0]
     nesting = facts.plate_nesting
@@ -181,10 +195,16 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian)
         return in_plate
 
     trace, constrained, log_det = trace_with(model, data, facts, shaped, unconstrained,
-                                             -(nesting + 2), outer)
+                                             -(nesting + 2), outer, density)
     log_det = log_det if jacobian else {}
     if facts.discrete and not facts.local_discrete:
         raise ValueError("the plate path sums out only local discrete sites")
+    deterministic = {n: _per_draw(trace.nodes[n]["value"], num, facts.value_shapes[n])
+                     for n in facts.deterministic}
+    constrained = {n: _per_draw(constrained[n], num, facts.value_shapes[n])
+                   for n in facts.continuous if n in constrained}
+    if not density:
+        return Evaluation(torch.zeros(num, dtype=facts.dtype), {}, deterministic, constrained)
     total = torch.zeros(num, dtype=facts.dtype)
     terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
     pointwise = _pointwise(trace, facts, vectorized=True)
@@ -196,11 +216,27 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian)
     for term in terms + list(log_det.values()):
         total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
     pointwise = {n: _per_draw(v, num, facts.batch_shapes[n]) for n, v in pointwise.items()}
-    deterministic = {n: _per_draw(trace.nodes[n]["value"], num, facts.value_shapes[n])
-                     for n in facts.deterministic}
-    constrained = {n: _per_draw(constrained[n], num, facts.value_shapes[n])
-                   for n in facts.continuous if n in constrained}
     return Evaluation(total, pointwise, deterministic, constrained)
+
+
+#: The most tensor elements one batch of draws may create (about 160 MB of float64).
+ELEMENTS_PER_BATCH = 20_000_000
+
+
+def draws_per_batch(model, data: Mapping[str, Any], facts: StoryFacts, num_draws: int) -> int:
+    """How many draws one evaluation may take: the element budget over one draw's tensors.
+
+    One draw's size is measured once, on an enumerated run of the story (every sample
+    site's log-probability tensor, enumeration dims included), and kept on the facts.
+    """
+    if facts.elements_per_draw is None:
+        with run_dtype(facts.dtype), pyro.validation_enabled(False), torch.no_grad():
+            values = {n: facts.trace.nodes[n]["value"] for n in facts.continuous}
+            trace, _, _ = trace_with(model, data, facts, values, unconstrained=False)
+            facts.elements_per_draw = max(1, sum(
+                int(site["log_prob"].numel()) + int(site["value"].numel())
+                for site in trace.nodes.values() if site["type"] == "sample"))
+    return max(1, min(num_draws, ELEMENTS_PER_BATCH // facts.elements_per_draw))
 
 
 def _per_draw(value: torch.Tensor, num: int, shape: tuple[int, ...] | None = None):

@@ -66,6 +66,9 @@ class StoryFacts:
     path : str or None
         ``"plate"``, ``"vmap"`` or ``"loop"`` once :func:`~ppl_notes.evaluation.paths.
         choose_path` has decided.
+    elements_per_draw : int or None
+        Tensor elements one draw's enumerated evaluation creates, once measured
+        (:func:`~ppl_notes.evaluation.density.draws_per_batch`).
     """
 
     plate_nesting: int
@@ -87,6 +90,7 @@ class StoryFacts:
     trace: Any = field(repr=False, compare=False, default=None)
     path: str | None = None
     path_reason: str = ""
+    elements_per_draw: int | None = None
 
     @property
     def latent(self) -> tuple[str, ...]:
@@ -117,11 +121,11 @@ def _pointwise(sites, discrete, observed, likelihood) -> tuple[str | None, bool]
     return None, True
 
 
-def compute_facts(model, data: Mapping[str, Any]) -> StoryFacts:
-    """Trace ``model`` once on ``data`` and read its facts (no caching)."""
+def compute_facts(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
+    """Read the facts of ``model`` on ``data`` from ``trace`` (traced when not given)."""
     dtype = story_dtype(model)
     with run_dtype(dtype), torch.no_grad():
-        trace = trace_model(model, data, 0)
+        trace = trace_model(model, data, 0) if trace is None else trace
         sites = sample_sites(trace)
         determ = deterministic_sites(trace)
         latent = {n: s for n, s in sites.items()
@@ -156,12 +160,13 @@ _cache: OrderedDict[tuple[int, int], tuple[Any, Any, StoryFacts]] = OrderedDict(
 _cache_lock = threading.Lock()
 
 
-def facts_of(model, data: Mapping[str, Any]) -> StoryFacts:
+def facts_of(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
     """The facts of ``model`` on ``data``, traced once per (story, data) pair.
 
     The pair is remembered by identity (the last few pairs, holding references so that
     an identity cannot be reused while remembered): one ``infer()`` call prepares its
-    data once and every step of it then shares one :class:`StoryFacts`.
+    data once and every step of it then shares one :class:`StoryFacts`. ``trace``, a run
+    of the story on ``data`` made already (``Model.check_data``'s), saves tracing again.
     """
     key = (id(model), id(data))
     with _cache_lock:
@@ -169,7 +174,7 @@ def facts_of(model, data: Mapping[str, Any]) -> StoryFacts:
         if hit is not None and hit[0] is model and hit[1] is data:
             _cache.move_to_end(key)
             return hit[2]
-    facts = compute_facts(model, data)
+    facts = compute_facts(model, data, trace)
     with _cache_lock:
         _cache[key] = (model, data, facts)
         while len(_cache) > _CACHE_SIZE:

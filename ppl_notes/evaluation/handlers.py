@@ -10,6 +10,7 @@
   without the ``setup_context`` that functorch transforms need) for ``torch.log`` inside
   the log-space einsum that sums enumerated sites out; the operands there are shifted by
   their maximum, so the argument of the log is positive wherever the result is finite.
+  It also has ``infer_discrete`` enumerate with :class:`VmapSafeEnum`.
 * :func:`run_dtype` runs a story under the run's dtype, so the constants a user writes
   with torch's default dtype (``torch.ones(3)``, ``dist.Beta(5., 5.)``) agree with data.
 """
@@ -20,6 +21,7 @@ import contextlib
 import threading
 from collections.abc import Mapping
 
+import pyro.infer.discrete as infer_discrete_module
 import pyro.ops.einsum.torch_log as torch_log_einsum
 import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
@@ -81,11 +83,13 @@ _contraction_lock = threading.RLock()
 
 @contextlib.contextmanager
 def vmap_safe_contraction():
-    """Pyro's log-space einsum with ``torch.log`` in place of ``safe_log``."""
+    """Make Pyro's contraction and ``infer_discrete`` usable under vmap (see module)."""
     with _contraction_lock:
-        original = torch_log_einsum.safe_log
+        original_log, original_enum = torch_log_einsum.safe_log, infer_discrete_module.EnumMessenger
         torch_log_einsum.safe_log = torch.log
+        infer_discrete_module.EnumMessenger = VmapSafeEnum
         try:
             yield
         finally:
-            torch_log_einsum.safe_log = original
+            torch_log_einsum.safe_log = original_log
+            infer_discrete_module.EnumMessenger = original_enum

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -105,8 +106,11 @@ def infer(
             f"infer() needs a story made with @ppl_notes.model (it names the observed "
             f"sites), got {type(model).__name__}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
         raise OptionTypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise OptionError(f"seed must be an integer in [0, 2**32), got {seed}")
+    seed = int(seed)
     if not isinstance(progress, bool):
         raise OptionTypeError(f"progress must be True or False, got {progress!r}")
     module_name, _, function = METHODS[method].partition(":")
@@ -115,7 +119,7 @@ def infer(
     if not isinstance(drop_incomplete, bool):
         raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
-    model.check_data(prepared)
+    first_run = model.check_data(prepared)
     takes_guide = getattr(backend, "TAKES_GUIDE", False)
     if guide is not None:
         if not takes_guide:
@@ -130,7 +134,7 @@ def infer(
         with run_dtype(story_dtype(model)):
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
-    facts = facts_of(model, prepared)
+    facts = facts_of(model, prepared, trace=first_run)
     if guide is None:
         _require_continuous_and_enumerable(model, facts, method)
     with run_dtype(story_dtype(model)):

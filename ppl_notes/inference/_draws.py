@@ -23,10 +23,11 @@ from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
 from ppl_notes.evaluation import choose_path, evaluate, facts_of, run_dtype
+from ppl_notes.evaluation.density import draws_per_batch
+from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
 logger = logging.getLogger(__name__)
 
-_ELEMENTS_PER_CHUNK = 20_000_000
 
 
 @dataclass
@@ -87,9 +88,7 @@ def evaluate_draws(
     facts = facts_of(model, data)
     path = choose_path(model, data, facts)
     num_draws = next(iter(draws.values())).shape[0]
-    per_draw = max(1, sum(int(v.numel()) for v in data.values() if torch.is_tensor(v)))
-    per_draw *= max(1, 2 ** len(facts.discrete))
-    chunk = max(1, min(num_draws, _ELEMENTS_PER_CHUNK // per_draw))
+    chunk = draws_per_batch(model, data, facts, num_draws)
     pieces = []
     with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
         for start in range(0, num_draws, chunk):
@@ -181,16 +180,25 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
             trace = poutine.trace(sampler).get_trace(**data)
             return {n: trace.nodes[n]["value"].reshape((num,) + facts.value_shapes[n]).numpy()
                     for n in facts.discrete}
-        draws = {n: [] for n in facts.discrete}
-        for i in range(num):
-            conditioned = poutine.condition(model, data={k: v[i].to(facts.dtype)
-                                                         for k, v in values.items()})
+        def one(draw):
+            conditioned = poutine.condition(model, data={k: v.to(facts.dtype)
+                                                         for k, v in draw.items()})
             sampler = infer_discrete(config_enumerate(conditioned),
                                      first_available_dim=-(nesting + 1), temperature=1)
             trace = poutine.trace(sampler).get_trace(**data)
-            for n in facts.discrete:
-                draws[n].append(trace.nodes[n]["value"].reshape(facts.value_shapes[n]))
-    return {n: torch.stack(v).numpy() for n, v in draws.items()}
+            return {n: trace.nodes[n]["value"].reshape(facts.value_shapes[n])
+                    for n in facts.discrete}
+
+        if path == "vmap":
+            try:
+                with vmap_safe_contraction():
+                    drawn = torch.func.vmap(one, randomness="different")(dict(values))
+                return {n: v.numpy() for n, v in drawn.items()}
+            except Exception as error:  # noqa: BLE001 - any failure: one draw at a time, said
+                logger.info("story %r: discrete sites drawn one draw at a time (%s: %s)",
+                            getattr(model, "name", model), type(error).__name__, error)
+        pieces = [one({k: v[i] for k, v in values.items()}) for i in range(num)]
+    return {n: torch.stack([p[n] for p in pieces]).numpy() for n in facts.discrete}
 
 
 def sum_to_draws(log_prob: torch.Tensor, num: int) -> torch.Tensor:

@@ -7,9 +7,12 @@ errors that name the option.
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ppl_notes.errors import OptionError, OptionTypeError
 
@@ -70,9 +73,21 @@ def validate(method: str, spec: tuple[Option, ...], given: Mapping[str, Any]) ->
     for option in spec:
         value = given.get(option.name, option.default)
         if option.name in given:
+            value = _as_builtin(value, option.types)
             _check(method, option, value)
         values[option.name] = value
     return values
+
+
+def _as_builtin(value: Any, types: tuple[type, ...]) -> Any:
+    """Numpy's integers and floats as Python's (``steps=np.int64(500)`` is an int)."""
+    if isinstance(value, bool | np.bool_):
+        return value
+    if int in types and isinstance(value, numbers.Integral):
+        return int(value)
+    if float in types and isinstance(value, numbers.Real) and not isinstance(value, int):
+        return float(value)
+    return value
 
 
 def _check(method: str, option: Option, value: Any) -> None:

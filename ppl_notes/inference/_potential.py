@@ -29,9 +29,8 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
-from ppl_notes.evaluation.density import trace_with
+from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.inference._compile import capture
-from ppl_notes.inference._draws import _ELEMENTS_PER_CHUNK
 
 
 def _compile_value_and_grad(potential, example: torch.Tensor):
@@ -159,18 +158,19 @@ class BatchedPotential:
         """
         flat = torch.as_tensor(flat_draws, dtype=torch.float64)
         if flat.requires_grad:
-            return self._evaluate(flat, jacobian=False).constrained
-        per_draw = max(1, sum(int(v.numel()) for v in self.data.values() if torch.is_tensor(v)))
-        chunk = max(1, _ELEMENTS_PER_CHUNK // (per_draw * max(1, 2 ** len(self.facts.discrete))))
+            return self._evaluate(flat, density=False).constrained
+        chunk = draws_per_batch(self.model, self.data, self.facts, flat.shape[0])
         with torch.no_grad():
-            pieces = [self._evaluate(flat[i:i + chunk], jacobian=False).constrained
+            pieces = [self._evaluate(flat[i:i + chunk], density=False).constrained
                       for i in range(0, flat.shape[0], chunk)]
         return {n: torch.cat([p[n] for p in pieces]) for n in pieces[0]}
 
     # -- the potential ----------------------------------------------------------------
-    def _evaluate(self, flat: torch.Tensor, jacobian: bool = True, priors: bool = True):
+    def _evaluate(self, flat: torch.Tensor, jacobian: bool = True, priors: bool = True,
+                  density: bool = True):
         return evaluate(self.model, self.data, self.facts, self.unflatten(flat),
-                        unconstrained=True, path=self.path, jacobian=jacobian, priors=priors)
+                        unconstrained=True, path=self.path, jacobian=jacobian, priors=priors,
+                        density=density)
 
     def _potential(self, flat: torch.Tensor) -> torch.Tensor:
         return -self._evaluate(flat).total

@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 TAKES_GUIDE = True
 
+#: Pyro's JitTrace_ELBO traces the story and guide before the first step (seconds for a
+#: small story, minutes for one with hundreds of sites); shorter runs stay uncompiled.
+_STEPS_FOR_JIT = 500
+
 OPTIONS = (
     positive_int("steps", 2000, "optimisation steps"),
     positive_float("learning_rate", 0.01, "Adam's initial learning rate"),
@@ -94,9 +98,12 @@ OPTIONS = (
     Option("resume", (str, type(None)), None, "a checkpoint to continue from: the same "
            "story, guide, seed and options (steps may be raised) reach the result of an "
            "uninterrupted run"),
-    Option("jit", (bool,), True, "engine='pyro' only: compile the ELBO with TorchScript "
-           "(Pyro's JitTrace* ELBOs); a story or guide that cannot be traced runs "
-           "uncompiled, with a warning"),
+    Option("jit", (bool, str), "auto", "engine='pyro' only: compile the ELBO with "
+           "TorchScript (Pyro's JitTrace* ELBOs); 'auto' compiles runs of at least "
+           f"{_STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
+           "a short run does not repay); a story or guide that cannot be traced runs "
+           "uncompiled, with a warning", lambda v: v in (True, False, "auto"),
+           "True, False or 'auto'"),
 )
 
 _ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
@@ -138,7 +145,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         story, elbo_name = model.marginal, "Trace_ELBO"
     elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
                         vectorize_particles=vectorize)
-    engine, jit = _choose_engine(options["engine"], options["steps"], model, data), options["jit"]
+    engine = _choose_engine(options["engine"], options["steps"], model, data)
+    jit = options["jit"] if options["jit"] != "auto" else options["steps"] >= _STEPS_FOR_JIT
     if engine == "fast" and elbo_name != "Trace_ELBO":
         logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
         engine = "pyro"

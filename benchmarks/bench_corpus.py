@@ -1,0 +1,109 @@
+"""The corpus of user-style stories: path taken, NUTS wall time, agreement with the truth.
+
+Run by hand (never in CI)::
+
+    .venv/bin/python benchmarks/bench_corpus.py                 # every story, ppl_notes only
+    .venv/bin/python benchmarks/bench_corpus.py --pyro          # also plain Pyro's NUTS
+    .venv/bin/python benchmarks/bench_corpus.py gmm_vindex ar1_python_loop
+
+For each story of ``tests/corpus``: the evaluation path ppl_notes chose (``plate``,
+``vmap``, ``loop``), the NUTS wall time (4 chains x (500 warmup + 500 draws), compile
+included), the largest |mean - truth| / MCSE over the parameters, and with ``--pyro`` plain
+Pyro's NUTS (``pyro.infer.MCMC``, one chain of 100 warmup + 100 draws, its default
+``init_to_uniform``) as milliseconds per iteration next to ours, since a full plain-Pyro
+run of every story takes hours here. Each fit runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {root!r})
+started = time.perf_counter()
+import numpy as np, arviz_stats
+from tests.corpus.cases import CASES
+case = CASES[{name!r}]
+if {engine!r} == "pyro":
+    import pyro, torch
+    from pyro.infer import MCMC, NUTS
+    torch.set_default_dtype(torch.float64)
+    data = case.story.prepare_data(case.data)
+    case.story.check_data(data)
+    from ppl_notes.evaluation import facts_of
+    facts = facts_of(case.story, data)
+    kernel = NUTS(case.story, max_plate_nesting=facts.plate_nesting)
+    mcmc = MCMC(kernel, num_samples=100, warmup_steps=100, disable_progbar=True)
+    t = time.perf_counter()
+    mcmc.run(**data)
+    print(json.dumps({{"pyro_ms_per_iteration": 1000 * (time.perf_counter() - t) / 200}}))
+else:
+    from ppl_notes import infer
+    fit = infer(case.story, case.data, method="nuts", progress=False, chains=4, warmup=500,
+                draws=500, **case.nuts)
+    wall = time.perf_counter() - started
+    info = json.loads(fit.to_arviz().attrs["info"])
+    worst = 0.0
+    for element, moments in case.truth.items():
+        draws = case.draws(fit, element)
+        mcse = float(arviz_stats.mcse(draws, method="mean"))
+        mcse = (mcse ** 2 + case.reference_mcse.get(element, 0.0) ** 2) ** 0.5
+        worst = max(worst, abs(float(draws.mean()) - float(moments.mean[0])) / mcse)
+    diverging = int(np.asarray(fit.to_arviz()["sample_stats"]["diverging"]).sum())
+    print(json.dumps({{"path": info["path"], "compiler": info["compiler"], "wall_s": wall,
+                      "ms_per_iteration": 1000 * wall / (4 * 1000),
+                      "worst_z": worst, "divergences": diverging}}))
+"""
+
+
+def run_child(name: str, engine: str) -> dict:
+    code = CHILD.format(root=str(ROOT), name=name, engine=engine)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=3600)
+    for line in reversed(done.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*")
+    parser.add_argument("--pyro", action="store_true", help="also time plain Pyro's NUTS")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.corpus.cases import CASES
+
+    names = args.names or list(CASES)
+    print(f"{'story':42s} {'path':5s} {'wall s':>7s} {'ms/it':>7s} {'max z':>6s} {'div':>4s}"
+          + (f" {'pyro ms/it':>10s} {'ratio':>6s}" if args.pyro else ""))
+    for name in names:
+        started = time.perf_counter()
+        ours = run_child(name, "ppl_notes")
+        if "error" in ours:
+            print(f"{name:42s} ERROR {ours['error']}")
+            continue
+        line = (f"{name:42s} {ours['path']:5s} {ours['wall_s']:7.1f} "
+                f"{ours['ms_per_iteration']:7.2f} {ours['worst_z']:6.2f} {ours['divergences']:4d}")
+        if args.pyro:
+            theirs = run_child(name, "pyro")
+            if "error" in theirs:
+                line += f" pyro error: {theirs['error']}"
+            else:
+                ratio = theirs["pyro_ms_per_iteration"] / ours["ms_per_iteration"]
+                line += f" {theirs['pyro_ms_per_iteration']:10.2f} {ratio:6.1f}"
+        print(line, flush=True)
+        del started
+
+
+if __name__ == "__main__":
+    main()
