@@ -109,7 +109,8 @@ def grid_2d(log_density, first, second, names, transforms=None, size=401):
         mean = np.sum(w * values)
         sd = np.sqrt(np.sum(w * (values - mean) ** 2))
         boxes.append((mean - 9 * sd, mean + 9 * sd))
-    boxes = [(max(lo, box[0]), min(hi, box[1])) for (lo, hi), box in zip(boxes, (first, second), strict=True)]
+    boxes = [(max(lo, box[0]), min(hi, box[1]))
+             for (lo, hi), box in zip(boxes, (first, second), strict=True)]
     a, b, w, log_p = grid(boxes[0], boxes[1], size)
     a_full, b_full = np.broadcast_arrays(a, b)
     at = np.unravel_index(np.argmax(log_p), log_p.shape)
