@@ -79,11 +79,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*")
     parser.add_argument("--pyro", action="store_true", help="also time plain Pyro's NUTS")
+    parser.add_argument("--pyro-only", action="store_true",
+                        help="only plain Pyro's ms per iteration (to pair with an earlier run)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tests.corpus.cases import CASES
 
     names = args.names or list(CASES)
+    if args.pyro_only:
+        for name in names:
+            theirs = run_child(name, "pyro")
+            value = theirs.get("pyro_ms_per_iteration")
+            print(f"{name:42s} pyro ms/it " + (f"{value:9.2f}" if value is not None
+                                               else theirs.get("error", "?")), flush=True)
+        return
     print(f"{'story':42s} {'path':5s} {'wall s':>7s} {'ms/it':>7s} {'max z':>6s} {'div':>4s}"
           + (f" {'pyro ms/it':>10s} {'ratio':>6s}" if args.pyro else ""))
     for name in names:

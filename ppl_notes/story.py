@@ -578,8 +578,14 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
     with pyro.poutine.seed(rng_seed=0):
         guide_trace = poutine.trace(guide).get_trace(**data)
     # The model replayed on the guide's draws: a support that depends on another site
-    # (beta1 in (0, 1 - alpha1)) is then the one the guide's draw of that site gives.
-    model_trace = trace_model(model, data, 0, replay=guide_trace)
+    # (beta1 in (0, 1 - alpha1)) is then the one the guide's draw of that site gives. A
+    # guide whose draws the story cannot run on (a wrong shape) is compared with a plain
+    # run of the story instead, which names the site below.
+    try:
+        with torch.no_grad():
+            model_trace = trace_model(model, data, 0, replay=guide_trace)
+    except (ValueError, RuntimeError, IndexError):
+        model_trace = trace_model(model, data, 0)
     model_latent = latent_sites(model_trace)
     guide_sites = {
         name: site

@@ -87,7 +87,7 @@ def test_elbo_trend_reads_a_rising_and_a_flat_history():
 
 def test_svi_stopped_early_warns_that_the_elbo_is_still_rising():
     with pytest.warns(DiagnosticWarning, match="still rising"):
-        infer(normal_mean, method="svi", steps=100, learning_rate=0.01, progress=False)
+        infer(normal_mean, method="svi", steps=100, learning_rate=0.01, jit=True, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiagnosticWarning)
         converged = infer(normal_mean, method="svi", steps=3000, learning_rate=0.01,
