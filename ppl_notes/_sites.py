@@ -156,9 +156,3 @@ def trace_plate_nesting(trace) -> int:
 def guess_max_plate_nesting(model, data: Mapping[str, Any]) -> int:
     """The deepest plate nesting of any site in one run of the model."""
     return trace_plate_nesting(trace_model(model, data, 0))
-
-
-def unenumerable_discrete_sites(trace) -> dict[str, dict]:
-    """Latent discrete sites whose support is infinite (Poisson, Geometric...)."""
-    return {name: site for name, site in latent_sites(trace).items()
-            if site["fn"].support.is_discrete and not is_enumerable(site["fn"])}

@@ -428,11 +428,6 @@ class Model:
         return pd.DataFrame(rows, columns=["name", "kind", "distribution", "support", "shape",
                                            "plates", "discrete"])
 
-    def discrete_latent_sites(self, data: Mapping[str, Any]) -> list[str]:
-        """Names of the latent sites with a discrete support."""
-        trace = trace_model(self, data, 0)
-        return [n for n, s in latent_sites(trace).items() if s["fn"].support.is_discrete]
-
     # -- generation (notes §2.a) -------------------------------------------------
     def simulate(self, seed: int = 0, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Run the story forwards once: draw latent values, then a data set from them.
