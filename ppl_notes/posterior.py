@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import arviz_stats
+import h5netcdf
 import numpy as np
 import pandas as pd
 import pyro
@@ -22,6 +24,7 @@ import torch
 import xarray as xr
 
 from ppl_notes._elements import CI_PROB
+from ppl_notes._integrity import DIGEST_ATTR, tree_digest
 from ppl_notes.errors import DataError, OptionError
 from ppl_notes.evidence import Estimate
 
@@ -297,6 +300,11 @@ class Posterior:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".part")
         self.tree.to_netcdf(temporary, engine="h5netcdf")
+        # The digest is of the content as it reads back (netCDF changes some dtypes).
+        with xr.open_datatree(temporary, engine="h5netcdf") as written:
+            digest = tree_digest(written)
+        with h5netcdf.File(temporary, "r+") as handle:
+            handle.attrs[DIGEST_ATTR] = digest
         os.replace(temporary, path)
         return path
 
@@ -305,23 +313,43 @@ def load(path: str | os.PathLike) -> Posterior:
     """Read a result written by :meth:`Posterior.save`.
 
     The story is re-attached when it can be imported by the name stored in the file.
+    The file's content hash is checked: a damaged file is an error, never changed values.
+
+    Raises
+    ------
+    DataError
+        For a missing file, one that is not a ppl_notes result, or one whose content no
+        longer matches the hash written with it.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"no saved result at {str(path)!r}")
     try:
-        with xr.open_datatree(path, engine="h5netcdf") as opened:
-            tree = opened.load()
-    except (OSError, ValueError) as error:
-        raise DataError(f"{str(path)!r} is not a ppl_notes result: {error}") from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # xarray's remarks on undecodable attributes
+            with xr.open_datatree(path, engine="h5netcdf") as opened:
+                tree = opened.load()
+                stored = tree.attrs.get(DIGEST_ATTR)
+                digest = tree_digest(tree)
+    except Exception as error:  # noqa: BLE001 - h5py and xarray raise many kinds on damage
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{str(path)!r} is not a ppl_notes result, or it is damaged: "
+                        f"{reason}") from error
     if "method" not in tree.attrs:
         raise DataError(f"{str(path)!r} is not a ppl_notes result (no 'method' attribute)")
+    if stored is None:
+        raise DataError(f"{str(path)!r} has no content hash ({DIGEST_ATTR}): it was not "
+                        "written by Posterior.save, or its hash was removed")
+    if str(stored) != digest:
+        raise DataError(f"{str(path)!r} is damaged: its content no longer matches the hash "
+                        "written with it (a byte changed after saving); refit or restore it")
     for node in tree.subtree:
         if node is tree:
             continue
         # netCDF stores a one-element list attribute as a scalar: restore ArviZ's lists.
         if "sample_dims" in node.attrs:
             node.attrs["sample_dims"] = [str(d) for d in np.atleast_1d(node.attrs["sample_dims"])]
+    del tree.attrs[DIGEST_ATTR]
     return Posterior(tree, model=_import_story(tree.attrs.get("model_path")))
 
 

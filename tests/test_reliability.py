@@ -360,6 +360,81 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         infer(normal_mean, method="svi", steps=10, resume=str(path), progress=False)
 
 
+@model(observed="x")
+def normal_mean_wider(x):
+    """The conjugate normal-mean story with a wider prior: another objective."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+
+@guide(normal_mean)
+def normal_mean_guide_narrow(x):
+    """A guide with another starting scale: other code, so another run."""
+    loc = pyro.param("mu_loc", torch.tensor(0.0))
+    scale = pyro.param("mu_scale", torch.tensor(0.1), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(loc, scale))
+
+
+@pytest.mark.parametrize("engine", ["pyro", "fast"])
+def test_resuming_with_other_data_story_guide_or_objective_names_what_changed(tmp_path, engine):
+    """The checkpoint records digests of the story's and guide's code and of each data
+    argument: a resume that differs in any of them is refused, and the error says which."""
+    path = tmp_path / "run.ckpt"
+    data = {"x": torch.tensor(X)}
+    options = dict(method="svi", steps=40, engine=engine, progress=False)
+    infer(normal_mean, data, guide=normal_mean_guide, steps=20, checkpoint=str(path),
+          method="svi", engine=engine, progress=False)
+    changed_data = {"x": torch.tensor([*X[:-1], 9.0])}
+    with pytest.raises(CheckpointError, match=r"other data: argument\(s\) \['x'\]"):
+        infer(normal_mean, changed_data, guide=normal_mean_guide, resume=str(path), **options)
+    with pytest.raises(CheckpointError, match="another story"):
+        infer(normal_mean_wider, data, resume=str(path), **options)
+    with pytest.raises(CheckpointError, match="another guide"):
+        infer(normal_mean, data, guide=normal_mean_guide_narrow, resume=str(path), **options)
+    with pytest.raises(CheckpointError, match="learning_rate=0.01 there, 0.05 here"):
+        infer(normal_mean, data, guide=normal_mean_guide, resume=str(path),
+              learning_rate=0.05, **options)
+    resumed = infer(normal_mean, data, guide=normal_mean_guide, resume=str(path), **options)
+    assert len(resumed.history) == 40  # the same run does resume
+
+
+def _rewrite_checkpoint(source, target, change):
+    """A checkpoint whose payload was edited and re-hashed: valid bytes, wrong contents."""
+    from ppl_notes.inference._checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(source)
+    change(state)
+    save_checkpoint(target, {k: v for k, v in state.items() if k != "format"})
+    return target
+
+
+@pytest.mark.parametrize("engine", ["pyro", "fast"])
+def test_a_checkpoint_missing_entries_or_of_other_shapes_is_a_named_error(tmp_path, engine):
+    good = tmp_path / "good.ckpt"
+    options = dict(method="svi", guide=normal_mean_guide, steps=40, engine=engine,
+                   progress=False)
+    infer(normal_mean, checkpoint=str(good), **{**options, "steps": 20})
+    key = "params" if engine == "pyro" else "flat"
+
+    def drop(state):
+        del state[key]
+
+    def reshape(state):
+        if engine == "pyro":
+            state["params"]["mu_loc"] = torch.zeros(3)
+        else:
+            state["flat"] = torch.zeros(5)
+
+    missing = _rewrite_checkpoint(good, tmp_path / "missing.ckpt", drop)
+    with pytest.raises(CheckpointError, match=rf"missing.ckpt.*lacks \['{key}'\]"):
+        infer(normal_mean, resume=str(missing), **options)
+    shaped = _rewrite_checkpoint(good, tmp_path / "shaped.ckpt", reshape)
+    words = "'mu_loc' has shape \\(3,\\) there" if engine == "pyro" else "'flat' has shape \\(5,\\)"
+    with pytest.raises(CheckpointError, match=rf"shaped.ckpt.*{words}"):
+        infer(normal_mean, resume=str(shaped), **options)
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
@@ -369,21 +444,29 @@ class _Exploit:
 
 
 def test_damaged_or_tampered_checkpoints_are_clear_errors(tmp_path):
+    import io
+
+    from ppl_notes._integrity import bytes_digest
+    from ppl_notes.inference._checkpoint import FORMAT
+
     good = tmp_path / "good.ckpt"
     infer(normal_mean, method="svi", steps=20, checkpoint=str(good), progress=False)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     marker = tmp_path / "code-ran"
-    tampered = tmp_path / "tampered.ckpt"
-    torch.save({"format": "ppl_notes-svi-checkpoint-1", "params": _Exploit(str(marker))},
-               tampered)
+    tampered = tmp_path / "tampered.ckpt"  # a pickle that would run code, correctly hashed
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "params": _Exploit(str(marker))}, buffer)
+    payload = buffer.getvalue()
+    tampered.write_bytes(f"{FORMAT}\n{bytes_digest(payload)}\n".encode() + payload)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(pickle.dumps("not a checkpoint") * 3)
-    for path, words in ((truncated, "cannot be read safely"), (tampered, "cannot be read safely"),
+    for path, words in ((truncated, "truncated.ckpt' is damaged or truncated"),
+                        (tampered, "cannot be read safely"),
                         (foreign, "not a ppl_notes SVI checkpoint"),
-                        (garbage, "cannot be read safely"),
+                        (garbage, "not a ppl_notes SVI checkpoint"),
                         (tmp_path / "missing.ckpt", "no checkpoint at")):
         with pytest.raises(CheckpointError, match=words):
             infer(normal_mean, method="svi", steps=40, resume=str(path), progress=False)

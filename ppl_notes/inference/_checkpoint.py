@@ -1,13 +1,15 @@
-"""SVI checkpoints: written atomically, read without unpickling arbitrary objects.
+"""SVI checkpoints: written atomically, hashed, read without unpickling arbitrary objects.
 
-A checkpoint is a ``torch.save`` file holding only tensors, numbers, strings, lists and
-dicts (parameters, optimizer state, random-number-generator states, the ELBO so far), so
+A checkpoint file is a header line, the SHA-256 of the payload, then the payload: a
+``torch.save`` of only tensors, numbers, strings, lists and dicts (parameters, optimizer
+state, random-number-generator states, the ELBO so far, the run's fingerprint), so
 ``torch.load(weights_only=True)`` reads it: a tampered file cannot run code, and a
-truncated or foreign one is a :class:`~ppl_notes.errors.CheckpointError`.
+truncated, damaged or foreign one is a :class:`~ppl_notes.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -19,11 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppl_notes._integrity import bytes_digest
 from ppl_notes.errors import CheckpointError
 
 __all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
 
-FORMAT = "ppl_notes-svi-checkpoint-1"
+FORMAT = "ppl_notes-svi-checkpoint-2"
+_HEADER = FORMAT.encode() + b"\n"
+_DIGEST_LENGTH = 64  # hex characters of a SHA-256
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,7 +55,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".part")
-    torch.save({"format": FORMAT, **state}, temporary)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    payload = buffer.getvalue()
+    temporary.write_bytes(_HEADER + bytes_digest(payload).encode() + b"\n" + payload)
     os.replace(temporary, path)
     return path
 
@@ -61,15 +69,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises
     ------
     CheckpointError
-        For a missing, truncated, tampered or foreign file, saying which.
+        For a missing, truncated, damaged, tampered or foreign file, saying which.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    raw = path.read_bytes()
+    if not raw.startswith(_HEADER):
+        raise CheckpointError(f"{str(path)!r} is not a ppl_notes SVI checkpoint "
+                              f"(expected format {FORMAT!r})")
+    stored = raw[len(_HEADER):len(_HEADER) + _DIGEST_LENGTH + 1]
+    payload = raw[len(_HEADER) + _DIGEST_LENGTH + 1:]
+    if stored != bytes_digest(payload).encode() + b"\n":
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged or truncated: its payload no longer "
+            "matches the SHA-256 written with it")
     try:
         with warnings.catch_warnings():  # torch's own remarks on foreign pickle protocols
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
             ValueError, AttributeError, TypeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -18,6 +18,7 @@ Inference. Kingma, D. P. & Welling, M. (2014). Auto-Encoding Variational Bayes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ from ppl_notes.inference._checkpoint import (
 )
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import posterior_of, sample_guide
+from ppl_notes.inference._fingerprint import run_fingerprint
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
 from ppl_notes.inference._result import RunResult
 
@@ -167,7 +169,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                            "Pyro's SVI loop", model.name, type(error).__name__, error)
             engine = "pyro"
             pyro.clear_param_store()
-    identity = _identity(model, guide_name, seed, engine, options)
+    identity = _identity(model, guide, guide_name, data, seed, engine, options)
     loop_started = time.perf_counter()
     if engine == "fast":
         pyro.set_rng_seed(seed)
@@ -311,20 +313,83 @@ class _Loop:
             ) from error
 
 
-def _check_resumable(checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
+def _check_resumable(path: str, checkpoint: dict[str, Any],
+                     identity: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another run, naming what differs (story, guide, data...)."""
     for key, value in identity.items():
-        if checkpoint.get(key) != value:
+        stored = checkpoint.get(key)
+        if stored == value:
+            continue
+        if key == "data" and isinstance(stored, dict):
+            changed = sorted(k for k in set(stored) | set(value) if stored.get(k) != value.get(k))
             raise CheckpointError(
-                f"the checkpoint was written by another run: its {key} is "
-                f"{checkpoint.get(key)!r}, this run's is {value!r}")
+                f"checkpoint {path!r} was written for other data: argument(s) {changed} "
+                "differ from this run's; resume with the data it was fitted to, or start "
+                "afresh without resume=")
+        if key in ("story", "guide"):
+            raise CheckpointError(
+                f"checkpoint {path!r} was written by another {key}: it records "
+                f"{str(stored).split(' ')[0]!r} with other code than this run's "
+                f"{str(value).split(' ')[0]!r}; start afresh without resume=")
+        if key == "options" and isinstance(stored, str):
+            before, now = json.loads(stored), json.loads(value)
+            changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+                       if before.get(k) != now.get(k)}
+            raise CheckpointError(
+                f"checkpoint {path!r} was written with other options, which change the "
+                "objective: " + ", ".join(f"{k}={a!r} there, {b!r} here"
+                                          for k, (a, b) in changed.items()))
+        raise CheckpointError(
+            f"checkpoint {path!r} was written by another run: its {key} is {stored!r}, "
+            f"this run's is {value!r}")
 
 
-def _identity(model, guide_name, seed, engine, options) -> dict[str, Any]:
+@contextlib.contextmanager
+def _restoring(path: str):
+    """Turn a malformed entry found while restoring a checkpoint into a named error."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path!r} cannot be restored: "
+                              f"{type(error).__name__}: {error}") from error
+
+
+def _checked_state(path: str, checkpoint: dict[str, Any],
+                   shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The checkpoint's entries, each present and of this run's shape, or a named error."""
+    missing = [k for k in shapes if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lacks {missing}: it cannot continue "
+                              "this run")
+    for key, shape in shapes.items():
+        found = checkpoint[key]
+        if shape is None:
+            continue
+        if isinstance(shape, dict):  # a dict of named tensors (the guide's parameters)
+            names = sorted(set(shape) ^ set(found)) if isinstance(found, dict) else sorted(shape)
+            if names:
+                raise CheckpointError(f"checkpoint {path!r}: its {key} and this run's differ "
+                                      f"in {names}")
+            for name, size in shape.items():
+                if tuple(found[name].shape) != size:
+                    raise CheckpointError(
+                        f"checkpoint {path!r}: parameter {name!r} has shape "
+                        f"{tuple(found[name].shape)} there and {size} in this run")
+        elif not isinstance(found, torch.Tensor) or tuple(found.shape) != shape:
+            raise CheckpointError(
+                f"checkpoint {path!r}: {key!r} has shape "
+                f"{tuple(getattr(found, 'shape', ()))} there and {shape} in this run")
+    return checkpoint
+
+
+def _identity(model, guide, guide_name, data, seed, engine, options) -> dict[str, Any]:
     """What must match between a checkpoint and the run that resumes it."""
     same = {k: v for k, v in options.items()
             if k not in ("steps", "checkpoint", "checkpoint_every", "resume", "num_draws")}
-    return {"story": model.name, "guide": str(guide_name), "seed": seed, "engine": engine,
-            "options": json.dumps(same, sort_keys=True, default=str)}
+    return {**run_fingerprint(model, guide, str(guide_name), data), "seed": seed,
+            "engine": engine, "options": json.dumps(same, sort_keys=True, default=str)}
 
 
 def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, options,
@@ -354,18 +419,22 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     store = pyro.get_param_store()
     if options["resume"] is not None:
         checkpoint = load_checkpoint(options["resume"])
-        _check_resumable(checkpoint, identity)
+        _check_resumable(options["resume"], checkpoint, identity)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             elbo.loss_and_grads(story, guide, **data)  # creates (and compiles) everything
         for value in store._params.values():
             value.grad = None
+        _checked_state(options["resume"], checkpoint, {
+            "params": {k: tuple(v.shape) for k, v in store._params.items()},
+            "optimizer": None, "rng": None, "elbo": None})
         with torch.no_grad():
             for key, value in checkpoint["params"].items():
                 store._params[key].copy_(value)
-        optimizer.set_state(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
-        loop.resume_from(checkpoint)
+        with _restoring(options["resume"]):
+            optimizer.set_state(checkpoint["optimizer"])
+            set_rng_state(checkpoint["rng"])
+            loop.resume_from(checkpoint)
 
     def step(_index: int) -> float:
         with poutine.trace(param_only=True) as capture:
@@ -422,12 +491,17 @@ def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any], progress
     loop = _Loop(options, progress, identity)
     if options["resume"] is not None:
         checkpoint = load_checkpoint(options["resume"])
-        _check_resumable(checkpoint, identity)
+        _check_resumable(options["resume"], checkpoint, identity)
+        size = tuple(flat.shape)
+        _checked_state(options["resume"], checkpoint, {
+            "flat": size, "first_moment": size, "second_moment": size, "adam_step": None,
+            "rng": None, "elbo": None})
         flat = checkpoint["flat"].clone()
-        state_ = AdamState(int(checkpoint["adam_step"]), checkpoint["first_moment"].clone(),
-                           checkpoint["second_moment"].clone())
-        set_rng_state(checkpoint["rng"])
-        loop.resume_from(checkpoint)
+        with _restoring(options["resume"]):
+            state_ = AdamState(int(checkpoint["adam_step"]), checkpoint["first_moment"].clone(),
+                               checkpoint["second_moment"].clone())
+            set_rng_state(checkpoint["rng"])
+            loop.resume_from(checkpoint)
 
     def step(index: int) -> float:
         nonlocal flat
