@@ -213,13 +213,16 @@ def _diagnostics_rows(fits, ref, sites, numbers, found) -> pd.DataFrame:
                 row[f"{key}_at"], row[key] = value
             else:
                 row[key] = value
-        if ref is not None and label != ref and posterior.num_draws > 1:
+        fewest = min(posterior.num_draws, fits[ref].num_draws) if ref is not None else 0
+        if ref is not None and label != ref and fewest > 1:
             pair = (as_samples(posterior, sites), as_samples(fits[ref], sites))
             common = dict(var_names=sites, sample_dims=["sample"], round_to="none")
+            # ArviZ subsamples both without replacement: no more than the smaller one has.
             # The joint distance solves a transport problem: O(n^3) in its subsample.
-            row["wasserstein_joint"] = float(arviz_stats.wasserstein(*pair, num_samples=200,
-                                                                     **common))
-            row["kl_divergence"] = float(arviz_stats.kl_divergence(pair[1], pair[0], **common))
+            row["wasserstein_joint"] = float(arviz_stats.wasserstein(
+                *pair, num_samples=min(200, fewest), **common))
+            row["kl_divergence"] = float(arviz_stats.kl_divergence(
+                pair[1], pair[0], num_samples=min(500, fewest), **common))
         row["warnings"] = len(found[label])
         rows.append(row)
     table = pd.DataFrame(rows).set_index("posterior")

@@ -30,7 +30,8 @@ __all__ = ["plot_marginals", "plot_forest", "plot_elbo", "plot_trace", "plot_ran
            "plot_ppc", "plot_loo_khat", "plot_story_graph", "save_figure"]
 
 
-def _sites(fits: dict, var_names) -> list[str]:
+def shared_sites(fits: dict, var_names=None) -> list[str]:
+    """``var_names`` as a list, or the continuous latent sites every posterior has."""
     if var_names is not None:
         return [var_names] if isinstance(var_names, str) else list(var_names)
     first = next(iter(fits.values()))
@@ -45,7 +46,7 @@ def _samples(posteriors, var_names):
     against 1000 VI draws would otherwise be padded with NaN).
     """
     fits = labelled(posteriors)
-    sites = _sites(fits, var_names)
+    sites = shared_sites(fits, var_names)
     trees = {label: as_samples(p, sites) for label, p in fits.items()}
     size = min(t["posterior"].sizes["sample"] for t in trees.values())
     for label, tree in trees.items():
@@ -149,7 +150,7 @@ def _mcmc(posterior, what: str):
 def plot_trace(posterior, var_names=None):
     """Each chain's draws over time, and their densities (MCMC)."""
     _mcmc(posterior, "plot_trace")
-    sites = _sites({"": posterior}, var_names)
+    sites = shared_sites({"": posterior}, var_names)
     return arviz_plots.plot_trace_dist(posterior.tree, var_names=sites,
                                        sample_dims=["chain", "draw"], backend="matplotlib")
 
@@ -157,7 +158,7 @@ def plot_trace(posterior, var_names=None):
 def plot_rank(posterior, var_names=None):
     """Rank ECDF plots per chain (MCMC): inside the band when the chains agree."""
     _mcmc(posterior, "plot_rank")
-    sites = _sites({"": posterior}, var_names)
+    sites = shared_sites({"": posterior}, var_names)
     return arviz_plots.plot_rank(posterior.tree, var_names=sites, sample_dims=["chain", "draw"],
                                  backend="matplotlib")
 
@@ -166,7 +167,16 @@ def plot_ppc(posterior, num_draws: int = 100, seed: int = 0):
     """Replicated data sets from the posterior against the observed data."""
     if "posterior_predictive" not in posterior.tree.children:
         posterior.predict(num_draws=num_draws, seed=seed)
-    return arviz_plots.plot_ppc_dist(posterior.tree, sample_dims=list(posterior.sample_dims),
+    tree = posterior.tree
+    if list(posterior.sample_dims) == ["sample"]:
+        # ArviZ stacks the sample dims into a new dim named "sample": VI's independent
+        # draws are shown as one chain of draws instead.
+        groups = {name: tree[name].to_dataset() for name in ("posterior_predictive",
+                                                             "observed_data")}
+        groups["posterior_predictive"] = (groups["posterior_predictive"]
+                                          .rename({"sample": "draw"}).expand_dims("chain"))
+        tree = xr.DataTree.from_dict(groups)
+    return arviz_plots.plot_ppc_dist(tree, sample_dims=["chain", "draw"],
                                      num_samples=num_draws, backend="matplotlib")
 
 

@@ -20,6 +20,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ppl_notes import plots
@@ -53,24 +54,69 @@ _CAPTIONS = {
 }
 
 
-def _figures(fits: dict, reference: str | None, out: Path) -> dict[str, Path]:
-    figures = {"marginals": plots.plot_marginals(fits), "forest": plots.plot_forest(fits)}
+_MAX_PANELS = 24  # panels per figure; a larger model's other parameters go in the tables
+
+
+def figure_sites(fits: dict, var_names=None, max_panels: int = _MAX_PANELS):
+    """The parameters drawn as figures, and those left to the tables.
+
+    The top-level parameters (fewest elements first: scalars, then small vectors) are
+    taken while the figure has at most ``max_panels`` panels; a hierarchical model's
+    per-group parameters (71 schools, 400 students) are read better as tables.
+
+    Returns
+    -------
+    (list of str, dict of str to int)
+        The sites to draw, and each site left out with its number of elements.
+    """
+    first = next(iter(fits.values()))
+    candidates = plots.shared_sites(fits, var_names)
+    sizes = {}
+    for site in candidates:
+        variable = first.tree["posterior"][site]
+        sizes[site] = int(np.prod([n for d, n in variable.sizes.items()
+                                   if d not in first.sample_dims]))
+    drawn, panels = [], 0
+    for site in sorted(candidates, key=lambda s: sizes[s]):
+        if panels + sizes[site] <= max_panels:
+            drawn.append(site)
+            panels += sizes[site]
+    left = {s: sizes[s] for s in candidates if s not in drawn}
+    return [s for s in candidates if s in drawn], left
+
+
+def _figures(fits: dict, reference: str | None, out: Path, sites: list[str]) -> dict[str, Path]:
+    figures = {}
+    if sites:
+        figures["marginals"] = plots.plot_marginals(fits, var_names=sites)
+        figures["forest"] = plots.plot_forest(fits, var_names=sites, reference=reference)
     variational = {k: p for k, p in fits.items() if "elbo" in p.history.columns}
     if variational:
         figures["elbo"] = plots.plot_elbo(variational)
     mcmc = [p for p in fits.values() if p.is_mcmc]
-    if mcmc:
-        figures["trace"] = plots.plot_trace(mcmc[0])
-        figures["rank"] = plots.plot_rank(mcmc[0])
+    if mcmc and sites:
+        chains = fits[reference] if reference in fits and fits[reference].is_mcmc else mcmc[0]
+        figures["trace"] = plots.plot_trace(chains, var_names=sites)
+        figures["rank"] = plots.plot_rank(chains, var_names=sites)
     predictive = fits[reference] if reference is not None else next(iter(fits.values()))
     observed = predictive.model is not None and predictive.model.observed
     if observed and predictive.num_draws > 1:
         figures["ppc"] = plots.plot_ppc(predictive)
-    loo_ready = [p for p in variational.values() if "log_likelihood" in p.tree.children]
+    loo_ready = [p for p in variational.values() if _pointwise_observations(p) > 1]
     if loo_ready:
         figures["loo_khat"] = plots.plot_loo_khat(loo_ready[0])
     return {name: plots.save_figure(figure, out / f"{name}.png")
             for name, figure in figures.items()}
+
+
+def _pointwise_observations(posterior) -> int:
+    """How many terms the pointwise log-likelihood has (0 without one)."""
+    if "log_likelihood" not in posterior.tree.children:
+        return 0
+    group = posterior.tree["log_likelihood"]
+    return sum(int(np.prod([n for d, n in group[v].sizes.items()
+                            if d not in posterior.sample_dims]))
+               for v in group.data_vars)
 
 
 def _loo_table(fits: dict) -> pd.DataFrame:
@@ -131,17 +177,27 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
     if not loo_table.empty:
         written["loo"] = out / "loo.csv"
         loo_table.to_csv(written["loo"])
-    figures = _figures(fits, ref, out)
+    drawn, left = figure_sites(fits, var_names)
+    figures = _figures(fits, ref, out, drawn)
     written.update(figures)
     story = next(iter(fits.values())).model_name
-    title = title or f"{story}: VI vs MCMC"
-    page = _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref)
+    title = title or f"{story}: {_methods_title(fits)}"
+    page = _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref, left)
     written["report"] = out / "report.html"
     written["report"].write_text(page, encoding="utf-8")
     return written
 
 
-def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref) -> str:
+def _methods_title(fits: dict) -> str:
+    variational = any(p.is_variational for p in fits.values())
+    mcmc = any(p.is_mcmc for p in fits.values())
+    if variational and mcmc:
+        return "VI vs MCMC"
+    return "VI posteriors" if variational else "MCMC posteriors" if mcmc else "posteriors"
+
+
+def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, ref,
+          left) -> str:
     escape = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -161,6 +217,9 @@ def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, r
     if not loo_table.empty:
         parts += ["<h2>Leave-one-out (PSIS-LOO)</h2>", _html_table(loo_table)]
     parts.append("<h2>Figures</h2>")
+    if left:
+        listed = ", ".join(f"{escape(k)} ({n} elements)" for k, n in left.items())
+        parts.append(f"<p>Drawn: the top-level parameters. In the tables only: {listed}.</p>")
     for name, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<figure><img alt='{escape(name)}' src='data:image/png;base64,{data}'>"

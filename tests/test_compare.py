@@ -62,6 +62,22 @@ def test_compare_columns_equal_the_closed_forms_for_normal_draws():
                                                                      abs=0.06)
 
 
+def test_compare_and_distances_work_with_fewer_draws_than_arviz_subsamples():
+    """ArviZ's joint Wasserstein and KL subsample 200 and 500 draws without replacement;
+    with 150 draws against 2 x 100 they use what there is. W1 between N(0.5, 1) and
+    N(0, 1) is 0.5; with 100-150 draws its Monte Carlo error is about 0.15."""
+    rng = np.random.default_rng(1)
+    reference = Posterior.from_draws({"x": rng.normal(0.0, 1.0, size=(2, 100))},
+                                     method="nuts", model_name="toy")
+    few = Posterior.from_draws({"x": rng.normal(0.5, 1.0, size=150)}, method="svi",
+                               sample_dims=("sample",), model_name="toy")
+    table = compare({"few": few, "reference": reference}, reference="reference")
+    assert table.loc[("x", "few"), "wasserstein"] == pytest.approx(0.5, abs=0.45)
+    rows = diagnostics_table(few, reference, reference="nuts")
+    assert rows.loc["svi", "wasserstein_joint"] == pytest.approx(0.5, abs=0.45)
+    assert np.isfinite(rows.loc["svi", "kl_divergence"])
+
+
 def test_compare_refuses_mixed_stories_and_names_missing_sites():
     reference, shifted, _ = _normal_draws()
     other = Posterior.from_draws({"y": np.zeros((2, 10))}, method="nuts", model_name="other")
