@@ -53,7 +53,7 @@ class Finding:
     ----------
     check : str
         ``r_hat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``bfmi``, ``tree_depth``,
-        ``khat``, ``elbo`` or ``converged``.
+        ``khat``, ``elbo``, ``improper`` or ``converged``.
     parameter : str
         The parameter element (``tau``, ``theta[A]``), chain or objective it concerns.
     value, threshold : float
@@ -284,6 +284,15 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
             "elbo", "ELBO", change, THRESHOLDS["elbo_change"],
             f"the ELBO was {direction} when the run stopped ({change:+.3g} nats between the "
             f"last two tenths of the steps, +/- {standard_error:.2g}): {step}."))
+    flat = posterior.info.get("flat_direction")
+    if flat:
+        found.append(Finding(
+            "improper", flat["direction"], flat["curvature"], 0.0,
+            f"the posterior looks improper: sites {flat['sites']} have flat priors (masked, "
+            f"zero-scaled or ImproperUniform) and the log density has no curvature along "
+            f"{flat['direction']} at the fitted mean, so it may not integrate; the numbers "
+            f"there mean nothing (the guide widens for as long as it runs). Give these "
+            f"sites proper priors, or data that identify them."))
     khat = numbers.get("khat", math.nan)
     if math.isfinite(khat) and khat > THRESHOLDS["khat"]:
         label, side = _most_underweighted(posterior)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
+from torch.distributions import constraints
 
 from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import (
@@ -39,6 +42,10 @@ from ppl_notes._sites import (
     trace_model,
 )
 from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
+
+_INVALID_PARAMETER = re.compile(
+    r"Expected parameter (\w+) .*? of distribution (\w+)\(.*?\) to satisfy the constraint "
+    r"(.+?), but found invalid values", re.DOTALL)
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +317,7 @@ class Model:
         try:
             trace = self._trace_with_index_covariates(data)
         except (ValueError, RuntimeError, IndexError) as error:
+            self._blame_invalid_parameter(error, data)
             shapes = {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise DataError(f"story {self.name!r} cannot run on this data: {reason}. The "
@@ -335,7 +343,82 @@ class Model:
                 raise DataError(
                     f"story {self.name!r}: data for observed site {name!r} has shape {got}, "
                     f"but its distribution inside plates {plates} gives shape {expected}")
+            self._check_support(name, site)
         return trace
+
+    def _blame_invalid_parameter(self, error: Exception, data: Mapping[str, Any]) -> None:
+        """Name who gave a distribution an invalid parameter (NaN, a negative scale).
+
+        A DataError when a covariate of the parameter's shape breaks the parameter's
+        constraint itself (``sigma`` of zeros), else a StoryError naming the
+        distribution, the parameter and the line of the story (a prior or transform that
+        leaves the parameter's domain).
+        """
+        what = invalid_parameter(error, self.fn)
+        if what is None:
+            return
+        found = _INVALID_PARAMETER.search(str(error))
+        parameter, distribution = found.group(1), found.group(2)
+        shape = re.search(r"Tensor of shape \(([\d, ]*)\)", str(error))
+        shape = tuple(int(n) for n in shape.group(1).split(",") if n.strip()) if shape else None
+        constraint = getattr(getattr(pyro.distributions, distribution, None), "arg_constraints",
+                             {}).get(parameter)
+        observed = set(self.observed_arguments.values())
+        for name, value in data.items():
+            if (name in observed or not torch.is_tensor(value) or shape is None
+                    or tuple(value.shape) != shape or not isinstance(
+                        constraint, constraints.Constraint)):
+                continue
+            try:
+                breaks = not bool(constraint.check(value).all())
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                continue
+            if breaks:
+                raise DataError(
+                    f"story {self.name!r}: data {name!r} give {distribution} an invalid "
+                    f"{parameter} ({what.split(' (', 1)[1]}; check the data") from error
+        raise StoryError(
+            f"story {self.name!r}: {what}, when run with draws from its priors. A "
+            "prior that lets a parameter leave its domain (a Normal prior on a scale), or a "
+            "transform that is NaN for some values (log or sqrt of a negative), makes the "
+            "log density undefined: give the parameter a prior on its domain (HalfNormal, "
+            "LogNormal, Beta) or constrain the transform (or, where data enter the "
+            "parameter, check those data)") from error
+
+    def _check_support(self, name: str, site: dict) -> None:
+        """Name the first observed element outside its distribution's support.
+
+        Pyro only checks the support when a log density is taken, during inference,
+        where the failure reads as a bad step size. Masked elements are checked too, as
+        Pyro validates every element before masking.
+        """
+        fn = site["fn"]
+        support = fn.support
+        while isinstance(support, constraints.independent):  # element by element
+            support = support.base_constraint
+        if constraints.is_dependent(support):
+            return
+        with torch.no_grad():
+            try:
+                inside = support.check(site["value"])
+            except (RuntimeError, ValueError, TypeError):  # a support torch cannot check
+                return
+            outside = ~inside
+            if not bool(outside.any()):
+                return
+        where = tuple(int(i) for i in outside.nonzero()[0])
+        value = site["value"][where] if where else site["value"]
+        shown = value.tolist() if value.numel() > 1 else value.item()
+        argument = self.observed_arguments.get(name)
+        label = f" (argument {argument!r})" if argument and argument != name else ""
+        base = getattr(fn, "base_dist", fn)
+        raise DataError(
+            f"story {self.name!r}: observed site {name!r}{label} has {shown} at element "
+            f"{where}, outside the support of {type(base).__name__}: {support} "
+            f"({int(outside.sum())} of {outside.numel()} elements are outside). Check the "
+            "data, or the distribution the story gives it"
+            + ("; masked elements too must lie in the support (fill them with a valid value)"
+               if site.get("mask") is not None or hasattr(fn, "_mask") else ""))
 
     def _trace_with_index_covariates(self, data: dict[str, Any]):
         """One run of the story on ``data``; integer covariates used as indices become long.
@@ -556,6 +639,27 @@ def guide(story: Model, *, name: str | None = None) -> Callable[[Callable], Guid
     return wrap
 
 
+def invalid_parameter(error: Exception, fn: Callable) -> str | None:
+    """What torch's validation of a distribution's parameter says, with the line of ``fn``.
+
+    "Normal is given an invalid scale (...) at line 9 (`...`)" when ``error`` is that
+    validation raised inside ``fn``; None for any other error.
+    """
+    found = _INVALID_PARAMETER.search(str(error))
+    if not isinstance(error, ValueError) or found is None:
+        return None
+    parameter, distribution, constraint = found.groups()
+    code = getattr(getattr(fn, "fn", fn), "__code__", None)
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if code is not None and f.filename == code.co_filename]
+    where = (f" at line {frames[-1].lineno} (`{frames[-1].line}`)"
+             if frames and frames[-1].line else "")
+    if distribution == "Unit":
+        return f"pyro.factor is given a log factor that is NaN{where}"
+    return (f"{distribution} is given an invalid {parameter} (it must satisfy "
+            f"{constraint}){where}")
+
+
 def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> None:
     """Check that ``guide`` fits ``model`` before any inference starts.
 
@@ -570,8 +674,16 @@ def check_pairing(model: Model, guide: Callable, data: Mapping[str, Any]) -> Non
         Naming the first offending site and what would be valid.
     """
     guide_name = getattr(guide, "name", getattr(guide, "__name__", type(guide).__name__))
-    with pyro.poutine.seed(rng_seed=0):
-        guide_trace = poutine.trace(guide).get_trace(**data)
+    try:
+        with pyro.poutine.seed(rng_seed=0):
+            guide_trace = poutine.trace(guide).get_trace(**data)
+    except ValueError as error:
+        what = invalid_parameter(error, guide)
+        if what is None:
+            raise
+        raise ModelGuideMismatchError(
+            f"guide {guide_name!r}: {what}, at its initial parameter values; start its "
+            "parameters inside their domains (pyro.param(..., constraint=...))") from error
     # The model replayed on the guide's draws: a support that depends on another site
     # (beta1 in (0, 1 - alpha1)) is then the one the guide's draw of that site gives. A
     # guide whose draws the story cannot run on (a wrong shape) is compared with a plain

@@ -4,6 +4,7 @@ nothing, checkpoints resume to the uninterrupted result, seeds reproduce."""
 import math
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from torch.distributions import constraints
 from ppl_notes import (
     CheckpointError,
     DataError,
+    DiagnosticWarning,
     InferenceError,
     ModelGuideMismatchError,
     OptionError,
@@ -79,6 +81,46 @@ def guide_of_wrong_support(x=None, **_):
     pyro.sample("mu", dist.Gamma(2.0, 1.0))
 
 
+@model(observed="y")
+def poisson_counts(y):
+    """Counts with a Gamma prior on their rate, as in Pyro's tutorials."""
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Poisson(rate), obs=y)
+
+
+@model(observed="obs")
+def coin(flips):
+    """Bernoulli flips, observed under another name than their argument."""
+    p = pyro.sample("p", dist.Beta(1.0, 1.0))
+    with pyro.plate("flips", len(flips)):
+        pyro.sample("obs", dist.Bernoulli(p), obs=flips)
+
+
+@model(observed="y")
+def scale_with_a_normal_prior(y):
+    """A scale drawn from a Normal: negative half the time (the story's mistake)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+@model(observed="y")
+def log_of_a_negative(y):
+    """pyro.factor of log(mu - 5) with mu near 0: NaN at the start."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    pyro.factor("penalty", torch.log(mu - 5.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+@guide(normal_mean)
+def guide_starting_at_nan(x):
+    loc = pyro.param("mu_loc", torch.tensor(math.nan))
+    pyro.sample("mu", dist.Normal(loc, 1.0))
+
+
 def _schools(**changes):
     data = load_eight_schools()
     data.update(changes)
@@ -95,7 +137,10 @@ BAD_INPUT = {
                                      ["observed site 'y'", "(7,)", "(8,)",
                                       "plates ['schools']"]),
     "data that break the story": (centered, _schools(sigma=np.zeros((2, 3))), {}, DataError,
-                                  ["cannot run on this data", "shapes", "(2, 3)"]),
+                                  ["data 'sigma' give Normal an invalid scale",
+                                   "check the data"]),
+    "data of a shape the story cannot use": (centered, _schools(sigma=np.ones((2, 3))), {},
+                                             DataError, ["observed site 'y'", "(2, 3)"]),
     "observed data of the wrong shape": (normal_mean, {"x": np.zeros((5, 2))},
                                          {}, DataError, ["observed site 'x'", "(5, 2)"]),
     "non-numeric data": (normal_mean, {"x": ["a", "b"]}, {}, DataError, ["'x'", "numeric"]),
@@ -137,11 +182,35 @@ BAD_INPUT = {
                                               "marginal"]),
     "drop_incomplete of the wrong type": (normal_mean, None, {"drop_incomplete": "yes"},
                                           OptionTypeError, ["drop_incomplete"]),
+    "a count of -1 under a Poisson": (poisson_counts, {"y": [1.0, 2.0, -1.0]}, {}, DataError,
+                                      ["observed site 'y'", "-1.0 at element (2,)",
+                                       "support of Poisson", "IntegerGreaterThan"]),
+    "a flip of 2 under a Bernoulli": (coin, {"flips": [0, 1, 2, 1]}, {"method": "nuts"},
+                                      DataError, ["observed site 'obs' (argument 'flips')",
+                                                  "2.0 at element (2,)", "Bernoulli",
+                                                  "Boolean"]),
+    "a scale with a Normal prior": (scale_with_a_normal_prior, {"y": X}, {}, StoryError,
+                                    ["Normal is given an invalid scale", "GreaterThan",
+                                     "dist.Normal(mu, sigma)", "prior on its domain"]),
+    "NaN at the start under NUTS": (log_of_a_negative, {"y": X}, {"method": "nuts"},
+                                    StoryError, ["pyro.factor", "NaN",
+                                                 "torch.log(mu - 5.0)"]),
+    "a guide that starts at NaN": (normal_mean, None, {"guide": guide_starting_at_nan},
+                                   ModelGuideMismatchError, ["guide 'guide_starting_at_nan'",
+                                                             "invalid loc"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_named_before_inference(case):
+def test_bad_input_is_named_before_inference(case, monkeypatch):
+    from ppl_notes.inference import nuts, svi
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"{case}: inference started before the mistake was named")
+
+    monkeypatch.setattr(svi._Loop, "run", started)
+    monkeypatch.setattr(nuts, "_run_fast", started)
+    monkeypatch.setattr(nuts, "_run_pyro", started)
     story, data, kwargs, error, words = BAD_INPUT[case]
     kwargs = {"method": "svi", "progress": False, **kwargs}
     if kwargs["method"] == "svi":
@@ -578,3 +647,35 @@ def test_ctrl_c_during_pyros_nuts_keeps_the_chains_it_has(monkeypatch):
                     draws=60, progress=False)
     assert fit.partial and fit["mu"].shape == (2, 24)
     assert np.isfinite(fit["mu"]).all()
+
+
+@model(observed="y")
+def sum_of_two_flat(y):
+    """a + b is identified by the data, a - b by nothing: flat priors make it improper."""
+    with pyro.poutine.mask(mask=False):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+
+@model(observed="y")
+def one_flat(y):
+    """A flat prior on the mean of Normal data: proper (the posterior is N(ybar, 1/n))."""
+    with pyro.poutine.mask(mask=False):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+
+def test_an_improper_posterior_under_svi_is_a_warning_naming_the_flat_direction():
+    """The log joint of sum_of_two_flat is -sum (y - a - b)^2 / 2: its Hessian over (a, b)
+    is -n [[1, 1], [1, 1]], eigenvalues -2n and 0, the zero along (a - b)/sqrt 2."""
+    with pytest.warns(DiagnosticWarning, match=r"looks improper.*0\.71\*a - 0\.71\*b"):
+        fit = infer(sum_of_two_flat, {"y": X}, method="svi", steps=200, progress=False)
+    assert fit.info["flat_direction"]["largest"] == pytest.approx(2 * len(X), rel=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnosticWarning)
+        proper = infer(one_flat, {"y": X}, method="svi", steps=1500, progress=False,
+                       learning_rate=0.05)
+    assert proper.info["flat_direction"] is None

@@ -59,6 +59,7 @@ from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import posterior_of, sample_guide
 from ppl_notes.inference._fingerprint import run_fingerprint
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
+from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
               "estimator": options["estimator"], "steps_done": len(history),
-              "path": facts.path, "particles_vectorized": vectorize},
+              "path": facts.path, "particles_vectorized": vectorize,
+              "flat_direction": flat_direction(model, data, facts, values,
+                                               choose_path(model, data, facts))},
         seconds=time.perf_counter() - started,
         partial=history.attrs.get("interrupted_at") is not None,
     )
@@ -300,6 +303,13 @@ class _Loop:
         except _NonFinite as fault:
             which = (f"the gradients of {fault.parameters} are not finite" if fault.parameters
                      else "its gradient is not finite")
+            if index == 0:  # before any update: no step size is to blame
+                raise InferenceError(
+                    f"SVI: at step 0, before any update, the ELBO is {-fault.loss:.6g} and "
+                    f"{which}: the story's or the guide's log density is not finite at the "
+                    "guide's starting point. Check the story (a parameter outside its "
+                    "domain, log or sqrt of a negative) and the guide's initial values") \
+                    from None
             raise InferenceError(
                 f"SVI: at step {index} the ELBO is {-fault.loss:.6g} and {which}. The "
                 "parameters keep their last finite values (pyro.get_param_store()). Lower "
@@ -307,6 +317,11 @@ class _Loop:
                 "priors and the guide's initial values") from None
         except ValueError as error:  # Pyro's validation: a parameter left its support
             reason = str(error).splitlines()[0]
+            if index == 0:
+                raise InferenceError(
+                    f"SVI: at step 0, before any update, the story or guide is invalid at "
+                    f"the guide's starting point ({reason}); check the story's distributions "
+                    "and the guide's initial values") from error
             raise InferenceError(
                 f"SVI: at step {index} the guide's or story's parameters became invalid "
                 f"({reason}); lower the learning rate or check the guide's initial values"
