@@ -9,6 +9,8 @@ The public API::
 
 from __future__ import annotations
 
+import logging as _logging
+
 __version__ = "0.1.0"
 
 from ppl_notes.comparison import compare, diagnostics_table
@@ -33,6 +35,10 @@ from ppl_notes.inference import infer
 from ppl_notes.posterior import Posterior, load
 from ppl_notes.report import write_report
 from ppl_notes.story import Guide, Model, check_pairing, guide, model
+
+# torch's C++-extension module logs "No CUDA runtime is found" when it is imported (by
+# inductor, on every compile) on a machine without a GPU; nothing here needs CUDA.
+_logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
 
 __all__ = [
     "__version__",

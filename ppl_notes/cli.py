@@ -64,14 +64,20 @@ def _compare(args) -> int:
     story = entry.load_model()
     started = time.perf_counter()
     svi_options, nuts_options = _parse_options(args.svi), _parse_options(args.nuts)
+    out = Path(args.out) if args.out else None
     with warnings.catch_warnings():  # printed below, under the table, with the others
         warnings.simplefilter("ignore", DiagnosticWarning)
-        fits = {
-            "svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
-                         progress=not args.no_progress, **svi_options),
-            "nuts": infer(story, method="nuts", seed=args.seed, progress=not args.no_progress,
-                          **nuts_options),
-        }
+        fits = {"svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
+                             progress=not args.no_progress, **svi_options)}
+        if out is not None:  # kept whatever happens to the NUTS run
+            fits["svi"].save(out / "svi.nc")
+        try:
+            fits["nuts"] = infer(story, method="nuts", seed=args.seed,
+                                 progress=not args.no_progress, **nuts_options)
+        except KeyboardInterrupt:
+            kept = f"; the SVI result is in {out / 'svi.nc'}" if out is not None else ""
+            print(f"ppl-notes: interrupted before NUTS had any draws{kept}", file=sys.stderr)
+            return 130
     labelled = {fit.label: fit for fit in fits.values()}
     table = compare(labelled)
     print(f"\n{args.story}: {fits['svi'].label} ({fits['svi'].info['elbo']}) vs NUTS "
@@ -84,10 +90,9 @@ def _compare(args) -> int:
     for label, messages in table.attrs["findings"].items():
         for message in messages:
             print(f"warning ({label}): {message}")
-    if args.out:
+    if out is not None:
         from ppl_notes.report import write_report
 
-        out = Path(args.out)
         written = write_report(labelled, out=out, reference=fits["nuts"].label)
         for label, fit in fits.items():
             fit.save(out / f"{label}.nc")
@@ -145,16 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, without the source line that raised them."""
+    print(f"ppl-notes: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ppl-notes``; user mistakes print one line, not a traceback."""
+    """Entry point of ``ppl-notes``; user mistakes and Ctrl-C print one line, not a traceback.
+
+    A Ctrl-C during a run keeps what the run has (a partial result, saved with ``--out``);
+    one before anything exists (while compiling) exits with 130 and says so.
+    """
+    import warnings
+
     from ppl_notes.errors import PPLNotesError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
     except PPLNotesError as error:
         print(f"ppl-notes: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        why = str(interrupt) or "before the run had anything to keep"
+        print(f"ppl-notes: interrupted (Ctrl-C) {why.removeprefix('interrupted ')}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

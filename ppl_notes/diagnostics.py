@@ -40,6 +40,9 @@ from ppl_notes.errors import DiagnosticWarning
 __all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend",
            "importance_khat", "warn_about"]
 
+#: R-hat, ESS and BFMI need this many draws in each chain (split chains, autocorrelation).
+MIN_DRAWS_PER_CHAIN = 4
+
 #: Where each check starts to warn (Vehtari et al. 2021; Betancourt 2016; Yao et al. 2018).
 THRESHOLDS = {"r_hat": 1.01, "ess": 400, "bfmi": 0.3, "khat": 0.7, "tree_depth": 0.01,
               "elbo_change": 0.05}
@@ -53,7 +56,7 @@ class Finding:
     ----------
     check : str
         ``r_hat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``bfmi``, ``tree_depth``,
-        ``khat``, ``elbo``, ``improper`` or ``converged``.
+        ``khat``, ``elbo``, ``improper``, ``draws`` or ``converged``.
     parameter : str
         The parameter element (``tau``, ``theta[A]``), chain or objective it concerns.
     value, threshold : float
@@ -151,7 +154,10 @@ def diagnostics(posterior) -> dict[str, Any]:
     """
     numbers: dict[str, Any] = {}
     if posterior.is_mcmc:
-        numbers.update(_mcmc_numbers(posterior))
+        per_chain = posterior.tree["posterior"].sizes["draw"]
+        numbers["draws_per_chain"] = per_chain
+        if per_chain >= MIN_DRAWS_PER_CHAIN:
+            numbers.update(_mcmc_numbers(posterior))
     history = posterior.history
     if "elbo" in history.columns:
         change, standard_error = elbo_trend(history["elbo"].to_numpy())
@@ -215,6 +221,12 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
     """
     numbers = diagnostics(posterior) if numbers is None else numbers
     found: list[Finding] = []
+    per_chain = numbers.get("draws_per_chain", MIN_DRAWS_PER_CHAIN)
+    if per_chain < MIN_DRAWS_PER_CHAIN:
+        found.append(Finding(
+            "draws", "draws", per_chain, MIN_DRAWS_PER_CHAIN,
+            f"{per_chain} draw(s) per chain: R-hat, ESS and BFMI need at least "
+            f"{MIN_DRAWS_PER_CHAIN}, so the chains were not checked. Run more draws (draws=)."))
     if "max_r_hat" in numbers:
         label, value = numbers["max_r_hat"]
         if value > THRESHOLDS["r_hat"]:

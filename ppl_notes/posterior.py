@@ -212,14 +212,21 @@ class Posterior:
         out; name them in ``var_names`` to include them. Variational draws are
         independent, so their table has no MCMC diagnostics (R-hat, ESS).
         """
-        if len(self.sample_dims) == 1:
-            kwargs.setdefault("kind", "stats")
+        from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN
+
+        too_few = (self.tree["posterior"].sizes["draw"] < MIN_DRAWS_PER_CHAIN
+                   if self.is_mcmc else self.num_draws < 2)
+        if len(self.sample_dims) == 1 or too_few:  # no R-hat or ESS from independent or
+            kwargs.setdefault("kind", "stats")     # too few draws
         kwargs.setdefault("ci_prob", CI_PROB)  # one interval everywhere: compare()'s too
         if var_names is None:
             var_names = [v for v in self.tree["posterior"].data_vars
                          if v not in self.discrete_sites]
-        table = arviz_stats.summary(self.tree, var_names=var_names,
-                                    sample_dims=self.sample_dims, **kwargs)
+        with warnings.catch_warnings():
+            if too_few:  # numpy's remarks on the sd and intervals of one or two draws
+                warnings.simplefilter("ignore", RuntimeWarning)
+            table = arviz_stats.summary(self.tree, var_names=var_names,
+                                        sample_dims=self.sample_dims, **kwargs)
         if self.num_draws == 1:  # a point estimate (MAP, MLE, EM): its value only
             return table[["mean"]].rename(columns={"mean": "estimate"})
         return table

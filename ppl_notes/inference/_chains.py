@@ -2,15 +2,25 @@
 
 Each worker rebuilds the story's traced potential (models travel by cloudpickle, so a
 story written in a notebook works too), runs its chains and sends back the draws.
-Progress messages come back through a queue and drive one tqdm bar per chain.
+Progress messages come back through a queue and drive one tqdm bar per chain: first a
+"compiling" phase (the bar's clock starts after it, so its rate is the sampler's), then
+warmup and sampling, live.
+
+Ctrl-C is the main process's to handle: workers ignore SIGINT, and the main process sets
+a shared stop event that every chain checks each iteration, so each returns the draws it
+has. A Ctrl-C that arrives while a worker is still compiling (there is nothing to keep)
+stops the workers at once; one during the pool's shutdown, after every chain has
+finished, is ignored until the results are in hand.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 import types
@@ -20,34 +30,52 @@ from typing import Any
 
 import cloudpickle
 import torch
+import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference.nuts_sampler import ChainResult, chain_process, drive_lockstep
 
-_PROGRESS_EVERY = 25
+_PROGRESS_EVERY = 10
 _progress_queue = None
+_stop_event = None
 
 
-def _init_worker(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
+def _init_worker(progress_queue, stop_event) -> None:
+    global _progress_queue, _stop_event
+    _progress_queue, _stop_event = progress_queue, stop_event
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (module doc)
     torch.set_num_threads(1)
+    # One core per worker: no pool of compile subprocesses (they would see the Ctrl-C).
+    inductor_config.compile_threads = 1
+
+
+def _say(chain: int, what: str | int) -> None:
+    if _progress_queue is not None:
+        _progress_queue.put((chain, what))
 
 
 def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
     """Run a group of chains in lockstep against one batched potential."""
     job = cloudpickle.loads(payload)
+    for chain in chains:
+        _say(chain, "compiling")
     potential = BatchedPotential(job["model"], job["data"], len(chains),
                                  compiler=job["compiler"])
     initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
     total = job["warmup"] + job["draws"]
+    for chain in chains:
+        _say(chain, "warmup")
 
     def reporter(chain):
         def report(iteration):
             done = iteration + 1
-            if _progress_queue is not None and (done % _PROGRESS_EVERY == 0 or done == total):
-                _progress_queue.put((chain, done))
+            if done % _PROGRESS_EVERY == 0 or done == total:
+                _say(chain, done)
+            if done == job["warmup"]:
+                _say(chain, "sampling")
+            if _stop_event is not None and _stop_event.is_set():
+                raise KeyboardInterrupt  # the chain returns the draws it has
         return report
 
     processes = [
@@ -93,25 +121,19 @@ def run_chains(
     workers = min(chains, processes if processes is not None else cores or 1)
     groups = [list(range(chains))[w::workers] for w in range(workers)]
     total = warmup + draws
-    bars = [
-        tqdm(total=total, desc=f"NUTS chain {c}", position=c, leave=True, disable=not progress)
-        for c in range(chains)
-    ]
+    bars = _Bars(chains, total, progress)
     try:
         if workers == 1:
             global _progress_queue
-            local: queue.Queue = queue.Queue()
-            _progress_queue = local
+            _progress_queue = bars  # in this process: messages go straight to the bars
             try:
                 outputs = _run_chains(payload, groups[0])
             finally:
                 _progress_queue = None
-            _drain(local, bars)
         else:
             outputs = _run_in_processes(payload, groups, bars)
     finally:
-        for bar in bars:
-            bar.close()
+        bars.close()
     by_chain = {out["chain"]: out for out in outputs}
     return [
         ChainResult(**{k: v for k, v in by_chain[c].items() if k != "chain"})
@@ -136,37 +158,96 @@ def _without_main_module():
         sys.modules["__main__"] = real
 
 
+class InterruptedWhileCompiling(KeyboardInterrupt):
+    """Ctrl-C before any chain started: nothing to keep."""
+
+
 def _run_in_processes(payload: bytes, groups: list[list[int]], bars) -> list[dict[str, Any]]:
     context = multiprocessing.get_context("spawn")
-    progress_queue = context.Queue()
+    progress_queue, stop_event = context.Queue(), context.Event()
     outputs: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(
-        max_workers=len(groups), mp_context=context, initializer=_init_worker,
-        initargs=(progress_queue,),
-    ) as pool:
+    stopped_while_compiling = False
+    pool = ProcessPoolExecutor(max_workers=len(groups), mp_context=context,
+                               initializer=_init_worker, initargs=(progress_queue, stop_event))
+    try:
         with _without_main_module():
             futures = [pool.submit(_run_chains, payload, group) for group in groups]
-        interrupted = False
         while not all(f.done() for f in futures):
             try:
                 _drain(progress_queue, bars)
                 time.sleep(0.1)
             except KeyboardInterrupt:
-                # The workers got the same Ctrl-C and are returning the draws they have;
-                # a second Ctrl-C gives up on them.
-                if interrupted:
-                    raise
-                interrupted = True
-        for future in futures:
-            outputs.extend(future.result())
+                if stop_event.is_set() or bars.compiling():
+                    _stop_workers(pool)
+                    stopped_while_compiling = True
+                    break
+                stop_event.set()  # each chain returns its draws; a second Ctrl-C gives up
+        if not stopped_while_compiling:
+            for future in futures:
+                outputs.extend(future.result())
+    finally:
+        try:
+            pool.shutdown(wait=True)
+        except KeyboardInterrupt:  # the results are in hand: do not lose them now
+            _stop_workers(pool)
     _drain(progress_queue, bars)
+    if stopped_while_compiling:
+        # Free the queue's and event's semaphores now, so that no "leaked semaphore"
+        # remark follows the one line the interrupt deserves.
+        del pool, futures, progress_queue, stop_event
+        gc.collect()
+        raise InterruptedWhileCompiling("interrupted while compiling: no chain had started")
     return outputs
 
 
-def _drain(progress_queue, bars) -> None:
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the workers now; the pool's manager sees them gone and closes its queues."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    with contextlib.suppress(KeyboardInterrupt):
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_BAR = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+class _Bars:
+    """One bar per chain, and the phase each chain is in (compiling, warmup, sampling)."""
+
+    def __init__(self, chains: int, total: int, progress: bool) -> None:
+        self.bars = [tqdm(total=total, desc=f"NUTS chain {c}", position=c, leave=True,
+                          disable=not progress, bar_format=_BAR) for c in range(chains)]
+        self.phases = ["starting"] * chains
+
+    def put(self, message: tuple[int, str | int]) -> None:
+        """Apply one message: a phase name, or the iterations done so far."""
+        chain, what = message
+        bar = self.bars[chain]
+        if isinstance(what, str):
+            self.phases[chain] = what
+            if bar.disable:
+                return
+            bar.set_description(f"NUTS chain {chain} ({what})", refresh=False)
+            if what == "warmup":  # the compile time is not the sampler's rate
+                bar.reset(total=bar.total)
+            bar.refresh()
+        else:
+            bar.update(what - bar.n)
+
+    def compiling(self) -> bool:
+        """Whether some chain has not started sampling yet."""
+        return any(p in ("starting", "compiling") for p in self.phases)
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def _drain(progress_queue, bars: _Bars) -> None:
+    """Apply the workers' messages that have arrived."""
     while True:
         try:
-            chain, done = progress_queue.get_nowait()
+            message = progress_queue.get_nowait()
         except (queue.Empty, OSError, ValueError):
             return
-        bars[chain].update(done - bars[chain].n)
+        bars.put(message)

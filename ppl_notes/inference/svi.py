@@ -272,7 +272,11 @@ class _Loop:
     def run(self, step: Callable[[int], float], state: Callable[[], dict]) -> pd.DataFrame:
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
-        with tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar:
+        with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
+              warnings.catch_warnings()):
+            # Pyro's "Encountered NaN: loss" (warn_explicit, so no module filter catches
+            # it): a non-finite loss or gradient is an InferenceError here, said once.
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             try:
                 for index in range(self.start, steps):
                     loss = self._one(step, index)

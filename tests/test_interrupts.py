@@ -1,0 +1,160 @@
+"""Interrupts keep what exists and say one line; progress is live; no stray warnings.
+
+Ctrl-C is simulated where it lands (a KeyboardInterrupt raised by the code it would
+interrupt); one test sends a real SIGINT to the command's process group.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import ppl_notes.inference._chains as chains_module
+from ppl_notes import DiagnosticWarning, InferenceError, infer
+from ppl_notes.cli import main
+from ppl_notes.guides.conjugate import normal_mean_guide
+from ppl_notes.models.conjugate import normal_mean
+
+NUTS = dict(method="nuts", chains=2, warmup=100, draws=100, compiler="none", progress=False)
+
+
+def test_ctrl_c_during_the_pools_shutdown_keeps_every_chain(monkeypatch):
+    """Every chain has finished and sent its draws; a Ctrl-C while the pool joins its
+    workers must not lose them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    original = ProcessPoolExecutor.shutdown
+    landed = []
+
+    def interrupted_shutdown(self, wait=True, *, cancel_futures=False):
+        if wait and not landed:
+            landed.append(True)
+            raise KeyboardInterrupt
+        return original(self, wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "shutdown", interrupted_shutdown)
+    fit = infer(normal_mean, processes=2, **NUTS)
+    assert landed and not fit.partial
+    assert fit.to_arviz()["posterior"].sizes == {"chain": 2, "draw": 100}
+
+
+def test_ctrl_c_while_compiling_in_worker_processes_is_one_line(monkeypatch, capsys):
+    original, landed = chains_module._drain, []
+
+    def interrupted(progress_queue, bars):
+        if not landed:  # lands before any worker reported a chain started
+            landed.append(True)
+            raise KeyboardInterrupt
+        original(progress_queue, bars)
+
+    monkeypatch.setattr(chains_module, "_drain", interrupted)
+    code = main(["run", "normal_mean", "--method", "nuts", "--no-progress",
+                 "--set", "processes=2", "--set", "compiler='none'"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130
+    assert err == "ppl-notes: interrupted (Ctrl-C) while compiling: no chain had started"
+
+
+def test_ctrl_c_while_compiling_in_this_process_is_one_line(monkeypatch, capsys):
+    def compiling(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chains_module, "BatchedPotential", compiling)
+    code = main(["run", "normal_mean", "--method", "nuts", "--no-progress",
+                 "--set", "processes=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1 and "interrupted (Ctrl-C)" in err
+
+
+def test_a_compare_interrupted_in_nuts_keeps_the_svi_result(monkeypatch, capsys, tmp_path):
+    def compiling(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chains_module, "BatchedPotential", compiling)
+    code = main(["compare", "normal_mean", "--no-progress", "--out", str(tmp_path),
+                 "--svi", "steps=50", "--nuts", "processes=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and (tmp_path / "svi.nc").exists()
+    assert err.splitlines()[-1].endswith(f"the SVI result is in {tmp_path / 'svi.nc'}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_a_real_ctrl_c_during_sampling_saves_the_partial_result(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it, once sampling runs."""
+    out = tmp_path / "partial.nc"
+    command = [sys.executable, "-m", "ppl_notes.cli", "run", "normal_mean", "--method", "nuts",
+               "--out", str(out), "--set", "processes=2", "--set", "compiler='none'",
+               "--set", "draws=200000"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr_file, start_new_session=True,
+            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # Wait until both workers are sampling: their bars say "(sampling)" on stderr.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and log.read_text().count("(sampling)") < 2:
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    stderr = log.read_text()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "PartialResultWarning: NUTS interrupted" in stderr and "Traceback" not in stderr
+    assert out.exists() and f"saved to {out}" in stdout
+
+
+def test_progress_bars_show_compiling_then_live_warmup_and_sampling(monkeypatch):
+    messages = []
+    original = chains_module._Bars.put
+
+    def spy(self, message):
+        messages.append(message)
+        original(self, message)
+
+    monkeypatch.setattr(chains_module._Bars, "put", spy)
+    infer(normal_mean, processes=1, **NUTS)
+    chain0 = [what for chain, what in messages if chain == 0]
+    phases = [w for w in chain0 if isinstance(w, str)]
+    counts = [w for w in chain0 if isinstance(w, int)]
+    assert phases == ["compiling", "warmup", "sampling"]
+    assert counts == list(range(10, 201, 10))  # every 10 iterations, not only at the end
+    assert chain0.index("sampling") == chain0.index(100) + 1
+
+
+def test_no_cuda_remark_when_inductor_compiles():
+    """In fresh processes: torch alone remarks on the missing CUDA runtime when inductor
+    loads its C++ toolchain; after importing ppl_notes it does not."""
+    def stderr_of(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stderr
+
+    if "No CUDA runtime" not in stderr_of("import torch.utils.cpp_extension"):
+        pytest.skip("torch says nothing here (a CUDA runtime is present)")
+    assert "No CUDA runtime" not in stderr_of("import ppl_notes, torch.utils.cpp_extension")
+
+
+def test_a_nan_loss_is_one_error_without_pyros_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InferenceError, match="at step 1"):
+            infer(normal_mean, method="svi", guide=normal_mean_guide, steps=50,
+                  learning_rate=1e6, engine="pyro", progress=False)
+    assert not [w for w in caught if "Encountered NaN" in str(w.message)]
+
+
+@pytest.mark.parametrize(("chains", "draws"), [(2, 1), (1, 1), (1, 3)])
+def test_too_few_draws_give_one_project_warning_and_no_numpy_remarks(chains, draws):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = infer(normal_mean, chains=chains, draws=draws, processes=1,
+                    **{k: v for k, v in NUTS.items() if k not in ("chains", "draws")})
+        fit.summary()
+    kinds = [(w.category, str(w.message)) for w in caught]
+    assert [k for k in kinds if k[0] is RuntimeWarning] == []
+    ours = [m for c, m in kinds if c is DiagnosticWarning]
+    assert len(ours) == 1 and f"{draws} draw(s) per chain" in ours[0]
+    assert torch.get_default_dtype() == torch.float32
