@@ -89,16 +89,17 @@ def test_a_real_ctrl_c_during_sampling_saves_the_partial_result(tmp_path):
     out = tmp_path / "partial.nc"
     command = [sys.executable, "-m", "ppl_notes.cli", "run", "normal_mean", "--method", "nuts",
                "--out", str(out), "--set", "processes=2", "--set", "compiler='none'",
-               "--set", "draws=200000"]
+               "--set", "chains=2", "--set", "draws=200000"]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr_file:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr_file, start_new_session=True,
             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        # Wait until both workers are sampling: their bars say "(sampling)" on stderr.
+        # Wait until both chains are sampling: their bars say "(sampling)" on stderr.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and log.read_text().count("(sampling)") < 2:
             time.sleep(0.5)
+        time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)
         stdout, _ = process.communicate(timeout=120)
     stderr = log.read_text()

@@ -10,7 +10,10 @@
   without the ``setup_context`` that functorch transforms need) for ``torch.log`` inside
   the log-space einsum that sums enumerated sites out; the operands there are shifted by
   their maximum, so the argument of the log is positive wherever the result is finite.
-  It also has ``infer_discrete`` enumerate with :class:`VmapSafeEnum`.
+  It also has ``infer_discrete`` enumerate with :class:`VmapSafeEnum`, and bounds that
+  einsum's guard against ``-inf - -inf`` at -1e30 instead of ``finfo(dtype).min``: under
+  vmap the guard of a float32 operand is traced as float64's minimum, which inductor
+  cannot write as a float32 constant (the compile failed and the story ran uncompiled).
 * :func:`run_dtype` runs a story under the run's dtype, so the constants a user writes
   with torch's default dtype (``torch.ones(3)``, ``dist.Beta(5., 5.)``) agree with data.
 """
@@ -86,10 +89,28 @@ def vmap_safe_contraction():
     """Make Pyro's contraction and ``infer_discrete`` usable under vmap (see module)."""
     with _contraction_lock:
         original_log, original_enum = torch_log_einsum.safe_log, infer_discrete_module.EnumMessenger
+        original_torch = torch_log_einsum.torch
         torch_log_einsum.safe_log = torch.log
+        torch_log_einsum.torch = _TorchWithFiniteGuard()
         infer_discrete_module.EnumMessenger = VmapSafeEnum
         try:
             yield
         finally:
             torch_log_einsum.safe_log = original_log
+            torch_log_einsum.torch = original_torch
             infer_discrete_module.EnumMessenger = original_enum
+
+
+class _FiniteGuard:
+    min = -1e30  # below any log density a story reaches; finite in float32 and float64
+
+
+class _TorchWithFiniteGuard:
+    """``torch`` as Pyro's log-space einsum sees it, with ``finfo(...).min`` = -1e30."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def finfo(dtype=None):
+        return _FiniteGuard
