@@ -13,9 +13,8 @@ import logging as _logging
 
 __version__ = "0.1.0"
 
-from ppl_notes.comparison import compare, diagnostics_table
-from ppl_notes.cross_validation import compare_models, loo
-from ppl_notes.decisions import Decision, decide
+from typing import TYPE_CHECKING
+
 from ppl_notes.errors import (
     CheckpointError,
     DataError,
@@ -28,13 +27,47 @@ from ppl_notes.errors import (
     PPLNotesError,
     StoryError,
 )
-from ppl_notes.evidence import Estimate
-from ppl_notes.exact import exact_posterior
-from ppl_notes.gradients import gradient_variance
-from ppl_notes.inference import infer
-from ppl_notes.posterior import Posterior, load
-from ppl_notes.report import write_report
-from ppl_notes.story import Guide, Model, check_pairing, guide, model
+
+#: Where each public name lives. They are imported on first use (PEP 562), so that
+#: ``import ppl_notes`` does not pay for ArviZ, xarray, matplotlib or scikit-learn.
+_LAZY = {
+    "compare": "comparison", "diagnostics_table": "comparison",
+    "compare_models": "cross_validation", "loo": "cross_validation",
+    "Decision": "decisions", "decide": "decisions",
+    "Estimate": "evidence", "exact_posterior": "exact", "gradient_variance": "gradients",
+    "infer": "inference", "Posterior": "posterior", "load": "posterior",
+    "write_report": "report",
+    "Guide": "story", "Model": "story", "check_pairing": "story", "guide": "story",
+    "model": "story",
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from ppl_notes.comparison import compare, diagnostics_table
+    from ppl_notes.cross_validation import compare_models, loo
+    from ppl_notes.decisions import Decision, decide
+    from ppl_notes.evidence import Estimate
+    from ppl_notes.exact import exact_posterior
+    from ppl_notes.gradients import gradient_variance
+    from ppl_notes.inference import infer
+    from ppl_notes.posterior import Posterior, load
+    from ppl_notes.report import write_report
+    from ppl_notes.story import Guide, Model, check_pairing, guide, model
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use (PEP 562) and keep the name here."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ppl_notes' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"ppl_notes.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 # torch's C++-extension module logs "No CUDA runtime is found" when it is imported (by
 # inductor, on every compile) on a machine without a GPU; nothing here needs CUDA.

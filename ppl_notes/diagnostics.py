@@ -29,10 +29,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import arviz_stats
 import numpy as np
 import xarray as xr
-from scipy import stats
 
 from ppl_notes._elements import element_draws, element_labels
 from ppl_notes.errors import DiagnosticWarning
@@ -135,6 +133,8 @@ def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
     # ArviZ's psislw takes log-likelihood-like input and smooths its negation (the LOO
     # ratios are 1/p(y_i | theta)): hand it -log(p/q) so that it fits the tail of p/q.
+    import arviz_stats  # noqa: F401 - registers the .azstats accessor (loaded on first use)
+
     array = xr.DataArray(-log_ratio, dims=["sample"])
     try:
         return float(array.azstats.psislw(dim="sample")[1])
@@ -173,6 +173,8 @@ def diagnostics(posterior) -> dict[str, Any]:
 
 
 def _mcmc_numbers(posterior) -> dict[str, Any]:
+    import arviz_stats  # on first use: it is most of ppl_notes' import time
+
     tree, dims, sites = posterior.tree, ["chain", "draw"], continuous_sites(posterior)
     numbers: dict[str, Any] = {}
     if sites:
@@ -321,6 +323,8 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
 
 def _most_underweighted(posterior) -> tuple[str, str]:
     """The element most rank-correlated with log p/q: where q puts too little mass."""
+    from scipy.stats import spearmanr
+
     stats_ = posterior.tree["sample_stats"]
     log_ratio = (stats_["log_p"].values - stats_["log_q"].values).reshape(-1)
     sites = continuous_sites(posterior)
@@ -329,7 +333,7 @@ def _most_underweighted(posterior) -> tuple[str, str]:
     for label, values in draws.items():
         if np.ptp(values) == 0:
             continue
-        rho = stats.spearmanr(values, log_ratio).statistic
+        rho = spearmanr(values, log_ratio).statistic
         if np.isfinite(rho) and abs(rho) > score:
             best, side, score = label, "large" if rho > 0 else "small", abs(rho)
     return best, side

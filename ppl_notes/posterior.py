@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import arviz_stats
 import h5netcdf
 import numpy as np
 import pandas as pd
@@ -222,6 +221,8 @@ class Posterior:
         if var_names is None:
             var_names = [v for v in self.tree["posterior"].data_vars
                          if v not in self.discrete_sites]
+        import arviz_stats  # on first use (most of ppl_notes' import time)
+
         with warnings.catch_warnings():
             if too_few:  # numpy's remarks on the sd and intervals of one or two draws
                 warnings.simplefilter("ignore", RuntimeWarning)
