@@ -86,6 +86,7 @@ def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
             target_accept=job["target_accept"],
             max_tree_depth=job["max_tree_depth"],
             dense_mass=job["dense_mass"],
+            adaptation=job["adaptation"],
             seed=(job["seed"], chain),
             on_iteration=reporter(chain),
         )
@@ -110,12 +111,13 @@ def run_chains(
     compiler: str,
     dense_mass: bool,
     progress: bool,
+    adaptation: str = "welford",
     processes: int | None = None,
 ) -> list[ChainResult]:
     """Sample ``chains`` chains; results come back ordered by chain."""
     job = dict(model=model, data=data, warmup=warmup, draws=draws, target_accept=target_accept,
                max_tree_depth=max_tree_depth, seed=seed, init=init, compiler=compiler,
-               dense_mass=dense_mass)
+               dense_mass=dense_mass, adaptation=adaptation)
     payload = cloudpickle.dumps(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = min(chains, processes if processes is not None else cores or 1)

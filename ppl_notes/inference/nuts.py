@@ -67,9 +67,10 @@ OPTIONS = (
     choice("compiler", "auto", "how the fast engine compiles the potential: 'inductor' "
            "(torch.compile; seconds to build, then fastest), 'torchscript', 'none', or 'auto' "
            "(inductor where a C++ compiler exists)", ("auto", "inductor", "torchscript", "none")),
-    choice("mass_matrix", "diag", "the adapted metric: 'diag' (Stan's default) or 'dense' "
+    choice("mass_matrix", "diag", "the adapted metric: 'diag' (Stan's default: the draws' "
+           "variance), 'fisher' (a diagonal from draws and gradients, nutpie's) or 'dense' "
            "(the full posterior covariance: fewer steps on correlated posteriors, but a noisy "
-           "estimate on heavy-tailed ones)", ("diag", "dense")),
+           "estimate on heavy-tailed ones)", ("diag", "fisher", "dense")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
 )
 
@@ -127,6 +128,7 @@ def _run_fast(model, data, seed, progress, options):
         max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"],
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
+        adaptation="fisher" if options["mass_matrix"] == "fisher" else "welford",
     )
     flats = [r.positions for r in results]
     stats = {

@@ -359,6 +359,38 @@ class _Welford:
         return covariance + shrink
 
 
+class _FisherDiagonal:
+    r"""A diagonal inverse mass matrix from draws *and* gradients (nutpie's adaptation).
+
+    Minimising the Fisher divergence between the posterior and a Gaussian whose
+    covariance is diagonal gives :math:`M^{-1}_{ii} = \sqrt{\operatorname{Var}[q_i] /
+    \operatorname{Var}[\partial_i U]}` (Seyboldt, Carlson & Carpenter 2026; nutpie). For a
+    Gaussian posterior it is the variance, as Welford's estimate; elsewhere the gradients
+    carry the local scale too, which a few hundred correlated warmup draws estimate badly.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.draws, self.grads = _Welford(dim, False), _Welford(dim, False)
+
+    @property
+    def n(self) -> int:
+        return self.draws.n
+
+    def add(self, x: np.ndarray, grad: np.ndarray) -> None:
+        self.draws.add(x)
+        self.grads.add(grad)
+
+    def regularized(self) -> np.ndarray:
+        n = max(self.n - 1, 1)
+        draws, grads = self.draws.m2 / n, self.grads.m2 / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inverse = np.sqrt(draws / grads)
+        # A coordinate with no gradient variance (flat or unvisited) keeps Welford's value.
+        fallback = self.draws.regularized()
+        inverse = np.where(np.isfinite(inverse) & (inverse > 0), inverse, fallback)
+        return np.clip(inverse, 1e-10, 1e10)
+
+
 def find_reasonable_step_size(sampler: NUTS, q, potential, grad, step_size: float):
     """Double or halve the step until one leapfrog's acceptance crosses 0.8 (Stan).
 
@@ -411,6 +443,7 @@ def chain_process(
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     dense_mass: bool = False,
+    adaptation: str = "welford",
     seed: int | tuple = 0,
     on_iteration: Callable[[int], None] | None = None,
 ) -> ChainProcess:
@@ -428,6 +461,10 @@ def chain_process(
         Largest tree depth.
     dense_mass : bool
         Adapt a dense inverse mass matrix (the posterior covariance) instead of a diagonal.
+    adaptation : {"welford", "fisher"}
+        How the diagonal is estimated in each slow window: the draws' variance (Stan), or
+        from draws and gradients (:class:`_FisherDiagonal`, nutpie's); ``"fisher"`` is
+        diagonal only.
     seed : int or tuple
         Seed of the chain's generator.
     on_iteration : callable, optional
@@ -450,17 +487,25 @@ def chain_process(
         adapt = DualAveraging(target=target_accept)
         adapt.restart(sampler.step_size)
         schedule = WarmupSchedule(num_warmup)
-        window = _Welford(dim, dense_mass)
+        fisher = adaptation == "fisher" and not dense_mass
+
+        def new_window():
+            return _FisherDiagonal(dim) if fisher else _Welford(dim, dense_mass)
+
+        window = new_window()
         for iteration in range(num_warmup + num_draws):
             step = yield from sampler.transition(q, value, grad)
             q, value, grad = step.position, step.potential, step.grad
             if iteration < num_warmup:
                 sampler.step_size = adapt.update(step.accept_prob)
                 if schedule.in_slow_window(iteration):
-                    window.add(q)
+                    if fisher:
+                        window.add(q, grad)
+                    else:
+                        window.add(q)
                 if iteration + 1 in schedule.window_ends:
                     sampler.metric = Metric(window.regularized())
-                    window = _Welford(dim, dense_mass)
+                    window = new_window()
                     sampler.step_size = yield from find_reasonable_step_size(
                         sampler, q, value, grad, sampler.step_size)
                     adapt.restart(sampler.step_size)
