@@ -25,14 +25,28 @@ def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
     A story (or a guide of one) runs in its story's dtype. A latent site whose
     distribution cannot be sampled (``ImproperUniform``, a flat prior as in Stan) takes a
     value drawn uniformly on (-2, 2) in its unconstrained space, as Pyro's
-    ``init_to_uniform`` does.
+    ``init_to_uniform`` does. Where a linear-algebra step fails at the prior draw, other
+    draws are tried (up to 20); any other error is raised at once.
     """
     fn = poutine.replay(model, trace=replay) if replay is not None else model
     fn = InitMessenger(_sample_or_uniform)(fn)
     dtype = getattr(model, "dtype", None) or getattr(getattr(model, "model", None), "dtype",
                                                      None)
-    with pyro.poutine.seed(rng_seed=seed), run_dtype(dtype or torch.get_default_dtype()):
-        return poutine.trace(fn).get_trace(**data)
+    attempts = 1 if replay is not None else _ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            with (pyro.poutine.seed(rng_seed=seed + 1000 * attempt),
+                  run_dtype(dtype or torch.get_default_dtype())):
+                return poutine.trace(fn).get_trace(**data)
+        except torch.linalg.LinAlgError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+#: Prior draws tried where a linear-algebra step of the story fails (a Cholesky factor at
+#: an extreme length scale): the sampler rejects such points, so the story is still usable.
+_ATTEMPTS = 20
 
 
 def unconstrained_value(site, unconstrained: torch.Tensor | float = 0.0) -> torch.Tensor:

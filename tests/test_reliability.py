@@ -679,3 +679,27 @@ def test_an_improper_posterior_under_svi_is_a_warning_naming_the_flat_direction(
         proper = infer(one_flat, {"y": X}, method="svi", steps=1500, progress=False,
                        learning_rate=0.05)
     assert proper.info["flat_direction"] is None
+
+
+@model(observed="y")
+def correlation_through_cholesky(y):
+    """rho gets a Normal prior; the Cholesky factor of [[1, rho], [rho, 1]] exists only
+    for |rho| < 1, so torch raises outside. Stan rejects such proposals; so must NUTS."""
+    rho = pyro.sample("rho", dist.Normal(0.0, 1.0))
+    one = torch.ones(())
+    covariance = torch.stack([torch.stack([one, rho]), torch.stack([rho, one])])
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(2),
+                                                  scale_tril=torch.linalg.cholesky(covariance)),
+                    obs=y)
+
+
+def test_a_story_that_raises_at_some_points_is_rejected_there_not_crashed():
+    rng = np.random.default_rng(0)
+    y = rng.multivariate_normal([0, 0], [[1, 0.95], [0.95, 1]], size=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        fit = infer(correlation_through_cholesky, {"y": y}, method="nuts", chains=2,
+                    warmup=300, draws=300, processes=1, compiler="none", progress=False)
+    rho = fit["rho"]
+    assert np.all(np.abs(rho) < 1) and 0.85 < rho.mean() < 0.99

@@ -185,11 +185,36 @@ class BatchedPotential:
         return self._evaluate(flat, jacobian=False, priors=priors).total
 
     def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Potentials ``(batch,)`` and gradients ``(batch, dim)`` at ``positions``."""
-        if self._value_and_grad is not None:
-            value, grad = self._value_and_grad(torch.from_numpy(np.ascontiguousarray(positions)))
-            return value.numpy(), grad.numpy()
-        return _eager_value_and_grad(self._fn, positions)
+        """Potentials ``(batch,)`` and gradients ``(batch, dim)`` at ``positions``.
+
+        A point where the story raises (a Cholesky factor of a matrix that is not
+        positive definite at an extreme length scale) gets an infinite potential, as
+        Stan rejects a proposal whose log density throws: the sampler counts it as a
+        divergence and the other chains of the batch go on.
+        """
+        try:
+            if self._value_and_grad is not None:
+                value, grad = self._value_and_grad(
+                    torch.from_numpy(np.ascontiguousarray(positions)))
+                return value.numpy(), grad.numpy()
+            return _eager_value_and_grad(self._fn, positions)
+        except (RuntimeError, ValueError) as error:
+            return self._point_by_point(positions, error)
+
+    def _point_by_point(self, positions: np.ndarray, error: Exception):
+        """Each point alone (uncompiled): those that raise get potential +inf."""
+        values = np.full(positions.shape[0], np.inf)
+        grads = np.zeros_like(positions, dtype=float)
+        for i in range(positions.shape[0]):
+            try:
+                value, grad = _eager_value_and_grad(self._potential, positions[i:i + 1])
+            except (RuntimeError, ValueError):
+                continue
+            values[i], grads[i] = value[0], grad[0]
+        if not np.isfinite(values).any():
+            logger.debug("potential of %r raised at every point of a batch: %s",
+                         getattr(self.model, "name", self.model), error)
+        return values, grads
 
     def initial_points(self, init: str, seeds: list[int]) -> np.ndarray:
         """One starting point per seed, by the named init strategy, unconstrained."""
@@ -204,7 +229,10 @@ class BatchedPotential:
             point = self.flatten(values)
             value, _ = self(np.repeat(point[None], self.num_chains, axis=0))
             if not np.isfinite(value[0]):
-                culprits = self._non_finite_sites(values)
+                try:
+                    culprits = self._non_finite_sites(values)
+                except (RuntimeError, ValueError):  # the story raises there (see __call__)
+                    culprits = []
                 where = f" (at sites {culprits})" if culprits else ""
                 raise InferenceError(
                     f"NUTS cannot start: the log density of story "
