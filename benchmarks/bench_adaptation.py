@@ -15,23 +15,13 @@ every sd within 10%); then the ratio fisher / diag of ESS per gradient.
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _fresh import CORPUS_PREAMBLE, ROOT, run_fresh  # benchmarks/ is on the path
 
-CHILD = r"""
-import json, sys, time, warnings
-warnings.simplefilter("ignore")
-sys.path.insert(0, {root!r})
-started = time.perf_counter()
-import numpy as np, arviz_stats
-from tests.corpus.cases import CASES
+CHILD = CORPUS_PREAMBLE + r"""
 from ppl_notes import infer
-case = CASES[{name!r}]
 options = {{**case.nuts, "chains": 4, "warmup": 1000, "draws": 1000, "seed": 1,
            "mass_matrix": {metric!r}}}
 fit = infer(case.story, case.data, method="nuts", progress=False, **options)
@@ -53,11 +43,7 @@ print(json.dumps({{"gradients": int(stats["n_steps"].sum()), "ess": ess, "wall":
 
 def run(name: str, metric: str) -> dict:
     """One fit in a fresh process; its figures as a dict."""
-    code = CHILD.format(root=str(ROOT), name=name, metric=metric)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_fresh(CHILD.format(root=str(ROOT), name=name, metric=metric))
 
 
 def main(names: list[str]) -> None:

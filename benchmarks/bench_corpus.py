@@ -17,22 +17,12 @@ run of every story takes hours here. Each fit runs in a fresh process.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _fresh import CORPUS_PREAMBLE, ROOT, run_fresh  # benchmarks/ is on the path
 
-CHILD = r"""
-import json, sys, time, warnings
-warnings.simplefilter("ignore")
-sys.path.insert(0, {root!r})
-started = time.perf_counter()
-import numpy as np, arviz_stats
-from tests.corpus.cases import CASES
-case = CASES[{name!r}]
+CHILD = CORPUS_PREAMBLE + r"""
 if {engine!r} == "pyro":
     import pyro, torch
     from pyro.infer import MCMC, NUTS
@@ -66,13 +56,8 @@ else:
 
 
 def run_child(name: str, engine: str) -> dict:
-    code = CHILD.format(root=str(ROOT), name=name, engine=engine)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=3600)
-    for line in reversed(done.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    """One story by one engine, in a fresh process."""
+    return run_fresh(CHILD.format(root=str(ROOT), name=name, engine=engine))
 
 
 def main() -> None:

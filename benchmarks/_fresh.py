@@ -1,0 +1,35 @@
+"""What the benchmarks share: one corpus story, fitted in a fresh Python process.
+
+``CORPUS_PREAMBLE`` opens a child script (format it with ``root`` and ``name``): it
+starts the clock, puts the repository on the path and binds ``case`` to the corpus
+story. :func:`run_fresh` runs a child and returns the JSON object it printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORPUS_PREAMBLE = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {root!r})
+started = time.perf_counter()
+import numpy as np, arviz_stats
+from tests.corpus.cases import CASES
+case = CASES[{name!r}]
+"""
+
+
+def run_fresh(code: str, timeout: float = 3600) -> dict:
+    """Run ``code`` in a fresh interpreter; its last JSON line, or ``{"error": ...}``."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+    for line in reversed(done.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:160]}
