@@ -30,7 +30,6 @@ from typing import Any
 
 import cloudpickle
 import torch
-import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
 from ppl_notes.inference._potential import BatchedPotential
@@ -46,6 +45,8 @@ def _init_worker(progress_queue, stop_event) -> None:
     _progress_queue, _stop_event = progress_queue, stop_event
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (module doc)
     torch.set_num_threads(1)
+    import torch._inductor.config as inductor_config
+
     # One core per worker: no pool of compile subprocesses (they would see the Ctrl-C).
     inductor_config.compile_threads = 1
 
