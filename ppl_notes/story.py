@@ -357,8 +357,7 @@ class Model:
         what = invalid_parameter(error, self.fn)
         if what is None:
             return
-        found = _INVALID_PARAMETER.search(str(error))
-        parameter, distribution = found.group(1), found.group(2)
+        parameter, distribution, _ = _INVALID_PARAMETER.search(str(error)).groups()
         shape = re.search(r"Tensor of shape \(([\d, ]*)\)", str(error))
         shape = tuple(int(n) for n in shape.group(1).split(",") if n.strip()) if shape else None
         constraint = getattr(getattr(pyro.distributions, distribution, None), "arg_constraints",

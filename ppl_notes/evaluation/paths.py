@@ -37,19 +37,15 @@ def check_points(model, data: Mapping[str, Any], facts: StoryFacts, count: int =
                  seed: int = 0) -> dict[str, torch.Tensor]:
     """``count`` prior draws of the continuous sites, unconstrained, draws first.
 
-    Draws whose unconstrained image is not finite (a value on a boundary), and draws where
-    a linear-algebra step of the story fails, are skipped.
+    Draws whose unconstrained image is not finite (a value on a boundary) are skipped;
+    :func:`~ppl_notes._sites.trace_model` itself redraws where a linear-algebra step fails.
     """
     points: list[dict[str, torch.Tensor]] = []
     attempt = 0
     with run_dtype(facts.dtype), torch.no_grad():
         while len(points) < count and attempt < 10 * count:
-            try:
-                trace = trace_model(model, data, seed + 7919 * attempt)
-            except torch.linalg.LinAlgError:  # a prior draw the story cannot factor: skip it
-                continue
-            finally:
-                attempt += 1
+            trace = trace_model(model, data, seed + 7919 * attempt)
+            attempt += 1
             point = {}
             for name in facts.continuous:
                 site = trace.nodes[name]
