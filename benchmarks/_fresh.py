@@ -8,6 +8,7 @@ story. :func:`run_fresh` runs a child and returns the JSON object it printed las
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,13 @@ case = CASES[{name!r}]
 """
 
 
-def run_fresh(code: str, timeout: float = 3600) -> dict:
-    """Run ``code`` in a fresh interpreter; its last JSON line, or ``{"error": ...}``."""
+def run_fresh(code: str, timeout: float = 3600, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; its last JSON line, or ``{"error": ...}``.
+
+    ``env`` adds to (or overrides) this process's environment variables.
+    """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
     for line in reversed(done.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
