@@ -30,6 +30,7 @@ bench: env  ## speed against plain Pyro and NumPyro (run by hand)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_facade.py
 	$(BIN)/python benchmarks/bench_nuts.py
+	$(BIN)/python benchmarks/bench_peers.py
 	$(BIN)/python benchmarks/bench_svi.py
 
 # Refresh the lock on purpose: the newest versions setup.cfg allows (within the machine's

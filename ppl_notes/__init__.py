@@ -31,6 +31,7 @@ from ppl_notes.errors import (
 #: Where each public name lives. They are imported on first use (PEP 562), so that
 #: ``import ppl_notes`` does not pay for ArviZ, xarray, matplotlib or scikit-learn.
 _LAZY = {
+    "Calibration": "calibration", "calibrate": "calibration",
     "compare": "comparison", "diagnostics_table": "comparison",
     "compare_models": "cross_validation", "loo": "cross_validation",
     "Decision": "decisions", "decide": "decisions",
@@ -42,6 +43,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from ppl_notes.calibration import Calibration, calibrate
     from ppl_notes.comparison import compare, diagnostics_table
     from ppl_notes.cross_validation import compare_models, loo
     from ppl_notes.decisions import Decision, decide
@@ -81,6 +83,8 @@ __all__ = [
     "Guide",
     "check_pairing",
     "infer",
+    "calibrate",
+    "Calibration",
     "compare",
     "diagnostics_table",
     "loo",

@@ -112,6 +112,28 @@ def _show(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from ppl_notes.calibration import calibrate
+    from ppl_notes.models import get_story
+
+    entry = get_story(args.story)
+    store = False if args.store == "none" else args.store
+    result = calibrate(entry.load_model(), method=args.method, replicates=args.replicates,
+                       seed=args.seed, store=store, processes=args.processes,
+                       progress=not args.no_progress, **_parse_options(args.set))
+    print(result)
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result.ranks.to_dataframe().to_csv(out / "ranks.csv")
+        result.plot().savefig(out / "calibration.png")
+        print(f"wrote ranks.csv and calibration.png in {out}")
+    return 0 if result.calibrated else 1
+
+
 def _story_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=help_text)
     command.add_argument("story")
@@ -143,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--nuts", action="append", default=[], metavar="KEY=VALUE",
                          help="a NUTS option, e.g. --nuts chains=2")
     compare.set_defaults(func=_compare)
+
+    calibration = _story_command(commands, "calibrate", "simulation-based calibration: "
+                                 "simulate from the story, fit, rank the truth")
+    calibration.add_argument("--method", default="nuts", help="nuts, svi or bbvi")
+    calibration.add_argument("--replicates", type=int, default=200)
+    calibration.add_argument("--processes", type=int, help="worker processes (default: cores)")
+    calibration.add_argument("--store", help="the file that keeps finished replicates "
+                             "(default: one under ~/.cache/ppl_notes; 'none': no file)")
+    calibration.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="an option of the method, e.g. --set steps=1500")
+    calibration.add_argument("--out", help="a folder for ranks.csv and calibration.png")
+    calibration.set_defaults(func=_calibrate)
 
     show = commands.add_parser("show", help="summary of a saved result")
     show.add_argument("file")

@@ -1,0 +1,406 @@
+r"""Simulation-based calibration: does a method recover the parameters its story drew.
+
+For each replicate :math:`r` (Talts, Betancourt, Simpson, Vehtari & Gelman 2018,
+"Validating Bayesian inference algorithms with simulation-based calibration"):
+
+1. draw :math:`\tilde\theta \sim p(\theta)` and :math:`\tilde y \sim p(y \mid \tilde\theta)`
+   by running the story forwards (:meth:`~ppl_notes.story.Model.simulate`);
+2. fit :math:`\tilde y` with the method under test;
+3. rank each scalar element of :math:`\tilde\theta` among :math:`L` posterior draws:
+   NUTS draws are thinned by :math:`\lceil n / \widehat{\mathrm{ESS}}\rceil` to near
+   independence, VI draws are independent already.
+
+If the method is exact, :math:`p(\theta \mid \tilde y)` averaged over the prior
+predictive is the prior, so each rank is uniform on :math:`\{0, \dots, L\}`. Ranks are
+made continuous by the randomised PIT :math:`u = (\mathrm{rank} + V)/(L + 1)`,
+:math:`V \sim U(0, 1)`, uniform on (0, 1) for any :math:`L`, so replicates with different
+:math:`L` pool. For VI this is also the check of Yao, Vehtari, Simpson & Gelman (2018,
+"Yes, but did it work?", VSBC): its marginal probabilities
+:math:`p_r = q(\theta < \tilde\theta_r)` are these PIT values; VSBC's own statistic, the
+asymmetry of their distribution around 1/2 (a biased q), is reported as well.
+
+The verdict: each parameter's PIT values are tested for uniformity (Kolmogorov-Smirnov);
+the method is *calibrated* when no p-value falls below :math:`0.05 / K` over :math:`K`
+parameters (Bonferroni: a family-wise false-alarm rate of at most 5%).
+
+Replicates run in parallel worker processes (one per core) and are stored as they
+finish, one JSON line each: a calibration killed and restarted with the same arguments
+continues from the replicates it had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ppl_notes.errors import CheckpointError, OptionError, PartialResultWarning
+from ppl_notes.inference._fingerprint import code_digest, data_digests
+
+__all__ = ["Calibration", "calibrate"]
+
+#: family-wise false-alarm rate of the uniformity tests (Bonferroni over parameters)
+FAMILY_ALPHA = 0.05
+_FORMAT = "ppl_notes calibration 1"
+_METHODS = ("nuts", "svi", "bbvi")
+#: NUTS settings per replicate unless given: one chain, as Talts et al. (2018) run it
+_NUTS_DEFAULTS = {"chains": 1, "warmup": 500, "draws": 1000}
+
+
+@dataclass
+class Calibration:
+    """The replicates of a simulation-based calibration and the verdict on them.
+
+    Attributes
+    ----------
+    ranks : xarray.Dataset
+        ``rank``, ``pit`` and ``truth`` over ``(replicate, parameter)``, and ``num_draws``
+        (the :math:`L` each rank is out of) over ``replicate``.
+    pvalues : pandas.Series
+        The Kolmogorov-Smirnov p-value of each parameter's PIT values against U(0, 1).
+    calibrated : bool
+        No p-value below ``0.05 / len(pvalues)`` (Bonferroni; module doc).
+    vsbc_pvalues : pandas.Series
+        VSBC's symmetry test (two-sample KS of :math:`p` against :math:`1 - p`), for
+        the VI methods; empty for NUTS.
+    """
+
+    method: str
+    story: str
+    ranks: Any
+    pvalues: Any
+    calibrated: bool
+    vsbc_pvalues: Any = None
+    partial: bool = False
+    options: dict = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        """The multiple-testing rule behind :attr:`calibrated`, in words."""
+        return (f"calibrated when every parameter's KS p-value is at least "
+                f"{FAMILY_ALPHA} / {len(self.pvalues)} (Bonferroni, family-wise rate "
+                f"{FAMILY_ALPHA})")
+
+    def to_arviz(self):
+        """The PIT values as an ArviZ DataTree (group ``prior_sbc``, sample dim ``replicate``)."""
+        import xarray as xr
+
+        pit = self.ranks["pit"]
+        groups = {"prior_sbc": xr.Dataset({"pit": pit}),
+                  "calibration": self.ranks.drop_vars("pit")}
+        tree = xr.DataTree.from_dict(groups)
+        tree.attrs.update(method=self.method, story=self.story, calibrated=int(self.calibrated),
+                          rule=self.rule, pvalues=json.dumps(self.pvalues.to_dict()))
+        return tree
+
+    def plot(self, **kwargs):
+        """ECDF difference of the PIT values with simultaneous bands, one panel per parameter.
+
+        arviz-plots' :func:`~arviz_plots.plot_ecdf_pit` (Säilynoja, Bürkner & Vehtari 2022:
+        graphical test for discrete uniformity). Keyword arguments go to it.
+        """
+        import arviz_plots
+
+        return arviz_plots.plot_ecdf_pit(self.to_arviz(), group="prior_sbc",
+                                         sample_dims=["replicate"], **kwargs)
+
+    def __repr__(self) -> str:
+        lines = [f"Calibration of {self.story!r} by {self.method}: "
+                 f"{self.ranks.sizes['replicate']} replicates, "
+                 f"{'calibrated' if self.calibrated else 'NOT calibrated'} ({self.rule})"]
+        lines += [f"  {name:20s} KS p = {p:.3g}" for name, p in self.pvalues.items()]
+        return "\n".join(lines)
+
+
+def calibrate(model, method: str = "nuts", replicates: int = 200, *, data: Mapping | None = None,
+              seed: int = 0, store: str | os.PathLike | bool | None = None,
+              processes: int | None = None, progress: bool = True,
+              **options: Any) -> Calibration:
+    """Simulation-based calibration of ``method`` on ``model`` (module doc).
+
+    Parameters
+    ----------
+    model : Model
+        The story; its prior and likelihood make the replicates.
+    method : {"nuts", "svi", "bbvi"}
+        The method under test, as :func:`ppl_notes.infer` names it.
+    replicates : int
+        How many data sets to simulate and fit. Replicate ``r``'s seed depends on
+        ``seed`` and ``r`` only, so 200 replicates extend a run of 100.
+    data : dict, optional
+        The story's arguments that are not observed (covariates, sizes such as
+        ``num_obs``); default: those of the story's default data.
+    seed : int
+        The calibration's seed.
+    store : path, bool or None
+        Where finished replicates are kept, one JSON line each. ``None``: a file named
+        by the arguments' fingerprint under ``$PPL_NOTES_CACHE`` (default
+        ``~/.cache/ppl_notes``)``/calibrations``; ``False``: nowhere.
+    processes : int, optional
+        Worker processes (default: one per core).
+    progress : bool
+        A progress bar over the replicates.
+    **options
+        Passed to :func:`ppl_notes.infer` for each fit (NUTS defaults to one chain of
+        500 warmup + 1000 draws here).
+
+    Returns
+    -------
+    Calibration
+        Partial (with a :class:`~ppl_notes.errors.PartialResultWarning`) when
+        interrupted by Ctrl-C; the store keeps every finished replicate.
+    """
+    import cloudpickle
+
+    if method not in _METHODS:
+        raise OptionError(f"calibrate: method must be one of {_METHODS}, got {method!r}")
+    if int(replicates) != replicates or replicates < 2:
+        raise OptionError(f"calibrate: replicates must be an integer >= 2, got {replicates!r}")
+    if method == "nuts":
+        options = {**_NUTS_DEFAULTS, **options}
+    covariates = dict(data) if data is not None else model._default_covariates()
+    parameters = _parameters(model, covariates)
+    fingerprint = {"story": f"{model.name} {code_digest(model)}", "method": method,
+                   "seed": seed, "options": repr(sorted(options.items())),
+                   "data": data_digests(covariates)}
+    path = _store_path(store, model.name, fingerprint)
+    done = _read_store(path, fingerprint) if path is not None else {}
+    todo = [r for r in range(replicates) if r not in done]
+    job = cloudpickle.dumps({"model": model, "method": method, "options": options,
+                             "covariates": covariates, "seed": seed,
+                             "parameters": parameters})
+    interrupted = False
+    if todo:
+        try:
+            _run(job, todo, done, path, replicates, processes, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+    results = [done[r] for r in range(replicates) if r in done]
+    if interrupted:
+        if len(results) < 2:
+            raise KeyboardInterrupt("calibration interrupted before two replicates finished")
+        warnings.warn(f"calibration interrupted: {len(results)} of {replicates} replicates "
+                      "finished" + (f" (kept in {path}; run again to continue)" if path else ""),
+                      PartialResultWarning, stacklevel=2)
+    return _verdict(model.name, method, parameters, results, options, partial=interrupted)
+
+
+# -- one replicate (in a worker) ---------------------------------------------------------
+
+_jobs: dict[bytes, dict] = {}
+
+
+def _replicate_seed(seed: int, replicate: int) -> int:
+    """Replicate r's seed, from ``seed`` and r only (below 1e6: NUTS seeds seed*1000+chain)."""
+    return int(np.random.SeedSequence([seed, replicate]).generate_state(1)[0] % 1_000_000)
+
+
+def _one_replicate(payload: bytes, replicate: int) -> dict[str, Any]:
+    """Simulate, fit, rank: one replicate's record."""
+    import cloudpickle
+
+    from ppl_notes.inference import infer
+
+    key = hashlib.sha256(payload).digest()
+    if key not in _jobs:
+        _jobs[key] = cloudpickle.loads(payload)
+    job = _jobs[key]
+    model, parameters = job["model"], job["parameters"]
+    seed = _replicate_seed(job["seed"], replicate)
+    started = time.perf_counter()
+    simulated = model.simulate(seed=seed, **job["covariates"])
+    fit_data = dict(job["covariates"])
+    for site, argument in model.observed_arguments.items():
+        if argument:
+            fit_data[argument] = simulated[site].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = infer(model, fit_data, method=job["method"], seed=seed, progress=False,
+                    **job["options"])
+    truth = _flatten({site: simulated[site].numpy() for site in parameters}, parameters)
+    draws = _flatten({site: fit.draws(site) for site in parameters}, parameters, leading=True)
+    draws = _thinned(draws) if job["method"] == "nuts" else draws
+    below = (draws < np.array([truth[p] for p in _parameter_names(parameters)])).sum(0)
+    jitter = np.random.default_rng(seed).random(len(below))
+    size = draws.shape[0]
+    return {"replicate": replicate, "num_draws": size,
+            "rank": {p: int(b) for p, b in zip(_parameter_names(parameters), below, strict=True)},
+            "pit": {p: float((b + v) / (size + 1)) for p, b, v
+                    in zip(_parameter_names(parameters), below, jitter, strict=True)},
+            "prob_below": {p: float(b / size) for p, b
+                           in zip(_parameter_names(parameters), below, strict=True)},
+            "truth": truth, "seconds": time.perf_counter() - started}
+
+
+def _parameter_names(parameters: dict[str, tuple[int, ...]]) -> list[str]:
+    """The scalar elements' names: ``mu``, ``w[0]``, ``w[1]``..., in site order."""
+    names = []
+    for site, shape in parameters.items():
+        size = int(np.prod(shape, dtype=int))
+        names += [site] if shape == () else [f"{site}[{i}]" for i in range(size)]
+    return names
+
+
+def _flatten(values: dict[str, np.ndarray], parameters, leading: bool = False):
+    """Site values -> one column per scalar element (``leading``: draws first)."""
+    if leading:
+        return np.concatenate([np.asarray(values[s], dtype=float).reshape(
+            np.asarray(values[s]).shape[0], -1) for s in parameters], axis=1)
+    flat = np.concatenate([np.asarray(values[s], dtype=float).reshape(-1) for s in parameters])
+    return dict(zip(_parameter_names(parameters), flat.tolist(), strict=True))
+
+
+def _thinned(draws: np.ndarray) -> np.ndarray:
+    """Every k-th draw, k = ceil(n / min bulk ESS): near-independent draws (Talts et al.)."""
+    import arviz_stats
+
+    ess = min(float(arviz_stats.ess(draws[None, :, j], method="bulk"))
+              for j in range(draws.shape[1]))
+    step = max(1, math.ceil(draws.shape[0] / max(ess, 1.0)))
+    return draws[::step]
+
+
+def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
+    """The latent continuous sites and their shapes (discrete sites are summed out)."""
+    sites = model.sites(None if model._default_data is not None else covariates)
+    observed = set(model.observed_arguments)
+    latent = sites[~sites["name"].isin(observed) & ~sites["discrete"]
+                   & (sites["kind"] == "latent")]
+    if latent.empty:
+        raise OptionError(f"calibrate: story {model.name!r} has no continuous latent site")
+    return {row["name"]: tuple(row["shape"]) for _, row in latent.iterrows()}
+
+
+# -- the pool, the store and the verdict -------------------------------------------------
+
+def _init_worker() -> None:
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+
+
+def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
+         processes: int | None, progress: bool) -> None:
+    """Run the replicates ``todo`` in worker processes, storing each as it finishes."""
+    from tqdm.auto import tqdm
+
+    from ppl_notes.inference._chains import _without_main_module
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(len(todo), processes or cores or 1))
+    bar = tqdm(total=total, initial=total - len(todo), desc="calibration replicates",
+               disable=not progress)
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                               initializer=_init_worker)
+    try:
+        with _without_main_module():  # a script without a __main__ guard is not re-run
+            pending = {pool.submit(_one_replicate, job, r) for r in todo}
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                record = future.result()
+                done[record["replicate"]] = record
+                if path is not None:
+                    _append(path, record)
+                bar.update(1)
+    except KeyboardInterrupt:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        bar.close()
+        with contextlib.suppress(KeyboardInterrupt):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _store_path(store, name: str, fingerprint: dict) -> Path | None:
+    if store is False:
+        return None
+    if store is None or store is True:
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        root = Path(os.environ.get("PPL_NOTES_CACHE", Path.home() / ".cache" / "ppl_notes"))
+        store = root / "calibrations" / f"{name}-{digest[:16]}.jsonl"
+    path = Path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(json.dumps({"format": _FORMAT, "fingerprint": fingerprint}) + "\n")
+    return path
+
+
+def _read_store(path: Path, fingerprint: dict) -> dict[int, dict]:
+    """The replicates a store holds; a store of another calibration is refused by name."""
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, json.JSONDecodeError):
+        header = {}
+    if header.get("format") != _FORMAT:
+        raise CheckpointError(f"calibration store {path} is not a ppl_notes calibration store")
+    theirs = header["fingerprint"]
+    differ = [key for key in fingerprint if theirs.get(key) != fingerprint[key]]
+    if differ:
+        raise CheckpointError(f"calibration store {path} holds a calibration with other "
+                              f"{', '.join(differ)}; give another store (or delete it)")
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run was killed
+            continue
+        done[record["replicate"]] = record
+    return done
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _verdict(story: str, method: str, parameters, results: list[dict], options: dict,
+             partial: bool) -> Calibration:
+    import pandas as pd
+    import xarray as xr
+    from scipy import stats
+
+    names = _parameter_names(parameters)
+    index = [r["replicate"] for r in results]
+
+    def table(key):
+        return np.array([[r[key][p] for p in names] for r in results], dtype=float)
+
+    coords = {"replicate": index, "parameter": names}
+    dims = ("replicate", "parameter")
+    ranks = xr.Dataset(
+        {"rank": (dims, table("rank").astype(int)), "pit": (dims, table("pit")),
+         "truth": (dims, table("truth")),
+         "num_draws": (("replicate",), np.array([r["num_draws"] for r in results]))},
+        coords=coords)
+    pit = table("pit")
+    pvalues = pd.Series({p: float(stats.kstest(pit[:, j], "uniform").pvalue)
+                         for j, p in enumerate(names)}, name="ks_pvalue")
+    vsbc = pd.Series(dtype=float, name="vsbc_pvalue")
+    if method != "nuts":
+        below = table("prob_below")
+        vsbc = pd.Series({p: float(stats.ks_2samp(below[:, j], 1.0 - below[:, j]).pvalue)
+                          for j, p in enumerate(names)}, name="vsbc_pvalue")
+    calibrated = bool((pvalues >= FAMILY_ALPHA / len(names)).all())
+    return Calibration(method=method, story=story, ranks=ranks, pvalues=pvalues,
+                       calibrated=calibrated, vsbc_pvalues=vsbc, partial=partial,
+                       options=options)
