@@ -38,7 +38,7 @@ bench: env  ## speed against plain Pyro and NumPyro (run by hand)
 PIP_CONSTRAINTS := $(wildcard /etc/xdg/pip/constraints.txt)
 lock: env  ## re-resolve requirements.lock from setup.cfg (then run make test)
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip compile setup.cfg --extra test --extra notebooks --python-version 3.12 \
+	$(BIN)/uv pip compile setup.cfg --extra test --extra notebooks --extra cluster --python-version 3.12 \
 		--python-platform x86_64-manylinux_2_28 $(addprefix -c ,$(PIP_CONSTRAINTS)) \
 		--no-header --quiet -o requirements.lock
 

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import signal
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ppl_notes._cluster import check_scheduler, client_for, completed
 from ppl_notes.errors import CheckpointError, OptionError, PartialResultWarning
 from ppl_notes.inference._fingerprint import code_digest, data_digests
 
@@ -125,10 +127,10 @@ class Calibration:
         return "\n".join(lines)
 
 
-def calibrate(model, method: str = "nuts", replicates: int = 200, *, data: Mapping | None = None,
-              seed: int = 0, store: str | os.PathLike | bool | None = None,
-              processes: int | None = None, progress: bool = True,
-              **options: Any) -> Calibration:
+def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=None,
+              data: Mapping | None = None, seed: int = 0,
+              store: str | os.PathLike | bool | None = None, processes: int | None = None,
+              progress: bool = True, **options: Any) -> Calibration:
     """Simulation-based calibration of ``method`` on ``model`` (module doc).
 
     Parameters
@@ -140,6 +142,10 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, data: Mappi
     replicates : int
         How many data sets to simulate and fit. Replicate ``r``'s seed depends on
         ``seed`` and ``r`` only, so 200 replicates extend a run of 100.
+    scheduler : None, str or distributed.Client
+        ``None``: worker processes on this machine. An address (``"tcp://host:8786"``)
+        or a Client: the replicates run on that Dask cluster's workers, and a replicate
+        whose worker dies is run again on another (:mod:`ppl_notes._cluster`).
     data : dict, optional
         The story's arguments that are not observed (covariates, sizes such as
         ``num_obs``); default: those of the story's default data.
@@ -169,6 +175,7 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, data: Mappi
         raise OptionError(f"calibrate: method must be one of {_METHODS}, got {method!r}")
     if int(replicates) != replicates or replicates < 2:
         raise OptionError(f"calibrate: replicates must be an integer >= 2, got {replicates!r}")
+    check_scheduler(scheduler, "calibrate")
     if method == "nuts":
         options = {**_NUTS_DEFAULTS, **options}
     covariates = dict(data) if data is not None else model._default_covariates()
@@ -185,7 +192,8 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, data: Mappi
     interrupted = False
     if todo:
         try:
-            _run(job, todo, done, path, replicates, processes, progress)
+            _run(job, todo, done, path, replicates, processes, progress, scheduler,
+                 model.name)
         except KeyboardInterrupt:
             interrupted = True
     results = [done[r] for r in range(replicates) if r in done]
@@ -293,17 +301,46 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _on_cluster_worker(payload: bytes, replicate: int) -> dict[str, Any]:
+    """One replicate in a Dask worker's thread: one torch thread, as in a local worker."""
+    import torch
+
+    torch.set_num_threads(1)
+    return _one_replicate(payload, replicate)
+
+
 def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
-         processes: int | None, progress: bool) -> None:
+         processes: int | None, progress: bool, scheduler, name: str) -> None:
     """Run the replicates ``todo`` in worker processes, storing each as it finishes."""
     from tqdm.auto import tqdm
 
+    bar = tqdm(total=total, initial=total - len(todo), desc="calibration replicates",
+               disable=not progress)
+
+    def keep(record):
+        done[record["replicate"]] = record
+        if path is not None:
+            _append(path, record)
+        bar.update(1)
+
+    try:
+        if scheduler is not None:
+            with client_for(scheduler, "calibrate") as client:
+                key = f"calibrate-{name}-{uuid.uuid4().hex[:8]}"
+                for record in completed(client, _on_cluster_worker,
+                                        [(job, r) for r in todo], key):
+                    keep(record)
+        else:
+            _run_locally(job, todo, processes, keep)
+    finally:
+        bar.close()
+
+
+def _run_locally(job: bytes, todo: list[int], processes: int | None, keep) -> None:
     from ppl_notes.inference._chains import _without_main_module
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = max(1, min(len(todo), processes or cores or 1))
-    bar = tqdm(total=total, initial=total - len(todo), desc="calibration replicates",
-               disable=not progress)
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                initializer=_init_worker)
@@ -313,17 +350,12 @@ def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
         while pending:
             finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             for future in finished:
-                record = future.result()
-                done[record["replicate"]] = record
-                if path is not None:
-                    _append(path, record)
-                bar.update(1)
+                keep(future.result())
     except KeyboardInterrupt:
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     finally:
-        bar.close()
         with contextlib.suppress(KeyboardInterrupt):
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -51,13 +51,20 @@ def _init_worker(progress_queue, stop_event) -> None:
     inductor_config.compile_threads = 1
 
 
-def _say(chain: int, what: str | int) -> None:
-    if _progress_queue is not None:
-        _progress_queue.put((chain, what))
+def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
+                stop_event=None) -> list[dict[str, Any]]:
+    """Run a group of chains in lockstep against one batched potential.
 
+    Progress messages go to ``progress_queue`` and the chains stop when ``stop_event``
+    is set (checked with each progress message); both default to this worker's own.
+    """
+    progress_queue = progress_queue if progress_queue is not None else _progress_queue
+    stop_event = stop_event if stop_event is not None else _stop_event
 
-def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
-    """Run a group of chains in lockstep against one batched potential."""
+    def _say(chain: int, what: str | int) -> None:
+        if progress_queue is not None:
+            progress_queue.put((chain, what))
+
     job = cloudpickle.loads(payload)
     for chain in chains:
         _say(chain, "compiling")
@@ -71,12 +78,12 @@ def _run_chains(payload: bytes, chains: list[int]) -> list[dict[str, Any]]:
     def reporter(chain):
         def report(iteration):
             done = iteration + 1
-            if done % _PROGRESS_EVERY == 0 or done == total:
-                _say(chain, done)
             if done == job["warmup"]:
                 _say(chain, "sampling")
-            if _stop_event is not None and _stop_event.is_set():
-                raise KeyboardInterrupt  # the chain returns the draws it has
+            if done % _PROGRESS_EVERY == 0 or done == total:
+                _say(chain, done)
+                if stop_event is not None and stop_event.is_set():
+                    raise KeyboardInterrupt  # the chain returns the draws it has
         return report
 
     processes = [
@@ -114,8 +121,13 @@ def run_chains(
     progress: bool,
     adaptation: str = "welford",
     processes: int | None = None,
+    scheduler=None,
 ) -> list[ChainResult]:
-    """Sample ``chains`` chains; results come back ordered by chain."""
+    """Sample ``chains`` chains; results come back ordered by chain.
+
+    ``scheduler`` (an address or a ``distributed.Client``) runs the groups of chains on
+    a Dask cluster's workers instead of this machine's processes.
+    """
     job = dict(model=model, data=data, warmup=warmup, draws=draws, target_accept=target_accept,
                max_tree_depth=max_tree_depth, seed=seed, init=init, compiler=compiler,
                dense_mass=dense_mass, adaptation=adaptation)
@@ -126,7 +138,9 @@ def run_chains(
     total = warmup + draws
     bars = _Bars(chains, total, progress)
     try:
-        if workers == 1:
+        if scheduler is not None:
+            outputs = _run_on_cluster(payload, list(range(chains)), bars, scheduler)
+        elif workers == 1:
             global _progress_queue
             _progress_queue = bars  # in this process: messages go straight to the bars
             try:
@@ -200,6 +214,53 @@ def _run_in_processes(payload: bytes, groups: list[list[int]], bars) -> list[dic
         del pool, futures, progress_queue, stop_event
         gc.collect()
         raise InterruptedWhileCompiling("interrupted while compiling: no chain had started")
+    return outputs
+
+
+def _chains_on_cluster_worker(payload: bytes, chains: list[int], name: str):
+    """One group of chains in a Dask worker; progress and stop travel by the scheduler."""
+    import distributed
+
+    torch.set_num_threads(1)
+    return _run_chains(payload, chains, progress_queue=distributed.Queue(name),
+                       stop_event=distributed.Event(name))
+
+
+def _run_on_cluster(payload: bytes, chains: list[int], bars, scheduler) -> list[dict[str, Any]]:
+    """Each chain a task on the cluster; their progress streams back through a Dask Queue.
+
+    A chain is the unit of work there (the cluster has the cores), and its result does
+    not depend on which chains share its batch, so the draws equal a local run's.
+    Ctrl-C sets a Dask Event that every chain checks with its progress messages.
+    """
+    import uuid
+
+    import distributed
+
+    from ppl_notes._cluster import client_for
+
+    with client_for(scheduler, "infer") as client:
+        name = f"nuts-{uuid.uuid4().hex[:8]}"
+        progress, stop = distributed.Queue(name, client=client), distributed.Event(name, client)
+        futures = [client.submit(_chains_on_cluster_worker, payload, [chain], name,
+                                 key=f"{name}-chain-{chain}", pure=False) for chain in chains]
+        try:
+            while not all(f.done() for f in futures):
+                try:
+                    for message in progress.get(batch=True):
+                        bars.put(tuple(message))
+                    time.sleep(0.2)
+                except KeyboardInterrupt:
+                    if stop.is_set() or bars.compiling():
+                        client.cancel(futures)
+                        raise InterruptedWhileCompiling(
+                            "interrupted while compiling: no chain had started") from None
+                    stop.set()
+            outputs = [item for future in futures for item in future.result()]
+            for message in progress.get(batch=True):
+                bars.put(tuple(message))
+        finally:
+            client.cancel([f for f in futures if not f.done()])
     return outputs
 
 

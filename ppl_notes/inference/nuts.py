@@ -47,6 +47,18 @@ from ppl_notes.inference._potential import (
 )
 from ppl_notes.inference._result import RunResult
 
+
+def _is_scheduler(value) -> bool:
+    from ppl_notes._cluster import check_scheduler
+    from ppl_notes.errors import OptionError
+
+    try:
+        check_scheduler(value, "nuts")
+    except OptionError:
+        return False
+    return True
+
+
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
     positive_int("warmup", 1000, "adaptation iterations per chain (discarded)", minimum=0),
@@ -72,6 +84,10 @@ OPTIONS = (
            "(the full posterior covariance: fewer steps on correlated posteriors, but a noisy "
            "estimate on heavy-tailed ones)", ("diag", "fisher", "dense")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
+    Option("scheduler", (object,), None, "where the chains run: None (this machine), or a "
+           "Dask scheduler's address 'tcp://host:port' or a distributed.Client (each chain a "
+           "task on its workers; ppl_notes._cluster)", _is_scheduler,
+           "None, an address 'tcp://host:port' or a distributed.Client"),
 )
 
 
@@ -79,6 +95,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any]) -> RunResult:
     """Sample the posterior with NUTS. See the module docstring."""
     started = time.perf_counter()
+    if options["scheduler"] is not None and options["engine"] != "fast":
+        from ppl_notes.errors import OptionError
+
+        raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
+                          "own engine on a cluster; engine='pyro' runs on this machine only")
     if options["engine"] == "fast":
         flat, stats, potential = _run_fast(model, data, seed, progress, options)
     else:
@@ -128,6 +149,7 @@ def _run_fast(model, data, seed, progress, options):
         max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"],
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
+        scheduler=options["scheduler"],
         adaptation="fisher" if options["mass_matrix"] == "fisher" else "welford",
     )
     flats = [r.positions for r in results]

@@ -1,0 +1,79 @@
+"""Fits on a Dask cluster (ppl_notes._cluster): a scheduler and 2 one-thread workers on
+127.0.0.1, started as subprocesses and torn down after (tests/dask_cluster.py)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from ppl_notes import calibrate, infer  # noqa: E402
+from ppl_notes.errors import OptionError  # noqa: E402
+from ppl_notes.models.conjugate import normal_mean  # noqa: E402
+from tests.dask_cluster import dask_cluster  # noqa: E402
+
+QUICK_NUTS = {"warmup": 200, "draws": 400}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with dask_cluster(workers=2) as running:
+        yield running
+
+
+def test_chains_on_the_cluster_equal_local_chains_with_the_same_seed(cluster):
+    options = dict(method="nuts", chains=3, seed=7, progress=False, **QUICK_NUTS)
+    remote = infer(normal_mean, scheduler=cluster.address, **options)
+    local = infer(normal_mean, **options)
+    np.testing.assert_array_equal(remote.to_arviz()["posterior"]["mu"].values,
+                                  local.to_arviz()["posterior"]["mu"].values)
+
+
+def test_a_client_object_serves_as_well_as_an_address(cluster):
+    import distributed
+
+    with distributed.Client(cluster.address, set_as_default=False) as client:
+        result = calibrate(normal_mean, "nuts", replicates=4, scheduler=client, store=False,
+                           progress=False, **QUICK_NUTS)
+    local = calibrate(normal_mean, "nuts", replicates=4, store=False, processes=1,
+                      progress=False, **QUICK_NUTS)
+    np.testing.assert_array_equal(result.ranks["rank"].values, local.ranks["rank"].values)
+
+
+def test_a_worker_killed_mid_calibration_loses_nothing(tmp_path):
+    store = tmp_path / "sbc.jsonl"
+    with dask_cluster(workers=2) as own:
+        outcome = {}
+
+        def run():
+            outcome["result"] = calibrate(normal_mean, "nuts", replicates=12,
+                                          scheduler=own.address, store=store,
+                                          progress=False, **QUICK_NUTS)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and thread.is_alive():
+            if store.exists() and len(store.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        own.workers[0].kill()  # SIGKILL mid-run: its replicate goes to the other worker
+        thread.join(timeout=600)
+    clean = calibrate(normal_mean, "nuts", replicates=12, store=False, progress=False,
+                      **QUICK_NUTS)
+    result = outcome["result"]
+    assert result.ranks.sizes["replicate"] == 12
+    np.testing.assert_array_equal(result.ranks["rank"].values, clean.ranks["rank"].values)
+
+
+def test_a_scheduler_nobody_answers_at_is_named():
+    with pytest.raises(OptionError, match="127.0.0.1:9"):
+        calibrate(normal_mean, "nuts", replicates=2, scheduler="tcp://127.0.0.1:9",
+                  store=False, progress=False)
+    with pytest.raises(OptionError, match="scheduler"):
+        infer(normal_mean, method="nuts", scheduler=3, progress=False)
+    with pytest.raises(OptionError, match="engine='pyro'"):
+        infer(normal_mean, method="nuts", engine="pyro", scheduler="tcp://127.0.0.1:9",
+              progress=False)
