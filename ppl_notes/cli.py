@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -35,15 +38,33 @@ def _list(_args) -> int:
 
 def _run(args) -> int:
     from ppl_notes import infer
+    from ppl_notes.errors import OptionError
+    from ppl_notes.inference._data_parallel import launched_by_torchrun
     from ppl_notes.models import get_story
 
     entry = get_story(args.story)
     options = _parse_options(args.set)
+    if args.distributed:
+        if args.method != "svi":
+            raise OptionError("--distributed K splits the data of an SVI run (--method svi)")
+        if not launched_by_torchrun():  # start K copies of this command under torchrun
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node", str(args.distributed), "-m", "ppl_notes.cli",
+                       *args.argv]
+            return subprocess.run(command, check=False).returncode
+        options["distributed"] = True
     takes_guide = args.method in ("svi", "bbvi")
     guide = entry.load_guide() if takes_guide and not args.autoguide else None
-    fit = infer(entry.load_model(), method=args.method, guide=guide, seed=args.seed,
-                progress=not args.no_progress, **options)
-    print(f"{args.story} by {args.method} in {fit.seconds:.1f} s")
+    speaks = int(os.environ.get("RANK", "0")) == 0  # one process of a data-parallel run
+    with warnings.catch_warnings():
+        if not speaks:
+            warnings.simplefilter("ignore")
+        fit = infer(entry.load_model(), method=args.method, guide=guide, seed=args.seed,
+                    progress=not args.no_progress and speaks, **options)
+    if not speaks:
+        return 0
+    print(f"{args.story} by {args.method} in {fit.seconds:.1f} s"
+          + (f" on {args.distributed} processes" if args.distributed else ""))
     print(fit.summary().to_string())
     for key, value in entry.report(fit).items():
         print(f"{key}: {value:.3f}")
@@ -154,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an option of the method, e.g. --set steps=3000")
     run.add_argument("--autoguide", action="store_true", help="SVI with AutoNormal")
     run.add_argument("--out", help="save the result (netCDF)")
+    run.add_argument("--distributed", type=int, metavar="K", help="data-parallel SVI on K "
+                     "processes (torchrun; each fits 1/K of the data plate)")
     run.set_defaults(func=_run)
 
     compare = _story_command(commands, "compare", "fit SVI and NUTS, compare them, write a "
@@ -200,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppl_notes.errors import PPLNotesError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning

@@ -101,6 +101,10 @@ OPTIONS = (
     Option("resume", (str, type(None)), None, "a checkpoint to continue from: the same "
            "story, guide, seed and options (steps may be raised) reach the result of an "
            "uninterrupted run"),
+    Option("distributed", (bool,), False, "data-parallel SVI over the processes that "
+           "`torchrun --nproc-per-node K` starts: each fits a shard of the data plate and the "
+           "gradients are averaged before every step (ppl_notes.inference._data_parallel); "
+           "Pyro's loop, no checkpoints"),
     Option("jit", (bool, str), "auto", "engine='pyro' only: compile the ELBO with "
            "TorchScript (Pyro's JitTrace* ELBOs); 'auto' compiles runs of at least "
            f"{_STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
@@ -160,6 +164,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                     guide_name)
         engine = "pyro"
     fit_guide = force_estimator(guide, options["estimator"])
+    parallel, fit_data, loop_seed = None, data, seed
+    if options["distributed"]:
+        parallel, engine, jit = _data_parallel(facts, data, options), "pyro", False
+        story, fit_guide = parallel.scaled(story), parallel.scaled(fit_guide)
+        fit_data, loop_seed = parallel.shard, seed + parallel.rank
     if options["estimator"] == "reparam":
         _guide_sites(fit_guide, data)  # names a site without rsample before any step
     if engine == "fast":
@@ -178,8 +187,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         history = _optimise_compiled(compiled, options, progress, identity)
         jit = False
     else:
-        history = _pyro_loop(story, fit_guide, data, seed, elbo_name, elbo_options, jit,
-                             model.name, options, progress, identity)
+        history = _pyro_loop(story, fit_guide, fit_data, loop_seed, elbo_name, elbo_options,
+                             jit, model.name, options, progress and (parallel is None
+                                                                      or parallel.rank == 0),
+                             identity, parallel)
         jit = history.attrs["jit"]
     steps_per_second = len(history) / max(time.perf_counter() - loop_started, 1e-9)
     params = {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
@@ -204,7 +215,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "estimator": options["estimator"], "steps_done": len(history),
               "path": facts.path, "particles_vectorized": vectorize,
               "flat_direction": flat_direction(model, data, facts, values,
-                                               choose_path(model, data, facts))},
+                                               choose_path(model, data, facts)),
+              "distributed": None if parallel is None else {
+                  "processes": parallel.size, "plate": parallel.plate,
+                  "split": parallel.cut, "rank": parallel.rank}},
         seconds=time.perf_counter() - started,
         partial=history.attrs.get("interrupted_at") is not None,
     )
@@ -222,6 +236,16 @@ def _choose_engine(requested: str, steps: int, model, data) -> str:
     facts = facts_of(model, data)
     observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return "fast" if steps * observed >= _WORK_FOR_FAST_ENGINE else "pyro"
+
+
+def _data_parallel(facts, data, options):
+    from ppl_notes.errors import OptionError
+    from ppl_notes.inference._data_parallel import DataParallel
+
+    if options["checkpoint"] is not None or options["resume"] is not None:
+        raise OptionError("method 'svi': distributed=True does not checkpoint (every process "
+                          "would write the same file); leave checkpoint and resume unset")
+    return DataParallel(facts, data)
 
 
 def _guide_sites(guide, data) -> list[str]:
@@ -412,7 +436,7 @@ def _identity(model, guide, guide_name, data, seed, engine, options) -> dict[str
 
 
 def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, options,
-               progress, identity) -> pd.DataFrame:
+               progress, identity, parallel=None) -> pd.DataFrame:
     """Pyro's ELBO (optionally TorchScript-compiled) with torch's Adam, step by step.
 
     The step is Pyro's ``SVI.step`` written out so that non-finite gradients are caught
@@ -455,10 +479,20 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
             set_rng_state(checkpoint["rng"])
             loop.resume_from(checkpoint)
 
+    if parallel is not None:  # create the parameters, then start every process at rank 0's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            elbo.loss_and_grads(story, guide, **data)
+        for value in store._params.values():
+            value.grad = None
+        parallel.share_parameters(dict(store._params))
+
     def step(_index: int) -> float:
         with poutine.trace(param_only=True) as capture:
             value = elbo.loss_and_grads(story, guide, **data)
         params = {key: site["value"].unconstrained() for key, site in capture.trace.nodes.items()}
+        if parallel is not None:
+            value = parallel.average(value, [params[key] for key in sorted(params)])
         bad = [key for key, p in params.items()
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         if not math.isfinite(value) or bad:
