@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,16 @@ def run_fresh(code: str, timeout: float = 3600, env: dict | None = None) -> dict
 
     ``env`` adds to (or overrides) this process's environment variables.
     """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child and any workers it started
+        child.communicate()
+        raise
+    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     for line in reversed(done.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)

@@ -63,16 +63,19 @@ def client_for(scheduler: Any, where: str, timeout: float = 10.0) -> Iterator[An
         client.close()
 
 
-def completed(client: Any, function: Callable, arguments: list[tuple],
+def completed(client: Any, function: Callable, shared: bytes, arguments: list[tuple],
               key_prefix: str) -> Iterator[Any]:
-    """Submit ``function(*a)`` for each ``a`` and yield results as they finish.
+    """Submit ``function(shared, *a)`` for each ``a`` and yield results as they finish.
 
-    Tasks are impure (never deduplicated by Dask) and named ``key_prefix-i``, which the
-    dashboard shows. Leaving the iteration early (Ctrl-C) cancels what has not run.
+    ``shared`` (the pickled story, data and options) is scattered to every worker once,
+    not shipped with each task. Tasks are impure (never deduplicated by Dask) and named
+    ``key_prefix-i``, which the dashboard shows. Leaving the iteration early (Ctrl-C)
+    cancels what has not run.
     """
     import distributed
 
-    futures = [client.submit(function, *args, key=f"{key_prefix}-{i}", pure=False)
+    payload = client.scatter(shared, broadcast=True, hash=False)
+    futures = [client.submit(function, payload, *args, key=f"{key_prefix}-{i}", pure=False)
                for i, args in enumerate(arguments)]
     try:
         for future in distributed.as_completed(futures, loop=client.loop):

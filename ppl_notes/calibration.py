@@ -297,6 +297,9 @@ def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
 def _init_worker() -> None:
     import torch
 
+    from ppl_notes.inference._chains import die_with_parent
+
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
 
@@ -327,8 +330,8 @@ def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
         if scheduler is not None:
             with client_for(scheduler, "calibrate") as client:
                 key = f"calibrate-{name}-{uuid.uuid4().hex[:8]}"
-                for record in completed(client, _on_cluster_worker,
-                                        [(job, r) for r in todo], key):
+                for record in completed(client, _on_cluster_worker, job,
+                                        [(r,) for r in todo], key):
                     keep(record)
         else:
             _run_locally(job, todo, processes, keep)

@@ -141,6 +141,7 @@ def _calibrate(args) -> int:
     store = False if args.store == "none" else args.store
     result = calibrate(entry.load_model(), method=args.method, replicates=args.replicates,
                        seed=args.seed, store=store, processes=args.processes,
+                       scheduler=args.scheduler,
                        progress=not args.no_progress, **_parse_options(args.set))
     print(result)
     if args.out:
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--method", default="nuts", help="nuts, svi or bbvi")
     calibration.add_argument("--replicates", type=int, default=200)
     calibration.add_argument("--processes", type=int, help="worker processes (default: cores)")
+    calibration.add_argument("--scheduler", help="a Dask scheduler's address, tcp://HOST:PORT "
+                             "(default: this machine's processes)")
     calibration.add_argument("--store", help="the file that keeps finished replicates "
                              "(default: one under ~/.cache/ppl_notes; 'none': no file)")
     calibration.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -4,6 +4,7 @@ Ctrl-C is simulated where it lands (a KeyboardInterrupt raised by the code it wo
 interrupt); one test sends a real SIGINT to the command's process group.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -159,3 +160,31 @@ def test_too_few_draws_give_one_project_warning_and_no_numpy_remarks(chains, dra
     ours = [m for c, m in kinds if c is DiagnosticWarning]
     assert len(ours) == 1 and f"{draws} draw(s) per chain" in ours[0]
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_chain_workers_end_when_their_parent_is_killed_outright():
+    """SIGKILL (a timeout, the OOM killer) gives the parent no chance to stop its pool:
+    the workers must not sample on, orphaned."""
+    import psutil
+
+    script = ("from ppl_notes import infer\n"
+              "from ppl_notes.models.conjugate import normal_mean\n"
+              "infer(normal_mean, method='nuts', chains=2, processes=2, warmup=200000, "
+              "draws=10, compiler='none', progress=False)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while time.time() < deadline and len(workers) < 2:
+            workers = [c for c in psutil.Process(parent.pid).children()
+                       if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert len(workers) == 2
+        time.sleep(3)  # the workers are importing, tracing, sampling
+        parent.kill()
+        parent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)

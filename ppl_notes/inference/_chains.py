@@ -40,9 +40,37 @@ _progress_queue = None
 _stop_event = None
 
 
+def die_with_parent() -> None:
+    """End this worker process when the process that started it ends.
+
+    A parent killed outright (SIGKILL, a timeout, an out-of-memory kill) cannot stop its
+    pool, and its workers would sample on, unseen, for as long as their chains last.
+    Linux delivers SIGKILL to a child whose parent dies (``PR_SET_PDEATHSIG``); elsewhere
+    a daemon thread watches the parent's pid once a second.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="ppl-notes-parent-watch").start()
+
+
 def _init_worker(progress_queue, stop_event) -> None:
     global _progress_queue, _stop_event
     _progress_queue, _stop_event = progress_queue, stop_event
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (module doc)
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
@@ -242,7 +270,8 @@ def _run_on_cluster(payload: bytes, chains: list[int], bars, scheduler) -> list[
     with client_for(scheduler, "infer") as client:
         name = f"nuts-{uuid.uuid4().hex[:8]}"
         progress, stop = distributed.Queue(name, client=client), distributed.Event(name, client)
-        futures = [client.submit(_chains_on_cluster_worker, payload, [chain], name,
+        shared = client.scatter(payload, broadcast=True, hash=False)  # once, not per chain
+        futures = [client.submit(_chains_on_cluster_worker, shared, [chain], name,
                                  key=f"{name}-chain-{chain}", pure=False) for chain in chains]
         try:
             while not all(f.done() for f in futures):
