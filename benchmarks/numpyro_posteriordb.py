@@ -14,6 +14,8 @@ from jax import lax
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
+from tests.corpus.posteriordb_stories import PROGRAMS
+
 
 def _flat(support, shape=()):
     return dist.ImproperUniform(support, (), shape)
@@ -111,13 +113,6 @@ def logearn_interaction(earn, height, male):
         numpyro.sample("log_earn", dist.Normal(mean, sigma), obs=log_earn)
 
 
-STORIES = {
-    "eight_schools-eight_schools_noncentered": eight_schools_noncentered,
-    "kilpisjarvi_mod-kilpisjarvi": kilpisjarvi,
-    "arK-arK": arK,
-    "garch-garch11": garch11,
-    "gp_pois_regr-gp_pois_regr": gp_pois_regr,
-    "hmm_example-hmm_example": hmm_example,
-    "diamonds-diamonds": diamonds,
-    "earnings-logearn_interaction": logearn_interaction,
-}
+
+#: posteriordb's name -> this module's translation
+STORIES = {name: globals()[function] for name, function in PROGRAMS.items()}

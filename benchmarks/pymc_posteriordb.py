@@ -13,6 +13,8 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 
+from tests.corpus.posteriordb_stories import PROGRAMS
+
 
 def eight_schools_noncentered(y, sigma):
     with pm.Model() as model:
@@ -118,13 +120,6 @@ def logearn_interaction(earn, height, male):
     return model
 
 
-STORIES = {
-    "eight_schools-eight_schools_noncentered": eight_schools_noncentered,
-    "kilpisjarvi_mod-kilpisjarvi": kilpisjarvi,
-    "arK-arK": arK,
-    "garch-garch11": garch11,
-    "gp_pois_regr-gp_pois_regr": gp_pois_regr,
-    "hmm_example-hmm_example": hmm_example,
-    "diamonds-diamonds": diamonds,
-    "earnings-logearn_interaction": logearn_interaction,
-}
+
+#: posteriordb's name -> this module's translation
+STORIES = {name: globals()[function] for name, function in PROGRAMS.items()}

@@ -145,6 +145,20 @@ def logearn_interaction(earn, height, male):
         pyro.sample("log_earn", dist.Normal(mean, sigma), obs=log_earn)
 
 
+#: posteriordb's name of each program -> the name of its story function (here, and in the
+#: NumPyro and PyMC translations of benchmarks/).
+PROGRAMS = {
+    "eight_schools-eight_schools_noncentered": "eight_schools_noncentered",
+    "kilpisjarvi_mod-kilpisjarvi": "kilpisjarvi",
+    "arK-arK": "arK",
+    "garch-garch11": "garch11",
+    "gp_pois_regr-gp_pois_regr": "gp_pois_regr",
+    "hmm_example-hmm_example": "hmm_example",
+    "diamonds-diamonds": "diamonds",
+    "earnings-logearn_interaction": "logearn_interaction",
+}
+
+
 def data_for(name: str) -> dict:
     """The keyword arguments each story takes, from posteriordb's data."""
     raw, _ = load(name)
