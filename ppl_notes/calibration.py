@@ -294,12 +294,12 @@ def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
 
 # -- the pool, the store and the verdict -------------------------------------------------
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import torch
 
     from ppl_notes.inference._chains import die_with_parent
 
-    die_with_parent()
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
 
@@ -346,7 +346,7 @@ def _run_locally(job: bytes, todo: list[int], processes: int | None, keep) -> No
     workers = max(1, min(len(todo), processes or cores or 1))
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                               initializer=_init_worker)
+                               initializer=_init_worker, initargs=(os.getpid(),))
     try:
         with _without_main_module():  # a script without a __main__ guard is not re-run
             pending = {pool.submit(_one_replicate, job, r) for r in todo}

@@ -27,3 +27,20 @@ def _clean_pyro_state():
     torch.set_default_dtype(torch.float32)
     yield
     pyro.clear_param_store()
+
+
+#: The runs that take a minute or more here (measured in CI), by a part of their test id.
+#: They start first: xdist hands out tests in collection order, and a long run picked up
+#: last leaves the other worker idle while it finishes.
+_LONGEST_FIRST = ("hmm_example", "arK-arK", "hmm_markov", "test_cluster.py", "garch",
+                  "test_compare_heights_is_the_main_job", "03_mcmc", "test_data_parallel.py",
+                  "test_calibration.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Longest runs first (stable otherwise), so that both workers finish together."""
+    def rank(item):
+        return next((i for i, part in enumerate(_LONGEST_FIRST) if part in item.nodeid),
+                    len(_LONGEST_FIRST))
+
+    items.sort(key=rank)

@@ -30,8 +30,8 @@ QUICK_NUTS = {"warmup": 200, "draws": 400}
 
 @pytest.mark.slow
 def test_mean_field_vi_on_a_correlated_gaussian_is_flagged(tmp_path):
-    result = calibrate(gaussian, "svi", replicates=40, store=False, progress=False,
-                       steps=1500)
+    result = calibrate(gaussian, "svi", replicates=30, store=False, progress=False,
+                       steps=1000, num_draws=400)
     assert not result.calibrated, result
     # under-dispersed q: PIT values pile up near 0 and 1 (a U shape), yet symmetric
     pit = result.ranks["pit"].values

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.xdist_group("dask_cluster")  # one cluster for the module's tests
 
 from ppl_notes import calibrate, infer  # noqa: E402
 from ppl_notes.errors import OptionError  # noqa: E402
@@ -53,32 +54,6 @@ def test_a_client_object_serves_as_well_as_an_address(cluster):
     np.testing.assert_array_equal(result.ranks["rank"].values, local.ranks["rank"].values)
 
 
-def test_a_worker_killed_mid_calibration_loses_nothing(tmp_path):
-    store = tmp_path / "sbc.jsonl"
-    with dask_cluster(workers=2) as own:
-        outcome = {}
-
-        def run():
-            outcome["result"] = calibrate(normal_mean, "nuts", replicates=8,
-                                          scheduler=own.address, store=store,
-                                          progress=False, **QUICK_NUTS)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.time() + 300
-        while time.time() < deadline and thread.is_alive():
-            if store.exists() and len(store.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
-        own.workers[0].kill()  # SIGKILL mid-run: its replicate goes to the other worker
-        thread.join(timeout=600)
-    clean = calibrate(normal_mean, "nuts", replicates=8, store=False, progress=False,
-                      **QUICK_NUTS)
-    result = outcome["result"]
-    assert result.ranks.sizes["replicate"] == 8
-    np.testing.assert_array_equal(result.ranks["rank"].values, clean.ranks["rank"].values)
-
-
 def test_a_scheduler_nobody_answers_at_is_named():
     with pytest.raises(OptionError, match="127.0.0.1:9"):
         calibrate(normal_mean, "nuts", replicates=2, scheduler="tcp://127.0.0.1:9",
@@ -99,3 +74,29 @@ def test_the_command_line_sends_a_calibration_to_the_scheduler(cluster, capsys):
     printed = capsys.readouterr().out
     assert "Calibration of 'normal_mean' by nuts: 4 replicates" in printed
     assert code in (0, 1)
+
+
+def test_a_worker_killed_mid_calibration_loses_nothing(cluster, tmp_path):
+    """Last in the module: it leaves the shared cluster with one worker."""
+    store = tmp_path / "sbc.jsonl"
+    outcome = {}
+
+    def run():
+        outcome["result"] = calibrate(normal_mean, "nuts", replicates=8,
+                                      scheduler=cluster.address, store=store,
+                                      progress=False, **QUICK_NUTS)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        if store.exists() and len(store.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    cluster.workers[0].kill()  # SIGKILL mid-run: its replicate goes to the other worker
+    thread.join(timeout=600)
+    clean = calibrate(normal_mean, "nuts", replicates=8, store=False, progress=False,
+                      **QUICK_NUTS)
+    result = outcome["result"]
+    assert result.ranks.sizes["replicate"] == 8
+    np.testing.assert_array_equal(result.ranks["rank"].values, clean.ranks["rank"].values)

@@ -4,7 +4,7 @@ of the data plate and the gradients averaged, fit what one process fits on all o
 The single-process fit to match uses 2 particles per step: K processes with one draw
 each average K ELBO gradients, as one process with K particles does, and Adam's steps
 depend on the gradient noise (less noise, longer steps along the slow directions: mean-
-field SVI on the collinear diabetes features is still moving at 2000 steps, so fits with
+field SVI on the collinear diabetes features is still moving at thousands of steps, so fits with
 different noise levels differ by more than their seeds do). "Within Adam's noise" is
 measured, not assumed: two single-process fits with different seeds give the spread of
 the fitted means (its RMS over the elements, in posterior sds); the 2-process fit must
@@ -21,7 +21,7 @@ from ppl_notes import infer, load
 from ppl_notes.errors import OptionError
 from ppl_notes.models.regression import linear
 
-OPTIONS = {"steps": 2000, "learning_rate_decay": 0.05}
+OPTIONS = {"steps": 1000, "learning_rate_decay": 0.05}
 
 
 def _flat(fit):

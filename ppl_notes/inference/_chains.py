@@ -40,15 +40,17 @@ _progress_queue = None
 _stop_event = None
 
 
-def die_with_parent() -> None:
-    """End this worker process when the process that started it ends.
+def die_with_parent(parent: int) -> None:
+    """End this worker process when ``parent``, the process that started it, ends.
 
     A parent killed outright (SIGKILL, a timeout, an out-of-memory kill) cannot stop its
     pool, and its workers would sample on, unseen, for as long as their chains last.
     Linux delivers SIGKILL to a child whose parent dies (``PR_SET_PDEATHSIG``); elsewhere
-    a daemon thread watches the parent's pid once a second.
+    a daemon thread watches the parent's pid once a second. ``parent`` is passed in, not
+    read here: a parent that died while this worker was still starting is already gone.
     """
-    parent = os.getppid()
+    if os.getppid() != parent:
+        os._exit(1)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -67,10 +69,10 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="ppl-notes-parent-watch").start()
 
 
-def _init_worker(progress_queue, stop_event) -> None:
+def _init_worker(progress_queue, stop_event, parent: int) -> None:
     global _progress_queue, _stop_event
     _progress_queue, _stop_event = progress_queue, stop_event
-    die_with_parent()
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (module doc)
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
@@ -106,12 +108,13 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
     def reporter(chain):
         def report(iteration):
             done = iteration + 1
+            report = done % _PROGRESS_EVERY == 0 or done == total
+            if report:
+                _say(chain, done)
             if done == job["warmup"]:
                 _say(chain, "sampling")
-            if done % _PROGRESS_EVERY == 0 or done == total:
-                _say(chain, done)
-                if stop_event is not None and stop_event.is_set():
-                    raise KeyboardInterrupt  # the chain returns the draws it has
+            if report and stop_event is not None and stop_event.is_set():
+                raise KeyboardInterrupt  # the chain returns the draws it has
         return report
 
     processes = [
@@ -213,7 +216,8 @@ def _run_in_processes(payload: bytes, groups: list[list[int]], bars) -> list[dic
     outputs: list[dict[str, Any]] = []
     stopped_while_compiling = False
     pool = ProcessPoolExecutor(max_workers=len(groups), mp_context=context,
-                               initializer=_init_worker, initargs=(progress_queue, stop_event))
+                               initializer=_init_worker,
+                               initargs=(progress_queue, stop_event, os.getpid()))
     try:
         with _without_main_module():
             futures = [pool.submit(_run_chains, payload, group) for group in groups]
