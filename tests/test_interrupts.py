@@ -96,9 +96,10 @@ def test_a_real_ctrl_c_during_sampling_saves_the_partial_result(tmp_path):
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr_file, start_new_session=True,
             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        # Wait until both chains are sampling: their bars say "(sampling)" on stderr.
+        # Wait until each chain is sampling: its bar says "NUTS chain c (sampling)".
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and log.read_text().count("(sampling)") < 2:
+        while time.monotonic() < deadline and not all(
+                f"NUTS chain {c} (sampling)" in log.read_text() for c in (0, 1)):
             time.sleep(0.5)
         time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)
