@@ -61,13 +61,22 @@ def unconstrained_value(site, unconstrained: torch.Tensor | float = 0.0) -> torc
     return transform(torch.zeros(shape) + unconstrained)
 
 
+def dispersed_value(site, radius: float = 2.0) -> torch.Tensor:
+    """A start drawn uniformly in (-radius, radius) of the unconstrained space.
+
+    Mapped into the site's support (Stan's default inits); needs no sampling, as
+    :func:`unconstrained_value`.
+    """
+    fn = site["fn"]
+    shape = biject_to(fn.support).inverse_shape(fn.batch_shape + fn.event_shape)
+    return unconstrained_value(site, torch.rand(shape) * 2 * radius - radius)
+
+
 def _sample_or_uniform(site, radius: float = 2.0):
     try:
         return init_to_sample(site)
     except NotImplementedError:
-        shape = biject_to(site["fn"].support).inverse_shape(
-            site["fn"].batch_shape + site["fn"].event_shape)
-        return unconstrained_value(site, torch.rand(shape) * 2 * radius - radius)
+        return dispersed_value(site, radius)
 
 
 def sample_sites(trace) -> dict[str, dict]:

@@ -30,18 +30,14 @@ continues from the replicates it had.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-import signal
 import time
 import uuid
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ppl_notes._cluster import check_scheduler, client_for, completed
+from ppl_notes._pool import run_in_processes
 from ppl_notes.errors import CheckpointError, OptionError, PartialResultWarning
 from ppl_notes.inference._fingerprint import code_digest, data_digests
 
@@ -78,6 +75,11 @@ class Calibration:
     vsbc_pvalues : pandas.Series
         VSBC's symmetry test (two-sample KS of :math:`p` against :math:`1 - p`), for
         the VI methods; empty for NUTS.
+    partial : bool
+        Whether Ctrl-C ended the calibration before every replicate finished (the
+        verdict is then on those that did).
+    options : dict
+        The options each fit was run with (after the calibration's defaults).
     """
 
     method: str
@@ -241,15 +243,15 @@ def _one_replicate(payload: bytes, replicate: int) -> dict[str, Any]:
     truth = _flatten({site: simulated[site].numpy() for site in parameters}, parameters)
     draws = _flatten({site: fit.draws(site) for site in parameters}, parameters, leading=True)
     draws = _thinned(draws) if job["method"] == "nuts" else draws
-    below = (draws < np.array([truth[p] for p in _parameter_names(parameters)])).sum(0)
+    names = _parameter_names(parameters)
+    below = (draws < np.array([truth[p] for p in names])).sum(0)
     jitter = np.random.default_rng(seed).random(len(below))
     size = draws.shape[0]
     return {"replicate": replicate, "num_draws": size,
-            "rank": {p: int(b) for p, b in zip(_parameter_names(parameters), below, strict=True)},
-            "pit": {p: float((b + v) / (size + 1)) for p, b, v
-                    in zip(_parameter_names(parameters), below, jitter, strict=True)},
-            "prob_below": {p: float(b / size) for p, b
-                           in zip(_parameter_names(parameters), below, strict=True)},
+            "rank": {p: int(b) for p, b in zip(names, below, strict=True)},
+            "pit": {p: float((b + v) / (size + 1))
+                    for p, b, v in zip(names, below, jitter, strict=True)},
+            "prob_below": {p: float(b / size) for p, b in zip(names, below, strict=True)},
             "truth": truth, "seconds": time.perf_counter() - started}
 
 
@@ -294,16 +296,6 @@ def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
 
 # -- the pool, the store and the verdict -------------------------------------------------
 
-def _init_worker(parent: int) -> None:
-    import torch
-
-    from ppl_notes.inference._chains import die_with_parent
-
-    die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    torch.set_num_threads(1)
-
-
 def _on_cluster_worker(payload: bytes, replicate: int) -> dict[str, Any]:
     """One replicate in a Dask worker's thread: one torch thread, as in a local worker."""
     import torch
@@ -334,33 +326,10 @@ def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
                                         [(r,) for r in todo], key):
                     keep(record)
         else:
-            _run_locally(job, todo, processes, keep)
+            run_in_processes(_one_replicate, job, [(r,) for r in todo], keep,
+                             processes=processes)
     finally:
         bar.close()
-
-
-def _run_locally(job: bytes, todo: list[int], processes: int | None, keep) -> None:
-    from ppl_notes.inference._chains import _without_main_module
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = max(1, min(len(todo), processes or cores or 1))
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                               initializer=_init_worker, initargs=(os.getpid(),))
-    try:
-        with _without_main_module():  # a script without a __main__ guard is not re-run
-            pending = {pool.submit(_one_replicate, job, r) for r in todo}
-        while pending:
-            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for future in finished:
-                keep(future.result())
-    except KeyboardInterrupt:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-        raise
-    finally:
-        with contextlib.suppress(KeyboardInterrupt):
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _store_path(store, name: str, fingerprint: dict) -> Path | None:

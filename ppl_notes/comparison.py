@@ -32,6 +32,7 @@ from scipy import stats
 from ppl_notes._elements import CI_PROB, element_draws
 from ppl_notes.diagnostics import continuous_sites, diagnostics, findings
 from ppl_notes.errors import OptionError, StoryError
+from ppl_notes.verdict import verdict_of
 
 __all__ = ["compare", "diagnostics_table", "as_samples", "labelled"]
 
@@ -189,7 +190,8 @@ def diagnostics_table(*posteriors, reference=None, var_names=None) -> pd.DataFra
     each concerns), ``divergences`` and ``min_bfmi``; variational rows ``final_elbo``,
     ``elbo_change`` (last tenth of the steps minus the tenth before) and ``khat``.
     ``wasserstein_joint`` and ``kl_divergence`` are ArviZ's, against the reference.
-    ``warnings`` counts the findings.
+    ``warnings`` counts the findings; ``reliable`` and ``verdict`` are
+    :func:`ppl_notes.verdict.check`'s (its failed checks, in short).
     """
     fits = labelled(posteriors)
     sites = _common_sites(fits, var_names)
@@ -224,6 +226,10 @@ def _diagnostics_rows(fits, ref, sites, numbers, found) -> pd.DataFrame:
             row["kl_divergence"] = float(arviz_stats.kl_divergence(
                 pair[1], pair[0], num_samples=min(500, fewest), **common))
         row["warnings"] = len(found[label])
+        verdict = verdict_of(posterior, numbers[label], found[label])
+        row["reliable"] = verdict.reliable
+        row["verdict"] = "reliable" if verdict.reliable else "; ".join(
+            reason.split(":")[0] for reason in verdict.reasons[:3])
         rows.append(row)
     table = pd.DataFrame(rows).set_index("posterior")
     order = [c for c in _DIAGNOSTIC_COLUMNS if c in table.columns]
@@ -231,7 +237,7 @@ def _diagnostics_rows(fits, ref, sites, numbers, found) -> pd.DataFrame:
 
 
 _DIAGNOSTIC_COLUMNS = (
-    "method", "guide", "seconds", "draws", "partial", "warnings",
+    "method", "guide", "seconds", "draws", "partial", "reliable", "verdict", "warnings",
     "max_r_hat", "max_r_hat_at", "min_ess_bulk", "min_ess_bulk_at", "min_ess_tail",
     "min_ess_tail_at", "divergences", "min_bfmi", "min_bfmi_at", "max_tree_depth_share",
     "final_elbo", "elbo_change", "elbo_change_se", "khat", "converged",

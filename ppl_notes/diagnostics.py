@@ -111,7 +111,16 @@ def elbo_trend(elbo: np.ndarray, fraction: float = 0.1) -> tuple[float, float]:
     """
     elbo = np.asarray(elbo, dtype=float)
     elbo = elbo[np.isfinite(elbo)]
-    window = max(int(len(elbo) * fraction), 5)
+    return window_change(elbo, max(int(len(elbo) * fraction), 5))
+
+
+def window_change(elbo: np.ndarray, window: int) -> tuple[float, float]:
+    """The change of a windowed mean of the ELBO, and its standard error.
+
+    The mean of the last ``window`` values minus the mean of the ``window`` before;
+    ``nan`` with fewer than ``2 * window`` values.
+    """
+    elbo = np.asarray(elbo, dtype=float)
     if len(elbo) < 2 * window:
         return float("nan"), float("nan")
     last, before = elbo[-window:], elbo[-2 * window:-window]
@@ -142,6 +151,28 @@ def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
         return float("nan")
 
 
+def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Pareto-smoothed importance weights of draws from q for p, and their :math:`\hat k`.
+
+    Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto Smoothed Importance Sampling"
+    (JMLR): the largest ratios :math:`p/q` are replaced by quantiles of a generalised
+    Pareto fit to them, which bounds the estimator's variance; ArviZ's implementation.
+
+    Returns
+    -------
+    (weights, khat)
+        Normalised weights (summing to 1), one per draw, and the tail's shape estimate.
+    """
+    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    import arviz_stats  # noqa: F401 - registers the .azstats accessor
+
+    array = xr.DataArray(-log_ratio, dims=["sample"])  # see importance_khat
+    log_weights, khat = array.azstats.psislw(dim=["sample"])
+    log_weights = np.asarray(log_weights.values, dtype=float)
+    weights = np.exp(log_weights - log_weights.max())
+    return weights / weights.sum(), float(khat)
+
+
 def diagnostics(posterior) -> dict[str, Any]:
     """The numbers behind the checks, for one posterior (``nan`` where a check does not apply).
 
@@ -153,7 +184,7 @@ def diagnostics(posterior) -> dict[str, Any]:
         ``elbo_change``, ``elbo_change_se``, ``khat``; point estimates: ``converged``.
     """
     numbers: dict[str, Any] = {}
-    if posterior.is_mcmc:
+    if posterior.has_chains:
         per_chain = posterior.tree["posterior"].sizes["draw"]
         numbers["draws_per_chain"] = per_chain
         if per_chain >= MIN_DRAWS_PER_CHAIN:
@@ -231,7 +262,15 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
             f"{MIN_DRAWS_PER_CHAIN}, so the chains were not checked. Run more draws (draws=)."))
     if "max_r_hat" in numbers:
         label, value = numbers["max_r_hat"]
-        if value > THRESHOLDS["r_hat"]:
+        if value > THRESHOLDS["r_hat"] and posterior.is_variational:
+            found.append(Finding(
+                "r_hat", label, value, THRESHOLDS["r_hat"],
+                f"R-hat of {label} across the restarts is {value:.3f} (> "
+                f"{THRESHOLDS['r_hat']}): the restarts' fits disagree, so no one of them can "
+                f"be trusted. Run more steps or a lower learning_rate (each stopped short of "
+                f"its optimum), or, when they found different optima (info['modes']), start "
+                f"from a better point or use a richer guide."))
+        elif value > THRESHOLDS["r_hat"]:
             found.append(Finding(
                 "r_hat", label, value, THRESHOLDS["r_hat"],
                 f"R-hat of {label} is {value:.3f} (> {THRESHOLDS['r_hat']}): the chains "
@@ -298,6 +337,17 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
             "elbo", "ELBO", change, THRESHOLDS["elbo_change"],
             f"the ELBO was {direction} when the run stopped ({change:+.3g} nats between the "
             f"last two tenths of the steps, +/- {standard_error:.2g}): {step}."))
+    modes = posterior.info.get("modes") or []
+    if len(modes) > 1:
+        best = {r["restart"]: r["final_elbo"] for r in posterior.info.get("restarts", [])}
+        groups = "; ".join(f"restarts {group} (final ELBO {best.get(group[0], math.nan):.4g})"
+                           for group in modes)
+        found.append(Finding(
+            "modes", "restarts", float(len(modes)), 1.0,
+            f"the restarts found {len(modes)} different optima: {groups}. The ELBO has "
+            f"several local optima (a multimodal posterior, or a guide that collapsed); the "
+            f"first has the highest ELBO. Keep its restarts "
+            f"(posterior.tree.posterior.sel(chain=...)), or fit from a better start."))
     flat = posterior.info.get("flat_direction")
     if flat:
         found.append(Finding(

@@ -142,9 +142,9 @@ def plot_elbo(*posteriors, skip: float = 0.1):
 
 
 def _mcmc(posterior, what: str):
-    if not posterior.is_mcmc:
-        raise OptionError(f"{what} needs MCMC draws (chains); this posterior is from "
-                          f"{posterior.method!r}")
+    if not posterior.has_chains:
+        raise OptionError(f"{what} needs draws in chains (MCMC, or VI with restarts=); this "
+                          f"posterior is from {posterior.method!r}")
 
 
 def plot_trace(posterior, var_names=None):

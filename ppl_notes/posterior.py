@@ -136,9 +136,18 @@ class Posterior:
         return json.loads(self.tree.attrs["sample_dims"])
 
     @property
-    def is_mcmc(self) -> bool:
-        """Whether the draws come in chains (``chain``, ``draw`` dims)."""
+    def has_chains(self) -> bool:
+        """Whether the draws come in chains (``chain``, ``draw`` dims).
+
+        MCMC's chains, or variational restarts (``restarts=``), which R-hat and ESS
+        compare alike.
+        """
         return list(self.sample_dims) == ["chain", "draw"]
+
+    @property
+    def is_mcmc(self) -> bool:
+        """Whether the draws are MCMC chains (not a variational fit's restarts)."""
+        return self.has_chains and not self.is_variational
 
     @property
     def is_variational(self) -> bool:
@@ -187,6 +196,16 @@ class Posterior:
 
         return findings(self)
 
+    def check(self, calibration=None):
+        """Whether this posterior can be trusted on its own: ``Verdict(reliable, reasons)``.
+
+        Combines k-hat, R-hat across restarts, convergence and, when given, a calibration
+        (VSBC); see :mod:`ppl_notes.verdict` for the rules and their references.
+        """
+        from ppl_notes.verdict import check
+
+        return check(self, calibration)
+
     def to_arviz(self) -> xr.DataTree:
         """The results as an ArviZ 1.x DataTree."""
         return self.tree
@@ -214,7 +233,7 @@ class Posterior:
         from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN
 
         too_few = (self.tree["posterior"].sizes["draw"] < MIN_DRAWS_PER_CHAIN
-                   if self.is_mcmc else self.num_draws < 2)
+                   if self.has_chains else self.num_draws < 2)
         if len(self.sample_dims) == 1 or too_few:  # no R-hat or ESS from independent or
             kwargs.setdefault("kind", "stats")     # too few draws
         kwargs.setdefault("ci_prob", CI_PROB)  # one interval everywhere: compare()'s too
@@ -231,6 +250,48 @@ class Posterior:
         if self.num_draws == 1:  # a point estimate (MAP, MLE, EM): its value only
             return table[["mean"]].rename(columns={"mean": "estimate"})
         return table
+
+    def importance_resampled(self, num_draws: int | None = None, seed: int = 0) -> Posterior:
+        r"""Draws of q reweighted towards the posterior by PSIS, then resampled.
+
+        Each draw :math:`z_s \sim q` gets its Pareto-smoothed importance weight
+        :math:`w_s \propto p(x, z_s)/q(z_s)` (:func:`ppl_notes.diagnostics.psis_weights`;
+        Vehtari et al. 2024), and ``num_draws`` draws (default: as many as there are) are
+        resampled with those weights (systematic resampling), so that summaries, plots
+        and ``compare`` use them as they are. ``info["psis"]`` holds :math:`\hat k`
+        (trust the result only below 0.7, Yao et al. 2018) and the weights' effective
+        sample size :math:`1/\sum_s w_s^2`, which bounds what the resampled draws hold.
+        """
+        from ppl_notes.diagnostics import psis_weights
+
+        if not self.is_variational:
+            raise OptionError("importance_resampled reweights draws of a fitted q by p/q; "
+                              f"this posterior is from {self.method!r}, without log q")
+        stats = self.tree["sample_stats"]
+        weights, khat = psis_weights(stats["log_p"].values, stats["log_q"].values)
+        size = self.num_draws if num_draws is None else int(num_draws)
+        rng = np.random.default_rng(seed)
+        points = (rng.random() + np.arange(size)) / size
+        chosen = np.minimum(np.searchsorted(np.cumsum(weights), points), len(weights) - 1)
+        groups = {}
+        for name in ("posterior", "sample_stats", "log_likelihood"):
+            if name not in self.tree.children:
+                continue
+            dataset = self.tree[name].to_dataset()
+            if self.has_chains:
+                dataset = dataset.stack(_flat=("chain", "draw")).drop_vars(
+                    ["chain", "draw", "_flat"]).rename({"_flat": "sample"})
+            groups[name] = dataset.isel(sample=chosen).assign_coords(sample=np.arange(size))
+        for name in ("observed_data", "constant_data"):
+            if name in self.tree.children:
+                groups[name] = self.tree[name].to_dataset()
+        tree = xr.DataTree.from_dict(groups)
+        tree.attrs.update(self.tree.attrs)
+        info = {**self.info, "psis": {"khat": khat, "ess": float(1 / np.sum(weights**2)),
+                                      "draws": len(weights)}}
+        tree.attrs.update(sample_dims=json.dumps(["sample"]), info=json.dumps(info, default=str),
+                          guide=f"{self.tree.attrs.get('guide', '')} + PSIS")
+        return Posterior(tree, model=self.model, guide=self.guide, data=self.data)
 
     @property
     def num_draws(self) -> int:
@@ -252,6 +313,11 @@ class Posterior:
         if num_samples is None:
             stats = self.tree["sample_stats"]
             return stats["log_p"].values.reshape(-1), stats["log_q"].values.reshape(-1)
+        if "restarts" in self.info:
+            raise OptionError(
+                "num_samples draws afresh from one fitted guide, and this fit has "
+                f"{len(self.info['restarts'])} restarts (each a guide of its own): call "
+                "without num_samples to use the stored draws of every restart")
         if self.guide is None or self.model is None:
             raise OptionError(
                 "num_samples needs the fit's guide in memory (a loaded posterior or an "

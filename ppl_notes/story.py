@@ -16,6 +16,7 @@ become tensors of the story's dtype once, scalars pass through.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import re
@@ -90,6 +91,11 @@ class Model:
         Per-method option defaults the story recommends, e.g.
         ``{"nuts": {"target_accept": 0.9}}`` for a posterior with a narrow tail; the
         user's options override them.
+    guide : str, optional
+        The variational family the story recommends for ``method="svi"`` when the user
+        gives none, as ``"module:attribute"`` (imported on first use, so a story and its
+        guides can live in modules that import each other), e.g.
+        ``"ppl_notes.guides.heights:fullrank"``.
     m_step : callable, optional
         The closed-form maximum-likelihood M-step of EM:
         ``m_step(data, responsibilities) -> {site: value}``, where ``data`` are the
@@ -112,8 +118,12 @@ class Model:
         marginal: Callable | None = None,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
         m_step: Callable | None = None,
+        guide: str | None = None,
     ) -> None:
         self.fn = fn
+        if guide is not None and (not isinstance(guide, str) or ":" not in guide):
+            raise StoryError(f"guide= takes a reference 'module:attribute', got {guide!r}")
+        self._guide_reference = guide
         if isinstance(observed, str):
             observed = (observed,)
         if not isinstance(observed, Mapping):
@@ -165,6 +175,19 @@ class Model:
                      fixed=self.fixed, dtype=self.dtype)
 
     @property
+    def recommended_guide(self) -> Guide | None:
+        """The guide the story recommends for SVI (``guide=`` of :func:`model`), or None."""
+        if self._guide_reference is None:
+            return None
+        module, _, attribute = self._guide_reference.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as error:
+            raise StoryError(f"story {self.name!r} recommends guide "
+                             f"{self._guide_reference!r}, which cannot be imported: "
+                             f"{error}") from error
+
+    @property
     def story(self) -> str:
         """The generative story, in words: the function's docstring."""
         return inspect.cleandoc(self.fn.__doc__ or "")
@@ -191,6 +214,7 @@ class Model:
             marginal=self._marginal_fn,
             defaults=self.defaults,
             m_step=self.m_step,
+            guide=self._guide_reference,
         )
 
     def _observed_spec(self) -> dict[str, str]:
@@ -609,6 +633,7 @@ def model(
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
     m_step: Callable | None = None,
     dtype: torch.dtype = torch.float64,
+    guide: str | None = None,
 ) -> Model | Callable[[Callable], Model]:
     """Declare a generative story.
 
@@ -624,7 +649,8 @@ def model(
 
     def wrap(function: Callable) -> Model:
         return Model(function, observed=observed, data=data, dims=dims, coords=coords,
-                     name=name, marginal=marginal, defaults=defaults, m_step=m_step, dtype=dtype)
+                     name=name, marginal=marginal, defaults=defaults, m_step=m_step, dtype=dtype,
+                     guide=guide)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -75,8 +75,10 @@ def infer(
         ``ppl_notes.inference.METHODS`` lists them; each module's ``OPTIONS`` documents
         its options.
     guide : Guide or callable, optional
-        The variational family for ``svi`` and ``bbvi``; AutoNormal over the continuous
-        sites when omitted. Checked against the story before fitting.
+        The variational family for ``svi`` and ``bbvi``. When omitted, ``svi`` uses the
+        story's recommended guide (``Model.recommended_guide``) where it names one, else
+        AutoNormal over the continuous sites, started at a quick MAP (option ``init``).
+        Checked against the story before fitting.
     seed : int
         Seeds every random number of the run: the same seed gives the same draws.
     progress : bool
@@ -121,6 +123,8 @@ def infer(
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
     first_run = model.check_data(prepared)
     takes_guide = getattr(backend, "TAKES_GUIDE", False)
+    if guide is None and method == "svi":
+        guide = model.recommended_guide  # the story's own, where it names one
     if guide is not None:
         if not takes_guide:
             guided = sorted(m for m, p in METHODS.items() if _takes_guide(p))

@@ -108,3 +108,18 @@ def _check(method: str, option: Option, value: Any) -> None:
         raise OptionError(
             f"method {method!r}: option {option.name!r} must be {option.valid}, got {value!r}"
         )
+
+
+def scheduler_option(where: str) -> Option:
+    """The ``scheduler`` option: where independent fits run (``where`` says what runs)."""
+    def is_scheduler(value) -> bool:
+        from ppl_notes._cluster import check_scheduler
+
+        try:
+            check_scheduler(value, "")
+        except OptionError:
+            return False
+        return True
+
+    return Option("scheduler", (object,), None, f"where {where}; ppl_notes._cluster",
+                  is_scheduler, "None, an address 'tcp://host:port' or a distributed.Client")

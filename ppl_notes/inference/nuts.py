@@ -39,25 +39,19 @@ from ppl_notes.evaluation import facts_of
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
 from ppl_notes.inference._draws import posterior_of
-from ppl_notes.inference._options import Option, choice, open_unit, positive_int
+from ppl_notes.inference._options import (
+    Option,
+    choice,
+    open_unit,
+    positive_int,
+    scheduler_option,
+)
 from ppl_notes.inference._potential import (
     BatchedPotential,
     compiler_for,
     init_to_prior_median,
 )
 from ppl_notes.inference._result import RunResult
-
-
-def _is_scheduler(value) -> bool:
-    from ppl_notes._cluster import check_scheduler
-    from ppl_notes.errors import OptionError
-
-    try:
-        check_scheduler(value, "nuts")
-    except OptionError:
-        return False
-    return True
-
 
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
@@ -84,10 +78,9 @@ OPTIONS = (
            "(the full posterior covariance: fewer steps on correlated posteriors, but a noisy "
            "estimate on heavy-tailed ones)", ("diag", "fisher", "dense")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
-    Option("scheduler", (object,), None, "where the chains run: None (this machine), or a "
-           "Dask scheduler's address 'tcp://host:port' or a distributed.Client (each chain a "
-           "task on its workers; ppl_notes._cluster)", _is_scheduler,
-           "None, an address 'tcp://host:port' or a distributed.Client"),
+    scheduler_option("the chains run: None (this machine), or a Dask scheduler's address "
+                     "'tcp://host:port' or a distributed.Client (each chain a task on its "
+                     "workers)"),
 )
 
 

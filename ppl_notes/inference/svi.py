@@ -45,7 +45,8 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
-from ppl_notes._sites import latent_sites, unconstrained_value
+from ppl_notes._pool import stop_requested
+from ppl_notes._sites import dispersed_value, latent_sites, unconstrained_value
 from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import ESTIMATORS, force_estimator
@@ -58,7 +59,13 @@ from ppl_notes.inference._checkpoint import (
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._draws import posterior_of, sample_guide
 from ppl_notes.inference._fingerprint import run_fingerprint
-from ppl_notes.inference._options import Option, choice, positive_float, positive_int
+from ppl_notes.inference._options import (
+    Option,
+    choice,
+    positive_float,
+    positive_int,
+    scheduler_option,
+)
 from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 
@@ -80,6 +87,17 @@ OPTIONS = (
            "relative to Adam's steps, but slows parameters whose gradients are mostly "
            "noise (a scale's), so a story that wants it says so in its defaults",
            check=lambda v: 0 < v <= 1, valid="a number in (0, 1]"),
+    choice("stop", "converged", "when the run ends: 'converged' (the convergence rule of "
+           "svi.converged: the ELBO's windowed mean has stopped moving beyond its Monte Carlo "
+           "error; steps is then a cap) or 'steps' (after exactly steps steps)",
+           ("converged", "steps")),
+    choice("init", "map", "where the default autoguide (no guide given) starts: 'map' (a "
+           "quick posterior mode by L-BFGS, discrete sites summed out; each restart from its "
+           "own prior draw) or 'prior' (the origin of the unconstrained space; restarts "
+           "dispersed uniformly in (-2, 2) around it). A guide written by hand starts where "
+           "its pyro.param calls say", ("map", "prior")),
+    positive_float("tolerance", 0.1, "stop='converged': the run ends when the windowed "
+                   "ELBO is shown (at ~95%) to move by less than this many nats per window"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
     choice("elbo", "auto", "which ELBO; 'auto' picks TraceEnum_ELBO when the story has "
@@ -90,6 +108,10 @@ OPTIONS = (
            "guide's distribution allows it, score function elsewhere), 'reparam' (every "
            "site; an error where impossible) or 'score' (every site by the score function, "
            "as black-box VI)", ESTIMATORS),
+    Option("stl", (bool,), False, "'sticking the landing' (Roeder et al. 2017): drop the "
+           "zero-mean score term of the reparameterised gradient, whose variance then "
+           "vanishes as q reaches the posterior (ppl_notes.inference.stl); Trace_ELBO and "
+           "Pyro's loop only"),
     choice("engine", "auto", "'fast': the Trace_ELBO step compiled as one graph "
            "(torch.compile) with Adam on one flat parameter vector; 'pyro': Pyro's SVI loop "
            "(always used for TraceEnum_ELBO, TraceMeanField_ELBO and autoguides); 'auto': "
@@ -105,6 +127,15 @@ OPTIONS = (
            "`torchrun --nproc-per-node K` starts: each fits a shard of the data plate and the "
            "gradients are averaged before every step (ppl_notes.inference._data_parallel); "
            "Pyro's loop, no checkpoints"),
+    positive_int("restarts", 1, "independent fits from dispersed starts, stacked as the "
+                 "posterior's chains so that R-hat and ESS across them are reported, and "
+                 "restarts that found different optima are flagged (ppl_notes.inference."
+                 "restarts)"),
+    Option("processes", (int, type(None)), None, "worker processes for the restarts; None: "
+           "one per core", lambda v: v is None or v >= 1, "None or an integer >= 1"),
+    scheduler_option("the restarts run: None (worker processes on this machine), or a Dask "
+                     "scheduler's address 'tcp://host:port' or a distributed.Client (each "
+                     "restart a task on its workers)"),
     Option("jit", (bool, str), "auto", "engine='pyro' only: compile the ELBO with "
            "TorchScript (Pyro's JitTrace* ELBOs); 'auto' compiles runs of at least "
            f"{_STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
@@ -126,8 +157,18 @@ def _choose_elbo(requested: str, enumerated: list[str]) -> str:
 
 
 def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any]) -> RunResult:
-    """Fit the guide by SVI, then draw from it. See the module docstring."""
+        options: dict[str, Any], restart: int = 0) -> RunResult:
+    """Fit the guide by SVI, then draw from it. See the module docstring.
+
+    ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
+    :mod:`ppl_notes.inference.restarts`, which runs this function once per restart).
+    """
+    if options["restarts"] > 1 or options["scheduler"] is not None:
+        _check_restartable(options)
+        from ppl_notes.inference.restarts import run_restarts
+
+        return run_restarts(__name__, model, data, guide=guide, seed=seed, progress=progress,
+                            options=options)
     started = time.perf_counter()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -140,9 +181,19 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     guide_name = getattr(guide, "name", None)
     if guide is None:
         # init_to_feasible without its sample() (improper priors cannot be sampled)
-        guide = AutoNormal(poutine.block(model, hide=discrete), init_loc_fn=unconstrained_value)
+        guide = AutoNormal(poutine.block(model, hide=discrete),
+                           init_loc_fn=_autoguide_start(model, data, seed, restart, options))
         guide_name = "AutoNormal"
+        pyro.set_rng_seed(seed)
     guide_sites = _guide_sites(guide, data)
+    if vectorize and not _vectorizable(guide, data, plate_nesting):
+        # A value with a dim more than its site's batch (a joint Normal split into sites
+        # inside a plate) would broadcast the story's log densities across particles:
+        # particle i's prior and likelihood evaluated at particle j's values, P x P terms
+        # (found as sds 4x too small at num_particles=4). Particles then run one by one.
+        logger.info("SVI: guide %r is not batch-safe under the particle plate; its %d "
+                    "particles run one after another", guide_name, options["num_particles"])
+        vectorize = False
     enumerated = [d for d in discrete if d not in guide_sites]
     elbo_name = _choose_elbo(options["elbo"], enumerated)
     story = config_enumerate(model) if enumerated else model
@@ -163,6 +214,13 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         logger.info("SVI: the fast engine takes function guides; %s runs in Pyro's loop",
                     guide_name)
         engine = "pyro"
+    if options["stl"]:
+        if elbo_name != "Trace_ELBO":
+            from ppl_notes.errors import OptionError
+
+            raise OptionError(f"method 'svi': stl=True changes Trace_ELBO's gradient, and this "
+                              f"run uses {elbo_name}; pass elbo='Trace_ELBO' or leave stl")
+        engine, jit = "pyro", False
     fit_guide = force_estimator(guide, options["estimator"])
     parallel, fit_data, loop_seed = None, data, seed
     if options["distributed"]:
@@ -213,6 +271,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
               "estimator": options["estimator"], "steps_done": len(history),
+              "stopped": history.attrs.get("stopped", "steps"),
               "path": facts.path, "particles_vectorized": vectorize,
               "flat_direction": flat_direction(model, data, facts, values,
                                                choose_path(model, data, facts)),
@@ -238,6 +297,36 @@ def _choose_engine(requested: str, steps: int, model, data) -> str:
     return "fast" if steps * observed >= _WORK_FOR_FAST_ENGINE else "pyro"
 
 
+def _autoguide_start(model, data, seed: int, restart: int, options: dict[str, Any]):
+    """The autoguide's ``init_loc_fn``: at a quick MAP, else at the prior's origin."""
+    fallback = unconstrained_value if restart == 0 else dispersed_value
+    if options["init"] != "map":
+        return fallback
+    from ppl_notes.inference.point import map_start
+
+    start = map_start(model, data, seed, dispersed=restart > 0)
+    if start is None:
+        return fallback
+
+    def at_map(site):
+        value = start.get(site["name"])
+        return fallback(site) if value is None else value.to(torch.get_default_dtype())
+
+    return at_map
+
+
+def _check_restartable(options: dict[str, Any]) -> None:
+    from ppl_notes.errors import OptionError
+
+    for name in ("checkpoint", "resume"):
+        if options[name] is not None:
+            raise OptionError(f"method 'svi': restarts and scheduler run independent fits, and "
+                              f"option {name!r} names one run's file; leave it unset")
+    if options["distributed"]:
+        raise OptionError("method 'svi': distributed=True (one data-parallel fit) does not "
+                          "combine with restarts or scheduler")
+
+
 def _data_parallel(facts, data, options):
     from ppl_notes.errors import OptionError
     from ppl_notes.inference._data_parallel import DataParallel
@@ -252,6 +341,28 @@ def _guide_sites(guide, data) -> list[str]:
     with pyro.poutine.seed(rng_seed=0), torch.no_grad():
         trace = poutine.trace(guide).get_trace(**data)
     return list(latent_sites(trace))
+
+
+def _vectorizable(guide, data, plate_nesting: int, particles: int = 3) -> bool:
+    """Whether the guide's draws can be vectorised over particles.
+
+    Every latent value drawn under a particle plate must have the particle dim where
+    Pyro puts it (``-(plate_nesting + 1)`` left of the event dims) and no dim left of
+    it, as ``vectorize_particles`` needs.
+    """
+    dim = -(plate_nesting + 1)
+    try:
+        with (poutine.seed(rng_seed=0), torch.no_grad(),
+              pyro.plate("_particles", particles, dim=dim)):
+            trace = poutine.trace(guide).get_trace(**data)
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    for site in latent_sites(trace).values():
+        value = site["value"]
+        batch = value.shape[:value.dim() - site["fn"].event_dim]
+        if len(batch) > -dim or (len(batch) == -dim and batch[0] not in (1, particles)):
+            return False
+    return True
 
 
 class _NonFinite(Exception):
@@ -277,6 +388,9 @@ class _Loop:
         self.elbo = np.full(options["steps"], np.nan)
         self.start = 0
         self.interrupted_at: int | None = None
+        self.converged_at: int | None = None
+        self.window = convergence_window(options["steps"])
+        self._quiet_checks = 0
 
     def resume_from(self, checkpoint: dict[str, Any]) -> None:
         """Continue after the steps a checkpoint holds (its ELBO history included)."""
@@ -293,9 +407,18 @@ class _Loop:
             save_checkpoint(path, {**self.identity, **state(),
                                    "elbo": torch.as_tensor(self.elbo[:done])})
 
-    def run(self, step: Callable[[int], float], state: Callable[[], dict]) -> pd.DataFrame:
+    def run(self, step: Callable[[int], float], state: Callable[[], dict],
+            iterate: tuple[Callable[[], list[torch.Tensor]],
+                           Callable[[list[torch.Tensor]], None]] | None = None) -> pd.DataFrame:
+        """Run the steps, and return the ELBO history.
+
+        ``iterate`` = (read, write) the parameters, for the average of the last window's
+        iterates that a converged run ends with (Polyak & Juditsky 1992).
+        """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
+        averaging = self.options["stop"] == "converged" and iterate is not None
+        total: list[torch.Tensor] | None = None
         with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
               warnings.catch_warnings()):
             # Pyro's "Encountered NaN: loss" (warn_explicit, so no module filter catches
@@ -303,8 +426,23 @@ class _Loop:
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             try:
                 for index in range(self.start, steps):
+                    if index % 50 == 0 and stop_requested():  # Ctrl-C in the main process
+                        raise KeyboardInterrupt
                     loss = self._one(step, index)
                     self.elbo[index] = -loss
+                    if averaging:
+                        now = iterate[0]()
+                        total = ([p.detach().clone() for p in now] if total is None
+                                 else [t.add_(p.detach()) for t, p in zip(total, now, strict=True)])
+                    if self.options["stop"] == "converged" and (index + 1) % self.window == 0:
+                        if self._converged(index + 1):
+                            self.converged_at = index + 1
+                            if averaging and total is not None:
+                                count = (index + 1 - self.start) % self.window or self.window
+                                iterate[1]([t / count for t in total])
+                            bar.update(index + 1 - bar.n)
+                            break
+                        total = None  # the average is of the last window only
                     if (index + 1) % every == 0 and index + 1 < steps:
                         self._checkpoint(state, index + 1)
                     if index % 50 == 0 or index == steps - 1:
@@ -319,10 +457,24 @@ class _Loop:
                     + (f"; resume with resume={self.options['checkpoint']!r}"
                        if self.options["checkpoint"] else ""),
                     PartialResultWarning, stacklevel=2)
-        done = steps if self.interrupted_at is None else self.interrupted_at
+        done = (self.interrupted_at if self.interrupted_at is not None
+                else self.converged_at if self.converged_at is not None else steps)
         self._checkpoint(state, done)
         return pd.DataFrame({"elbo": self.elbo[:done]},
                             index=pd.RangeIndex(done, name="step"))
+
+    @property
+    def stopped(self) -> str:
+        """Why the run ended: ``converged``, ``steps`` (the cap) or ``interrupted``."""
+        if self.interrupted_at is not None:
+            return "interrupted"
+        return "converged" if self.converged_at is not None else "steps"
+
+    def _converged(self, done: int) -> bool:
+        """:func:`converged` at two checks in a row (one quiet window can be luck)."""
+        quiet = converged(self.elbo[:done], self.window, self.options["tolerance"])
+        self._quiet_checks = self._quiet_checks + 1 if quiet else 0
+        return self._quiet_checks >= 2
 
     @staticmethod
     def _one(step: Callable[[int], float], index: int) -> float:
@@ -354,6 +506,47 @@ class _Loop:
                 f"SVI: at step {index} the guide's or story's parameters became invalid "
                 f"({reason}); lower the learning rate or check the guide's initial values"
             ) from error
+
+
+#: The smallest convergence window, and the share of the step cap a window is otherwise
+_MIN_WINDOW, _WINDOW_SHARE = 100, 0.05
+#: The windowed ELBO has converged when its change is below this many standard errors
+CONVERGENCE_Z = 2.0
+
+
+def convergence_window(steps: int) -> int:
+    """The window of the convergence rule: 5% of the step cap, at least 100 steps."""
+    return max(_MIN_WINDOW, int(steps * _WINDOW_SHARE))
+
+
+def converged(elbo: np.ndarray, window: int, tolerance: float) -> bool:
+    r"""The convergence rule: the windowed ELBO is shown to have stopped moving.
+
+    With :math:`\bar L_k` the mean ELBO estimate over the :math:`k`-th window of
+    :math:`W` steps and :math:`\hat\sigma^2` the per-step noise (half the variance of
+    successive differences, which a slow trend does not inflate), the change's standard
+    error is :math:`s = \hat\sigma\sqrt{2/W}`, and the rule is
+
+    .. math:: |\bar L_k - \bar L_{k-1}| + z\,s \le \varepsilon,\qquad z = 2,
+
+    i.e. with about 95% confidence the smoothed ELBO moved by less than
+    :math:`\varepsilon` = ``tolerance`` nats over the last window. A change that is
+    merely smaller than its noise is not enough: a slow climb hidden in a noisy estimator
+    would stop early (a 6-nat shortfall on posteriordb's arK, measured), so a noisy fit
+    runs to its cap instead. The run stops when the rule holds at two checks in a row,
+    and ends with the average of the last window's iterates (Polyak & Juditsky 1992),
+    which removes most of Adam's jitter around the optimum. Dhaka et al. (2020),
+    "Robust, Accurate Stochastic Optimization for Variational Inference" (NeurIPS), argue
+    for such noise-aware stopping followed by iterate averaging. A stop is not a proof of
+    a good optimum: R-hat across restarts (``restarts=``) and Pareto k-hat check that
+    (:meth:`ppl_notes.posterior.Posterior.check`).
+    """
+    from ppl_notes.diagnostics import window_change
+
+    change, standard_error = window_change(elbo, window)
+    if not (np.isfinite(change) and np.isfinite(standard_error)):
+        return False
+    return abs(change) + CONVERGENCE_Z * standard_error <= tolerance
 
 
 def _check_resumable(path: str, checkpoint: dict[str, Any],
@@ -455,6 +648,10 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
+    if options["stl"]:
+        from ppl_notes.inference.stl import STLTrace_ELBO
+
+        loss = STLTrace_ELBO
     extra = {"ignore_jit_warnings": True} if jit else {}
     elbo = loss(**extra, **elbo_options)
     optimizer = _decaying_adam(options)
@@ -513,9 +710,18 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
         # Pyro's JitTrace_ELBO uses torch.jit.trace, which torch now calls deprecated
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated",
                                 category=FutureWarning)
-        history = loop.run(step, state)
+        def read() -> list[torch.Tensor]:  # the store fills on the first step
+            return list(store._params.values())
+
+        def write(values: list[torch.Tensor]) -> None:
+            with torch.no_grad():
+                for parameter, value in zip(read(), values, strict=True):
+                    parameter.copy_(value)
+
+        history = loop.run(step, state, (read, write))
     history.attrs["jit"] = jit
     history.attrs["interrupted_at"] = loop.interrupted_at
+    history.attrs["stopped"] = loop.stopped
     return history
 
 
@@ -571,9 +777,14 @@ def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any], progress
                 "first_moment": state_.first_moment.clone(),
                 "second_moment": state_.second_moment.clone(), "rng": rng_state()}
 
+    def write(values: list[torch.Tensor]) -> None:
+        nonlocal flat
+        flat = values[0]
+
     try:
-        history = loop.run(step, state)
+        history = loop.run(step, state, (lambda: [flat], write))
     finally:
         compiled.write_back(flat)  # the last finite state stays in the param store
     history.attrs["interrupted_at"] = loop.interrupted_at
+    history.attrs["stopped"] = loop.stopped
     return history

@@ -1,0 +1,231 @@
+r"""Variational restarts as chains: K independent fits, their draws on a ``chain`` dim.
+
+A single SVI fit says nothing about whether another start would have ended elsewhere:
+a local optimum of the ELBO (a mixture's collapsed component, a funnel's neck) looks
+converged from inside. Run K fits from dispersed starts and treat them as MCMC treats
+chains: the draws of restart :math:`k` become chain :math:`k`, so R-hat and ESS across
+restarts (Vehtari et al. 2021, the split-R-hat ArviZ computes) measure whether they
+agree, as ArviZ users asked for VI (arviz-devs/arviz#498), and as RAABBVI uses R-hat of
+the iterates across runs (Welandawe et al. 2022, Dhaka et al. 2020).
+
+Restart 0 is the fit a plain run gives (same seed, same start). Restart :math:`k \ge 1`
+gets its own seed, and an autoguide's locations start from a point drawn uniformly in
+(-2, 2) around the feasible origin of the unconstrained space (Stan's default inits);
+a guide written by hand starts where its ``pyro.param`` calls say, and differs only by
+its seed (its stochastic gradients).
+
+Restarts whose posteriors sit apart are grouped into modes: two restarts share a mode
+when every continuous element's means differ by less than ``MODE_SEPARATION`` pooled
+standard deviations. More than one mode is a finding (:mod:`ppl_notes.diagnostics`).
+
+They run in worker processes on this machine (one per core), or as tasks on a Dask
+cluster given ``scheduler`` (:mod:`ppl_notes._cluster`). Ctrl-C asks every running
+restart to stop; each returns the guide it has (``partial``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ppl_notes.errors import PartialResultWarning
+from ppl_notes.inference._result import RunResult
+
+__all__ = ["run_restarts", "restart_seed", "modes_of", "MODE_SEPARATION"]
+
+#: Restarts whose means differ by more pooled sds than this, on some element, found
+#: different optima.
+MODE_SEPARATION = 1.0
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """Restart ``restart``'s seed: ``seed`` itself for restart 0, else one drawn from both."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0] % 2**31)
+
+
+def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
+                 progress: bool, options: dict[str, Any]) -> RunResult:
+    """Run ``options["restarts"]`` fits of ``backend.run`` and stack them as chains.
+
+    Parameters
+    ----------
+    backend : str
+        The module whose ``run(model, data, guide=, seed=, progress=, options=,
+        restart=)`` fits one restart.
+    model, data, guide, seed, progress, options
+        As :func:`ppl_notes.infer` passes them to a back end; ``options`` holds
+        ``restarts``, ``processes`` and ``scheduler``.
+    """
+    import cloudpickle
+
+    started = time.perf_counter()
+    count = options["restarts"]
+    single = {**options, "restarts": 1, "scheduler": None, "processes": None}
+    job = cloudpickle.dumps({"backend": backend, "model": model, "data": data, "guide": guide,
+                             "seed": seed, "options": single})
+    results: dict[int, RunResult] = {}
+    interrupted = False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=count, desc=f"{backend.rsplit('.', 1)[-1].upper()} restarts",
+               disable=not progress)
+
+    def keep(pair: tuple[int, RunResult]) -> None:
+        results[pair[0]] = pair[1]
+        bar.update(1)
+
+    try:
+        if options["scheduler"] is not None:
+            _on_cluster(job, count, keep, options["scheduler"], model.name)
+        elif (options["processes"] or count) == 1 or count == 1:
+            for restart in range(count):
+                keep(_one_restart(job, restart, progress=progress))
+                if results[restart].partial:  # Ctrl-C reached this restart's loop
+                    break
+        else:
+            from ppl_notes._pool import run_in_processes
+
+            run_in_processes(_one_restart, job, [(r,) for r in range(count)], keep,
+                             processes=options["processes"], on_interrupt="stop")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    if not results:
+        raise KeyboardInterrupt("interrupted before any restart finished")
+    done = [results[r] for r in sorted(results)]
+    if interrupted or len(done) < count:
+        warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back "
+                      "(partial=True)", PartialResultWarning, stacklevel=4)
+    combined = stack_restarts(done, sorted(results), options)
+    combined.partial = combined.partial or interrupted or len(done) < count
+    combined.seconds = time.perf_counter() - started
+    return combined
+
+
+def _one_restart(payload: bytes, restart: int,
+                 progress: bool = False) -> tuple[int, RunResult]:
+    """Fit restart ``restart`` of the job (in this process or a worker)."""
+    import cloudpickle
+
+    from ppl_notes._dtype import run_dtype
+    from ppl_notes.evaluation import story_dtype
+
+    job = cloudpickle.loads(payload)
+    backend = importlib.import_module(job["backend"])
+    with run_dtype(story_dtype(job["model"])):
+        result = backend.run(job["model"], job["data"], guide=job["guide"],
+                             seed=restart_seed(job["seed"], restart), progress=progress,
+                             options=job["options"], restart=restart)
+    result.info["restart"] = restart
+    return restart, result
+
+
+def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[int, RunResult]:
+    """One restart in a Dask worker; Ctrl-C reaches it through a Dask Event."""
+    import distributed
+    import torch
+
+    from ppl_notes._pool import set_stop_event
+
+    torch.set_num_threads(1)
+    set_stop_event(distributed.Event(name))
+    try:
+        return _one_restart(payload, restart)
+    finally:
+        set_stop_event(None)
+
+
+def _on_cluster(job: bytes, count: int, keep, scheduler, story: str) -> None:
+    import distributed
+
+    from ppl_notes._cluster import client_for, completed
+
+    with client_for(scheduler, "infer") as client:
+        name = f"restarts-{story}-{uuid.uuid4().hex[:8]}"
+        stop = distributed.Event(name, client)
+        results = completed(client, _one_restart_on_cluster, job,
+                            [(r, name) for r in range(count)], name)
+        while True:
+            try:
+                keep(next(results))
+            except StopIteration:
+                return
+            except KeyboardInterrupt:
+                if stop.is_set():
+                    raise
+                stop.set()  # each restart returns the guide it has; a second Ctrl-C gives up
+
+
+def stack_restarts(results: list[RunResult], restarts: list[int],
+                   options: dict[str, Any]) -> RunResult:
+    """The restarts' runs as one run with sample dims ``(chain, draw)``."""
+    def stacked(key: str) -> dict[str, np.ndarray]:
+        first = getattr(results[0], key)
+        return {name: np.stack([getattr(r, key)[name] for r in results]) for name in first}
+
+    histories = [r.history["elbo"].to_numpy() for r in results if r.history is not None]
+    length = max((len(h) for h in histories), default=0)
+    padded = np.full((len(histories), length), np.nan)
+    for row, elbo in zip(padded, histories, strict=True):
+        row[:len(elbo)] = elbo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # steps no restart reached
+        history = pd.DataFrame({"elbo": np.nanmean(padded, axis=0),
+                                **{f"elbo_restart_{r}": row
+                                   for r, row in zip(restarts, padded, strict=True)}},
+                               index=pd.RangeIndex(length, name="step"))
+    info = dict(results[0].info)
+    info.pop("restart", None)
+    per_restart = [{"restart": r, "final_elbo": result.info.get("final_elbo"),
+                    "steps_done": result.info.get("steps_done"),
+                    "stopped": result.info.get("stopped"), "partial": result.partial}
+                   for r, result in zip(restarts, results, strict=True)]
+    posterior = stacked("posterior")
+    info.update(restarts=per_restart, modes=modes_of(posterior, per_restart),
+                final_elbo=float(np.nanmean([p["final_elbo"] for p in per_restart])),
+                steps_done=int(sum(p["steps_done"] or 0 for p in per_restart)))
+    return RunResult(
+        method=results[0].method, sample_dims=("chain", "draw"), posterior=posterior,
+        sample_stats=stacked("sample_stats"), log_likelihood=stacked("log_likelihood"),
+        history=history, params=stacked("params"), options=options, info=info,
+        partial=any(r.partial for r in results))
+
+
+def modes_of(posterior: dict[str, np.ndarray], per_restart: list[dict]) -> list[list[int]]:
+    """Group restarts into modes, best final ELBO first (module docstring).
+
+    ``posterior`` holds each site's draws with dims ``(restart, draw, ...)``; discrete
+    (integer or boolean) sites are left out.
+    """
+    columns = [values.reshape(values.shape[0], values.shape[1], -1)
+               for values in posterior.values()
+               if np.issubdtype(values.dtype, np.floating)]
+    if not columns:
+        return [[p["restart"] for p in per_restart]]
+    draws = np.concatenate(columns, axis=2)  # (restart, draw, element)
+    means, variances = draws.mean(axis=1), draws.var(axis=1)
+    order = sorted(range(len(per_restart)),
+                   key=lambda i: -np.nan_to_num(per_restart[i]["final_elbo"] or -np.inf,
+                                                nan=-np.inf))
+    groups: list[list[int]] = []
+    for i in order:
+        for group in groups:
+            leader = group[0]
+            scale = np.sqrt((variances[i] + variances[leader]) / 2)
+            apart = np.abs(means[i] - means[leader]) > MODE_SEPARATION * np.maximum(scale,
+                                                                                    1e-12)
+            if not apart.any():
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return [[per_restart[i]["restart"] for i in group] for group in groups]

@@ -1,0 +1,148 @@
+r"""A verdict on a posterior: whether it can be trusted on its own.
+
+:func:`check` combines what each kind of run can say about itself:
+
+* **Variational** (``svi``, ``bbvi``): every test below must pass.
+
+  1. *Restarts agree*: the fit was run as ``restarts=K`` (K >= 2) fits from dispersed
+     starts, their R-hat is at most 1.01 on every element (Vehtari et al. 2021), and
+     they found one optimum (:mod:`ppl_notes.inference.restarts`). One fit cannot tell
+     a local optimum from the global one.
+  2. *Converged*: every fit was ended by the convergence rule
+     (:func:`ppl_notes.inference.svi.converged`), not by the step cap or Ctrl-C, and
+     the ELBO was not still moving at the end (:func:`ppl_notes.diagnostics.elbo_trend`).
+  3. *Pareto k-hat* of the importance ratios :math:`p(x, z)/q(z)` is at most
+     ``KHAT_RELIABLE`` = 0.5: Yao et al. (2018), "Yes, but did it work?", read
+     :math:`\hat k < 0.5` as "q is close to the posterior", and 0.5-0.7 as usable only
+     for importance-weighted estimates. A mean-field q that is too narrow puts the
+     ratio's tail above 0.5 long before 0.7.
+  4. *VSBC*, when a calibration of the same story and method is given
+     (:func:`ppl_notes.calibrate`), is calibrated.
+  5. No other finding: an improper posterior, a partial run.
+
+* **MCMC**: reliable when no diagnostic crossed its threshold (R-hat, ESS, divergences,
+  E-BFMI, tree depth; :mod:`ppl_notes.diagnostics`).
+* **Point estimates** (MAP, MLE, EM) carry no uncertainty, so they are never called a
+  reliable posterior.
+
+The verdict is conservative by design: a "reliable" VI fit agreed with NUTS on every
+case of the acceptance run (``benchmarks/vi_verdicts.py``); an unreliable one may still
+be right, and its reasons say what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Verdict", "check", "KHAT_RELIABLE"]
+
+#: The largest Pareto k-hat of p/q that passes (Yao et al. 2018)
+KHAT_RELIABLE = 0.5
+#: The largest R-hat across restarts that passes
+RHAT_RELIABLE = 1.01
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a posterior can be trusted on its own, and why (or why not).
+
+    Attributes
+    ----------
+    reliable : bool
+        Every check passed.
+    reasons : list of str
+        One line per check: what failed (and what to do), or what passed.
+    """
+
+    reliable: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.reliable
+
+    def __str__(self) -> str:
+        head = "reliable" if self.reliable else "NOT reliable"
+        return "\n".join([head] + [f"  - {reason}" for reason in self.reasons])
+
+
+def check(posterior, calibration=None) -> Verdict:
+    """The verdict on ``posterior`` (module docstring).
+
+    Parameters
+    ----------
+    posterior : Posterior
+        A result of :func:`ppl_notes.infer`.
+    calibration : Calibration, optional
+        A VSBC of the same story and method (:func:`ppl_notes.calibrate`).
+    """
+    from ppl_notes.diagnostics import diagnostics, findings
+
+    numbers = diagnostics(posterior)
+    return verdict_of(posterior, numbers, findings(posterior, numbers), calibration)
+
+
+def verdict_of(posterior, numbers: dict, found: list, calibration=None) -> Verdict:
+    """:func:`check` from :func:`~ppl_notes.diagnostics.diagnostics` and findings in hand."""
+    if posterior.num_draws < 2:
+        return Verdict(False, [f"a point estimate ({posterior.method}) has no uncertainty "
+                               "to certify; fit method='svi' or 'nuts'"])
+    if posterior.is_variational:
+        failed, passed = _variational(posterior, numbers, found)
+    else:
+        failed = [f.message for f in found]
+        passed = [] if failed else ["every MCMC diagnostic passed (R-hat, ESS, divergences, "
+                                    "E-BFMI, tree depth)"]
+    if calibration is not None:
+        if calibration.story != posterior.model_name or calibration.method != posterior.method:
+            failed.append(f"the calibration is of {calibration.story!r} by "
+                          f"{calibration.method}, not of this fit's story and method")
+        elif not calibration.calibrated:
+            worst = calibration.pvalues.idxmin()
+            failed.append(f"VSBC/SBC: not calibrated ({worst}: KS p = "
+                          f"{calibration.pvalues[worst]:.3g}; {calibration.rule})")
+        else:
+            passed.append(f"SBC: calibrated over {calibration.ranks.sizes['replicate']} "
+                          "replicates")
+    if posterior.partial:
+        failed.append("the run was interrupted (partial=True)")
+    return Verdict(not failed, failed + passed)
+
+
+def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
+    failed, passed = [], []
+    info = posterior.info
+    restarts = info.get("restarts")
+    if not restarts or len(restarts) < 2:
+        failed.append("one fit: run restarts=4 (or more) so that R-hat across restarts can "
+                      "show whether they reach the same optimum")
+    else:
+        label, rhat = numbers.get("max_r_hat", ("", math.nan))
+        if not math.isfinite(rhat) or rhat > RHAT_RELIABLE:
+            failed.append(f"R-hat across the {len(restarts)} restarts is {rhat:.3f} at {label} "
+                          f"(> {RHAT_RELIABLE}): the fits disagree")
+        else:
+            passed.append(f"the {len(restarts)} restarts agree (R-hat {rhat:.3f} <= "
+                          f"{RHAT_RELIABLE})")
+    stops = [r.get("stopped") for r in restarts] if restarts else [info.get("stopped")]
+    if "stopped" in info or restarts:
+        short = [i for i, how in enumerate(stops) if how != "converged"]
+        if short:
+            failed.append(f"{len(short)} of {len(stops)} fit(s) ended by "
+                          f"{sorted({stops[i] for i in short})}, not by the convergence rule: "
+                          "raise steps")
+        else:
+            passed.append("every fit ended by the convergence rule")
+    elif not info.get("converged", False):  # bbvi's own rule
+        failed.append("the fit did not meet its convergence rule")
+    khat = numbers.get("khat", math.nan)
+    if not math.isfinite(khat):
+        failed.append("Pareto k-hat could not be estimated (too few draws)")
+    elif khat > KHAT_RELIABLE:
+        failed.append(f"Pareto k-hat of p/q is {khat:.2f} (> {KHAT_RELIABLE}, Yao et al. "
+                      "2018): q is too narrow or misplaced somewhere; use a richer guide")
+    else:
+        passed.append(f"Pareto k-hat {khat:.2f} <= {KHAT_RELIABLE}")
+    counted = {"khat", "r_hat"}  # said above, with the stricter thresholds
+    failed += [f.message for f in found if f.check not in counted]
+    return failed, passed
