@@ -43,6 +43,18 @@ def test_chains_on_the_cluster_equal_local_chains_with_the_same_seed(cluster):
                                   local.to_arviz()["posterior"]["mu"].values)
 
 
+def test_svi_restarts_on_the_cluster_equal_local_restarts(cluster):
+    """Each restart a task on the workers; seeds belong to restarts, so the draws are a
+    local run's element for element."""
+    options = dict(method="svi", restarts=3, seed=3, steps=600, progress=False)
+    remote = infer(normal_mean, scheduler=cluster.address, **options)
+    local = infer(normal_mean, processes=1, **options)
+    assert remote.tree["posterior"].sizes["chain"] == 3
+    np.testing.assert_array_equal(remote.to_arviz()["posterior"]["mu"].values,
+                                  local.to_arviz()["posterior"]["mu"].values)
+    assert [r["restart"] for r in remote.info["restarts"]] == [0, 1, 2]
+
+
 def test_a_client_object_serves_as_well_as_an_address(cluster):
     import distributed
 

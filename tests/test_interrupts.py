@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+import ppl_notes
 import ppl_notes.inference._chains as chains_module
 from ppl_notes import DiagnosticWarning, InferenceError, infer
 from ppl_notes.cli import main
@@ -84,30 +85,56 @@ def test_a_compare_interrupted_in_nuts_keeps_the_svi_result(monkeypatch, capsys,
     assert err.splitlines()[-1].endswith(f"the SVI result is in {tmp_path / 'svi.nc'}")
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
-def test_a_real_ctrl_c_during_sampling_saves_the_partial_result(tmp_path):
-    """SIGINT to the whole process group, as a terminal sends it, once sampling runs."""
-    out = tmp_path / "partial.nc"
-    command = [sys.executable, "-m", "ppl_notes.cli", "run", "normal_mean", "--method", "nuts",
-               "--out", str(out), "--set", "processes=2", "--set", "compiler='none'",
-               "--set", "chains=2", "--set", "draws=200000"]
+def _interrupt_command(arguments: list[str], tmp_path, ready) -> tuple[int, str, str]:
+    """Run ``ppl-notes ARGUMENTS`` in its own process group, send the group SIGINT (as a
+    terminal does) once ``ready(stderr so far)`` holds, and return (code, stdout, stderr)."""
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr_file:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr_file, start_new_session=True,
-            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        # Wait until each chain is sampling: its bar says "NUTS chain c (sampling)".
+            [sys.executable, "-m", "ppl_notes.cli", *arguments], stdout=subprocess.PIPE,
+            stderr=stderr_file, start_new_session=True, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(
-                f"NUTS chain {c} (sampling)" in log.read_text() for c in (0, 1)):
+        while time.monotonic() < deadline and not ready(log.read_text()):
             time.sleep(0.5)
         time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)
         stdout, _ = process.communicate(timeout=120)
-    stderr = log.read_text()
-    assert process.returncode == 0, stderr[-2000:]
+    return process.returncode, stdout, log.read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_a_real_ctrl_c_during_sampling_saves_the_partial_result(tmp_path):
+    """SIGINT to the whole process group once sampling runs."""
+    out = tmp_path / "partial.nc"
+    code, stdout, stderr = _interrupt_command(
+        ["run", "normal_mean", "--method", "nuts", "--out", str(out), "--set", "processes=2",
+         "--set", "compiler='none'", "--set", "chains=2", "--set", "draws=200000"], tmp_path,
+        # each chain is sampling: its bar says "NUTS chain c (sampling)"
+        lambda log: all(f"NUTS chain {c} (sampling)" in log for c in (0, 1)))
+    assert code == 0, stderr[-2000:]
     assert "PartialResultWarning: NUTS interrupted" in stderr and "Traceback" not in stderr
     assert out.exists() and f"saved to {out}" in stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_a_real_ctrl_c_during_svi_restarts_keeps_every_restart(tmp_path):
+    """The restarts run in worker processes; SIGINT reaches the whole group, the workers
+    ignore it, and each restart returns the guide it has."""
+    out = tmp_path / "partial.nc"
+    started = time.monotonic()
+    code, stdout, stderr = _interrupt_command(
+        ["run", "normal_mean", "--method", "svi", "--out", str(out), "--set", "restarts=2",
+         "--set", "processes=2", "--set", "steps=10000000", "--set", "stop='steps'"], tmp_path,
+        # no bar per restart: import, spawn two workers, and let both fit for a while
+        lambda log: time.monotonic() - started > 25)
+    assert code == 0, stderr[-2000:]
+    assert "restarts interrupted: 2 of 2 fits came back, 2 of them" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert out.exists() and f"saved to {out}" in stdout
+    saved = ppl_notes.load(out)
+    assert saved.partial and saved.tree["posterior"].sizes["chain"] == 2
+    assert all(0 < r["steps_done"] < 10_000_000 for r in saved.info["restarts"])
 
 
 def test_progress_bars_show_compiling_then_live_warmup_and_sampling(monkeypatch):

@@ -41,7 +41,8 @@ def _normal_mean_evidence():
 def restarted():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
-        return infer(normal_mean, method="svi", restarts=3, processes=2, progress=False)
+        return infer(normal_mean, method="svi", restarts=3, processes=2, steps=6000,
+                     progress=False)
 
 
 def test_restarts_are_chains_and_restart_0_is_the_plain_fit(restarted):
@@ -104,7 +105,7 @@ def test_svi_stops_by_itself_when_the_elbo_settles():
     assert fit.info["steps_done"] < 20000
     # What the rule promises is about the ELBO: at the stop its windowed mean is within
     # its noise of the optimum, which for this Gaussian family is log p(x) exactly.
-    from ppl_notes.inference.svi import convergence_window
+    from ppl_notes.inference.convergence import convergence_window
 
     elbo = fit.history["elbo"].to_numpy()
     window = elbo[-convergence_window(20000):]

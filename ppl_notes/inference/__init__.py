@@ -74,11 +74,12 @@ def infer(
         ``bbvi``: black-box VI with score-function gradients and Robbins-Monro steps.
         ``ppl_notes.inference.METHODS`` lists them; each module's ``OPTIONS`` documents
         its options.
-    guide : Guide or callable, optional
+    guide : Guide, callable or {"meanfield", "fullrank"}, optional
         The variational family for ``svi`` and ``bbvi``. When omitted, ``svi`` uses the
         story's recommended guide (``Model.recommended_guide``) where it names one, else
-        AutoNormal over the continuous sites, started at a quick MAP (option ``init``).
-        Checked against the story before fitting.
+        ``"meanfield"``: Pyro's AutoNormal over the continuous sites (``"fullrank"``:
+        AutoMultivariateNormal), started at a quick MAP (option ``init``). A guide
+        function is checked against the story before fitting.
     seed : int
         Seeds every random number of the run: the same seed gives the same draws.
     progress : bool
@@ -125,7 +126,12 @@ def infer(
     takes_guide = getattr(backend, "TAKES_GUIDE", False)
     if guide is None and method == "svi":
         guide = model.recommended_guide  # the story's own, where it names one
-    if guide is not None:
+    if isinstance(guide, str):
+        if method != "svi" or guide not in ("meanfield", "fullrank"):
+            raise OptionError(f"guide={guide!r}: a guide named by a string is 'meanfield' "
+                              "(AutoNormal) or 'fullrank' (AutoMultivariateNormal), for "
+                              "method='svi'; otherwise pass a guide function")
+    elif guide is not None:
         if not takes_guide:
             guided = sorted(m for m, p in METHODS.items() if _takes_guide(p))
             raise OptionError(f"method {method!r} takes no guide; only {guided} do")
@@ -139,7 +145,7 @@ def infer(
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
     facts = facts_of(model, prepared, trace=first_run)
-    if guide is None:
+    if guide is None or isinstance(guide, str):
         _require_continuous_and_enumerable(model, facts, method)
     with run_dtype(story_dtype(model)):
         run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
@@ -161,7 +167,8 @@ def infer(
         "versions": json.dumps(library_versions()),
     }
     tree = to_datatree(run, model, prepared, attrs)
-    posterior = Posterior(tree, model=model, guide=guide, data=prepared)
+    posterior = Posterior(tree, model=model, guide=None if isinstance(guide, str) else guide,
+                          data=prepared)
     warn_about(posterior)
     return posterior
 

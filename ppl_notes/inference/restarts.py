@@ -102,9 +102,11 @@ def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
     if not results:
         raise KeyboardInterrupt("interrupted before any restart finished")
     done = [results[r] for r in sorted(results)]
-    if interrupted or len(done) < count:
-        warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back "
-                      "(partial=True)", PartialResultWarning, stacklevel=4)
+    cut = sum(r.partial for r in done)
+    if interrupted or len(done) < count or cut:
+        warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back, {cut} of "
+                      "them stopped early with the guide they had (partial=True)",
+                      PartialResultWarning, stacklevel=4)
     combined = stack_restarts(done, sorted(results), options)
     combined.partial = combined.partial or interrupted or len(done) < count
     combined.seconds = time.perf_counter() - started

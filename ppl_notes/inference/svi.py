@@ -41,7 +41,7 @@ from pyro.infer import (
     TraceMeanField_ELBO,
     config_enumerate,
 )
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
@@ -68,6 +68,7 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
+from ppl_notes.inference.convergence import ConvergenceMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,10 @@ OPTIONS = (
            "relative to Adam's steps, but slows parameters whose gradients are mostly "
            "noise (a scale's), so a story that wants it says so in its defaults",
            check=lambda v: 0 < v <= 1, valid="a number in (0, 1]"),
-    choice("stop", "converged", "when the run ends: 'converged' (the convergence rule of "
-           "svi.converged: the ELBO's windowed mean has stopped moving beyond its Monte Carlo "
-           "error; steps is then a cap) or 'steps' (after exactly steps steps)",
+    choice("stop", "converged", "when the run ends: 'converged' (the rule of ppl_notes."
+           "inference.convergence: the windowed ELBO and the parameters are shown to have "
+           "stopped moving, and the last window's iterates are averaged; steps is then a "
+           "cap) or 'steps' (after exactly steps steps)",
            ("converged", "steps")),
     choice("init", "map", "where the default autoguide (no guide given) starts: 'map' (a "
            "quick posterior mode by L-BFGS, discrete sites summed out; each restart from its "
@@ -144,6 +146,10 @@ OPTIONS = (
            "True, False or 'auto'"),
 )
 
+#: The guides named by a string: ``guide="meanfield"`` (the default) or ``"fullrank"``
+AUTOGUIDES = {"meanfield": (AutoNormal, "AutoNormal"),
+              "fullrank": (AutoMultivariateNormal, "AutoMultivariateNormal")}
+
 _ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
           "TraceMeanField_ELBO": TraceMeanField_ELBO}
 _JIT_ELBOS = {"Trace_ELBO": JitTrace_ELBO, "TraceEnum_ELBO": JitTraceEnum_ELBO,
@@ -179,11 +185,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     # Particles are vectorised in a plate only where the story is checked to be batch-safe.
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
-    if guide is None:
-        # init_to_feasible without its sample() (improper priors cannot be sampled)
-        guide = AutoNormal(poutine.block(model, hide=discrete),
-                           init_loc_fn=_autoguide_start(model, data, seed, restart, options))
-        guide_name = "AutoNormal"
+    if guide is None or isinstance(guide, str):
+        family, guide_name = AUTOGUIDES[guide or "meanfield"]
+        guide = family(poutine.block(model, hide=discrete),
+                       init_loc_fn=_autoguide_start(model, data, seed, restart, options))
         pyro.set_rng_seed(seed)
     guide_sites = _guide_sites(guide, data)
     if vectorize and not _vectorizable(guide, data, plate_nesting):
@@ -389,8 +394,6 @@ class _Loop:
         self.start = 0
         self.interrupted_at: int | None = None
         self.converged_at: int | None = None
-        self.window = convergence_window(options["steps"])
-        self._quiet_checks = 0
 
     def resume_from(self, checkpoint: dict[str, Any]) -> None:
         """Continue after the steps a checkpoint holds (its ELBO history included)."""
@@ -417,8 +420,8 @@ class _Loop:
         """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
-        averaging = self.options["stop"] == "converged" and iterate is not None
-        total: list[torch.Tensor] | None = None
+        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate)
+                   if self.options["stop"] == "converged" and iterate is not None else None)
         with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
               warnings.catch_warnings()):
             # Pyro's "Encountered NaN: loss" (warn_explicit, so no module filter catches
@@ -430,19 +433,10 @@ class _Loop:
                         raise KeyboardInterrupt
                     loss = self._one(step, index)
                     self.elbo[index] = -loss
-                    if averaging:
-                        now = iterate[0]()
-                        total = ([p.detach().clone() for p in now] if total is None
-                                 else [t.add_(p.detach()) for t, p in zip(total, now, strict=True)])
-                    if self.options["stop"] == "converged" and (index + 1) % self.window == 0:
-                        if self._converged(index + 1):
-                            self.converged_at = index + 1
-                            if averaging and total is not None:
-                                count = (index + 1 - self.start) % self.window or self.window
-                                iterate[1]([t / count for t in total])
-                            bar.update(index + 1 - bar.n)
-                            break
-                        total = None  # the average is of the last window only
+                    if monitor is not None and monitor.observe(index + 1, self.elbo):
+                        self.converged_at = index + 1
+                        bar.update(index + 1 - bar.n)
+                        break
                     if (index + 1) % every == 0 and index + 1 < steps:
                         self._checkpoint(state, index + 1)
                     if index % 50 == 0 or index == steps - 1:
@@ -469,12 +463,6 @@ class _Loop:
         if self.interrupted_at is not None:
             return "interrupted"
         return "converged" if self.converged_at is not None else "steps"
-
-    def _converged(self, done: int) -> bool:
-        """:func:`converged` at two checks in a row (one quiet window can be luck)."""
-        quiet = converged(self.elbo[:done], self.window, self.options["tolerance"])
-        self._quiet_checks = self._quiet_checks + 1 if quiet else 0
-        return self._quiet_checks >= 2
 
     @staticmethod
     def _one(step: Callable[[int], float], index: int) -> float:
@@ -506,47 +494,6 @@ class _Loop:
                 f"SVI: at step {index} the guide's or story's parameters became invalid "
                 f"({reason}); lower the learning rate or check the guide's initial values"
             ) from error
-
-
-#: The smallest convergence window, and the share of the step cap a window is otherwise
-_MIN_WINDOW, _WINDOW_SHARE = 100, 0.05
-#: The windowed ELBO has converged when its change is below this many standard errors
-CONVERGENCE_Z = 2.0
-
-
-def convergence_window(steps: int) -> int:
-    """The window of the convergence rule: 5% of the step cap, at least 100 steps."""
-    return max(_MIN_WINDOW, int(steps * _WINDOW_SHARE))
-
-
-def converged(elbo: np.ndarray, window: int, tolerance: float) -> bool:
-    r"""The convergence rule: the windowed ELBO is shown to have stopped moving.
-
-    With :math:`\bar L_k` the mean ELBO estimate over the :math:`k`-th window of
-    :math:`W` steps and :math:`\hat\sigma^2` the per-step noise (half the variance of
-    successive differences, which a slow trend does not inflate), the change's standard
-    error is :math:`s = \hat\sigma\sqrt{2/W}`, and the rule is
-
-    .. math:: |\bar L_k - \bar L_{k-1}| + z\,s \le \varepsilon,\qquad z = 2,
-
-    i.e. with about 95% confidence the smoothed ELBO moved by less than
-    :math:`\varepsilon` = ``tolerance`` nats over the last window. A change that is
-    merely smaller than its noise is not enough: a slow climb hidden in a noisy estimator
-    would stop early (a 6-nat shortfall on posteriordb's arK, measured), so a noisy fit
-    runs to its cap instead. The run stops when the rule holds at two checks in a row,
-    and ends with the average of the last window's iterates (Polyak & Juditsky 1992),
-    which removes most of Adam's jitter around the optimum. Dhaka et al. (2020),
-    "Robust, Accurate Stochastic Optimization for Variational Inference" (NeurIPS), argue
-    for such noise-aware stopping followed by iterate averaging. A stop is not a proof of
-    a good optimum: R-hat across restarts (``restarts=``) and Pareto k-hat check that
-    (:meth:`ppl_notes.posterior.Posterior.check`).
-    """
-    from ppl_notes.diagnostics import window_change
-
-    change, standard_error = window_change(elbo, window)
-    if not (np.isfinite(change) and np.isfinite(standard_error)):
-        return False
-    return abs(change) + CONVERGENCE_Z * standard_error <= tolerance
 
 
 def _check_resumable(path: str, checkpoint: dict[str, Any],
