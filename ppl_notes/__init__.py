@@ -37,7 +37,7 @@ _LAZY = {
     "Decision": "decisions", "decide": "decisions",
     "Estimate": "evidence", "exact_posterior": "exact", "gradient_variance": "gradients",
     "infer": "inference", "Posterior": "posterior", "load": "posterior",
-    "write_report": "report",
+    "write_report": "report", "Verdict": "verdict",
     "Guide": "story", "Model": "story", "check_pairing": "story", "guide": "story",
     "model": "story",
 }
@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from ppl_notes.posterior import Posterior, load
     from ppl_notes.report import write_report
     from ppl_notes.story import Guide, Model, check_pairing, guide, model
+    from ppl_notes.verdict import Verdict
 
 
 def __getattr__(name: str):
@@ -97,6 +98,7 @@ __all__ = [
     "Estimate",
     "Posterior",
     "load",
+    "Verdict",
     "PPLNotesError",
     "DataError",
     "OptionError",

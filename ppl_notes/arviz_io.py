@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -20,7 +20,9 @@ from arviz_base import dict_to_dataset
 
 from ppl_notes._sites import deterministic_sites, sample_sites
 from ppl_notes.evaluation import facts_of
-from ppl_notes.inference._result import RunResult
+
+if TYPE_CHECKING:  # importing ppl_notes.inference here would import this module again
+    from ppl_notes.inference._result import RunResult
 
 __all__ = ["PyroConverter", "infer_dims", "to_datatree"]
 

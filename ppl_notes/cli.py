@@ -1,4 +1,4 @@
-"""The ``ppl-notes`` command: list stories, run a method, compare SVI with NUTS (a report), show."""
+"""The ``ppl-notes`` command: list, run, compare (a report), calibrate, predict, show."""
 
 from __future__ import annotations
 
@@ -133,6 +133,43 @@ def _show(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    import numpy as np
+
+    from ppl_notes import load
+
+    fit = load(args.file)
+    arrays = {name for group in ("observed_data", "constant_data")
+              if group in fit.tree.children for name in fit.tree[group].data_vars}
+    arrays |= {argument for argument in getattr(fit.model, "observed_arguments", {}).values()
+               if argument}
+    new_data = {}
+    for key, value in _parse_options(args.set).items():
+        if isinstance(value, tuple | list):
+            value = np.asarray(value, dtype=float)
+        elif key in arrays:  # one new unit of an array argument: an array of one
+            value = np.atleast_1d(np.asarray(value, dtype=float))
+        new_data[key] = value
+    predictions = fit.predict(new_data, num_draws=args.draws, seed=args.seed)
+    dims = list(fit.sample_dims)
+    print(f"predictions of {fit.tree.attrs.get('model')} ({fit.method}) for "
+          + ", ".join(f"{k}={np.asarray(v).tolist()}" for k, v in new_data.items()))
+    for name, values in predictions.data_vars.items():
+        stacked = values.stack(_draw=dims).transpose("_draw", ...).values
+        flat = stacked.reshape(stacked.shape[0], -1)
+        for column in range(flat.shape[1]):
+            label = name if flat.shape[1] == 1 else f"{name}[{column}]"
+            draws = flat[:, column]
+            if np.issubdtype(draws.dtype, np.integer):
+                share = {int(v): float((draws == v).mean()) for v in np.unique(draws)}
+                print(f"  {label}: " + ", ".join(f"P({v}) = {p:.3f}" for v, p in share.items()))
+            else:
+                low, high = np.quantile(draws, [0.03, 0.97])
+                print(f"  {label}: mean {draws.mean():.4g}, sd {draws.std():.3g}, "
+                      f"94% interval [{low:.4g}, {high:.4g}]")
+    return 0
+
+
 def _calibrate(args) -> int:
     from ppl_notes.calibration import calibrate
     from ppl_notes.models import get_story
@@ -203,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                              help="an option of the method, e.g. --set steps=1500")
     calibration.add_argument("--out", help="a folder for ranks.csv and calibration.png")
     calibration.set_defaults(func=_calibrate)
+
+    prediction = commands.add_parser("predict", help="predictions of a saved result for "
+                                     "new data, e.g. --set height=180")
+    prediction.add_argument("file")
+    prediction.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="a new value of a story argument; a list for several units, "
+                            "e.g. --set height=150,180,200")
+    prediction.add_argument("--draws", type=int, default=1000,
+                            help="posterior draws to use (default 1000)")
+    prediction.add_argument("--seed", type=int, default=0)
+    prediction.set_defaults(func=_predict)
 
     show = commands.add_parser("show", help="summary of a saved result")
     show.add_argument("file")

@@ -20,6 +20,7 @@ KL divergence. ``compare`` attaches it as
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ from scipy import stats
 
 from ppl_notes._elements import CI_PROB, element_draws
 from ppl_notes.diagnostics import continuous_sites, diagnostics, findings
-from ppl_notes.errors import OptionError, StoryError
+from ppl_notes.errors import DiagnosticWarning, OptionError, StoryError
+from ppl_notes.relabel import aligned_to
 from ppl_notes.verdict import verdict_of
 
 __all__ = ["compare", "diagnostics_table", "as_samples", "labelled"]
@@ -134,6 +136,7 @@ def compare(*posteriors, reference=None, var_names: str | Sequence[str] | None =
     fits = labelled(posteriors)
     sites = _common_sites(fits, var_names)
     ref = _reference_label(fits, reference)
+    fits = _aligned(fits, ref)
     draws = {label: element_draws(p.tree["posterior"].to_dataset(), sites, p.sample_dims)
              for label, p in fits.items()}
     tail = (1 - CI_PROB) / 2
@@ -155,6 +158,20 @@ def compare(*posteriors, reference=None, var_names: str | Sequence[str] | None =
     table.attrs["diagnostics"] = _diagnostics_rows(fits, ref, sites, numbers, found)
     table.attrs["findings"] = found
     return table
+
+
+def _aligned(fits: dict[str, Any], ref: str | None) -> dict[str, Any]:
+    """Each mixture posterior relabelled to the reference's labels (ppl_notes.relabel)."""
+    if ref is None:
+        return fits
+    out = {}
+    for label, posterior in fits.items():
+        out[label], done = (posterior, []) if label == ref else aligned_to(posterior, fits[ref])
+        if done:
+            warnings.warn(f"compare: {label!r} found the mixture with permuted labels; "
+                          f"relabelled to {ref!r}'s ({'; '.join(done)}; pivot relabelling, "
+                          "Stephens 2000)", DiagnosticWarning, stacklevel=3)
+    return out
 
 
 def _against(x: np.ndarray, reference: np.ndarray) -> dict[str, float]:

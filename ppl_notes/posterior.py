@@ -168,15 +168,23 @@ class Posterior:
         dataset = self.tree["history"].to_dataset()
         return dataset.to_dataframe()
 
-    def predict(self, num_draws: int = 500, seed: int = 0) -> xr.Dataset:
-        """Posterior predictive replicates of the observed data.
+    def predict(self, new_data=None, *, num_draws: int = 500, seed: int = 0) -> xr.Dataset:
+        """Predictions: replicates of the observed data, or every site on new data.
 
-        Added to the tree as ``posterior_predictive``; see
-        :func:`ppl_notes.predictive.posterior_predictive`.
+        Without ``new_data``: posterior predictive replicates of the observed data, added
+        to the tree as ``posterior_predictive``
+        (:func:`ppl_notes.predictive.posterior_predictive`). With ``new_data`` (new
+        covariates or units, observed values where known): draws of every site the story
+        makes there, added as ``predictions`` (:func:`ppl_notes.prediction.predict`);
+        works on a loaded result in a fresh process.
         """
-        from ppl_notes.predictive import posterior_predictive
+        if new_data is None:
+            from ppl_notes.predictive import posterior_predictive
 
-        return posterior_predictive(self, num_draws=num_draws, seed=seed)
+            return posterior_predictive(self, num_draws=num_draws, seed=seed)
+        from ppl_notes.prediction import predict
+
+        return predict(self, new_data, num_draws=num_draws, seed=seed)
 
     def diagnostics(self) -> dict[str, Any]:
         """R-hat, ESS, divergences, BFMI (MCMC); ELBO trend and k-hat (VI).
@@ -318,11 +326,13 @@ class Posterior:
                 "num_samples draws afresh from one fitted guide, and this fit has "
                 f"{len(self.info['restarts'])} restarts (each a guide of its own): call "
                 "without num_samples to use the stored draws of every restart")
-        if self.guide is None or self.model is None:
-            raise OptionError(
-                "num_samples needs the fit's guide in memory (a loaded posterior or an "
-                "autoguide fit has only its stored draws): call without num_samples")
         from ppl_notes.inference._draws import evaluate_draws, sample_guide
+        from ppl_notes.prediction import story_of
+        from ppl_notes.predictive import _data_of
+
+        model = story_of(self)
+        guide = self._guide_function(model)
+        data = self.data if self.data is not None else _data_of(self)
 
         params = self.tree["fitted_params"].to_dataset() if "fitted_params" in self.tree.children \
             else {}
@@ -331,11 +341,29 @@ class Posterior:
             pyro.clear_param_store()
             for name in params:
                 pyro.get_param_store()[name] = torch.as_tensor(params[name].values)
-            nesting = self.model.max_plate_nesting(self.data)
-            draws, log_q = sample_guide(self.guide, self.data, num_samples, nesting, seed)
+            nesting = model.max_plate_nesting(data)
+            draws, log_q = sample_guide(guide, data, num_samples, nesting, seed)
             draws = {k: v for k, v in draws.items() if k not in enumerated}
-            evaluation = evaluate_draws(self.model, self.data, draws, recover_discrete=False)
+            evaluation = evaluate_draws(model, data, draws, recover_discrete=False)
         return evaluation.log_joint, log_q
+
+    def _guide_function(self, model):
+        """The fit's guide: in memory, imported by reference, or an autoguide rebuilt."""
+        if self.guide is not None:
+            return self.guide
+        from ppl_notes.inference.svi import AUTOGUIDES
+
+        families = {name: family for family, name in AUTOGUIDES.values()}
+        name = str(self.tree.attrs.get("guide", ""))
+        if name not in families:
+            raise OptionError(
+                f"fresh draws need the fit's guide, and guide {name!r} could not be imported "
+                "(a guide defined in a script or notebook): move it into a module, or call "
+                "without num_samples to use the stored draws")
+        from ppl_notes._sites import unconstrained_value
+
+        return families[name](pyro.poutine.block(model, hide=self.discrete_sites),
+                              init_loc_fn=unconstrained_value)
 
     def log_evidence(self, how: str = "elbo", num_samples: int | None = None,
                      seed: int = 0) -> Estimate:
@@ -383,10 +411,13 @@ class Posterior:
         return path
 
 
-def load(path: str | os.PathLike) -> Posterior:
+def load(path: str | os.PathLike, model=None) -> Posterior:
     """Read a result written by :meth:`Posterior.save`.
 
-    The story is re-attached when it can be imported by the name stored in the file.
+    The story is re-attached when it can be imported by the ``module:attribute`` stored
+    in the file (or given as ``model``, for a story defined in a script or notebook),
+    and so is a guide function that can be imported; an autoguide is rebuilt from the
+    story when fresh draws are asked for.
     The file's content hash is checked: a damaged file is an error, never changed values.
 
     Raises
@@ -424,7 +455,8 @@ def load(path: str | os.PathLike) -> Posterior:
         if "sample_dims" in node.attrs:
             node.attrs["sample_dims"] = [str(d) for d in np.atleast_1d(node.attrs["sample_dims"])]
     del tree.attrs[DIGEST_ATTR]
-    return Posterior(tree, model=_import_story(tree.attrs.get("model_path")))
+    story = model if model is not None else _import_story(tree.attrs.get("model_path"))
+    return Posterior(tree, model=story, guide=_import_story(tree.attrs.get("guide_path")))
 
 
 def _import_story(reference: str | None):

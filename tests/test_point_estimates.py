@@ -65,6 +65,21 @@ def test_map_with_laplace_prior_is_lasso(diabetes):
     assert np.abs(fit.draws("weights")[0] - lasso).max() / np.abs(lasso).max() < 1e-4
 
 
+@pytest.mark.parametrize("weight_scale", [0.5, 0.05])
+def test_map_with_laplace_prior_reaches_the_lasso_with_exact_zeros(diabetes, weight_scale):
+    """tau = 0.5 zeroes two weights (L-BFGS alone stalled at 1e-2 there), tau = 0.05 four:
+    the zeros are exactly coordinate descent's, the other weights equal to 1e-6."""
+    x, y = diabetes
+    story = linear.configure(prior="laplace", weight_scale=weight_scale, noise_scale=1.0)
+    fit = infer(story, method="map", progress=False)
+    lasso = _lasso_coordinate_descent(x, y, 2 / weight_scale)
+    estimate = fit.draws("weights")[0]
+    assert (lasso == 0).sum() >= 2
+    np.testing.assert_array_equal(estimate == 0, lasso == 0)
+    assert fit.info["exact_zeros"] == int((lasso == 0).sum())
+    assert np.abs(estimate - lasso).max() / np.abs(lasso).max() < 1e-6
+
+
 def test_logistic_map_is_penalised_logistic_regression():
     data = load_breast_cancer()
     x, y = data["x"], data["y"]

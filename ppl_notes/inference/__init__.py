@@ -155,6 +155,9 @@ def infer(
         "method": run.method,
         "model": model.name,
         "model_path": _reference(model),
+        "model_module": str(getattr(model.fn, "__module__", "") or ""),
+        "guide_path": _reference(guide) if guide is not None and not isinstance(guide, str)
+        else "",
         "guide": run.info.get("guide") or getattr(guide, "name", None) or "",
         "sample_dims": json.dumps(list(run.sample_dims)),
         "options": json.dumps(run.options, sort_keys=True, default=str),
@@ -216,11 +219,12 @@ def _require_continuous_and_enumerable(model: Model, facts, method: str) -> None
         )
 
 
-def _reference(model: Model) -> str:
-    module = getattr(model.fn, "__module__", None)
+def _reference(thing) -> str:
+    """``module:attribute`` under which a story or guide can be imported, or ''."""
+    module = getattr(getattr(thing, "fn", thing), "__module__", None)
     target = sys.modules.get(module) if module and module != "__main__" else None
     if target is not None:
         for attribute, value in vars(target).items():
-            if value is model:
+            if value is thing:
                 return f"{module}:{attribute}"
     return ""

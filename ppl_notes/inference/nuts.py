@@ -34,7 +34,7 @@ from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
-from ppl_notes.errors import PartialResultWarning
+from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
 from ppl_notes.evaluation import facts_of
 from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._compile import compiler_available
@@ -52,6 +52,7 @@ from ppl_notes.inference._potential import (
     init_to_prior_median,
 )
 from ppl_notes.inference._result import RunResult
+from ppl_notes.relabel import align_chains, components_of
 
 OPTIONS = (
     positive_int("chains", 4, "independent chains"),
@@ -106,7 +107,13 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                                           potential.constrain(flat.reshape(chains * draws, -1)),
                                           recover_discrete=options["recover_discrete"],
                                           seed=seed + 1)
-    posterior = {n: _chains_first(v, chains, draws) for n, v in flat_draws.items()}
+    posterior = {n: _chains_first(v, chains, draws).copy() for n, v in flat_draws.items()}
+    components = components_of(facts_of(model, data))
+    relabelled = align_chains(posterior, components)
+    if relabelled:
+        warnings.warn(f"NUTS on {model.name!r}: the chains found the mixture with permuted "
+                      f"labels; relabelled to chain 0's ({'; '.join(relabelled)}; pivot "
+                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=4)
     log_likelihood = {k: _chains_first(v, chains, draws)
                       for k, v in evaluation.log_likelihood.items()}
     return RunResult(
@@ -121,7 +128,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "compiler": compiler_for(potential.path, resolve_compiler(options["compiler"]))
               if options["engine"] == "fast" else "none",
               "path": potential.path, "path_reason": potential.facts.path_reason,
-              "draws_kept": draws},
+              "draws_kept": draws, "components": components, "relabelled": relabelled},
         seconds=time.perf_counter() - started,
         partial=partial,
     )

@@ -20,16 +20,19 @@ is then drawn from its exact conditional posterior at the estimate.
 The result is a one-draw posterior; its objective at every function evaluation is the
 history.
 
-L-BFGS assumes a smooth density. A Laplace (lasso) prior is not differentiable at 0:
-where its mode puts some weights exactly at 0 the search stalls near the kink and every
-weight is only accurate to about 1e-2 (diabetes data, tau = 0.5); where no weight is 0
-it is as exact as for the ridge. A proximal or orthant-wise method (OWL-QN; Andrew & Gao
-2007) would be the fix.
+L-BFGS assumes a smooth density. A Laplace (lasso) prior is not differentiable at its
+location: where the mode puts some weights exactly there, L-BFGS alone stalls near the
+kink (every weight only accurate to about 1e-2 on the diabetes data at tau = 0.5). So a
+MAP of a story with Laplace sites on the real line continues from L-BFGS's point with
+:func:`exact_zeros`: proximal gradient steps find which weights sit at the kink, and an
+active-set search polishes the others (see there); the result has exact zeros, as
+coordinate descent's lasso does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -129,6 +132,10 @@ def _run(model, data, *, seed: int, progress: bool, options: dict[str, Any],
             else "Check the story's priors and data")
     flat, history, facts = maximise(objective, start, options["steps"], options["tolerance"],
                                     progress, label, hint)
+    kinks = laplace_coordinates(objective.sites) if priors else None
+    if kinks is not None:
+        flat, facts["exact_zeros"] = exact_zeros(objective, flat, *kinks,
+                                                 tolerance=options["tolerance"])
     return point_result(method, model, data, objective.sites, flat, history, facts, options,
                         seed, started)
 
@@ -183,3 +190,134 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool,
         return None
     values = objective.sites.constrain(flat.reshape(1, -1))
     return {name: torch.as_tensor(np.asarray(value)[0]) for name, value in values.items()}
+
+
+def laplace_coordinates(sites: BatchedPotential):
+    """``(index, loc, scale)`` of the flat coordinates with a Laplace prior on the real line.
+
+    None when the story has none. Such a site's unconstrained coordinate is its value, so
+    its prior's kink sits at ``loc`` in the search space.
+    """
+    from pyro.distributions import Laplace
+    from torch.distributions import Independent
+
+    index, locs, scales, start = [], [], [], 0
+    for name, size in zip(sites.names, sites.sizes, strict=True):
+        fn = sites.facts.trace.nodes[name]["fn"]
+        while isinstance(fn, Independent) or hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if isinstance(fn, Laplace) and fn.support is torch.distributions.constraints.real:
+            shape = sites.shapes[name]
+            index.append(torch.arange(start, start + size))
+            locs.append(fn.loc.detach().double().expand(shape).reshape(-1))
+            scales.append(fn.scale.detach().double().expand(shape).reshape(-1))
+        start += size
+    if not index:
+        return None
+    return torch.cat(index), torch.cat(locs), torch.cat(scales)
+
+
+def exact_zeros(objective: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor,
+                index: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                tolerance: float = 1e-9, rounds: int = 30) -> tuple[torch.Tensor, int]:
+    r"""The exact minimiser of a negative log density with Laplace terms, zeros included.
+
+    Write the objective as :math:`f(\theta) = g(\theta) + \sum_i |\theta_i - m_i| / b_i`
+    over the Laplace coordinates :math:`i` (``index``, with locations ``loc`` and
+    scales ``scale``), :math:`g` smooth. Two stages:
+
+    1. proximal gradient with backtracking (Beck & Teboulle 2009, FISTA): a gradient step
+       on :math:`g`, then soft thresholding towards :math:`m_i`, which sets coordinates
+       exactly to their kink; this finds which coordinates sit there;
+    2. an active set: with those coordinates held at :math:`m_i` and the others' signs
+       fixed, :math:`f` is smooth, and L-BFGS minimises it; a coordinate that crosses its
+       kink is put at it, and one at its kink whose optimality condition
+       :math:`|\partial_i g| \le 1/b_i` fails is released, until neither happens --
+       the subgradient optimality conditions of the lasso (Tibshirani 1996), as
+       coordinate descent reaches them.
+
+    Returns the minimiser and the number of coordinates exactly at their kink.
+    """
+    weight = 1.0 / scale
+
+    def smooth(point: torch.Tensor) -> torch.Tensor:
+        return objective(point) - (weight * (point[index] - loc).abs()).sum()
+
+    def value_and_grad(point: torch.Tensor):
+        point = point.detach().requires_grad_(True)
+        value = smooth(point)
+        (grad,) = torch.autograd.grad(value, point)
+        return value.detach(), grad
+
+    def prox(point: torch.Tensor, step: float) -> torch.Tensor:
+        out = point.clone()
+        shifted = point[index] - loc
+        out[index] = loc + torch.sign(shifted) * (shifted.abs() - step * weight).clamp(min=0)
+        return out
+
+    def total(point: torch.Tensor) -> float:
+        return float(smooth(point) + (weight * (point[index] - loc).abs()).sum())
+
+    # 1. FISTA
+    point, previous, momentum, step = flat.clone(), flat.clone(), 1.0, 1.0
+    with torch.no_grad():
+        current = total(point)
+    for _ in range(2000):
+        value, grad = value_and_grad(point)
+        while True:
+            candidate = prox(point - step * grad, step)
+            difference = candidate - point
+            bound = value + grad @ difference + (difference @ difference) / (2 * step)
+            with torch.no_grad():
+                if float(smooth(candidate)) <= float(bound) + 1e-12:
+                    break
+            step *= 0.5
+        with torch.no_grad():
+            new = total(candidate)
+        next_momentum = (1 + math.sqrt(1 + 4 * momentum**2)) / 2
+        extrapolated = candidate + (momentum - 1) / next_momentum * (candidate - previous)
+        previous, momentum = candidate, next_momentum
+        point = extrapolated if new <= current else candidate  # restart on an increase
+        if new > current:
+            momentum = 1.0
+        if abs(current - new) <= 1e-13 * max(1.0, abs(new)):
+            point = candidate
+            break
+        current = new
+    point = previous.clone()
+    # 2. active set
+    at_kink = (point[index] - loc).abs() <= 1e-12
+    for _ in range(rounds):
+        free = torch.ones_like(point, dtype=torch.bool)
+        free[index[at_kink]] = False
+        signs = torch.sign(point[index] - loc)
+        base = point.clone()
+        base[index[at_kink]] = loc[at_kink]
+
+        def restricted(sub: torch.Tensor, base=base, free=free, signs=signs) -> torch.Tensor:
+            full = base.clone()
+            full[free] = sub
+            return smooth(full) + (weight * signs * (full[index] - loc)).sum()
+
+        sub, _, _ = maximise(restricted, base[free], 500, tolerance, False, "MAP start")
+        candidate = base.clone()
+        candidate[free] = sub
+        crossed = (~at_kink) & (torch.sign(candidate[index] - loc) != signs)
+        if crossed.any():
+            # move only as far as the first kink along the way: put the crossers there
+            point = base
+            point[index[crossed]] = loc[crossed]
+            at_kink = at_kink | crossed
+            continue
+        point = candidate
+        _, grad = value_and_grad(point)
+        violated = at_kink & (grad[index].abs() > weight * (1 + 1e-9))
+        if not violated.any():
+            break
+        at_kink = at_kink & ~violated
+        # released coordinates move off the kink against their gradient
+        nudge = -torch.sign(grad[index[violated]]) * 1e-8
+        point[index[violated]] = loc[violated] + nudge
+    point = point.detach()
+    point[index[at_kink]] = loc[at_kink]
+    return point, int(at_kink.sum())

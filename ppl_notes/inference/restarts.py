@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ppl_notes.errors import PartialResultWarning
+from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
 from ppl_notes.inference._result import RunResult
+from ppl_notes.relabel import align_chains, components_of
 
 __all__ = ["run_restarts", "restart_seed", "modes_of", "MODE_SEPARATION"]
 
@@ -107,7 +108,10 @@ def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
         warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back, {cut} of "
                       "them stopped early with the guide they had (partial=True)",
                       PartialResultWarning, stacklevel=4)
-    combined = stack_restarts(done, sorted(results), options)
+    from ppl_notes.evaluation import facts_of
+
+    combined = stack_restarts(done, sorted(results), options,
+                              components_of(facts_of(model, data)), model.name)
     combined.partial = combined.partial or interrupted or len(done) < count
     combined.seconds = time.perf_counter() - started
     return combined
@@ -167,9 +171,13 @@ def _on_cluster(job: bytes, count: int, keep, scheduler, story: str) -> None:
                 stop.set()  # each restart returns the guide it has; a second Ctrl-C gives up
 
 
-def stack_restarts(results: list[RunResult], restarts: list[int],
-                   options: dict[str, Any]) -> RunResult:
-    """The restarts' runs as one run with sample dims ``(chain, draw)``."""
+def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[str, Any],
+                   components: dict | None = None, story: str = "") -> RunResult:
+    """The restarts' runs as one run with sample dims ``(chain, draw)``.
+
+    Restarts that found a mixture (``components``, :func:`ppl_notes.relabel.components_of`)
+    with permuted labels are relabelled to restart 0's first, with a warning.
+    """
     def stacked(key: str) -> dict[str, np.ndarray]:
         first = getattr(results[0], key)
         return {name: np.stack([getattr(r, key)[name] for r in results]) for name in first}
@@ -192,7 +200,13 @@ def stack_restarts(results: list[RunResult], restarts: list[int],
                     "stopped": result.info.get("stopped"), "partial": result.partial}
                    for r, result in zip(restarts, results, strict=True)]
     posterior = stacked("posterior")
+    relabelled = align_chains(posterior, components)
+    if relabelled:
+        warnings.warn(f"SVI restarts on {story!r} found the mixture with permuted labels; "
+                      f"relabelled to restart 0's ({'; '.join(relabelled)}; pivot "
+                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=5)
     info.update(restarts=per_restart, modes=modes_of(posterior, per_restart),
+                components=components, relabelled=relabelled,
                 final_elbo=float(np.nanmean([p["final_elbo"] for p in per_restart])),
                 steps_done=int(sum(p["steps_done"] or 0 for p in per_restart)))
     return RunResult(

@@ -69,6 +69,7 @@ from ppl_notes.inference._options import (
 from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.convergence import ConvergenceMonitor
+from ppl_notes.relabel import components_of
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +279,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "estimator": options["estimator"], "steps_done": len(history),
               "stopped": history.attrs.get("stopped", "steps"),
               "path": facts.path, "particles_vectorized": vectorize,
+              "components": components_of(facts),
               "flat_direction": flat_direction(model, data, facts, values,
                                                choose_path(model, data, facts)),
               "distributed": None if parallel is None else {

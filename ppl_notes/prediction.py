@@ -1,0 +1,167 @@
+r"""Predictions for new data from a fitted (or saved and loaded) posterior.
+
+For new covariates or new units :math:`\tilde x`, each posterior draw :math:`\theta_s` of
+the story's *global* sites (those outside every plate that holds an observed site) is
+held fixed and the story is run on :math:`\tilde x`:
+
+* an observed site given no value is drawn from :math:`p(\tilde y \mid \theta_s, \tilde
+  x)`: the posterior predictive;
+* a discrete per-unit site (a person's gender) whose unit has an observed value is drawn
+  from its exact conditional :math:`p(\tilde z \mid \tilde y, \theta_s)` (Pyro's
+  ``infer_discrete``): the notes' "someone is 180 cm: how likely male?";
+* any other per-unit site is drawn from its prior given :math:`\theta_s` (a new unit's
+  random effect; observations of it are not used for continuous sites).
+
+The story comes with the posterior: in memory, or imported by the ``module:attribute``
+reference :func:`ppl_notes.load` reads from the file, so a saved result predicts in a
+fresh process without its training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+import torch
+import xarray as xr
+
+from ppl_notes._sites import is_enumerable, sample_sites
+from ppl_notes.errors import DataError, OptionError, StoryError
+
+__all__ = ["predict"]
+
+
+def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
+            seed: int = 0) -> xr.Dataset:
+    """Draws of every site of the story on ``new_data`` (module docstring).
+
+    Parameters
+    ----------
+    posterior : Posterior
+        A fitted or loaded posterior whose story is available.
+    new_data : dict or pandas.DataFrame
+        Keyword arguments of the story: new covariates, and observed values where known
+        (leave an observed argument out to predict it).
+    num_draws : int
+        At most this many posterior draws are used (thinned evenly, chains alike).
+    seed : int
+        Seeds the predictive draws: the same seed gives the same predictions, in this
+        session or after :func:`ppl_notes.load`.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per predicted site, with the posterior's sample dims; also stored
+        in ``posterior.tree`` as the ``predictions`` group (ArviZ's name for it).
+    """
+    from arviz_base import dict_to_dataset
+
+    from ppl_notes._dtype import run_dtype
+    from ppl_notes.arviz_io import infer_dims
+    from ppl_notes.predictive import _thinned_indices
+
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+        raise OptionError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    model = story_of(posterior)
+    data = _new_data(model, new_data)
+    index, shape = _thinned_indices(posterior, num_draws)
+    with run_dtype(model.dtype):
+        first = _trace(model, data, {}, seed)
+        fixed = _global_sites(first, posterior, set(model.observed))
+        sites = sample_sites(first)
+        given = [n for n, s in sites.items() if s["is_observed"]]
+        draws = {name: posterior.draws(name)[index] for name in fixed}
+        local_discrete = [n for n, s in sites.items()
+                          if not s["is_observed"] and n not in fixed and is_enumerable(s["fn"])]
+        nesting = max((len(s["cond_indep_stack"]) for s in sites.values()), default=0)
+        rows: dict[str, list[np.ndarray]] = {}
+        with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
+            for row in range(len(index)):
+                values = {n: torch.as_tensor(draws[n][row], dtype=_dtype(model, draws[n]))
+                          for n in fixed}
+                story = poutine.condition(model, data=values)
+                if local_discrete and given:
+                    from pyro.infer import config_enumerate, infer_discrete
+
+                    story = infer_discrete(config_enumerate(story, "parallel"),
+                                           first_available_dim=-(nesting + 1), temperature=1)
+                trace = poutine.trace(story).get_trace(**data)
+                for name, site in sample_sites(trace).items():
+                    if name not in fixed and not site["is_observed"]:
+                        value = site["value"].detach().cpu()
+                        if name in sites and value.numel() == sites[name]["value"].numel():
+                            # infer_discrete drops a plate of size 1 from its draws
+                            value = value.reshape(sites[name]["value"].shape)
+                        rows.setdefault(name, []).append(value.numpy())
+    if not rows:
+        raise OptionError(f"story {model.name!r} has nothing to predict on these data: every "
+                          "site is either a global parameter or given")
+    arrays = {name: np.stack(values).reshape(shape + values[0].shape)
+              for name, values in rows.items()}
+    dims = {k: v for k, v in infer_dims(model, data).items() if k in arrays}
+    result = dict_to_dataset(arrays, dims=dims, sample_dims=list(posterior.sample_dims),
+                             inference_library=None, check_conventions=False)
+    posterior.tree["predictions"] = xr.DataTree(result)
+    return result
+
+
+def story_of(posterior):
+    """The posterior's story, or an error that says how to make it importable."""
+    if posterior.model is not None:
+        return posterior.model
+    attrs = posterior.tree.attrs
+    name = attrs.get("model", "?")
+    if attrs.get("model_module") == "__main__" or not attrs.get("model_path"):
+        raise StoryError(
+            f"story {name!r} was defined in __main__ (a script or a notebook), so the saved "
+            "result cannot name it. Move the story into a module (e.g. stories.py), import "
+            "it from there and fit again; or attach it when loading: "
+            f"ppl_notes.load(path, model={name})")
+    raise StoryError(f"story {name!r} could not be imported from {attrs['model_path']!r}; "
+                     "install or put on sys.path the module that defines it, or pass "
+                     "ppl_notes.load(path, model=...)")
+
+
+def _new_data(model, new_data) -> dict[str, Any]:
+    if isinstance(new_data, pd.DataFrame):
+        new_data = {column: new_data[column].to_numpy() for column in new_data.columns}
+    if not isinstance(new_data, Mapping):
+        raise DataError(f"predict: new_data must be a dict or a pandas DataFrame, not "
+                        f"{type(new_data).__name__}")
+    data = {}
+    for key, value in new_data.items():
+        if key not in model.parameters:
+            raise DataError(f"predict: story {model.name!r} has no argument {key!r}; its "
+                            f"keyword arguments are {list(model.parameters)}")
+        data[key] = model._to_tensor(key, value)
+    for argument in model.observed_arguments.values():
+        if argument:
+            data.setdefault(argument, None)
+    return data
+
+
+def _trace(model, data, values, seed):
+    with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
+        return poutine.trace(poutine.condition(model, data=values)).get_trace(**data)
+
+
+def _global_sites(trace, posterior, observed: set[str]) -> list[str]:
+    """Posterior sites outside every plate that holds an observed site.
+
+    The data's plates count whether or not their observed site is given a value here.
+    """
+    sites = sample_sites(trace)
+    data_plates = {frame.name for name, site in sites.items() if name in observed
+                   for frame in site["cond_indep_stack"]}
+    stored = set(posterior.tree["posterior"].data_vars)
+    return [name for name, site in sites.items()
+            if not site["is_observed"] and name in stored
+            and not {f.name for f in site["cond_indep_stack"]} & data_plates]
+
+
+def _dtype(model, values: np.ndarray):
+    return model.dtype if np.issubdtype(values.dtype, np.floating) else torch.long
