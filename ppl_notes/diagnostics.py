@@ -173,6 +173,16 @@ def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, floa
     return weights / weights.sum(), float(khat)
 
 
+def importance_ess_share(log_p: np.ndarray, log_q: np.ndarray) -> float:
+    r"""The effective sample size of the raw weights :math:`p/q`, as a share of the draws.
+
+    :math:`(\sum w)^2 / (S \sum w^2)` (Kong 1992): 1 when q is p up to a constant.
+    """
+    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    weights = np.exp(log_ratio - log_ratio.max())
+    return float(weights.sum() ** 2 / (len(weights) * (weights**2).sum()))
+
+
 def diagnostics(posterior) -> dict[str, Any]:
     """The numbers behind the checks, for one posterior (``nan`` where a check does not apply).
 
@@ -197,7 +207,12 @@ def diagnostics(posterior) -> dict[str, Any]:
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
     if posterior.is_variational and posterior.num_draws > 1:
         stats_ = posterior.tree["sample_stats"]
-        numbers["khat"] = importance_khat(stats_["log_p"].values, stats_["log_q"].values)
+        log_p, log_q = stats_["log_p"].values, stats_["log_q"].values
+        pairs = list(zip(log_p, log_q, strict=True)) if posterior.has_chains else [(log_p,
+                                                                                   log_q)]
+        # restarts: each its own q (pooling p/q_r would mix their normalising constants)
+        numbers["khat"] = max(importance_khat(p, q) for p, q in pairs)
+        numbers["importance_ess_share"] = min(importance_ess_share(p, q) for p, q in pairs)
     if "converged" in posterior.info:
         numbers["converged"] = bool(posterior.info["converged"])
     return numbers

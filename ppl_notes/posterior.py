@@ -266,8 +266,9 @@ class Posterior:
         :math:`w_s \propto p(x, z_s)/q(z_s)` (:func:`ppl_notes.diagnostics.psis_weights`;
         Vehtari et al. 2024), and ``num_draws`` draws (default: as many as there are) are
         resampled with those weights (systematic resampling), so that summaries, plots
-        and ``compare`` use them as they are. ``info["psis"]`` holds :math:`\hat k`
-        (trust the result only below 0.7, Yao et al. 2018) and the weights' effective
+        and ``compare`` use them as they are; restarts are reweighted each by its own q
+        and kept in equal shares. ``info["psis"]`` holds :math:`\hat k` (the largest
+        over restarts; trust the result only below 0.7, Yao et al. 2018) and the weights' effective
         sample size :math:`1/\sum_s w_s^2`, which bounds what the resampled draws hold.
         """
         from ppl_notes.diagnostics import psis_weights
@@ -276,7 +277,13 @@ class Posterior:
             raise OptionError("importance_resampled reweights draws of a fitted q by p/q; "
                               f"this posterior is from {self.method!r}, without log q")
         stats = self.tree["sample_stats"]
-        weights, khat = psis_weights(stats["log_p"].values, stats["log_q"].values)
+        log_p, log_q = stats["log_p"].values, stats["log_q"].values
+        if self.has_chains:  # restarts: each reweighted by its own p/q, then equal shares
+            pieces = [psis_weights(p, q) for p, q in zip(log_p, log_q, strict=True)]
+            weights = np.concatenate([w for w, _ in pieces]) / len(pieces)
+            khat = max(k for _, k in pieces)
+        else:
+            weights, khat = psis_weights(log_p, log_q)
         size = self.num_draws if num_draws is None else int(num_draws)
         rng = np.random.default_rng(seed)
         points = (rng.random() + np.arange(size)) / size

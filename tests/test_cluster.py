@@ -35,6 +35,18 @@ def test_nuts_on_the_conjugate_normal_mean_is_calibrated_on_the_cluster(cluster,
     assert result.to_arviz()["prior_sbc"]["pit"].shape == (100, 1)
 
 
+def test_a_deliberately_wrong_fit_is_flagged_on_the_cluster(cluster):
+    """Mean-field SVI on a Gaussian with correlation 0.9: q's sds are sqrt(1 - 0.81) of
+    the truth's, so the truth ranks in q's tails and SBC must say so."""
+    from ppl_notes.models.correlated import gaussian
+
+    result = calibrate(gaussian, "svi", replicates=30, scheduler=cluster.address,
+                       store=False, progress=False, steps=1000, num_draws=400)
+    assert not result.calibrated, result
+    pit = result.ranks["pit"].values
+    assert ((pit < 0.1) | (pit > 0.9)).mean() > 0.4
+
+
 def test_chains_on_the_cluster_equal_local_chains_with_the_same_seed(cluster):
     options = dict(method="nuts", chains=3, seed=7, progress=False, **QUICK_NUTS)
     remote = infer(normal_mean, scheduler=cluster.address, **options)

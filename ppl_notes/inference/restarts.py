@@ -197,7 +197,8 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
     info.pop("restart", None)
     per_restart = [{"restart": r, "final_elbo": result.info.get("final_elbo"),
                     "steps_done": result.info.get("steps_done"),
-                    "stopped": result.info.get("stopped"), "partial": result.partial}
+                    "stopped": result.info.get("stopped"),
+                    "elbo_settled": result.info.get("elbo_settled"), "partial": result.partial}
                    for r, result in zip(restarts, results, strict=True)]
     posterior = stacked("posterior")
     relabelled = align_chains(posterior, components)

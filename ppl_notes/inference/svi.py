@@ -68,7 +68,11 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
-from ppl_notes.inference.convergence import ConvergenceMonitor
+from ppl_notes.inference.convergence import (
+    ConvergenceMonitor,
+    convergence_window,
+    elbo_settled,
+)
 from ppl_notes.relabel import components_of
 
 logger = logging.getLogger(__name__)
@@ -278,6 +282,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
               "estimator": options["estimator"], "steps_done": len(history),
               "stopped": history.attrs.get("stopped", "steps"),
+              "elbo_settled": bool(elbo_settled(history["elbo"].to_numpy(),
+                                                convergence_window(options["steps"]),
+                                                options["tolerance"])),
               "path": facts.path, "particles_vectorized": vectorize,
               "components": components_of(facts),
               "flat_direction": flat_direction(model, data, facts, values,
@@ -422,7 +429,8 @@ class _Loop:
         """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
-        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate)
+        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate,
+                                      floor=0.1 * self.options["learning_rate"])
                    if self.options["stop"] == "converged" and iterate is not None else None)
         with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
               warnings.catch_warnings()):
