@@ -43,8 +43,11 @@ def test_a_deliberately_wrong_fit_is_flagged_on_the_cluster(cluster):
     result = calibrate(gaussian, "svi", replicates=30, scheduler=cluster.address,
                        store=False, progress=False, steps=1000, num_draws=400)
     assert not result.calibrated, result
+    # under-dispersed q: PIT values pile up near 0 and 1 (a U shape), yet symmetric,
+    # which VSBC's symmetry test sees (Yao et al. 2018)
     pit = result.ranks["pit"].values
     assert ((pit < 0.1) | (pit > 0.9)).mean() > 0.4
+    assert (result.vsbc_pvalues > 0.01).all()
 
 
 def test_chains_on_the_cluster_equal_local_chains_with_the_same_seed(cluster):

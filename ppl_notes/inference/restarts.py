@@ -86,7 +86,7 @@ def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
     try:
         if options["scheduler"] is not None:
             _on_cluster(job, count, keep, options["scheduler"], model.name)
-        elif (options["processes"] or count) == 1 or count == 1:
+        elif count == 1 or options["processes"] == 1:
             for restart in range(count):
                 keep(_one_restart(job, restart, progress=progress))
                 if results[restart].partial:  # Ctrl-C reached this restart's loop
