@@ -139,14 +139,8 @@ def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
     read it as a diagnostic of the approximation itself. ``nan`` with too few draws to
     fit a tail (fewer than about 30).
     """
-    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    # ArviZ's psislw takes log-likelihood-like input and smooths its negation (the LOO
-    # ratios are 1/p(y_i | theta)): hand it -log(p/q) so that it fits the tail of p/q.
-    import arviz_stats  # noqa: F401 - registers the .azstats accessor (loaded on first use)
-
-    array = xr.DataArray(-log_ratio, dims=["sample"])
     try:
-        return float(array.azstats.psislw(dim="sample")[1])
+        return psis_weights(log_p, log_q)[1]
     except ValueError:  # too few draws for a tail fit (ArviZ needs >= 5 in the tail)
         return float("nan")
 
@@ -164,9 +158,11 @@ def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, floa
         Normalised weights (summing to 1), one per draw, and the tail's shape estimate.
     """
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    import arviz_stats  # noqa: F401 - registers the .azstats accessor
+    # ArviZ's psislw takes log-likelihood-like input and smooths its negation (the LOO
+    # ratios are 1/p(y_i | theta)): hand it -log(p/q) so that it fits the tail of p/q.
+    import arviz_stats  # noqa: F401 - registers the .azstats accessor (loaded on first use)
 
-    array = xr.DataArray(-log_ratio, dims=["sample"])  # see importance_khat
+    array = xr.DataArray(-log_ratio, dims=["sample"])
     log_weights, khat = array.azstats.psislw(dim=["sample"])
     log_weights = np.asarray(log_weights.values, dtype=float)
     weights = np.exp(log_weights - log_weights.max())

@@ -62,7 +62,7 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
 
     from ppl_notes._dtype import run_dtype
     from ppl_notes.arviz_io import infer_dims
-    from ppl_notes.predictive import _thinned_indices
+    from ppl_notes.predictive import _dtype, _thinned_indices
 
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
         raise OptionError(f"num_draws must be an integer >= 1, got {num_draws!r}")
@@ -162,6 +162,3 @@ def _global_sites(trace, posterior, observed: set[str]) -> list[str]:
             if not site["is_observed"] and name in stored
             and not {f.name for f in site["cond_indep_stack"]} & data_plates]
 
-
-def _dtype(model, values: np.ndarray):
-    return model.dtype if np.issubdtype(values.dtype, np.floating) else torch.long

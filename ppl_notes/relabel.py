@@ -92,24 +92,14 @@ def permutation_to(means: np.ndarray, pivot: np.ndarray, scale: np.ndarray) -> t
 
 
 def apply_permutation(posterior: dict[str, np.ndarray], components: dict,
-                      order: tuple[int, ...], chain: int | None) -> None:
-    """Relabel in place: chain ``chain`` (or every draw when None) takes ``order``."""
+                      order: tuple[int, ...], chain: int) -> None:
+    """Relabel chain ``chain`` in place with ``order``; the assignments are mapped along."""
     inverse = np.argsort(order)
     for name, axis in components["sites"].items():
-        values = posterior[name]
-        lead = 2 if chain is not None else 1
-        selected = values[chain] if chain is not None else values
-        taken = np.take(selected, list(order), axis=lead - 1 + axis)
-        if chain is not None:
-            values[chain] = taken
-        else:
-            posterior[name] = taken
+        posterior[name][chain] = np.take(posterior[name][chain], list(order), axis=1 + axis)
     for name in components["discrete"]:
         if name in posterior:
-            if chain is not None:
-                posterior[name][chain] = inverse[posterior[name][chain]]
-            else:
-                posterior[name] = inverse[posterior[name]]
+            posterior[name][chain] = inverse[posterior[name][chain]]
 
 
 def align_chains(posterior: dict[str, np.ndarray], components: dict | None) -> list[str]:
