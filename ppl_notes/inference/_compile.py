@@ -48,8 +48,26 @@ def capture(function: Callable, *example_inputs: torch.Tensor, compile: bool = T
 
 def _inductor_compile(graph, example_inputs):
     import torch._inductor
+    import torch._inductor.config as inductor_config
 
-    return torch._inductor.compile(graph, example_inputs)
+    with inductor_config.patch(_vector_isa_settings(inductor_config)):
+        return torch._inductor.compile(graph, example_inputs)
+
+
+def _vector_isa_settings(inductor_config) -> dict:
+    """Trust the CPU's flags for the vector instruction set instead of test builds.
+
+    Before its first kernel, inductor compiles and loads a probe program for each vector
+    instruction set that ``/proc/cpuinfo`` lists (AVX-512, AVX2, ...) to learn whether the
+    C++ compiler supports it: each probe includes ATen's vector headers, and on an empty
+    cache they took 5 of the 11 s that eight schools' potential took to compile here
+    (measured: 10.9 s against 5.9 s), and about 0.5 s of every later process. Every GCC
+    since 4.9 and Clang since 3.9 supports the sets a CPU reports, so the probes only
+    confirm what the flags say. A user's ``TORCHINDUCTOR_VEC_ISA_OK`` still decides.
+    """
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is not None:
+        return {}
+    return {"cpp.vec_isa_ok": True}
 
 
 @contextlib.contextmanager
