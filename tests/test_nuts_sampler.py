@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ppl_notes.inference.nuts_sampler import WarmupSchedule, sample_chain
+from ppl_notes.inference.nuts_sampler import WarmupSchedule, sample_chain, spd_mean
 
 COVARIANCE = np.array([[1.0, 0.9 * 3.0], [0.9 * 3.0, 9.0]])
 PRECISION = np.linalg.inv(COVARIANCE)
@@ -13,12 +13,14 @@ def gaussian(q):
     return 0.5 * q @ PRECISION @ q, PRECISION @ q
 
 
-@pytest.mark.parametrize("metric", ["diag", "fisher", "dense"])
+ADAPTATION = {"diag": "welford", "dense": "welford", "fisher": "fisher", "lowrank": "lowrank"}
+
+
+@pytest.mark.parametrize("metric", ["diag", "fisher", "dense", "lowrank"])
 def test_moments_of_a_correlated_gaussian(metric):
     dense = metric == "dense"
     result = sample_chain(gaussian, np.array([2.0, -2.0]), num_warmup=1000, num_draws=6000,
-                          seed=7, dense_mass=dense,
-                          adaptation="fisher" if metric == "fisher" else "welford")
+                          seed=7, dense_mass=dense, adaptation=ADAPTATION[metric])
     draws = result.positions
     # Tolerances: 5 standard errors with an effective sample size of at least 1000.
     standard_error = np.sqrt(np.diag(COVARIANCE) / 1000)
@@ -26,8 +28,8 @@ def test_moments_of_a_correlated_gaussian(metric):
     assert np.allclose(draws.std(0), np.sqrt(np.diag(COVARIANCE)), rtol=5 / np.sqrt(2 * 1000))
     assert abs(np.corrcoef(draws.T)[0, 1] - 0.9) < 0.03
     assert not result.diverging.any()
-    if dense:
-        # a dense metric makes the target isotropic: short trajectories
+    if metric in ("dense", "lowrank"):
+        # the metric takes out the correlation: short trajectories
         assert result.num_steps.mean() < 6
 
 
@@ -39,8 +41,10 @@ def test_divergences_are_flagged_in_a_funnel():
                                x * np.exp(-v)])
         return value, grad
 
-    result = sample_chain(funnel, np.zeros(10), num_warmup=300, num_draws=500, seed=1)
-    assert result.diverging.any()
+    # The neck is entered at random: over four short chains some trajectories diverge.
+    divergences = [sample_chain(funnel, np.zeros(10), num_warmup=300, num_draws=500,
+                                seed=seed).diverging.sum() for seed in range(1, 5)]
+    assert sum(divergences) > 0
 
 
 def test_warmup_windows_follow_stan():
@@ -68,3 +72,45 @@ def test_the_adapted_diagonal_is_the_variance_of_a_gaussian(adaptation):
                           seed=3, adaptation=adaptation)
     tolerance = 1e-8 if adaptation == "fisher" else 0.3
     np.testing.assert_allclose(result.inv_mass, SCALES**2, rtol=tolerance)
+
+
+def test_the_spd_mean_solves_its_equation():
+    """spd_mean(a, b) is the SPD solution of S b S = a; for diagonals it is sqrt(a / b)."""
+    np.testing.assert_allclose(spd_mean(np.diag([1.0, 4.0, 8.0]), np.diag([1.0, 1.0, 0.5])),
+                               np.diag([1.0, 2.0, 4.0]), atol=1e-12)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 5, 5))
+    a, b = x @ x.T + np.eye(5), y @ y.T + np.eye(5)
+    mean = spd_mean(a, b)
+    np.testing.assert_allclose(mean @ b @ mean, a, rtol=1e-8, atol=1e-8)
+    assert np.all(np.linalg.eigvalsh(mean) > 0)
+
+
+def _nearly_singular(rho: float, scales: np.ndarray):
+    """N(0, S R S) in ``scales.size`` dims; coordinates 0 and 1 correlated at ``rho``."""
+    correlation = np.eye(scales.size)
+    correlation[0, 1] = correlation[1, 0] = rho
+    covariance = scales[:, None] * correlation * scales[None, :]
+    precision = np.linalg.inv(covariance)
+    return covariance, (lambda q: (0.5 * q @ precision @ q, precision @ q))
+
+
+def test_the_low_rank_metric_takes_out_a_near_singular_correlation():
+    """kilpisjarvi's shape: correlation 0.9999 on scales from 0.01 to 100. A diagonal
+    metric leaves a condition number of 2e4 (trajectories of ~100 steps); nutpie's
+    low-rank correction finds the thin direction from the gradients and the trajectories
+    stay short, with the right moments (tolerances: 5 standard errors at ESS >= 1000)."""
+    scales = np.array([0.01, 1.0, 100.0, 3.0])
+    covariance, potential = _nearly_singular(0.9999, scales)
+    start = np.ones(scales.size)
+    options = {"num_warmup": 1000, "num_draws": 4000, "seed": 11}
+    low_rank = sample_chain(potential, start, adaptation="lowrank", **options)
+    diagonal = sample_chain(potential, start, adaptation="fisher", **options)
+    assert low_rank.num_steps.mean() < 10 < 50 < diagonal.num_steps.mean()
+    draws, sds = low_rank.positions, np.sqrt(np.diag(covariance))
+    assert np.all(np.abs(draws.mean(0)) < 5 * sds / np.sqrt(1000))
+    np.testing.assert_allclose(draws.std(0), sds, rtol=5 / np.sqrt(2 * 1000))
+    assert abs(np.corrcoef(draws[:, :2].T)[0, 1] - 0.9999) < 1e-4
+    # the adapted inverse metric carries the correlation
+    inverse = low_rank.inv_mass
+    assert inverse[0, 1] / np.sqrt(inverse[0, 0] * inverse[1, 1]) > 0.99

@@ -75,9 +75,11 @@ OPTIONS = (
            "(torch.compile; seconds to build, then fastest), 'torchscript', 'none', or 'auto' "
            "(inductor where a C++ compiler exists)", ("auto", "inductor", "torchscript", "none")),
     choice("mass_matrix", "diag", "the adapted metric: 'diag' (Stan's default: the draws' "
-           "variance), 'fisher' (a diagonal from draws and gradients, nutpie's) or 'dense' "
-           "(the full posterior covariance: fewer steps on correlated posteriors, but a noisy "
-           "estimate on heavy-tailed ones)", ("diag", "fisher", "dense")),
+           "variance), 'fisher' (a diagonal from draws and gradients, nutpie's), 'lowrank' "
+           "(that diagonal plus a low-rank correction for the strongest correlations, "
+           "nutpie's low_rank) or 'dense' (the full posterior covariance: fewer steps on "
+           "correlated posteriors, but a noisy estimate on heavy-tailed ones)",
+           ("diag", "fisher", "lowrank", "dense")),
     Option("recover_discrete", (bool,), True, "draw enumerated discrete sites for each draw"),
     scheduler_option("the chains run: None (this machine), or a Dask scheduler's address "
                      "'tcp://host:port' or a distributed.Client (each chain a task on its "
@@ -150,7 +152,7 @@ def _run_fast(model, data, seed, progress, options):
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
         scheduler=options["scheduler"],
-        adaptation="fisher" if options["mass_matrix"] == "fisher" else "welford",
+        adaptation=_ADAPTATION[options["mass_matrix"]],
     )
     flats = [r.positions for r in results]
     stats = {
@@ -168,6 +170,10 @@ def _run_fast(model, data, seed, progress, options):
         flat, stats = np.stack(flats), {k: np.stack(v) for k, v in stats.items()}
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
     return flat, stats, potential
+
+
+#: The sampler's estimator for each ``mass_matrix`` option.
+_ADAPTATION = {"diag": "welford", "dense": "welford", "fisher": "fisher", "lowrank": "lowrank"}
 
 
 def _common_length(flats: list[np.ndarray], stats: dict[str, list[np.ndarray]],

@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ppl_notes.inference._trajectory import (
+    NativeTransitions,
+    SplitMix64,
+    TransitionRequest,
+    library,
+)
+
 MAX_ENERGY_ERROR = 1000.0
 
 Potential = Callable[[np.ndarray], tuple[float, np.ndarray]]
@@ -115,6 +122,47 @@ class Metric:
         return self._chol_mass @ z if self.dense else self._sqrt_mass * z
 
 
+class LowRankMetric:
+    r"""A diagonal metric with a low-rank correction (nutpie's ``low_rank`` mass matrix).
+
+    The inverse mass matrix is :math:`S (I + U(\Lambda - I)U^\top) S`: ``stds`` on the
+    diagonal of :math:`S`, and in the scaled space the orthonormal columns of :math:`U`
+    (``vectors``, ``dim x k``) with their eigenvalues :math:`\Lambda` (``values``); every
+    other direction keeps variance 1. Its cost per leapfrog is :math:`O(dk)`, against
+    :math:`O(d^2)` for a dense metric.
+    """
+
+    dense = False
+
+    def __init__(self, stds: np.ndarray, vectors: np.ndarray, values: np.ndarray) -> None:
+        self.stds, self.vectors, self.values = stds, vectors, values
+        self._momentum_scale = 1.0 / np.sqrt(values) - 1.0
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """The inverse mass matrix as a dense ``dim x dim`` array (for reports)."""
+        inner = np.eye(self.stds.size) + (self.vectors * (self.values - 1.0)) @ self.vectors.T
+        return self.stds[:, None] * inner * self.stds[None, :]
+
+    def sharp(self, p: np.ndarray) -> np.ndarray:
+        """:math:`M^{-1} p`, the velocity."""
+        v = self.stds * p
+        return self.stds * (v + self.vectors @ ((self.values - 1.0) * (self.vectors.T @ v)))
+
+    def kinetic(self, p: np.ndarray) -> float:
+        r""":math:`\tfrac12 p^\top M^{-1} p`."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return 0.5 * float(p @ self.sharp(p))
+
+    def momentum(self, rng: np.random.Generator) -> np.ndarray:
+        r"""A draw from :math:`\mathcal N(0, M)`.
+
+        :math:`p = S^{-1}(I + U(\Lambda^{-1/2} - I)U^\top) z` with :math:`z` standard normal.
+        """
+        z = rng.standard_normal(self.stds.size)
+        return (z + self.vectors @ (self._momentum_scale * (self.vectors.T @ z))) / self.stds
+
+
 class NUTS:
     """The No-U-Turn sampler for one chain, written as generators.
 
@@ -130,11 +178,20 @@ class NUTS:
         At most ``2**max_tree_depth`` leapfrog steps per transition.
     """
 
-    def __init__(self, rng: np.random.Generator, metric: Metric, max_tree_depth: int = 10):
+    def __init__(self, rng: np.random.Generator | None, metric: Metric,
+                 max_tree_depth: int = 10):
         self.rng = rng
         self.metric = metric
         self.max_tree_depth = max_tree_depth
         self.step_size = 1.0
+        self._uniform: Callable[[], float] = lambda: math.nan
+
+    def request(self, q: np.ndarray, potential: float, grad: np.ndarray) -> TransitionRequest:
+        """A transition from ``q`` with a fresh momentum and uniform seed, for a driver."""
+        return TransitionRequest(q=q, potential=potential, grad=grad,
+                                 p0=self.metric.momentum(self.rng), step_size=self.step_size,
+                                 seed=int(self.rng.integers(0, 2**63)), metric=self.metric,
+                                 max_tree_depth=self.max_tree_depth)
 
     def _kinetic(self, p: np.ndarray) -> float:
         return self.metric.kinetic(p)
@@ -147,12 +204,15 @@ class NUTS:
             return _Point(q, p, math.inf, np.zeros_like(grad))
         return _Point(q, p - 0.5 * step * grad, potential, grad)
 
-    def transition(self, q: np.ndarray, potential: float, grad: np.ndarray):
-        """Draw a momentum, build a trajectory and sample a point from it.
+    def transition(self, request: TransitionRequest):
+        """Build a trajectory from the request's point and momentum; sample a point on it.
 
-        A generator returning a :class:`Transition`.
+        A generator returning a :class:`Transition`; its uniforms come from the request's
+        :class:`~ppl_notes.inference._trajectory.SplitMix64` stream, as the C
+        transition's do.
         """
-        p0 = self.metric.momentum(self.rng)
+        self._uniform = SplitMix64(request.seed).random
+        q, potential, grad, p0 = request.q, request.potential, request.grad, request.p0
         start = _Point(q, p0, potential, grad)
         h0 = potential + self._kinetic(p0)
         forward_end = backward_end = start
@@ -164,7 +224,7 @@ class NUTS:
         log_sum_weight = 0.0
         depth, num_steps, sum_accept, diverging = 0, 0, 0.0, False
         while depth < self.max_tree_depth:
-            if self.rng.random() > 0.5:
+            if self._uniform() > 0.5:
                 # Extend forwards: the old tree becomes the backward subtree.
                 rho_bck = rho
                 p_bck_fwd, p_sharp_bck_fwd = p_fwd_fwd, p_sharp_fwd_fwd
@@ -190,7 +250,7 @@ class NUTS:
                 break
             depth += 1
             if tree.log_sum_weight > log_sum_weight or (
-                self.rng.random() < math.exp(tree.log_sum_weight - log_sum_weight)
+                self._uniform() < math.exp(tree.log_sum_weight - log_sum_weight)
             ):
                 sample = tree.proposal
             log_sum_weight = _logaddexp(log_sum_weight, tree.log_sum_weight)
@@ -256,7 +316,7 @@ class NUTS:
         if not final.valid:
             return merged
         if final.log_sum_weight > merged.log_sum_weight or (
-            self.rng.random() < math.exp(final.log_sum_weight - merged.log_sum_weight)
+            self._uniform() < math.exp(final.log_sum_weight - merged.log_sum_weight)
         ):
             merged.proposal = final.proposal
         persist = _criterion(init.p_sharp_begin, final.p_sharp_end, merged.rho)
@@ -342,7 +402,7 @@ class _Welford:
         self.n, self.dense, self.mean = 0, dense, np.zeros(dim)
         self.m2 = np.zeros((dim, dim)) if dense else np.zeros(dim)
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, grad: np.ndarray | None = None) -> None:
         self.n += 1
         delta = x - self.mean
         self.mean += delta / self.n
@@ -357,6 +417,10 @@ class _Welford:
             covariance = 0.5 * (covariance + covariance.T) + shrink * np.eye(self.mean.size)
             return covariance
         return covariance + shrink
+
+    def metric(self) -> Metric:
+        """The metric whose inverse mass matrix is :meth:`regularized`."""
+        return Metric(self.regularized())
 
 
 class _FisherDiagonal:
@@ -382,13 +446,180 @@ class _FisherDiagonal:
 
     def regularized(self) -> np.ndarray:
         n = max(self.n - 1, 1)
-        draws, grads = self.draws.m2 / n, self.grads.m2 / n
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inverse = np.sqrt(draws / grads)
-        # A coordinate with no gradient variance (flat or unvisited) keeps Welford's value.
-        fallback = self.draws.regularized()
-        inverse = np.where(np.isfinite(inverse) & (inverse > 0), inverse, fallback)
-        return np.clip(inverse, 1e-10, 1e10)
+        return _fisher_inverse(self.draws.m2 / n, self.grads.m2 / n, self.draws.regularized)
+
+    def metric(self) -> Metric:
+        """The diagonal metric whose inverse mass matrix is :meth:`regularized`."""
+        return Metric(self.regularized())
+
+
+def _fisher_inverse(draw_variance: np.ndarray, grad_variance: np.ndarray,
+                    fallback: Callable[[], np.ndarray]) -> np.ndarray:
+    r""":math:`\sqrt{\operatorname{Var} q / \operatorname{Var} \partial U}` per coordinate.
+
+    A coordinate with no gradient variance (flat or unvisited) takes ``fallback()``'s
+    value (Welford's regularised variance).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.sqrt(draw_variance / grad_variance)
+    valid = np.isfinite(inverse) & (inverse > 0)
+    if not valid.all():
+        inverse = np.where(valid, inverse, fallback())
+    return np.clip(inverse, 1e-10, 1e10)
+
+
+def spd_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""The geometric mean of ``a`` and :math:`b^{-1}` (both symmetric positive definite).
+
+    :math:`\Sigma = b^{-1/2} (b^{1/2} a b^{1/2})^{1/2} b^{-1/2}`, the unique SPD solution of
+    :math:`\Sigma b \Sigma = a`. With ``a`` the draws' and ``b`` the gradients'
+    covariance it is the Gaussian covariance closest to the posterior in Fisher
+    divergence; for diagonal inputs it is :math:`\sqrt{a / b}`.
+    """
+    values, vectors = np.linalg.eigh(b)
+    root = (vectors * np.sqrt(values)) @ vectors.T
+    inverse_root = (vectors / np.sqrt(values)) @ vectors.T
+    middle_values, middle_vectors = np.linalg.eigh(root @ a @ root)
+    middle_root = (middle_vectors * np.sqrt(np.clip(middle_values, 0.0, None))) @ middle_vectors.T
+    return inverse_root @ middle_root @ inverse_root
+
+
+class _LowRankFisher:
+    r"""A diagonal plus low-rank metric from draws and gradients (nutpie's ``low_rank``).
+
+    Each coordinate is first scaled by the Fisher diagonal
+    :math:`s_i = \sqrt{\operatorname{sd}(q_i) / \operatorname{sd}(\partial_i U)}`.
+    The scaled, centred draws and gradients span a subspace (an orthonormal basis of both
+    sets of left singular vectors); there the Fisher-optimal covariance is the SPD mean
+    (:func:`spd_mean`) of the draws' covariance and the inverse of the gradients', each
+    regularised as :math:`C / (n\gamma) + I`. Its eigenvectors whose eigenvalue lies
+    outside :math:`[1/c, c]` form the correction; every other direction keeps the
+    diagonal. ``gamma = 1e-5`` and ``c = 100`` are nutpie's defaults. Dense covariance
+    estimates need :math:`n \gg d` draws; this one needs only as many as the
+    correlations it corrects, and its cost per leapfrog stays :math:`O(dk)`.
+
+    References
+    ----------
+    Seyboldt, A., Carlson, E. & Carpenter, B. (2026). Preconditioning Hamiltonian Monte
+    Carlo by minimizing Fisher divergence (nutpie's ``low_rank`` adaptation).
+    """
+
+    #: Re-estimated every this many warmup draws (and at each window switch).
+    update_every = 10
+
+    def __init__(self, dim: int, gamma: float = 1e-5, cutoff: float = 100.0) -> None:
+        self.dim, self.gamma, self.cutoff = dim, gamma, cutoff
+        self.draws: list[np.ndarray] = []
+        self.grads: list[np.ndarray] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.draws)
+
+    def add(self, x: np.ndarray, grad: np.ndarray) -> None:
+        self.draws.append(np.array(x, dtype=float))
+        self.grads.append(np.array(grad, dtype=float))
+
+    def metric(self) -> Metric | LowRankMetric:
+        """The adapted metric; the Fisher diagonal alone when the window is too short."""
+        n = self.n
+        draws, grads = np.stack(self.draws), np.stack(self.grads)
+
+        def welford():
+            window = _Welford(self.dim, False)
+            for x in draws:
+                window.add(x)
+            return window.regularized()
+
+        stds = np.sqrt(_fisher_inverse(draws.var(0, ddof=1) if n > 1 else np.zeros(self.dim),
+                                       grads.var(0, ddof=1) if n > 1 else np.zeros(self.dim),
+                                       welford))
+        if n < 3:
+            return Metric(stds**2)
+        draws = (draws - draws.mean(0)) / (stds * n)
+        grads = (grads - grads.mean(0)) * (stds / n)
+        with np.errstate(all="ignore"):
+            try:
+                vectors, values = self._correction(draws.T, grads.T)
+            except np.linalg.LinAlgError:
+                return Metric(stds**2)
+        if not (np.all(np.isfinite(values)) and np.all(np.isfinite(vectors))):
+            return Metric(stds**2)
+        return LowRankMetric(stds, vectors, values)
+
+    def _correction(self, draws: np.ndarray, grads: np.ndarray):
+        """Eigenvectors (``dim x k``) and eigenvalues of the correction, scaled space."""
+        left_draws = np.linalg.svd(draws, full_matrices=False)[0]
+        left_grads = np.linalg.svd(grads, full_matrices=False)[0]
+        basis = np.linalg.qr(np.hstack([left_draws, left_grads]))[0]
+        projected_draws, projected_grads = basis.T @ draws, basis.T @ grads
+        identity = np.eye(basis.shape[1])
+        covariance = spd_mean(projected_draws @ projected_draws.T / self.gamma + identity,
+                              projected_grads @ projected_grads.T / self.gamma + identity)
+        values, vectors = np.linalg.eigh(covariance)
+        keep = (values > self.cutoff) | (values < 1.0 / self.cutoff)
+        return basis @ vectors[:, keep], values[keep]
+
+
+class _StanWindows:
+    """Stan's warmup: the metric is estimated afresh over each doubling slow window."""
+
+    def __init__(self, num_warmup: int, new_window: Callable) -> None:
+        self.schedule, self.new_window = WarmupSchedule(num_warmup), new_window
+        self.window = new_window()
+
+    def update(self, iteration: int, q: np.ndarray, grad: np.ndarray):
+        """Take the draw after ``iteration``: ``(new metric or None, restart step size)``."""
+        if self.schedule.in_slow_window(iteration):
+            self.window.add(q, grad)
+        if iteration + 1 in self.schedule.window_ends:
+            metric, self.window = self.window.metric(), self.new_window()
+            return metric, True
+        return None, False
+
+
+class _SwitchingWindows:
+    """nutpie's warmup: the metric follows every draw, from a window that keeps moving.
+
+    Two estimators take every warmup draw. The metric is re-estimated after each draw from
+    the foreground one; when the background one holds ``switch`` draws (10 in the first
+    30% of warmup, 80 after) it becomes the foreground and a fresh background starts, so
+    the estimate always rests on the last one to two windows of draws and forgets the
+    transient. The last 15% of warmup adapts the step size only. The step size is searched
+    for again only at the first change of metric; dual averaging follows the rest.
+    (nuts-rs ``GlobalStrategy``: ``early_window`` 0.3, ``step_size_window`` 0.15,
+    switch frequencies 10 and 80.) An estimator whose ``update_every`` is above 1 (the
+    low-rank one: SVDs and eigendecompositions, milliseconds at a hundred parameters) is
+    re-estimated at each switch and every ``update_every`` draws between.
+    """
+
+    def __init__(self, num_warmup: int, new_window: Callable, early: float = 0.3,
+                 final: float = 0.15, early_switch: int = 10, switch: int = 80) -> None:
+        self.early_end = int(early * num_warmup)
+        self.final_start = num_warmup - int(final * num_warmup)
+        self.early_switch, self.switch, self.new_window = early_switch, switch, new_window
+        self.foreground, self.background = new_window(), new_window()
+        self.changed = False
+        self.update_every = getattr(self.foreground, "update_every", 1)
+
+    def update(self, iteration: int, q: np.ndarray, grad: np.ndarray):
+        """Take the draw after ``iteration``: ``(new metric or None, restart step size)``."""
+        if iteration >= self.final_start:
+            return None, False
+        self.foreground.add(q, grad)
+        self.background.add(q, grad)
+        switch = self.early_switch if iteration < self.early_end else self.switch
+        switched = self.background.n >= switch and iteration + switch <= self.final_start
+        if switched:
+            self.foreground, self.background = self.background, self.new_window()
+        if self.foreground.n < 3 or not (switched or iteration % self.update_every == 0):
+            return None, False
+        first, self.changed = not self.changed, True
+        return self.foreground.metric(), first
+
+
+#: The windows that estimate the metric from draws and gradients, by adaptation name.
+_GRADIENT_WINDOWS = {"fisher": _FisherDiagonal, "lowrank": _LowRankFisher}
 
 
 def find_reasonable_step_size(sampler: NUTS, q, potential, grad, step_size: float):
@@ -461,10 +692,11 @@ def chain_process(
         Largest tree depth.
     dense_mass : bool
         Adapt a dense inverse mass matrix (the posterior covariance) instead of a diagonal.
-    adaptation : {"welford", "fisher"}
-        How the diagonal is estimated in each slow window: the draws' variance (Stan), or
-        from draws and gradients (:class:`_FisherDiagonal`, nutpie's); ``"fisher"`` is
-        diagonal only.
+    adaptation : {"welford", "fisher", "lowrank"}
+        How the metric is estimated in each slow window: the draws' (co)variance (Stan),
+        a diagonal from draws and gradients (:class:`_FisherDiagonal`, nutpie's), or that
+        diagonal with a low-rank correction (:class:`_LowRankFisher`, nutpie's
+        ``low_rank``); ``"fisher"`` and ``"lowrank"`` ignore ``dense_mass``.
     seed : int or tuple
         Seed of the chain's generator.
     on_iteration : callable, optional
@@ -473,6 +705,10 @@ def chain_process(
     rng = np.random.default_rng(seed)
     q = np.asarray(initial, dtype=float).copy()
     dim = q.size
+    if adaptation not in ("welford", *_GRADIENT_WINDOWS):
+        raise ValueError(f"adaptation must be 'welford', 'fisher' or 'lowrank', not "
+                         f"{adaptation!r}")
+    dense_mass = dense_mass and adaptation == "welford"
     sampler = NUTS(rng, Metric(np.eye(dim) if dense_mass else np.ones(dim)), max_tree_depth)
     stats = {k: np.zeros(num_draws) for k in ("potential", "accept_prob", "energy")}
     ints = {k: np.zeros(num_draws, dtype=np.int64) for k in ("num_steps", "tree_depth")}
@@ -486,26 +722,19 @@ def chain_process(
         sampler.step_size = yield from find_reasonable_step_size(sampler, q, value, grad, 1.0)
         adapt = DualAveraging(target=target_accept)
         adapt.restart(sampler.step_size)
-        schedule = WarmupSchedule(num_warmup)
-        fisher = adaptation == "fisher" and not dense_mass
-
-        def new_window():
-            return _FisherDiagonal(dim) if fisher else _Welford(dim, dense_mass)
-
-        window = new_window()
+        if adaptation == "welford":
+            warmup = _StanWindows(num_warmup, lambda: _Welford(dim, dense_mass))
+        else:
+            warmup = _SwitchingWindows(num_warmup, lambda: _GRADIENT_WINDOWS[adaptation](dim))
         for iteration in range(num_warmup + num_draws):
-            step = yield from sampler.transition(q, value, grad)
+            step = yield sampler.request(q, value, grad)
             q, value, grad = step.position, step.potential, step.grad
             if iteration < num_warmup:
                 sampler.step_size = adapt.update(step.accept_prob)
-                if schedule.in_slow_window(iteration):
-                    if fisher:
-                        window.add(q, grad)
-                    else:
-                        window.add(q)
-                if iteration + 1 in schedule.window_ends:
-                    sampler.metric = Metric(window.regularized())
-                    window = new_window()
+                metric, restart = warmup.update(iteration, q, grad)
+                if metric is not None:
+                    sampler.metric = metric
+                if restart:
                     sampler.step_size = yield from find_reasonable_step_size(
                         sampler, q, value, grad, sampler.step_size)
                     adapt.restart(sampler.step_size)
@@ -534,12 +763,25 @@ def chain_process(
 BatchPotential = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential) -> list[ChainResult]:
+def _python_transition(request: TransitionRequest):
+    """The Python transition of ``request``: a generator of positions, as :class:`NUTS`."""
+    sampler = NUTS(None, request.metric, request.max_tree_depth)
+    sampler.step_size = request.step_size
+    return sampler.transition(request)
+
+
+def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential,
+                   native: bool = True) -> list[ChainResult]:
     """Run chains side by side: one batched potential call serves every chain's request.
 
-    The chains' trees differ, so each asks for its own next position; a chain that has
-    finished keeps its last position in the batch (its result is ignored). The cost per
-    call is nearly that of one chain where per-operation overhead dominates.
+    A chain asks either for the potential at a position (an array) or for a whole NUTS
+    transition (a :class:`~ppl_notes.inference._trajectory.TransitionRequest`). The
+    transitions run in compiled C (:mod:`~ppl_notes.inference._trajectory`: one call
+    advances every chain by a leapfrog step) where it could be built and ``native`` is
+    true, else as Python generators; both make the same draws. The chains' trees differ,
+    so each asks for its own next position; a chain that has finished keeps its last
+    position in the batch (its result is ignored). The cost per call is nearly that of
+    one chain where per-operation overhead dominates.
 
     Parameters
     ----------
@@ -547,20 +789,62 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential) -> 
         From :func:`chain_process`.
     potential : callable
         ``potential(Q) -> (U, dU/dQ)`` for a ``(chains, dim)`` batch.
+    native : bool
+        Use the C transitions where they are available.
     """
-    requests = [next(process) for process in processes]
-    results: list[ChainResult | None] = [None] * len(processes)
-    active = set(range(len(processes)))
+    count = len(processes)
+    lib = library() if native else None
+    engine: NativeTransitions | None = None
+    subtransitions: list = [None] * count  # Python transitions under way, per chain
+    results: list[ChainResult | None] = [None] * count
+    first = [next(process) for process in processes]
+    dim = np.asarray(first[0].q if isinstance(first[0], TransitionRequest) else first[0]).size
+    positions = np.zeros((count, dim))
+    waiting: set[int] = set()  # chains waiting on a plain potential or a Python transition
+
+    def take(chain: int, request) -> None:
+        nonlocal engine, positions
+        waiting.add(chain)
+        if not isinstance(request, TransitionRequest):
+            positions[chain] = request
+        elif lib is not None:
+            if engine is None:
+                engine = NativeTransitions(lib, count, dim, request.max_tree_depth)
+                engine.requests[:] = positions
+                positions = engine.requests  # C writes the running chains' rows
+            engine.begin(chain, request)
+            waiting.discard(chain)
+        else:
+            subtransitions[chain] = _python_transition(request)
+            positions[chain] = next(subtransitions[chain])
+
+    for chain, request in enumerate(first):
+        take(chain, request)
+    active = set(range(count))
     try:
         while active:
-            values, grads = potential(np.stack(requests))
-            for chain in list(active):
+            values, grads = potential(positions)
+            ready = list(waiting)
+            if engine is not None and engine.running:
+                ready.extend(engine.resume(values, grads))
+            for chain in ready:
+                if chain not in waiting:
+                    reply = engine.result(chain)
+                elif subtransitions[chain] is not None:
+                    try:
+                        positions[chain] = subtransitions[chain].send(
+                            (float(values[chain]), grads[chain]))
+                        continue
+                    except StopIteration as done:
+                        subtransitions[chain], reply = None, done.value
+                else:
+                    reply = (float(values[chain]), grads[chain])
                 try:
-                    requests[chain] = processes[chain].send((float(values[chain]),
-                                                             grads[chain]))
+                    take(chain, processes[chain].send(reply))
                 except StopIteration as done:
                     results[chain] = done.value
                     active.discard(chain)
+                    waiting.discard(chain)
                     if done.value.interrupted:  # Ctrl-C arrived inside this chain
                         raise KeyboardInterrupt from None
     except KeyboardInterrupt:
@@ -570,16 +854,21 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential) -> 
                 processes[chain].throw(ChainInterrupted())
             except StopIteration as done:
                 results[chain] = done.value
+    finally:
+        if engine is not None:
+            engine.close()
     return results
 
 
-def sample_chain(potential: Potential, initial: np.ndarray, **options) -> ChainResult:
+def sample_chain(potential: Potential, initial: np.ndarray, native: bool = True,
+                 **options) -> ChainResult:
     """Run one chain against a single-point potential ``potential(q) -> (U, dU/dq)``.
 
-    Takes the keyword options of :func:`chain_process`.
+    Takes the keyword options of :func:`chain_process`; ``native`` as
+    :func:`drive_lockstep`.
     """
     def batched(positions):
         value, grad = potential(positions[0])
         return np.array([value]), grad[None]
 
-    return drive_lockstep([chain_process(initial, **options)], batched)[0]
+    return drive_lockstep([chain_process(initial, **options)], batched, native=native)[0]
