@@ -114,3 +114,28 @@ def test_the_low_rank_metric_takes_out_a_near_singular_correlation():
     # the adapted inverse metric carries the correlation
     inverse = low_rank.inv_mass
     assert inverse[0, 1] / np.sqrt(inverse[0, 0] * inverse[1, 1]) > 0.99
+
+
+def test_nutpies_windows_switch_and_restart_the_step_size_where_it_says():
+    """Warmup of 1000: the metric follows the draws (a new estimate after every draw for
+    the diagonal) until the final 15%; the step size is searched for again at the first
+    estimate and at the start of the final window, where dual averaging starts afresh;
+    the estimate rests on the last 10-20 draws early (first 30%) and 80-160 after (up to
+    240 at the end, where no window starts that could not fill before the final one)."""
+    from ppl_notes.inference.nuts_sampler import _FisherDiagonal, _SwitchingWindows
+
+    windows = _SwitchingWindows(1000, lambda: _FisherDiagonal(2))
+    rng = np.random.default_rng(0)
+    updates, restarts, sizes = [], [], {}
+    for iteration in range(1000):
+        metric, restart = windows.update(iteration, rng.normal(size=2), rng.normal(size=2))
+        if metric is not None:
+            updates.append(iteration)
+            sizes[iteration] = windows.foreground.n
+        if restart:
+            restarts.append(iteration)
+    assert restarts == [2, 849]
+    assert updates == list(range(2, 850))
+    assert all(10 <= sizes[i] <= 20 for i in range(20, 290))
+    assert all(80 <= sizes[i] <= 160 for i in range(460, 700))
+    assert all(80 <= sizes[i] <= 240 for i in range(700, 850))
