@@ -10,8 +10,9 @@ The contenders, each in a fresh Python process (imports, JIT and compile caches 
 as a user meets them), 4 chains x (1000 warmup + 1000 draws), float64 everywhere:
 
 * ``ppl_notes``: ``infer(story, method="nuts")`` with its defaults, on the corpus's Pyro
-  translation (``tests/corpus/posteriordb_stories.py``); compiled potential, chains in
-  lockstep on both cores.
+  translation (``tests/corpus/posteriordb_stories.py``): compiled potential, trees built
+  in C, the low-rank metric, chains in lockstep in one process (worker processes on
+  both cores from 500 observed values).
 * ``numpyro``: NumPyro's NUTS with its chains in parallel, as its docs advise
   (``numpyro.set_host_device_count(4)``, ``chain_method="parallel"``), on
   ``benchmarks/numpyro_posteriordb.py``.
@@ -28,7 +29,8 @@ from 1. A last table gives each contender's median ESS/s over the posteriors and
 ratio to NumPyro's and nutpie's.
 
 Caches start cold, as on a fresh machine: each ppl_notes run gets an empty inductor
-cache directory (``--warm`` shares one across runs instead); JAX and numba keep no
+cache directory and an empty one for its compiled C transitions (``--warm`` shares them
+across runs instead); JAX and numba keep no
 compilation cache between processes by default.
 """
 
@@ -189,7 +191,8 @@ def main() -> None:
                 continue
             code = CHILD.format(root=str(ROOT), contender=contender, name=name,
                                 chains=args.chains, warmup=args.warmup, draws=args.draws)
-            cache = {} if args.warm else {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+            cache = {} if args.warm else {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(),
+                                          "PPL_NOTES_CACHE": tempfile.mkdtemp()}
             try:
                 result = run_fresh(code, timeout=args.timeout, env=cache)
             except Exception as error:  # subprocess.TimeoutExpired

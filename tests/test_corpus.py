@@ -84,8 +84,8 @@ def test_the_gradient_based_metrics_match_the_reference(metric, name):
     posteriordb's posterior too: kilpisjarvi (correlation 0.99999) and earnings (an
     interaction model with correlated coefficients) are where the correction acts."""
     case = CASES[name]
-    fit = infer(case.story, case.data, method="nuts", progress=False, mass_matrix=metric,
-                **{**NUTS, **case.nuts})
+    fit = infer(case.story, case.data, method="nuts", progress=False,
+                **{**NUTS, **case.nuts, "mass_matrix": metric})
     _assert_matches_the_truth(name, fit)
 
 

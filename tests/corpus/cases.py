@@ -300,7 +300,7 @@ _PDB_STORIES = {
     "garch-garch11": (pdb.garch11, "y", {}, pdb.garch11_guide),
     "gp_pois_regr-gp_pois_regr": (pdb.gp_pois_regr, "k", {}),
     "hmm_example-hmm_example": (pdb.hmm_example, (), {}),
-    "diamonds-diamonds": (pdb.diamonds, "Y", {"mass_matrix": "dense"}),
+    "diamonds-diamonds": (pdb.diamonds, "Y", {}),
     "earnings-logearn_interaction": (pdb.logearn_interaction, "log_earn", {}),
 }
 
