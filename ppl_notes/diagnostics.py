@@ -309,7 +309,8 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
             f"{count} divergent transitions ({share:.1%} of draws): NUTS could not follow "
             f"the posterior's curvature, so the draws are biased.{where} Raise target_accept "
             f"(e.g. 0.95), or reparameterise: a centred hierarchical story (theta ~ "
-            f"Normal(mu, tau)) becomes non-centred (theta = mu + tau * z)."))
+            f"Normal(mu, tau)) becomes non-centred (theta = mu + tau * z)."
+            + _metric_advice(posterior)))
     if "min_bfmi" in numbers:
         chain, value = numbers["min_bfmi"]
         if value < THRESHOLDS["bfmi"]:
@@ -333,6 +334,15 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
             f"{posterior.method} stopped before converging: raise steps or iterations, or "
             f"loosen tolerance."))
     return found
+
+
+def _metric_advice(posterior) -> str:
+    """Where the metric came from gradients: Stan's diagonal may diverge less."""
+    if posterior.options.get("mass_matrix") not in ("lowrank", "fisher"):
+        return ""
+    return (" The metric was adapted from gradients (mass_matrix="
+            f"{posterior.options['mass_matrix']!r}); on a funnel or a Gaussian process "
+            "mass_matrix='diag' (the draws' variance) can diverge less.")
 
 
 def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:

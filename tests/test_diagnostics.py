@@ -1,6 +1,7 @@
 """Each diagnostic fires on draws built to fail it, names the parameter, and stays quiet
 on draws built to pass it. The draws come from numpy, not from the code under test."""
 
+import json
 import warnings
 
 import numpy as np
@@ -72,6 +73,16 @@ def test_divergences_are_located_and_bfmi_fires_for_a_random_walk_energy():
     assert found["divergences"].value == (x < -1.5).sum()
     assert "where x is small" in found["divergences"].message
     assert found["bfmi"].parameter == "chain 2" and found["bfmi"].value < 0.3
+    assert "mass_matrix='diag'" not in found["divergences"].message  # no metric named
+
+
+def test_divergences_under_a_gradient_based_metric_suggest_stans_diagonal():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 1000))
+    posterior = Posterior.from_draws({"x": x}, sample_stats={"diverging": x < -2.5},
+                                     method="nuts")
+    posterior.tree.attrs["options"] = json.dumps({"mass_matrix": "lowrank"})
+    assert "mass_matrix='diag'" in _checks(posterior)["divergences"].message
 
 
 def test_elbo_trend_reads_a_rising_and_a_flat_history():
