@@ -122,6 +122,23 @@ static int criterion(Chain *c, const double *minus, const double *plus, const do
     return dot(plus, rho, c->dim) > 0 && dot(minus, rho, c->dim) > 0;
 }
 
+/* Stan's generalised no-U-turn check of two adjacent subtrees, left (backward) then right
+   (forward), whose union has momentum sum `rho`: across the whole, and across each join
+   with the neighbouring end point (the extra checks of Stan's base_nuts). */
+static int no_u_turn(Chain *c, const double *rho, const double *rho_left,
+                     const double *sharp_left_begin, const double *sharp_left_end,
+                     const double *p_left_end, const double *rho_right,
+                     const double *sharp_right_begin, const double *sharp_right_end,
+                     const double *p_right_begin) {
+    int d = c->dim;
+    double *sum = c->scratch_dim;
+    if (!criterion(c, sharp_left_begin, sharp_right_end, rho)) return 0;
+    for (int i = 0; i < d; i++) sum[i] = rho_left[i] + p_right_begin[i];
+    if (!criterion(c, sharp_left_begin, sharp_right_begin, sum)) return 0;
+    for (int i = 0; i < d; i++) sum[i] = rho_right[i] + p_left_end[i];
+    return criterion(c, sharp_left_end, sharp_right_end, sum);
+}
+
 static void copy_point(Chain *c, Point *to, const Point *from) {
     copy(to->q, from->q, c->dim);
     copy(to->p, from->p, c->dim);
@@ -322,17 +339,9 @@ static void merge(Chain *c, Tree *init, Tree *final, Tree *merged) {
     if (final->log_sum_weight > merged->log_sum_weight ||
         uniform(c) < exp(final->log_sum_weight - merged->log_sum_weight))
         copy_point(c, &merged->proposal, &final->proposal);
-    double *sum = c->scratch_dim;
-    int persist = criterion(c, init->p_sharp_begin, final->p_sharp_end, merged->rho);
-    if (persist) {
-        for (int i = 0; i < d; i++) sum[i] = init->rho[i] + final->p_begin[i];
-        persist = criterion(c, init->p_sharp_begin, final->p_sharp_begin, sum);
-    }
-    if (persist) {
-        for (int i = 0; i < d; i++) sum[i] = final->rho[i] + init->p_end[i];
-        persist = criterion(c, init->p_sharp_end, final->p_sharp_end, sum);
-    }
-    merged->valid = persist;
+    merged->valid = no_u_turn(c, merged->rho, init->rho, init->p_sharp_begin,
+                              init->p_sharp_end, init->p_end, final->rho,
+                              final->p_sharp_begin, final->p_sharp_end, final->p_begin);
 }
 
 /* Start the next doubling: draw its direction and descend to its first leaf. */
@@ -382,16 +391,8 @@ static int doubled(Chain *c) {
         copy_point(c, &c->sample, &tree->proposal);
     c->log_sum_weight = logaddexp(c->log_sum_weight, tree->log_sum_weight);
     for (int i = 0; i < d; i++) c->rho[i] = c->rho_backward[i] + c->rho_forward[i];
-    double *sum = c->scratch_dim;
-    int persist = criterion(c, c->p_sharp_bb, c->p_sharp_ff, c->rho);
-    if (persist) {
-        for (int i = 0; i < d; i++) sum[i] = c->rho_backward[i] + c->p_fb[i];
-        persist = criterion(c, c->p_sharp_bb, c->p_sharp_fb, sum);
-    }
-    if (persist) {
-        for (int i = 0; i < d; i++) sum[i] = c->rho_forward[i] + c->p_bf[i];
-        persist = criterion(c, c->p_sharp_bf, c->p_sharp_ff, sum);
-    }
+    int persist = no_u_turn(c, c->rho, c->rho_backward, c->p_sharp_bb, c->p_sharp_bf, c->p_bf,
+                            c->rho_forward, c->p_sharp_fb, c->p_sharp_ff, c->p_fb);
     if (!persist || c->depth >= c->max_depth) return DONE;
     extend(c);
     return NEEDS_POTENTIAL;

@@ -98,6 +98,18 @@ def _criterion(p_sharp_minus, p_sharp_plus, rho) -> bool:
     return float(p_sharp_plus @ rho) > 0 and float(p_sharp_minus @ rho) > 0
 
 
+def _no_u_turn(rho, rho_left, sharp_left_begin, sharp_left_end, p_left_end,
+               rho_right, sharp_right_begin, sharp_right_end, p_right_begin) -> bool:
+    """Stan's generalised no-U-turn check of two adjacent subtrees (left is backward).
+
+    Across the whole (momentum sum ``rho``), and across each join with the neighbouring
+    end point: the extra checks of Stan's ``base_nuts``.
+    """
+    return (_criterion(sharp_left_begin, sharp_right_end, rho)
+            and _criterion(sharp_left_begin, sharp_right_begin, rho_left + p_right_begin)
+            and _criterion(sharp_left_end, sharp_right_end, rho_right + p_left_end))
+
+
 class Metric:
     r"""The kinetic energy's metric: a diagonal or dense inverse mass matrix.
 
@@ -261,10 +273,8 @@ class NUTS:
                 sample = tree.proposal
             log_sum_weight = _logaddexp(log_sum_weight, tree.log_sum_weight)
             rho = rho_bck + rho_fwd
-            persist = _criterion(p_sharp_bck_bck, p_sharp_fwd_fwd, rho)
-            persist = persist and _criterion(p_sharp_bck_bck, p_sharp_fwd_bck, rho_bck + p_fwd_bck)
-            persist = persist and _criterion(p_sharp_bck_fwd, p_sharp_fwd_fwd, rho_fwd + p_bck_fwd)
-            if not persist:
+            if not _no_u_turn(rho, rho_bck, p_sharp_bck_bck, p_sharp_bck_fwd, p_bck_fwd,
+                              rho_fwd, p_sharp_fwd_bck, p_sharp_fwd_fwd, p_fwd_bck):
                 break
         return Transition(
             position=sample.q,
@@ -325,12 +335,9 @@ class NUTS:
             self._uniform() < math.exp(final.log_sum_weight - merged.log_sum_weight)
         ):
             merged.proposal = final.proposal
-        persist = _criterion(init.p_sharp_begin, final.p_sharp_end, merged.rho)
-        persist = persist and _criterion(init.p_sharp_begin, final.p_sharp_begin,
-                                         init.rho + final.p_begin)
-        persist = persist and _criterion(init.p_sharp_end, final.p_sharp_end,
-                                         final.rho + init.p_end)
-        merged.valid = persist
+        merged.valid = _no_u_turn(merged.rho, init.rho, init.p_sharp_begin, init.p_sharp_end,
+                                  init.p_end, final.rho, final.p_sharp_begin,
+                                  final.p_sharp_end, final.p_begin)
         return merged
 
 
