@@ -132,7 +132,7 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
         for i, chain in enumerate(chains)
     ]
     results = drive_lockstep(processes, potential)
-    return [{"chain": chain, **asdict(result)}
+    return [{"chain": chain, **asdict(result), "compiler": potential.compiler}
             for chain, result in zip(chains, results, strict=True)]
 
 

@@ -7,9 +7,10 @@ NumPyro do). One call evaluates it for a whole batch of chains, on the story's
 evaluation path (:mod:`ppl_notes.evaluation`: Pyro's plates for a batch-aware story,
 ``torch.func.vmap`` over the one-draw story, or one chain at a time), with every
 enumerable discrete site summed out exactly. On the batched paths the potential and its
-gradient are captured once as one graph and compiled (inductor, or TorchScript for the
-plate path); the compiled graph is checked against the eager one at prior draws before
-it is used.
+gradient are recorded once as a tape of tensor operations run by a C interpreter
+(:mod:`~ppl_notes.inference._tape`; no compilation per story), or captured as one graph
+and compiled (inductor, or TorchScript for the plate path); the recorded or compiled
+computation is checked against the eager one at prior draws before it is used.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
-from ppl_notes.inference._compile import capture
+from ppl_notes.inference._compile import capture, compiler_available
 
 
-def _compile_value_and_grad(potential, example: torch.Tensor):
-    """Capture potential and gradient as one aten graph, then compile it with inductor."""
+def _value_and_grad_of(potential):
+    """``x -> (potential(x), its gradient)`` for a batch ``x``, by autograd."""
 
     def value_and_grad(x):
         x = x.detach().requires_grad_(True)
@@ -43,7 +44,12 @@ def _compile_value_and_grad(potential, example: torch.Tensor):
             (grad,) = torch.autograd.grad(value.sum(), x)
         return value.detach(), grad.detach()
 
-    return capture(value_and_grad, example)
+    return value_and_grad
+
+
+def _compile_value_and_grad(potential, example: torch.Tensor):
+    """Capture potential and gradient as one aten graph, then compile it with inductor."""
+    return capture(_value_and_grad_of(potential), example)
 
 
 def init_to_prior_median(site, num_samples: int = 15):
@@ -81,8 +87,12 @@ class BatchedPotential:
         Prepared data.
     num_chains : int
         The batch size every call uses.
-    compiler : {"inductor", "torchscript", "none"}
-        How the computation is compiled on a batched path: ``"inductor"`` captures
+    compiler : {"tape", "inductor", "torchscript", "none"}
+        How the computation is compiled on a batched path: ``"tape"`` records potential
+        and gradient once as aten operations and runs them in a C interpreter
+        (:mod:`~ppl_notes.inference._tape`: a fraction of a second to record, no
+        compilation; where the story uses an operation the interpreter lacks, inductor
+        compiles it instead); ``"inductor"`` captures
         potential and gradient as one graph of tensor operations (``make_fx``) and
         compiles it to fused C++ (seconds to compile, then several times faster per
         call); ``"torchscript"`` traces the potential with :func:`torch.jit.trace` (plate
@@ -107,6 +117,8 @@ class BatchedPotential:
         self._value_and_grad = None
         self.compiler = compiler_for(self.path, compiler)
         example = torch.zeros(num_chains, self.dim, dtype=torch.float64)
+        if self.compiler == "tape":
+            self._value_and_grad = self._record_tape(example)
         if self.compiler == "inductor":
             try:
                 self._value_and_grad = _compile_value_and_grad(self._potential, example)
@@ -124,6 +136,25 @@ class BatchedPotential:
                            "prior draw (it branches on values?); it runs uncompiled",
                            getattr(model, "name", model))
             self.compiler, self._fn, self._value_and_grad = "none", self._potential, None
+
+    def _record_tape(self, example: torch.Tensor):
+        """The potential's tape, or None (and the next compiler) where it cannot be made."""
+        from ppl_notes.inference._tape import Tape, Unsupported
+
+        try:
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                warnings.simplefilter("ignore")
+                return Tape(_value_and_grad_of(self._potential), example)
+        except Unsupported as error:
+            reason = str(error)
+        except Exception as error:  # noqa: BLE001 - a failed recording: say so, compile
+            reason = f"{type(error).__name__}: {error}"
+        self.compiler = "inductor" if compiler_available() else "none"
+        logger.info("the potential of story %r runs %s: its tape cannot be made (%s)",
+                    getattr(self.model, "name", self.model),
+                    "compiled by inductor" if self.compiler == "inductor" else "uncompiled",
+                    reason)
+        return None
 
     def _compiled_agrees(self) -> bool:
         """Whether the compiled potential equals the eager one at the prior check points."""

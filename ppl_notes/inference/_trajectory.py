@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ppl_notes.inference._native import build
 
 logger = logging.getLogger(__name__)
 
@@ -77,39 +74,12 @@ class TransitionRequest:
     max_tree_depth: int
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PPL_NOTES_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ppl_notes")
-    return Path(root)
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled transition library, built on first use; None where it cannot be."""
-    if os.environ.get("PPL_NOTES_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler: NUTS transitions run in Python")
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"trajectory-{key}.so"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as build:
-                built = Path(build) / target.name
-                subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-std=c99", "-o",
-                                str(built), str(SOURCE), "-lm"],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(built, target)  # atomic: parallel workers never see half a file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("compiling the C NUTS transitions failed (%s); they run in Python",
-                       error)
-        return None
-    _declare(lib)
+    lib = build(SOURCE, "the C NUTS transitions")
+    if lib is not None:
+        _declare(lib)
     return lib
 
 

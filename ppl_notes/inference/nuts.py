@@ -74,9 +74,11 @@ OPTIONS = (
            "None: one per core when the data have at least 500 observed values, else the "
            "chains run in lockstep in this process",
            lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    choice("compiler", "auto", "how the fast engine compiles the potential: 'inductor' "
-           "(torch.compile; seconds to build, then fastest), 'torchscript', 'none', or 'auto' "
-           "(inductor where a C++ compiler exists)", ("auto", "inductor", "torchscript", "none")),
+    choice("compiler", "auto", "how the fast engine runs the potential: 'tape' (recorded "
+           "once, run by a C interpreter: no compilation), 'inductor' (torch.compile: "
+           "seconds to minutes to build, fused loops), 'torchscript', 'none', or 'auto' "
+           "(the tape where a C compiler exists, inductor for a story it cannot record)",
+           ("auto", "tape", "inductor", "torchscript", "none")),
     choice("mass_matrix", "lowrank", "the adapted metric: 'lowrank' (a diagonal from draws "
            "and gradients plus a low-rank correction for the correlations, nutpie's "
            "low_rank: on 7 of the 8 posteriordb programs 2x to 400x the ESS per gradient of "
@@ -102,9 +104,10 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
                           "own engine on a cluster; engine='pyro' runs on this machine only")
     if options["engine"] == "fast":
-        flat, stats, potential = _run_fast(model, data, seed, progress, options)
+        flat, stats, potential, compiler = _run_fast(model, data, seed, progress, options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
+        compiler = "none"
     chains = flat.shape[0]  # fewer than asked where Ctrl-C stopped Pyro's chains early
     partial = flat.shape[1] < options["draws"] or chains < options["chains"]
     thin = options["thin"]
@@ -132,8 +135,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options=options,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
               "parameters": potential.dim, "marginal_story": potential.model is not model,
-              "compiler": compiler_for(potential.path, resolve_compiler(options["compiler"]))
-              if options["engine"] == "fast" else "none",
+              "compiler": compiler,
               "path": potential.path, "path_reason": potential.facts.path_reason,
               "draws_kept": draws, "components": components, "relabelled": relabelled},
         seconds=time.perf_counter() - started,
@@ -174,7 +176,7 @@ def _run_fast(model, data, seed, progress, options):
     else:
         flat, stats = np.stack(flats), {k: np.stack(v) for k, v in stats.items()}
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
-    return flat, stats, potential
+    return flat, stats, potential, results[0].compiler
 
 
 #: The sampler's estimator for each ``mass_matrix`` option.
@@ -216,9 +218,14 @@ def _processes(model, data, options) -> int | None:
 
 
 def resolve_compiler(requested: str) -> str:
-    """``auto`` means inductor where a C++ compiler exists, else TorchScript."""
+    """``auto``: the tape where a C compiler exists (its potential falls back to inductor
+    for a story it cannot record), else TorchScript."""
     if requested != "auto":
         return requested
+    from ppl_notes.inference._tape import library
+
+    if library() is not None:
+        return "tape"
     return "inductor" if compiler_available() else "torchscript"
 
 

@@ -681,6 +681,8 @@ class ChainResult:
     inv_mass: np.ndarray
     num_completed: int
     interrupted: bool = False
+    #: how the potential ran: "tape", "inductor", "torchscript" or "none"
+    compiler: str = "none"
 
 
 class ChainInterrupted(Exception):

@@ -1,0 +1,524 @@
+/* An interpreter of recorded aten tapes: the potential and its gradient, in C.
+ *
+ * ppl_notes/inference/_tape.py records one evaluation of a story's potential and
+ * gradient as the sequence of aten operations it ran, and translates it into the
+ * instruction stream this file executes. Every tensor lives in one float64 arena:
+ * an operand is an arena offset with a stride per dimension, so views cost nothing
+ * and every instruction is a strided loop. The translation proves nothing about the
+ * story; the caller checks the tape against the story at prior draws before using it.
+ *
+ * Instruction layouts (int64 words; "desc" is a base offset then one stride per dim):
+ *   MAP      fn nin ndim round pidx sizes[ndim] out-desc in-desc * nin
+ *   REDUCE   kind nout nred round pidx outsizes[nout] redsizes[nred]
+ *            out-desc(nout) in-base in-strides[nout] in-strides[nred]
+ *   SCAN     kind nout round pidx outsizes[nout] n out-desc(nout) out-stride
+ *            in-desc(nout) in-stride
+ *   MATMUL   nb round bsizes[nb] M K N  out(base bstr[nb] sm sn)
+ *            a(base bstr[nb] sm sk) b(base bstr[nb] sk sn)
+ *   CHOL     nb bsizes[nb] n out(base bstr[nb] sr sc) in(base bstr[nb] sr sc)
+ *   TRISOLVE nb upper unit bsizes[nb] n k out(...) a(...) b(...)
+ *   GATHER   ndim round pidx sizes[ndim] out-desc count addr[count]
+ *   SCATTER  count src[count] dst[count]
+ * "round" stores a result as float32 (1), an integer (2, truncated) or a bool (3).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { I_MAP = 1, I_REDUCE, I_SCAN, I_MATMUL, I_CHOL, I_TRISOLVE, I_GATHER, I_SCATTER };
+
+enum {
+    F_CONST = 0, F_COPY, F_ADD, F_SUB, F_MUL, F_DIV, F_AFFINE, F_POW, F_POWT, F_RPOW,
+    F_EXP, F_LOG, F_LOG1P, F_EXPM1, F_SQRT, F_RSQRT, F_ABS, F_SIGN, F_SIGMOID, F_TANH,
+    F_LGAMMA, F_DIGAMMA, F_ERF, F_ERFC, F_RECIP, F_SIN, F_COS, F_SIGMOID_BW, F_TANH_BW,
+    F_SOFTPLUS, F_SOFTPLUS_BW, F_LOGSIGMOID, F_LOGSIGMOID_BW, F_XLOGY, F_LT, F_LE, F_GT,
+    F_GE, F_EQ, F_NE, F_AND, F_OR, F_NOT, F_WHERE, F_MASKED_FILL, F_CLAMP, F_MAXIMUM,
+    F_MINIMUM, F_FLOOR, F_XLOG1PY, F_ATAN, F_LOG2, F_EXP2, F_ERFINV_UNUSED, F_SQUARE,
+    F_CEIL, F_ROUND, F_TRUNC, F_DIV_TRUNC_UNUSED, F_LOGADDEXP, F_SIGMOID_BW_X,
+    F_ATAN_BW_UNUSED, F_POLYGAMMA1
+};
+
+enum { R_SUM = 0, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL };
+enum { S_CUMSUM = 0, S_CUMPROD, S_LOGCUMSUMEXP };
+
+#define MAXDIM 12
+#define PI 3.14159265358979323846
+
+static double digamma(double x) {
+    if (x == 0) return -INFINITY;  /* torch: digamma(0) = -inf */
+    double result = 0;
+    if (x < 0) {
+        if (x == floor(x)) return NAN;
+        /* reflection: psi(1 - x) - psi(x) = pi cot(pi x) */
+        return digamma(1 - x) - PI / tan(PI * x);
+    }
+    while (x < 6) { result -= 1 / x; x += 1; }
+    double f = 1 / (x * x);
+    return result + log(x) - 0.5 / x
+        - f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f / 132))));
+}
+
+static double trigamma(double x) {
+    double result = 0;
+    if (x <= 0 && x == floor(x)) return INFINITY;
+    if (x < 0) {  /* psi1(1 - x) + psi1(x) = pi^2 / sin^2(pi x) */
+        double s = sin(PI * x);
+        return -trigamma(1 - x) + PI * PI / (s * s);
+    }
+    while (x < 6) { result += 1 / (x * x); x += 1; }
+    double f = 1 / (x * x);
+    return result + 1 / x + f / 2
+        + (1 / (x * x * x)) * (1.0 / 6 - f * (1.0 / 30 - f * (1.0 / 42 - f / 30)));
+}
+
+static inline double store(double v, int64_t round) {
+    switch (round) {
+    case 1: return (double)(float)v;
+    case 2: return trunc(v);
+    case 3: return v != 0;
+    default: return v;
+    }
+}
+
+static double power(double a, double e) {
+    if (e == 2) return a * a;
+    if (e == 1) return a;
+    if (e == 0.5) return sqrt(a);
+    if (e == -1) return 1 / a;
+    if (e == 3) return a * a * a;
+    if (e == -2) return 1 / (a * a);
+    if (e == 0) return 1;
+    return pow(a, e);
+}
+
+static double softplus_bw(double g, double x, double beta, double threshold) {
+    double z = exp(x * beta);
+    return x * beta > threshold ? g : g * z / (z + 1);
+}
+
+static double logaddexp(double a, double b) {
+    double m = a > b ? a : b;
+    if (m == -INFINITY) return m;
+    return m + log1p(exp(-fabs(a - b)));
+}
+
+/* Every elementwise function: X(code, expression of a, b, c and the parameters p). */
+#define FUNCTIONS(X) \
+    X(F_CONST, p0) \
+    X(F_COPY, a) \
+    X(F_ADD, a + p0 * b) \
+    X(F_SUB, a - p0 * b) \
+    X(F_MUL, a * b) \
+    X(F_DIV, a / b) \
+    X(F_AFFINE, p1 * a + p0) \
+    X(F_POW, power(a, p0)) \
+    X(F_POWT, pow(a, b)) \
+    X(F_RPOW, pow(p0, a)) \
+    X(F_EXP, exp(a)) \
+    X(F_LOG, log(a)) \
+    X(F_LOG1P, log1p(a)) \
+    X(F_EXPM1, expm1(a)) \
+    X(F_SQRT, sqrt(a)) \
+    X(F_RSQRT, 1 / sqrt(a)) \
+    X(F_ABS, fabs(a)) \
+    X(F_SIGN, a != a ? a : (double)((a > 0) - (a < 0))) \
+    X(F_SIGMOID, 1 / (1 + exp(-a))) \
+    X(F_TANH, tanh(a)) \
+    X(F_LGAMMA, lgamma(a)) \
+    X(F_DIGAMMA, digamma(a)) \
+    X(F_POLYGAMMA1, trigamma(a)) \
+    X(F_ERF, erf(a)) \
+    X(F_ERFC, erfc(a)) \
+    X(F_RECIP, 1 / a) \
+    X(F_SIN, sin(a)) \
+    X(F_COS, cos(a)) \
+    X(F_SIGMOID_BW, a * b * (1 - b)) \
+    X(F_TANH_BW, a * (1 - b * b)) \
+    X(F_SOFTPLUS, a * p0 > p1 ? a : log1p(exp(a * p0)) / p0) \
+    X(F_SOFTPLUS_BW, softplus_bw(a, b, p0, p1)) \
+    X(F_LOGSIGMOID, (a < 0 ? a : 0) - log1p(exp(-fabs(a)))) \
+    X(F_LOGSIGMOID_BW, a / (1 + exp(b))) \
+    X(F_XLOGY, b != b ? b : (a == 0 ? 0 : a * log(b))) \
+    X(F_XLOG1PY, b != b ? b : (a == 0 ? 0 : a * log1p(b))) \
+    X(F_LT, a < b) \
+    X(F_LE, a <= b) \
+    X(F_GT, a > b) \
+    X(F_GE, a >= b) \
+    X(F_EQ, a == b) \
+    X(F_NE, a != b) \
+    X(F_AND, (a != 0) && (b != 0)) \
+    X(F_OR, (a != 0) || (b != 0)) \
+    X(F_NOT, a == 0) \
+    X(F_WHERE, a != 0 ? b : c) \
+    X(F_MASKED_FILL, b != 0 ? p0 : a) \
+    X(F_CLAMP, a < p0 ? p0 : (a > p1 ? p1 : a)) \
+    X(F_MAXIMUM, (a != a || b != b) ? NAN : (a > b ? a : b)) \
+    X(F_MINIMUM, (a != a || b != b) ? NAN : (a < b ? a : b)) \
+    X(F_FLOOR, floor(a)) \
+    X(F_CEIL, ceil(a)) \
+    X(F_ROUND, nearbyint(a)) \
+    X(F_TRUNC, trunc(a)) \
+    X(F_ATAN, atan(a)) \
+    X(F_LOG2, log2(a)) \
+    X(F_EXP2, exp2(a)) \
+    X(F_SQUARE, a * a) \
+    X(F_LOGADDEXP, logaddexp(a, b)) \
+    X(F_SIGMOID_BW_X, a * (1 / (1 + exp(-b))) * (1 - 1 / (1 + exp(-b))))
+
+/* out[i] = fn(a[i], b[i], c[i]) over an ndim-dimensional strided index space. */
+static const int64_t *run_map(double *arena, const int64_t *w, const double *params) {
+    int64_t fn = w[0], nin = w[1], ndim = w[2], round = w[3];
+    const double *p = params + w[4];
+    const int64_t *sizes = w + 5;
+    const int64_t *desc = sizes + ndim;
+    double *out = arena + desc[0];
+    const int64_t *ostr = desc + 1;
+    const double *in[3] = {out, out, out};
+    const int64_t *istr[3] = {ostr, ostr, ostr};
+    for (int64_t k = 0; k < nin; k++) {
+        const int64_t *d = desc + (1 + ndim) * (k + 1);
+        in[k] = arena + d[0];
+        istr[k] = d + 1;
+    }
+    int64_t index[MAXDIM] = {0};
+    int64_t last = ndim - 1, n = sizes[last];
+    int64_t so = ostr[last], s0 = istr[0][last], s1 = istr[1][last], s2 = istr[2][last];
+    int contiguous = so == 1 && s0 == 1 && s1 == 1 && s2 == 1;
+    double p0 = p[0], p1 = p[1];
+    int64_t outer = 1;
+    for (int64_t d = 0; d < last; d++) outer *= sizes[d];
+    for (int64_t o = 0; o < outer; o++) {
+        int64_t oo = 0, i0 = 0, i1 = 0, i2 = 0;
+        for (int64_t d = 0; d < last; d++) {
+            oo += index[d] * ostr[d];
+            i0 += index[d] * istr[0][d];
+            i1 += index[d] * istr[1][d];
+            i2 += index[d] * istr[2][d];
+        }
+        double *O = out + oo;
+        const double *A = in[0] + i0, *B = in[1] + i1, *C = in[2] + i2;
+        /* one loop per function; the contiguous one is left to the vectoriser */
+#define LOOP(code, expression) \
+        case code: \
+            if (contiguous) \
+                for (int64_t i = 0; i < n; i++) { \
+                    double a = A[i], b = B[i], c = C[i]; (void)a; (void)b; (void)c; \
+                    O[i] = (expression); \
+                } \
+            else \
+                for (int64_t i = 0; i < n; i++) { \
+                    double a = A[i * s0], b = B[i * s1], c = C[i * s2]; \
+                    (void)a; (void)b; (void)c; \
+                    O[i * so] = (expression); \
+                } \
+            break;
+        switch (fn) { FUNCTIONS(LOOP) default: break; }
+#undef LOOP
+        if (round)
+            for (int64_t i = 0; i < n; i++) O[i * so] = store(O[i * so], round);
+        for (int64_t d = last - 1; d >= 0; d--) {
+            if (++index[d] < sizes[d]) break;
+            index[d] = 0;
+        }
+    }
+    return desc + (1 + ndim) * (nin + 1);
+}
+
+/* Reduce the trailing nred dimensions of a strided input into each output element. */
+static const int64_t *run_reduce(double *arena, const int64_t *w, const double *params) {
+    int64_t kind = w[0], nout = w[1], nred = w[2], round = w[3];
+    const double *p = params + w[4];
+    const int64_t *osizes = w + 5, *rsizes = osizes + nout;
+    const int64_t *odesc = rsizes + nred;
+    const int64_t *idesc = odesc + 1 + nout;
+    const int64_t *iostr = idesc + 1, *irstr = iostr + nout;
+    double *out = arena + odesc[0];
+    const double *in = arena + idesc[0];
+    int64_t oindex[MAXDIM] = {0}, rindex[MAXDIM] = {0};
+    int64_t outer = 1, count = 1;
+    for (int64_t d = 0; d < nout; d++) outer *= osizes[d];
+    for (int64_t d = 0; d < nred; d++) count *= rsizes[d];
+    for (int64_t o = 0; o < outer; o++) {
+        int64_t oo = 0, io = 0, inner = count;
+        for (int64_t d = 0; d < nout; d++) {
+            oo += oindex[d] * odesc[1 + d];
+            io += oindex[d] * iostr[d];
+        }
+        double acc, best = 0;
+        int64_t arg = 0;
+        switch (kind) {
+        case R_PROD: case R_ALL: acc = 1; break;
+        case R_MAX: case R_ARGMAX: case R_LOGSUMEXP: acc = -INFINITY; break;
+        case R_MIN: case R_ARGMIN: acc = INFINITY; break;
+        default: acc = 0;
+        }
+        int nan = 0;
+        if (nred == 1 && (kind == R_SUM || kind == R_PROD)) {  /* the common case, tight */
+            const double *I = in + io;
+            int64_t s = irstr[0];
+            if (kind == R_SUM) for (int64_t r = 0; r < inner; r++) acc += I[r * s];
+            else for (int64_t r = 0; r < inner; r++) acc *= I[r * s];
+            inner = 0;  /* done: skip the general loop below */
+        }
+        memset(rindex, 0, sizeof rindex);
+        for (int64_t r = 0; r < inner; r++) {
+            int64_t off = io;
+            for (int64_t d = 0; d < nred; d++) off += rindex[d] * irstr[d];
+            double v = in[off];
+            switch (kind) {
+            case R_SUM: acc += v; break;
+            case R_PROD: acc *= v; break;
+            case R_MAX: case R_LOGSUMEXP: if (v != v) nan = 1; else if (v > acc) acc = v; break;
+            case R_MIN: if (v != v) nan = 1; else if (v < acc) acc = v; break;
+            case R_ARGMAX: if (!nan && (v != v || v > acc || r == 0)) { acc = v; arg = r; nan = v != v; } break;
+            case R_ARGMIN: if (!nan && (v != v || v < acc || r == 0)) { acc = v; arg = r; nan = v != v; } break;
+            case R_ANY: acc = acc || v != 0; break;
+            case R_ALL: acc = acc && v != 0; break;
+            }
+            for (int64_t d = nred - 1; d >= 0; d--) {
+                if (++rindex[d] < rsizes[d]) break;
+                rindex[d] = 0;
+            }
+        }
+        if (kind == R_LOGSUMEXP && !nan) {
+            best = acc;
+            double sum = 0;
+            memset(rindex, 0, sizeof rindex);
+            for (int64_t r = 0; r < count; r++) {
+                int64_t off = io;
+                for (int64_t d = 0; d < nred; d++) off += rindex[d] * irstr[d];
+                if (isfinite(best)) sum += exp(in[off] - best);
+                else sum += in[off] == best ? 1 : 0;
+                for (int64_t d = nred - 1; d >= 0; d--) {
+                    if (++rindex[d] < rsizes[d]) break;
+                    rindex[d] = 0;
+                }
+            }
+            acc = isinf(best) && best < 0 ? best : best + log(sum);
+            if (isinf(best) && best > 0) acc = best;
+        }
+        if ((kind == R_MAX || kind == R_MIN || kind == R_LOGSUMEXP) && nan) acc = NAN;
+        if (kind == R_ARGMAX || kind == R_ARGMIN) acc = (double)arg;
+        if (kind == R_SUM) acc *= p[0];
+        out[oo] = store(acc, round);
+        for (int64_t d = nout - 1; d >= 0; d--) {
+            if (++oindex[d] < osizes[d]) break;
+            oindex[d] = 0;
+        }
+    }
+    return irstr + nred;
+}
+
+static const int64_t *run_scan(double *arena, const int64_t *w, const double *params) {
+    int64_t kind = w[0], nout = w[1], round = w[2];
+    (void)params;
+    const int64_t *osizes = w + 4;
+    int64_t n = osizes[nout];
+    const int64_t *odesc = osizes + nout + 1;
+    int64_t oscan = odesc[1 + nout];
+    const int64_t *idesc = odesc + 2 + nout;
+    int64_t iscan = idesc[1 + nout];
+    int64_t index[MAXDIM] = {0}, outer = 1;
+    for (int64_t d = 0; d < nout; d++) outer *= osizes[d];
+    for (int64_t o = 0; o < outer; o++) {
+        int64_t oo = odesc[0], io = idesc[0];
+        for (int64_t d = 0; d < nout; d++) {
+            oo += index[d] * odesc[1 + d];
+            io += index[d] * idesc[1 + d];
+        }
+        double acc = kind == S_CUMPROD ? 1 : (kind == S_LOGCUMSUMEXP ? -INFINITY : 0);
+        for (int64_t i = 0; i < n; i++) {
+            double v = arena[io + i * iscan];
+            if (kind == S_CUMSUM) acc += v;
+            else if (kind == S_CUMPROD) acc *= v;
+            else {
+                double m = acc > v ? acc : v;
+                acc = m == -INFINITY ? m : m + log1p(exp(-fabs(acc - v)));
+            }
+            arena[oo + i * oscan] = store(acc, round);
+        }
+        for (int64_t d = nout - 1; d >= 0; d--) {
+            if (++index[d] < osizes[d]) break;
+            index[d] = 0;
+        }
+    }
+    return idesc + 2 + nout;
+}
+
+/* Iterate the batch dimensions of a batched matrix instruction: offsets of 3 operands. */
+typedef struct { int64_t nb, count; const int64_t *sizes; } batch_t;
+
+static void batch_offsets(batch_t b, int64_t flat, const int64_t *s0, const int64_t *s1,
+                          const int64_t *s2, int64_t *o0, int64_t *o1, int64_t *o2) {
+    *o0 = *o1 = *o2 = 0;
+    for (int64_t d = b.nb - 1; d >= 0; d--) {
+        int64_t i = flat % b.sizes[d];
+        flat /= b.sizes[d];
+        *o0 += i * s0[d];
+        *o1 += i * s1[d];
+        if (s2) *o2 += i * s2[d];
+    }
+}
+
+static const int64_t *run_matmul(double *arena, const int64_t *w) {
+    int64_t nb = w[0], round = w[1];
+    const int64_t *bsizes = w + 2;
+    int64_t M = bsizes[nb], K = bsizes[nb + 1], N = bsizes[nb + 2];
+    const int64_t *o = bsizes + nb + 3, *a = o + nb + 3, *b = a + nb + 3;
+    batch_t batch = {nb, 1, bsizes};
+    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
+    int64_t osm = o[1 + nb], osn = o[2 + nb], asm_ = a[1 + nb], ask = a[2 + nb];
+    int64_t bsk = b[1 + nb], bsn = b[2 + nb];
+    for (int64_t t = 0; t < batch.count; t++) {
+        int64_t oo, ao, bo;
+        batch_offsets(batch, t, o + 1, a + 1, b + 1, &oo, &ao, &bo);
+        double *O = arena + o[0] + oo;
+        const double *A = arena + a[0] + ao, *B = arena + b[0] + bo;
+        /* tiles of 2 rows x 4 columns accumulate in registers (8 independent chains) */
+        int64_t i = 0;
+        for (; i + 2 <= M; i += 2) {
+            const double *A0 = A + i * asm_, *A1 = A0 + asm_;
+            int64_t j = 0;
+            for (; j + 4 <= N; j += 4) {
+                double c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+                const double *Bj = B + j * bsn;
+                for (int64_t k = 0; k < K; k++) {
+                    double a0 = A0[k * ask], a1 = A1[k * ask];
+                    const double *b = Bj + k * bsk;
+                    double b0 = b[0], b1 = b[bsn], b2 = b[2 * bsn], b3 = b[3 * bsn];
+                    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+                    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+                }
+                double *o0 = O + i * osm + j * osn, *o1 = o0 + osm;
+                o0[0] = c00; o0[osn] = c01; o0[2 * osn] = c02; o0[3 * osn] = c03;
+                o1[0] = c10; o1[osn] = c11; o1[2 * osn] = c12; o1[3 * osn] = c13;
+            }
+            for (; j < N; j++) {
+                double c0 = 0, c1 = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    double bk = B[k * bsk + j * bsn];
+                    c0 += A0[k * ask] * bk;
+                    c1 += A1[k * ask] * bk;
+                }
+                O[i * osm + j * osn] = c0;
+                O[(i + 1) * osm + j * osn] = c1;
+            }
+        }
+        for (; i < M; i++)
+            for (int64_t j = 0; j < N; j++) {
+                double c = 0;
+                for (int64_t k = 0; k < K; k++) c += A[i * asm_ + k * ask] * B[k * bsk + j * bsn];
+                O[i * osm + j * osn] = c;
+            }
+        if (round)
+            for (int64_t r = 0; r < M; r++)
+                for (int64_t j = 0; j < N; j++)
+                    O[r * osm + j * osn] = store(O[r * osm + j * osn], round);
+    }
+    return b + nb + 3;
+}
+
+/* Lower Cholesky factor of each matrix (its lower triangle is read); -1 if not SPD. */
+static const int64_t *run_cholesky(double *arena, const int64_t *w, int *status) {
+    int64_t nb = w[0];
+    const int64_t *bsizes = w + 1;
+    int64_t n = bsizes[nb];
+    const int64_t *o = bsizes + nb + 1, *a = o + nb + 3;
+    batch_t batch = {nb, 1, bsizes};
+    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
+    int64_t osr = o[1 + nb], osc = o[2 + nb], asr = a[1 + nb], asc = a[2 + nb];
+    for (int64_t t = 0; t < batch.count; t++) {
+        int64_t oo, ao, unused;
+        batch_offsets(batch, t, o + 1, a + 1, NULL, &oo, &ao, &unused);
+        double *L = arena + o[0] + oo;
+        const double *A = arena + a[0] + ao;
+        for (int64_t j = 0; j < n; j++) {
+            double s = A[j * asr + j * asc];
+            for (int64_t k = 0; k < j; k++) s -= L[j * osr + k * osc] * L[j * osr + k * osc];
+            if (!(s > 0)) { *status = -1; return a + nb + 3; }
+            double d = sqrt(s);
+            L[j * osr + j * osc] = d;
+            for (int64_t i = j + 1; i < n; i++) {
+                double v = A[i * asr + j * asc];
+                for (int64_t k = 0; k < j; k++) v -= L[i * osr + k * osc] * L[j * osr + k * osc];
+                L[i * osr + j * osc] = v / d;
+            }
+            for (int64_t i = 0; i < j; i++) L[i * osr + j * osc] = 0;
+        }
+    }
+    return a + nb + 3;
+}
+
+/* X with A X = B, A triangular (n x n), B (n x k); X may not alias A. */
+static const int64_t *run_trisolve(double *arena, const int64_t *w) {
+    int64_t nb = w[0], upper = w[1], unit = w[2];
+    const int64_t *bsizes = w + 3;
+    int64_t n = bsizes[nb], k = bsizes[nb + 1];
+    const int64_t *o = bsizes + nb + 2, *a = o + nb + 3, *b = a + nb + 3;
+    batch_t batch = {nb, 1, bsizes};
+    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
+    int64_t osr = o[1 + nb], osc = o[2 + nb], asr = a[1 + nb], asc = a[2 + nb];
+    int64_t bsr = b[1 + nb], bsc = b[2 + nb];
+    for (int64_t t = 0; t < batch.count; t++) {
+        int64_t oo, ao, bo;
+        batch_offsets(batch, t, o + 1, a + 1, b + 1, &oo, &ao, &bo);
+        double *X = arena + o[0] + oo;
+        const double *A = arena + a[0] + ao, *B = arena + b[0] + bo;
+        for (int64_t c = 0; c < k; c++) {
+            for (int64_t s = 0; s < n; s++) {
+                int64_t i = upper ? n - 1 - s : s;
+                double v = B[i * bsr + c * bsc];
+                if (upper)
+                    for (int64_t j = i + 1; j < n; j++) v -= A[i * asr + j * asc] * X[j * osr + c * osc];
+                else
+                    for (int64_t j = 0; j < i; j++) v -= A[i * asr + j * asc] * X[j * osr + c * osc];
+                X[i * osr + c * osc] = unit ? v : v / A[i * asr + i * asc];
+            }
+        }
+    }
+    return b + nb + 3;
+}
+
+static const int64_t *run_gather(double *arena, const int64_t *w, const double *params) {
+    int64_t ndim = w[0], round = w[1];
+    double fill = params[w[2]];
+    const int64_t *sizes = w + 3, *odesc = sizes + ndim;
+    int64_t count = odesc[1 + ndim];
+    const int64_t *addr = odesc + 2 + ndim;
+    int64_t index[MAXDIM] = {0};
+    for (int64_t e = 0; e < count; e++) {
+        int64_t oo = odesc[0];
+        for (int64_t d = 0; d < ndim; d++) oo += index[d] * odesc[1 + d];
+        arena[oo] = store(addr[e] ? arena[addr[e] - 1] : fill, round);
+        for (int64_t d = ndim - 1; d >= 0; d--) {
+            if (++index[d] < sizes[d]) break;
+            index[d] = 0;
+        }
+    }
+    return addr + count;
+}
+
+/* Run a tape; 0, or -1 where a Cholesky factorisation failed. */
+int tape_run(double *arena, const int64_t *code, int64_t length, const double *params) {
+    const int64_t *w = code, *end = code + length;
+    int status = 0;
+    while (w < end && status == 0) {
+        switch (*w++) {
+        case I_MAP: w = run_map(arena, w, params); break;
+        case I_REDUCE: w = run_reduce(arena, w, params); break;
+        case I_SCAN: w = run_scan(arena, w, params); break;
+        case I_MATMUL: w = run_matmul(arena, w); break;
+        case I_CHOL: w = run_cholesky(arena, w, &status); break;
+        case I_TRISOLVE: w = run_trisolve(arena, w); break;
+        case I_GATHER: w = run_gather(arena, w, params); break;
+        case I_SCATTER: {
+            int64_t count = *w++;
+            for (int64_t e = 0; e < count; e++) arena[w[count + e]] += arena[w[e]];
+            w += 2 * count;
+            break;
+        }
+        default: return -2;
+        }
+    }
+    return status;
+}
