@@ -137,8 +137,11 @@ def test_meanfield_sd_ratio_is_sqrt_one_minus_rho_squared(correlated_fits):
 
 @pytest.fixture(scope="module")
 def eight_schools_fits():
+    # Stan's diagonal metric: the funnel then diverges by the dozen (27-159 times over
+    # seeds 0-5), so the locator has many divergent draws to place; the low-rank default
+    # diverges 1-14 times there, too few to place them reliably.
     with pytest.warns(DiagnosticWarning) as caught:
-        centred = infer(centered, method="nuts", progress=False)
+        centred = infer(centered, method="nuts", progress=False, mass_matrix="diag")
     return {"centred": centred, "noncentred": infer(noncentered, method="nuts", progress=False),
             "caught": [str(w.message) for w in caught]}
 

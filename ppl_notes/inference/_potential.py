@@ -224,6 +224,8 @@ class BatchedPotential:
         divergence and the other chains of the batch go on.
         """
         try:
+            if self.compiler == "tape":
+                return self._value_and_grad.evaluate(positions)
             if self._value_and_grad is not None:
                 value, grad = self._value_and_grad(
                     torch.from_numpy(np.ascontiguousarray(positions)))
@@ -231,6 +233,10 @@ class BatchedPotential:
             return _eager_value_and_grad(self._fn, positions)
         except (RuntimeError, ValueError) as error:
             return self._point_by_point(positions, error)
+
+    def native(self) -> tuple[int, int] | None:
+        """The potential as a C function for the C NUTS transitions (a tape's), or None."""
+        return self._value_and_grad.native() if self.compiler == "tape" else None
 
     def _point_by_point(self, positions: np.ndarray, error: Exception):
         """Each point alone (uncompiled): those that raise get potential +inf."""

@@ -35,7 +35,7 @@ enum {
     F_GE, F_EQ, F_NE, F_AND, F_OR, F_NOT, F_WHERE, F_MASKED_FILL, F_CLAMP, F_MAXIMUM,
     F_MINIMUM, F_FLOOR, F_XLOG1PY, F_ATAN, F_LOG2, F_EXP2, F_ERFINV_UNUSED, F_SQUARE,
     F_CEIL, F_ROUND, F_TRUNC, F_DIV_TRUNC_UNUSED, F_LOGADDEXP, F_SIGMOID_BW_X,
-    F_ATAN_BW_UNUSED, F_POLYGAMMA1
+    F_ATAN_BW_UNUSED, F_POLYGAMMA
 };
 
 enum { R_SUM = 0, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL };
@@ -52,23 +52,26 @@ static double digamma(double x) {
         /* reflection: psi(1 - x) - psi(x) = pi cot(pi x) */
         return digamma(1 - x) - PI / tan(PI * x);
     }
-    while (x < 6) { result -= 1 / x; x += 1; }
+    while (x < 10) { result -= 1 / x; x += 1; }
     double f = 1 / (x * x);
     return result + log(x) - 0.5 / x
         - f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f / 132))));
 }
 
-static double trigamma(double x) {
-    double result = 0;
-    if (x <= 0 && x == floor(x)) return INFINITY;
-    if (x < 0) {  /* psi1(1 - x) + psi1(x) = pi^2 / sin^2(pi x) */
-        double s = sin(PI * x);
-        return -trigamma(1 - x) + PI * PI / (s * s);
-    }
-    while (x < 6) { result += 1 / (x * x); x += 1; }
-    double f = 1 / (x * x);
-    return result + 1 / x + f / 2
-        + (1 / (x * x * x)) * (1.0 / 6 - f * (1.0 / 30 - f * (1.0 / 42 - f / 30)));
+/* psi^(n)(x), n >= 1: the recurrence up to x >= 20 + n, then the asymptotic series
+ * (-1)^(n+1) [(n-1)!/x^n + n!/(2x^(n+1)) + sum_k B_2k (2k+n-1)!/((2k)! x^(2k+n))]. */
+static double polygamma(double n, double x) {
+    if (x <= 0 && x == floor(x)) return NAN;
+    if (x < 0) return NAN;  /* no reflection for n >= 1 here */
+    static const double bernoulli[] = {1.0 / 6, -1.0 / 30, 1.0 / 42, -1.0 / 30, 5.0 / 66,
+                                       -691.0 / 2730, 7.0 / 6};
+    double sign = fmod(n, 2) == 1 ? 1 : -1;  /* (-1)^(n+1) */
+    double factorial = tgamma(n + 1), shift = 0;
+    while (x < 20 + n) { shift += factorial / pow(x, n + 1); x += 1; }
+    double series = tgamma(n) / pow(x, n) + factorial / (2 * pow(x, n + 1));
+    for (int k = 1; k <= 7; k++)
+        series += bernoulli[k - 1] * exp(lgamma(2 * k + n) - lgamma(2 * k + 1)) / pow(x, 2 * k + n);
+    return sign * (series + shift);
 }
 
 static inline double store(double v, int64_t round) {
@@ -126,7 +129,7 @@ static double logaddexp(double a, double b) {
     X(F_TANH, tanh(a)) \
     X(F_LGAMMA, lgamma(a)) \
     X(F_DIGAMMA, digamma(a)) \
-    X(F_POLYGAMMA1, trigamma(a)) \
+    X(F_POLYGAMMA, polygamma(p0, a)) \
     X(F_ERF, erf(a)) \
     X(F_ERFC, erfc(a)) \
     X(F_RECIP, 1 / a) \
@@ -521,4 +524,27 @@ int tape_run(double *arena, const int64_t *code, int64_t length, const double *p
         }
     }
     return status;
+}
+
+/* The tape as a batched potential for the C NUTS transitions (_trajectory.c's
+   potential_fn): positions in, potentials and gradients out through index lists. */
+typedef struct {
+    double *arena;
+    const int64_t *code;
+    int64_t length;
+    const double *params;
+    int64_t input, size;  /* where the positions go: arena[input .. input + size) */
+    const int64_t *value_index, *grad_index;
+    int64_t values, grads;
+} tape_potential_t;
+
+int tape_potential(void *context, const double *positions, double *potentials,
+                   double *grads) {
+    tape_potential_t *t = context;
+    memcpy(t->arena + t->input, positions, (size_t)t->size * sizeof(double));
+    int status = tape_run(t->arena, t->code, t->length, t->params);
+    if (status != 0) return status;
+    for (int64_t i = 0; i < t->values; i++) potentials[i] = t->arena[t->value_index[i]];
+    for (int64_t i = 0; i < t->grads; i++) grads[i] = t->arena[t->grad_index[i]];
+    return 0;
 }

@@ -55,7 +55,7 @@ _FUNCTIONS = (
     "SIGN SIGMOID TANH LGAMMA DIGAMMA ERF ERFC RECIP SIN COS SIGMOID_BW TANH_BW SOFTPLUS "
     "SOFTPLUS_BW LOGSIGMOID LOGSIGMOID_BW XLOGY LT LE GT GE EQ NE AND OR NOT WHERE "
     "MASKED_FILL CLAMP MAXIMUM MINIMUM FLOOR XLOG1PY ATAN LOG2 EXP2 ERFINV_UNUSED SQUARE "
-    "CEIL ROUND TRUNC DIV_TRUNC_UNUSED LOGADDEXP SIGMOID_BW_X ATAN_BW_UNUSED POLYGAMMA1"
+    "CEIL ROUND TRUNC DIV_TRUNC_UNUSED LOGADDEXP SIGMOID_BW_X ATAN_BW_UNUSED POLYGAMMA"
 ).split()
 F = {name: code for code, name in enumerate(_FUNCTIONS)}
 R_SUM, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL = range(9)
@@ -572,6 +572,16 @@ def _rsub(t: _Translator, step: _Step) -> None:
           params=(alpha,), dtype=step.outputs[0].dtype)
 
 
+@_handles("bitwise_not")
+def _bitwise_not(t: _Translator, step: _Step) -> None:
+    dtype = step.outputs[0].dtype
+    if dtype == torch.bool:
+        t.map("NOT", _out(t, step), [t.operand(step.args[0])], dtype=dtype)
+    else:  # two's complement: ~v = -v - 1
+        t.map("AFFINE", _out(t, step), [t.operand(step.args[0])], params=(-1.0, -1.0),
+              dtype=dtype)
+
+
 @_handles("neg", "neg_")
 def _neg(t: _Translator, step: _Step) -> None:
     out = t.view(step.args[0]) if step.func._schema.is_mutable else _out(t, step)
@@ -633,6 +643,13 @@ def _clamp(t: _Translator, step: _Step) -> None:
           dtype=step.outputs[0].dtype)
 
 
+@_handles("relu", "relu_")
+def _relu(t: _Translator, step: _Step) -> None:
+    out = t.view(step.args[0]) if step.func._schema.is_mutable else _out(t, step)
+    t.map("CLAMP", out, [t.operand(step.args[0])], params=(0.0, math.inf),
+          dtype=step.outputs[0].dtype)
+
+
 @_handles("softplus")
 def _softplus(t: _Translator, step: _Step) -> None:
     beta, threshold = _arg(step, 1, "beta", 1.0), _arg(step, 2, "threshold", 20.0)
@@ -657,10 +674,8 @@ def _log_sigmoid_forward(t: _Translator, step: _Step) -> None:
 @_handles("polygamma")
 def _polygamma(t: _Translator, step: _Step) -> None:
     order, source = step.args[:2]
-    if order not in (0, 1):
-        raise Unsupported(f"polygamma of order {order}")
-    t.map("DIGAMMA" if order == 0 else "POLYGAMMA1", _out(t, step), [t.operand(source)],
-          dtype=step.outputs[0].dtype)
+    t.map("DIGAMMA" if order == 0 else "POLYGAMMA", _out(t, step), [t.operand(source)],
+          params=(order,), dtype=step.outputs[0].dtype)
 
 
 def _dims(value, ndim: int) -> list[int]:
@@ -859,16 +874,29 @@ def _index_put(t: _Translator, step: _Step) -> None:
     out = t.view(out_tensor)
     if not step.func._schema.is_mutable:  # out starts as a copy of source
         t.map("COPY", out, [t.view(source)], dtype=out_tensor.dtype)
-    out_positions = _position_tensor(out, 0)
-    targets = out_positions[tuple(slice(None) if i is None else i for i in indices)]
+    targets = _position_tensor(out, 0)[tuple(slice(None) if i is None else i for i in indices)]
+    _scatter_add(t, out, targets, values)
+
+
+@_handles("index_add")
+def _index_add(t: _Translator, step: _Step) -> None:
+    source, dim, index, values = step.args[:4]
+    if step.kwargs.get("alpha", 1) != 1 or t.is_variable(index):
+        raise Unsupported(f"{step.func} with alpha or indices that depend on the point")
+    out = _out(t, step)
+    t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
+    _scatter_add(t, out, _position_tensor(out, 0).index_select(dim, index), values)
+
+
+def _scatter_add(t: _Translator, out: _View, targets: torch.Tensor, values) -> None:
+    """``out`` at positions ``targets`` (from :func:`_position_tensor`, owner 0) ``+=``
+    ``values`` broadcast to their shape; repeated targets accumulate."""
     value_view = t.view(values) if isinstance(values, torch.Tensor) else t.scalar(values)
     sources = _position_tensor(value_view, 0).expand(targets.shape)
-    pairs = [_AddressTable([value_view.buffer], sources.reshape(-1).numpy() - 1,
-                           np.zeros(sources.numel(), dtype=np.int64)),
-             _AddressTable([out.buffer], targets.reshape(-1).numpy() - 1,
-                           np.zeros(targets.numel(), dtype=np.int64))]
-    words = [I_SCATTER, int(targets.numel()), *pairs]
-    t.emit(words, [value_view, out], [out])
+    zeros = np.zeros(targets.numel(), dtype=np.int64)
+    pairs = [_AddressTable([value_view.buffer], sources.reshape(-1).numpy() - 1, zeros),
+             _AddressTable([out.buffer], targets.reshape(-1).numpy() - 1, zeros)]
+    t.emit([I_SCATTER, int(targets.numel()), *pairs], [value_view, out], [out])
 
 
 # -- assembling ---------------------------------------------------------------------------
@@ -925,20 +953,48 @@ class Tape:
         self._grad_index = _indices(outputs[1])
         self._args = (self.arena.ctypes.data, self.code.ctypes.data, int(self.code.size),
                       self.params.ctypes.data)
+        self._value_flat = np.ascontiguousarray(self._value_index.reshape(-1))
+        self._grad_flat = np.ascontiguousarray(self._grad_index.reshape(-1))
+        self._context = _TapePotential(
+            self.arena.ctypes.data, self.code.ctypes.data, int(self.code.size),
+            self.params.ctypes.data, self._input.start, self._input.stop - self._input.start,
+            self._value_flat.ctypes.data, self._grad_flat.ctypes.data,
+            int(self._value_flat.size), int(self._grad_flat.size))
+
+    def native(self) -> tuple[int, int]:
+        """``(function, context)`` addresses: the tape as a C batched potential
+        (``int f(void *context, const double *positions, double *potentials,
+        double *grads)``) that the C NUTS transitions call without Python; valid while
+        this tape lives."""
+        function = ctypes.cast(self.lib.tape_potential, ctypes.c_void_p).value
+        return function, ctypes.addressof(self._context)
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Potentials and gradients at ``points``, a ``(batch, dim)`` float64 tensor."""
-        if tuple(points.shape) != self.shape:
+        value, grad = self.evaluate(points.detach().numpy())
+        return torch.from_numpy(value), torch.from_numpy(grad)
+
+    def evaluate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`__call__` on and to NumPy arrays (float64, ``(batch, dim)``)."""
+        if points.shape != self.shape:
             raise ValueError(f"the tape was recorded for shape {self.shape}, "
-                             f"got {tuple(points.shape)}")
-        self.arena[self._input] = points.detach().numpy().reshape(-1)
+                             f"got {points.shape}")
+        self.arena[self._input] = points.reshape(-1)
         status = self.lib.tape_run(*self._args)
         if status != 0:
             raise RuntimeError("linalg.cholesky: the input is not positive-definite "
                                "(in the potential's tape)")
-        value = torch.from_numpy(self.arena[self._value_index])
-        grad = torch.from_numpy(self.arena[self._grad_index])
-        return value, grad
+        return self.arena[self._value_index], self.arena[self._grad_index]
+
+
+class _TapePotential(ctypes.Structure):
+    """``tape_potential_t`` of ``_tape.c``."""
+
+    _fields_ = [("arena", ctypes.c_void_p), ("code", ctypes.c_void_p),
+                ("length", ctypes.c_int64), ("params", ctypes.c_void_p),
+                ("input", ctypes.c_int64), ("size", ctypes.c_int64),
+                ("value_index", ctypes.c_void_p), ("grad_index", ctypes.c_void_p),
+                ("values", ctypes.c_int64), ("grads", ctypes.c_int64)]
 
 
 def _indices(view: _View) -> np.ndarray:

@@ -485,6 +485,24 @@ int nuts_resume_batch(void **chains, int count, const double *potentials,
     return done;
 }
 
+/* A batched potential in C: positions (count x dim) -> potentials, gradients; 0 or an
+   error (the caller then evaluates those positions itself and resumes). */
+typedef int (*potential_fn)(void *context, const double *positions, double *potentials,
+                            double *grads);
+
+/* Leapfrog steps for every running chain, the potential evaluated by `potential`, until
+   a transition finishes (returns how many, their indices in `finished`) or the
+   potential fails (returns -1; nothing has moved). */
+int nuts_run_batch(void **chains, int count, double *requests, int *finished,
+                   potential_fn potential, void *context, double *potentials,
+                   double *grads) {
+    for (;;) {
+        if (potential(context, requests, potentials, grads) != 0) return -1;
+        int done = nuts_resume_batch(chains, count, potentials, grads, requests, finished);
+        if (done) return done;
+    }
+}
+
 /* The finished transition: the sampled point and the statistics. */
 void nuts_result(void *chain, double *q, double *grad, double *stats) {
     Chain *c = chain;

@@ -97,6 +97,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.nuts_resume_batch.restype = integer
     lib.nuts_result.argtypes = [pointer, pointer, pointer, pointer]
     lib.nuts_result.restype = None
+    lib.nuts_run_batch.argtypes = [pointer, integer, pointer, pointer, pointer, pointer,
+                                   pointer, pointer]
+    lib.nuts_run_batch.restype = integer
 
 
 def _address(array: np.ndarray) -> int:
@@ -125,6 +128,8 @@ class NativeTransitions:
         self._addresses = (_address(self.requests), _address(self._finished))
         self._metrics: list[object | None] = [None] * count
         self._stats = np.zeros(6)
+        self._potentials: np.ndarray | None = None  # run()'s buffers
+        self._grads: np.ndarray | None = None
 
     def close(self) -> None:
         """Free the C states."""
@@ -177,6 +182,23 @@ class NativeTransitions:
         self.running -= done
         finished = self._finished[:done].tolist()
         return finished
+
+    def run(self, native_potential: tuple[int, int]) -> list[int] | None:
+        """Leapfrog steps, the potential evaluated in C by ``native_potential``
+        (``(function, context)``, e.g. :meth:`~ppl_notes.inference._tape.Tape.native`),
+        until a transition finishes: the chains that finished, or None where the
+        potential failed (then nothing has moved: evaluate ``requests`` and
+        :meth:`resume`)."""
+        if self._potentials is None:
+            self._potentials, self._grads = np.zeros(self.count), np.zeros((self.count, self.dim))
+        function, context = native_potential
+        done = self.lib.nuts_run_batch(self._state_array, self.count, *self._addresses,
+                                       function, context, _address(self._potentials),
+                                       _address(self._grads))
+        if done < 0:
+            return None
+        self.running -= done
+        return self._finished[:done].tolist()
 
     def result(self, chain: int):
         """The finished transition of chain ``chain``."""

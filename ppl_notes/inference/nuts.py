@@ -8,8 +8,10 @@ after sampling each draw's discrete sites are drawn from p(z | x, θ) with
 Two engines compute the same posterior:
 
 * ``engine="fast"`` (default): the potential and gradient of a batch of chains are
-  captured once as one graph and compiled (inductor, or TorchScript; the story's
-  hand-marginalised form when it has one) and driven by ppl_notes' own NUTS: the tree
+  recorded once as a tape of tensor operations that a C interpreter runs
+  (:mod:`~ppl_notes.inference._tape`: no compilation per story; inductor compiles the
+  few stories it cannot record; the story's hand-marginalised form when it has one) and
+  driven by ppl_notes' own NUTS: the tree
   building in C (:mod:`~ppl_notes.inference._trajectory`, Python where no C compiler
   exists), the chains in lockstep so that one potential call serves them all, groups of
   chains in parallel worker processes; the metric is adapted as Stan does (the draws'

@@ -804,14 +804,18 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential,
     true, else as Python generators; both make the same draws. The chains' trees differ,
     so each asks for its own next position; a chain that has finished keeps its last
     position in the batch (its result is ignored). The cost per call is nearly that of
-    one chain where per-operation overhead dominates.
+    one chain where per-operation overhead dominates. A potential whose ``native()``
+    gives a C function (a :class:`~ppl_notes.inference._tape.Tape`'s) is called by the C
+    transitions themselves: Python then sees only finished transitions, not each
+    leapfrog step.
 
     Parameters
     ----------
     processes : list of generators
         From :func:`chain_process`.
     potential : callable
-        ``potential(Q) -> (U, dU/dQ)`` for a ``(chains, dim)`` batch.
+        ``potential(Q) -> (U, dU/dQ)`` for a ``(chains, dim)`` batch; optionally with a
+        ``native()`` method returning ``(function, context)`` addresses or None.
     native : bool
         Use the C transitions where they are available.
     """
@@ -844,12 +848,19 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential,
     for chain, request in enumerate(first):
         take(chain, request)
     active = set(range(count))
+    # a potential that C can call itself (a tape): whole trajectories without Python
+    native_potential = getattr(potential, "native", lambda: None)()
     try:
         while active:
-            values, grads = potential(positions)
-            ready = list(waiting)
-            if engine is not None and engine.running:
-                ready.extend(engine.resume(values, grads))
+            ready = None
+            if native_potential is not None and not waiting and engine is not None \
+                    and engine.running:
+                ready = engine.run(native_potential)
+            if ready is None:
+                values, grads = potential(positions)
+                ready = list(waiting)
+                if engine is not None and engine.running:
+                    ready.extend(engine.resume(values, grads))
             for chain in ready:
                 if chain not in waiting:
                     reply = engine.result(chain)

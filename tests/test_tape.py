@@ -1,0 +1,285 @@
+"""The potential tape: recorded aten operations run by the C interpreter.
+
+The truth is eager PyTorch: each computation is run by autograd and by its tape at
+points other than the one recorded, and the two must agree to rounding (float64 ops in
+a different order and another libm: 1e-9 relative).
+"""
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_notes import infer, model
+from ppl_notes.inference import _tape
+from ppl_notes.inference._potential import BatchedPotential, _eager_value_and_grad
+
+pytestmark = pytest.mark.skipif(_tape.library() is None, reason="no C compiler here")
+
+BATCH, DIM = 3, 4
+
+
+def _value_and_grad(function):
+    def value_and_grad(x):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = function(x)
+            (grad,) = torch.autograd.grad(value.sum(), x)
+        return value.detach(), grad.detach()
+    return value_and_grad
+
+
+def assert_tape_matches(function, dim=DIM, scale=1.0, shift=0.0, seed=0):
+    """Record ``function`` (batch -> per-row value) at one point; compare at others."""
+    rng = np.random.default_rng(seed)
+    example = torch.from_numpy(rng.normal(shift, scale, (BATCH, dim)))
+    with pyro.validation_enabled(False):  # as the potential records: checks read values
+        tape = _tape.Tape(_value_and_grad(function), example)
+    for _ in range(4):
+        x = rng.normal(shift, scale, (BATCH, dim))
+        value, grad = tape(torch.from_numpy(x))
+        expected_value, expected_grad = _eager_value_and_grad(function, x)
+        np.testing.assert_allclose(value.numpy(), expected_value, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-9, atol=1e-12)
+    return tape
+
+
+UNARY = {
+    "exp": torch.exp, "log": lambda x: torch.log(x.abs() + 0.5), "log1p": lambda x: torch.log1p(x.abs()),
+    "expm1": torch.expm1, "sqrt": lambda x: (x * x + 1).sqrt(), "rsqrt": lambda x: (x * x + 1).rsqrt(),
+    "abs": torch.abs, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "lgamma": lambda x: torch.lgamma(x.abs() + 0.3), "digamma": lambda x: torch.digamma(x.abs() + 0.3),
+    "erf": torch.erf, "erfc": torch.erfc, "reciprocal": lambda x: (x * x + 1).reciprocal(),
+    "sin": torch.sin, "cos": torch.cos, "atan": torch.atan,
+    "softplus": torch.nn.functional.softplus,
+    "softplus_beta": lambda x: torch.nn.functional.softplus(x, beta=2.0, threshold=1.0),
+    "logsigmoid": torch.nn.functional.logsigmoid,
+    "clamp": lambda x: x.clamp(-0.5, 0.7) * x, "clamp_min": lambda x: x.clamp(min=0.1) * x,
+    "square": lambda x: x**2, "cube": lambda x: x**3, "pow_half": lambda x: (x * x + 1) ** 0.5,
+    "pow_general": lambda x: (x * x + 1) ** 1.7, "pow_tensor": lambda x: (x * x + 1) ** x,
+    "rpow": lambda x: 2.0**x, "neg": lambda x: -x, "rsub": lambda x: 1.0 - 3.0 * x,
+    "polygamma1": lambda x: torch.polygamma(1, x.abs() + 0.5),
+    "logaddexp": lambda x: torch.logaddexp(x, 2 * x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_elementwise(name):
+    function = UNARY[name]
+    assert_tape_matches(lambda x: function(x).sum(-1))
+
+
+def test_trigamma_the_gradient_of_digamma_is_exact():
+    """Torch's own trigamma is 4e-10 off scipy's near 1; the tape's is not."""
+    import scipy.special
+
+    tape = _tape.Tape(_value_and_grad(lambda x: torch.digamma(x).sum(-1)),
+                      torch.full((BATCH, DIM), 2.0, dtype=torch.float64))
+    x = np.random.default_rng(0).uniform(0.2, 12.0, (BATCH, DIM))
+    _, grad = tape(torch.from_numpy(x))
+    np.testing.assert_allclose(grad.numpy(), scipy.special.polygamma(1, x), rtol=1e-13)
+
+
+def test_comparisons_selections_and_type_promotion():
+    data32 = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float32)
+    counts = torch.tensor([0, 3, 1, 0])
+
+    def function(x):
+        chosen = torch.where(x > 0, x * 2, torch.exp(x))
+        masked = x.masked_fill(x < -0.5, 0.0)
+        extremes = torch.maximum(x, data32) + torch.minimum(x, -x)
+        return (chosen + masked + extremes + torch.xlogy(counts, x.exp()) + x * data32).sum(-1)
+
+    assert_tape_matches(function)
+
+
+def test_reductions_keep_and_drop_dimensions():
+    def function(x):
+        grid = x.reshape(BATCH, 2, 2)
+        return (grid.sum(1).prod(-1) + grid.mean((1, 2)) + grid.amax(-1).sum(-1)
+                + torch.logsumexp(grid, dim=(1, 2)) + grid.sum(-1, keepdim=True).squeeze(-1)[:, 0])
+
+    assert_tape_matches(function)
+
+
+def test_max_as_a_stabiliser_runs_but_its_gradient_needs_point_dependent_indices():
+    def stabilised(x):  # the forward algorithm's log-sum-exp, as users write it
+        top = x.max(-1, keepdim=True).values.detach()
+        return (x - top).exp().sum(-1).log() + top[:, 0] + x.amin(-1)
+
+    assert_tape_matches(stabilised)
+    with pytest.raises(_tape.Unsupported):  # max's backward scatters at its argmax
+        _tape.Tape(_value_and_grad(lambda x: x.max(-1).values),
+                   torch.randn(BATCH, DIM, dtype=torch.float64))
+
+
+def test_scans():
+    def function(x):
+        # the gradients of cumprod and logcumsumexp gather at indices that depend on the
+        # point (cumprod's first zero): their values only here
+        return (x.cumsum(-1) ** 2).sum(-1) + x.detach().exp().cumprod(-1)[:, -1] + \
+            torch.logcumsumexp(x.detach(), -1)[:, -1]
+
+    assert_tape_matches(function)
+
+
+def test_matrix_products_user_style():
+    design = torch.randn(7, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    square = torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def function(x):
+        linear = x @ design.T  # (batch, 7)
+        batched = torch.bmm(x[:, None, :], x[:, :, None]).reshape(-1)
+        vector = torch.mv(square, x[0]).sum() + torch.dot(x[0], x[1])
+        return (linear**2).sum(-1) + batched + vector + (x @ square @ x.T).diagonal()
+
+    assert_tape_matches(function)
+
+
+def test_cholesky_and_triangular_solves():
+    def function(x):
+        # a positive definite matrix per row of the batch, then MVN log densities
+        factor = torch.tril(x[:, :, None] * x[:, None, :] * 0.1) + 2 * torch.eye(DIM)
+        covariance = factor @ factor.transpose(-1, -2)
+        value = torch.ones(DIM)
+        log_prob = dist.MultivariateNormal(x, covariance_matrix=covariance).log_prob(value)
+        lower = torch.linalg.cholesky(covariance)
+        upper = torch.linalg.cholesky(covariance, upper=True)
+        right = torch.linalg.solve_triangular(lower, covariance, upper=False, left=False)
+        return log_prob + upper.sum((-1, -2)) + right.sum((-1, -2))
+
+    assert_tape_matches(function, scale=0.5)
+
+
+def test_data_movement_with_fixed_indices():
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    index = torch.tensor([3, 0, 0])
+
+    def function(x):
+        picked = x[:, labels]  # locs[z]
+        joined = torch.cat([x, x.flip(-1) * 2], -1)
+        stacked = torch.stack([x, x**2], 1).sum(1)
+        padded = torch.nn.functional.pad(x, (1, 2), value=0.5)
+        added = x.new_zeros(BATCH, DIM).index_add(1, index, x[:, :3])
+        accumulated = torch.zeros(DIM, dtype=torch.float64).index_put((index,), x[0, :3], accumulate=True)
+        return (picked.exp().sum(-1) + joined.sum(-1) + stacked.sum(-1) + padded.prod(-1)
+                + (added**2).sum(-1) + (accumulated**2).sum() + x.gather(1, index.expand(BATCH, 3)).sum(-1))
+
+    assert_tape_matches(function)
+
+
+def test_in_place_writes_into_fresh_and_constant_storage():
+    constant = torch.zeros(BATCH, DIM + 1, dtype=torch.float64)
+
+    def function(x):
+        y = x.clone()
+        y.mul_(2).add_(1)
+        z = torch.zeros(BATCH, DIM + 1, dtype=torch.float64)
+        z[:, 1:] = y  # copy_ into a view of a storage made without the point
+        constant[:, 0] = 1.0  # a constant written in place before it is read
+        return (z * constant.sum()).sum(-1) + y.exp().sum(-1)
+
+    assert_tape_matches(function)
+
+
+def test_float32_arithmetic_rounds_like_torch():
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float32)
+
+    def function(x):
+        single = (x.float() * weights).exp().sum(-1)  # float32 all the way
+        return single.double() + x.sum(-1)
+
+    rng = np.random.default_rng(3)
+    example = torch.from_numpy(rng.normal(size=(BATCH, DIM)))
+    tape = _tape.Tape(_value_and_grad(function), example)
+    x = rng.normal(size=(BATCH, DIM))
+    value, grad = tape(torch.from_numpy(x))
+    expected_value, expected_grad = _eager_value_and_grad(function, x)
+    np.testing.assert_allclose(value.numpy(), expected_value, rtol=1e-7)  # float32 rounding
+    np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("function", [
+    lambda x: torch.sort(x, -1).values.sum(-1),
+    lambda x: x.sum(-1) * float(x[0, 0].item()),
+    lambda x: torch.nn.functional.gelu(x).sum(-1),
+], ids=["sort", "item", "gelu"])
+def test_operations_without_a_kernel_are_refused(function):
+    with pytest.raises(_tape.Unsupported):
+        _tape.Tape(_value_and_grad(function), torch.randn(BATCH, DIM, dtype=torch.float64))
+
+
+def test_a_failed_cholesky_is_an_error_the_potential_turns_into_infinity():
+    def function(x):
+        matrix = torch.eye(2) + x[:, :1, None] * torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        return torch.linalg.cholesky(matrix).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    tape = _tape.Tape(_value_and_grad(function), torch.zeros(BATCH, DIM, dtype=torch.float64))
+    points = torch.zeros(BATCH, DIM, dtype=torch.float64)
+    points[1, 0] = 3.0  # eigenvalues 1 +- 3: not positive definite
+    with pytest.raises(RuntimeError, match="positive-definite"):
+        tape(points)
+
+
+# -- stories as users write them ---------------------------------------------------------
+
+@model(observed={"obs": "y"})
+def logistic(X, y=None):
+    """Pyro's own style: a weight vector, ``X @ w``, a plate-free Bernoulli likelihood."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 5.0))
+    pyro.sample("obs", dist.Bernoulli(logits=X @ w + b).to_event(1), obs=y)
+
+
+@model(observed=["height"])
+def mixture(height=None):
+    """A two-component mixture written with ``locs[z]`` and an enumerated z."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+    locs = pyro.sample("locs", dist.Normal(torch.tensor([160.0, 175.0]), 10.0).to_event(1))
+    scale = pyro.sample("scale", dist.HalfNormal(10.0))
+    with pyro.plate("people", len(height)):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("height", dist.Normal(locs[z], scale), obs=height)
+
+
+def _logistic_data():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=generator)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -2.0, 0.5])), generator=generator)
+    return {"X": X, "y": y}
+
+
+@pytest.mark.parametrize("story, data", [
+    (logistic, _logistic_data()),
+    (mixture, {"height": torch.tensor([158.0, 171.0, 180.0, 162.0, 176.5, 169.0])}),
+], ids=["logistic", "mixture"])
+def test_user_stories_run_on_their_tape(story, data):
+    data = story.prepare_data(data)
+    taped = BatchedPotential(story.marginal, data, 4, compiler="tape")
+    assert taped.compiler == "tape"
+    eager = BatchedPotential(story.marginal, data, 4, compiler="none")
+    points = np.random.default_rng(0).normal(size=(4, eager.dim))
+    for got, expected in zip(taped(points), eager(points), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_story_the_tape_cannot_record_falls_back(monkeypatch):
+    @model(observed=["y"])
+    def sorted_story(y=None):
+        x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(torch.sort(x).values, 1.0).to_event(1), obs=y)
+
+    monkeypatch.setattr("ppl_notes.inference._potential.compiler_available", lambda: False)
+    data = sorted_story.prepare_data({"y": torch.tensor([-1.0, 0.0, 2.0])})
+    potential = BatchedPotential(sorted_story, data, 2, compiler="tape")
+    assert potential.compiler == "none"
+    points = np.random.default_rng(1).normal(size=(2, 3))
+    expected = _eager_value_and_grad(potential._potential, points)
+    np.testing.assert_allclose(potential(points)[0], expected[0])
+
+
+def test_nuts_reports_the_tape():
+    fit = infer(logistic, _logistic_data(), method="nuts", chains=2, warmup=200, draws=200,
+                processes=1, progress=False)
+    assert fit.info["compiler"] == "tape"
