@@ -10,9 +10,10 @@ The contenders, each in a fresh Python process (imports, JIT and compile caches 
 as a user meets them), 4 chains x (1000 warmup + 1000 draws), float64 everywhere:
 
 * ``ppl_notes``: ``infer(story, method="nuts")`` with its defaults, on the corpus's Pyro
-  translation (``tests/corpus/posteriordb_stories.py``): compiled potential, trees built
-  in C, the low-rank metric, chains in lockstep in one process (worker processes on
-  both cores from 500 observed values).
+  translation (``tests/corpus/posteriordb_stories.py``): the potential recorded as a
+  tape run in C (inductor where it cannot be), trees built in C calling it, the
+  low-rank metric, chains in lockstep in one process (worker processes on both cores
+  from 20,000 observed values).
 * ``numpyro``: NumPyro's NUTS with its chains in parallel, as its docs advise
   (``numpyro.set_host_device_count(4)``, ``chain_method="parallel"``), on
   ``benchmarks/numpyro_posteriordb.py``.
@@ -87,11 +88,12 @@ def _score(sites: dict, name: str) -> dict:
 def _ppl_notes(name, chains, warmup, draws):
     import numpy as np
 
-    from ppl_notes import infer
-    from tests.corpus.cases import CASES
+    from ppl_notes import infer, model
+    from tests.corpus import posteriordb_stories as pdb
 
-    case = CASES[name]
-    fit = infer(case.story, case.data, method="nuts", chains=chains, warmup=warmup,
+    # as a user would: the one story, wrapped, and its data (NumPyro's child likewise)
+    story = model(observed=pdb.OBSERVED[name])(getattr(pdb, pdb.PROGRAMS[name]))
+    fit = infer(story, pdb.data_for(name), method="nuts", chains=chains, warmup=warmup,
                 draws=draws, progress=False)
     tree = fit.to_arviz()
     sites = {site: np.asarray(tree["posterior"][site]) for site in tree["posterior"].data_vars}

@@ -103,6 +103,9 @@ def fullrank(height=None, num_people=None, num_groups=2, mu_loc=170.0, mu_scale=
         value = transform(u)
         pyro.sample(site, dist.Delta(value, log_density=-transform.log_abs_det_jacobian(u, value),
                                      event_dim=1))
+    # u has batch dims for any outer plates (a plate over draws at dim -2 makes it
+    # (draws, 1, 5)); sigma lives in the components plate at dim -1, where that 1 is
+    u_sigma = u_sigma.reshape(u_sigma.shape[:-2] + (num_groups,))
     sigma = positive(u_sigma)
     with pyro.plate("components", num_groups):
         pyro.sample("sigma", dist.Delta(

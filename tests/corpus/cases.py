@@ -294,14 +294,17 @@ def special_logsumexp(values, axis):
 #: autoguides map each site with the support of their first trace, and beta1's
 #: (0, 1 - alpha1) moves with alpha1.
 _PDB_STORIES = {
-    "eight_schools-eight_schools_noncentered": (pdb.eight_schools_noncentered, "y", {}),
-    "kilpisjarvi_mod-kilpisjarvi": (pdb.kilpisjarvi, "y", {"mass_matrix": "dense"}),
-    "arK-arK": (pdb.arK, (), {}),
-    "garch-garch11": (pdb.garch11, "y", {}, pdb.garch11_guide),
-    "gp_pois_regr-gp_pois_regr": (pdb.gp_pois_regr, "k", {}),
-    "hmm_example-hmm_example": (pdb.hmm_example, (), {}),
-    "diamonds-diamonds": (pdb.diamonds, "Y", {}),
-    "earnings-logearn_interaction": (pdb.logearn_interaction, "log_earn", {}),
+    name: (getattr(pdb, pdb.PROGRAMS[name]), pdb.OBSERVED[name], nuts, *guide_fn)
+    for name, nuts, *guide_fn in [
+        ("eight_schools-eight_schools_noncentered", {}),
+        ("kilpisjarvi_mod-kilpisjarvi", {"mass_matrix": "dense"}),
+        ("arK-arK", {}),
+        ("garch-garch11", {}, pdb.garch11_guide),
+        ("gp_pois_regr-gp_pois_regr", {}),
+        ("hmm_example-hmm_example", {}),
+        ("diamonds-diamonds", {}),
+        ("earnings-logearn_interaction", {}),
+    ]
 }
 
 

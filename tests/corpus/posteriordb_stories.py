@@ -159,6 +159,19 @@ PROGRAMS = {
 }
 
 
+#: The observed sites of each story (arK's and the HMM's likelihoods are factors).
+OBSERVED = {
+    "eight_schools-eight_schools_noncentered": "y",
+    "kilpisjarvi_mod-kilpisjarvi": "y",
+    "arK-arK": (),
+    "garch-garch11": "y",
+    "gp_pois_regr-gp_pois_regr": "k",
+    "hmm_example-hmm_example": (),
+    "diamonds-diamonds": "Y",
+    "earnings-logearn_interaction": "log_earn",
+}
+
+
 def data_for(name: str) -> dict:
     """The keyword arguments each story takes, from posteriordb's data."""
     raw, _ = load(name)
