@@ -187,6 +187,9 @@ static const int64_t *run_map(double *arena, const int64_t *w, const double *par
     int64_t last = ndim - 1, n = sizes[last];
     int64_t so = ostr[last], s0 = istr[0][last], s1 = istr[1][last], s2 = istr[2][last];
     int contiguous = so == 1 && s0 == 1 && s1 == 1 && s2 == 1;
+    /* every input constant along the inner loop (a broadcast): compute once, then fill */
+    int uniform = nin > 0 && (nin < 1 || s0 == 0) && (nin < 2 || s1 == 0) && (nin < 3 || s2 == 0);
+    int64_t m = uniform ? 1 : n;
     double p0 = p[0], p1 = p[1];
     int64_t outer = 1;
     for (int64_t d = 0; d < last; d++) outer *= sizes[d];
@@ -204,12 +207,12 @@ static const int64_t *run_map(double *arena, const int64_t *w, const double *par
 #define LOOP(code, expression) \
         case code: \
             if (contiguous) \
-                for (int64_t i = 0; i < n; i++) { \
+                for (int64_t i = 0; i < m; i++) { \
                     double a = A[i], b = B[i], c = C[i]; (void)a; (void)b; (void)c; \
                     O[i] = (expression); \
                 } \
             else \
-                for (int64_t i = 0; i < n; i++) { \
+                for (int64_t i = 0; i < m; i++) { \
                     double a = A[i * s0], b = B[i * s1], c = C[i * s2]; \
                     (void)a; (void)b; (void)c; \
                     O[i * so] = (expression); \
@@ -217,6 +220,8 @@ static const int64_t *run_map(double *arena, const int64_t *w, const double *par
             break;
         switch (fn) { FUNCTIONS(LOOP) default: break; }
 #undef LOOP
+        if (uniform)
+            for (int64_t i = 1; i < n; i++) O[i * so] = O[0];
         if (round)
             for (int64_t i = 0; i < n; i++) O[i * so] = store(O[i * so], round);
         for (int64_t d = last - 1; d >= 0; d--) {

@@ -448,7 +448,12 @@ def _rounding(dtype) -> int:
 
 
 def _coalesce(sizes, strides_list):
-    """Drop size-1 dimensions and merge adjacent ones every operand walks contiguously."""
+    """Drop size-1 dimensions, put the rest in the first operand's memory order (largest
+    stride first: a vmapped batch dimension is innermost in memory), and merge adjacent
+    ones every operand walks contiguously."""
+    order = sorted(range(len(sizes)), key=lambda d: -abs(strides_list[0][d]))
+    sizes = [sizes[d] for d in order]
+    strides_list = [[st[d] for d in order] for st in strides_list]
     keep = [d for d, s in enumerate(sizes) if s != 1]
     sizes = [sizes[d] for d in keep]
     strides_list = [[st[d] for d in keep] for st in strides_list]
@@ -467,6 +472,12 @@ def _coalesce(sizes, strides_list):
                 m.append(st[d])
     if len(merged_sizes) > _MAXDIM:
         raise Unsupported("too many dimensions")
+    longest = max(range(len(merged_sizes)), key=merged_sizes.__getitem__)
+    if merged_sizes[-1] < 16 and longest != len(merged_sizes) - 1:
+        # a short inner loop costs its set-up per element: run the longest one innermost
+        # (the operands of a tape's maps fit in cache, so the order barely matters there)
+        for dims in [merged_sizes, *merged]:
+            dims.append(dims.pop(longest))
     return merged_sizes, merged
 
 
