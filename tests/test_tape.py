@@ -13,21 +13,18 @@ import torch
 
 from ppl_notes import infer, model
 from ppl_notes.inference import _tape
-from ppl_notes.inference._potential import BatchedPotential, _eager_value_and_grad
+from ppl_notes.inference._potential import (
+    BatchedPotential,
+    _eager_value_and_grad,
+    _value_and_grad_of,
+)
 
 pytestmark = pytest.mark.skipif(_tape.library() is None, reason="no C compiler here")
 
 BATCH, DIM = 3, 4
 
 
-def _value_and_grad(function):
-    def value_and_grad(x):
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = function(x)
-            (grad,) = torch.autograd.grad(value.sum(), x)
-        return value.detach(), grad.detach()
-    return value_and_grad
+_value_and_grad = _value_and_grad_of  # batch -> (values, gradients), by autograd
 
 
 def assert_tape_matches(function, dim=DIM, scale=1.0, shift=0.0, seed=0):
@@ -46,10 +43,12 @@ def assert_tape_matches(function, dim=DIM, scale=1.0, shift=0.0, seed=0):
 
 
 UNARY = {
-    "exp": torch.exp, "log": lambda x: torch.log(x.abs() + 0.5), "log1p": lambda x: torch.log1p(x.abs()),
-    "expm1": torch.expm1, "sqrt": lambda x: (x * x + 1).sqrt(), "rsqrt": lambda x: (x * x + 1).rsqrt(),
+    "exp": torch.exp, "log": lambda x: torch.log(x.abs() + 0.5),
+    "log1p": lambda x: torch.log1p(x.abs()), "expm1": torch.expm1,
+    "sqrt": lambda x: (x * x + 1).sqrt(), "rsqrt": lambda x: (x * x + 1).rsqrt(),
     "abs": torch.abs, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "lgamma": lambda x: torch.lgamma(x.abs() + 0.3), "digamma": lambda x: torch.digamma(x.abs() + 0.3),
+    "lgamma": lambda x: torch.lgamma(x.abs() + 0.3),
+    "digamma": lambda x: torch.digamma(x.abs() + 0.3),
     "erf": torch.erf, "erfc": torch.erfc, "reciprocal": lambda x: (x * x + 1).reciprocal(),
     "sin": torch.sin, "cos": torch.cos, "atan": torch.atan,
     "softplus": torch.nn.functional.softplus,
@@ -162,9 +161,11 @@ def test_data_movement_with_fixed_indices():
         stacked = torch.stack([x, x**2], 1).sum(1)
         padded = torch.nn.functional.pad(x, (1, 2), value=0.5)
         added = x.new_zeros(BATCH, DIM).index_add(1, index, x[:, :3])
-        accumulated = torch.zeros(DIM, dtype=torch.float64).index_put((index,), x[0, :3], accumulate=True)
+        accumulated = torch.zeros(DIM, dtype=torch.float64).index_put((index,), x[0, :3],
+                                                                      accumulate=True)
         return (picked.exp().sum(-1) + joined.sum(-1) + stacked.sum(-1) + padded.prod(-1)
-                + (added**2).sum(-1) + (accumulated**2).sum() + x.gather(1, index.expand(BATCH, 3)).sum(-1))
+                + (added**2).sum(-1) + (accumulated**2).sum()
+                + x.gather(1, index.expand(BATCH, 3)).sum(-1))
 
     assert_tape_matches(function)
 

@@ -62,7 +62,7 @@ def build(source: Path, what: str, flags: tuple[str, ...] = ("-O2",)) -> ctypes.
 
 
 def _cpu_identity() -> bytes:
-    """This CPU's model name and feature flags (Linux), else its architecture."""
+    """The CPU's model name and feature flags (Linux), else its architecture."""
     import platform
 
     try:

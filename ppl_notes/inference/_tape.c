@@ -368,20 +368,35 @@ static void batch_offsets(batch_t b, int64_t flat, const int64_t *s0, const int6
     }
 }
 
+/* One batched matrix operand: base, a stride per batch dimension, row and column stride. */
+typedef struct { int64_t base; const int64_t *batch_strides; int64_t rows, cols; } matrix_t;
+
+static matrix_t matrix_at(const int64_t *desc, int64_t nb) {
+    matrix_t m = {desc[0], desc + 1, desc[1 + nb], desc[2 + nb]};
+    return m;
+}
+
+static batch_t batch_of(int64_t nb, const int64_t *sizes) {
+    batch_t batch = {nb, 1, sizes};
+    for (int64_t d = 0; d < nb; d++) batch.count *= sizes[d];
+    return batch;
+}
+
 static const int64_t *run_matmul(double *arena, const int64_t *w) {
     int64_t nb = w[0], round = w[1];
     const int64_t *bsizes = w + 2;
     int64_t M = bsizes[nb], K = bsizes[nb + 1], N = bsizes[nb + 2];
     const int64_t *o = bsizes + nb + 3, *a = o + nb + 3, *b = a + nb + 3;
-    batch_t batch = {nb, 1, bsizes};
-    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
-    int64_t osm = o[1 + nb], osn = o[2 + nb], asm_ = a[1 + nb], ask = a[2 + nb];
-    int64_t bsk = b[1 + nb], bsn = b[2 + nb];
+    matrix_t mo = matrix_at(o, nb), ma = matrix_at(a, nb), mb = matrix_at(b, nb);
+    batch_t batch = batch_of(nb, bsizes);
+    int64_t osm = mo.rows, osn = mo.cols, asm_ = ma.rows, ask = ma.cols;
+    int64_t bsk = mb.rows, bsn = mb.cols;
     for (int64_t t = 0; t < batch.count; t++) {
         int64_t oo, ao, bo;
-        batch_offsets(batch, t, o + 1, a + 1, b + 1, &oo, &ao, &bo);
-        double *O = arena + o[0] + oo;
-        const double *A = arena + a[0] + ao, *B = arena + b[0] + bo;
+        batch_offsets(batch, t, mo.batch_strides, ma.batch_strides, mb.batch_strides,
+                      &oo, &ao, &bo);
+        double *O = arena + mo.base + oo;
+        const double *A = arena + ma.base + ao, *B = arena + mb.base + bo;
         /* tiles of 2 rows x 4 columns accumulate in registers (8 independent chains) */
         int64_t i = 0;
         for (; i + 2 <= M; i += 2) {
@@ -432,14 +447,14 @@ static const int64_t *run_cholesky(double *arena, const int64_t *w, int *status)
     const int64_t *bsizes = w + 1;
     int64_t n = bsizes[nb];
     const int64_t *o = bsizes + nb + 1, *a = o + nb + 3;
-    batch_t batch = {nb, 1, bsizes};
-    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
-    int64_t osr = o[1 + nb], osc = o[2 + nb], asr = a[1 + nb], asc = a[2 + nb];
+    matrix_t mo = matrix_at(o, nb), ma = matrix_at(a, nb);
+    batch_t batch = batch_of(nb, bsizes);
+    int64_t osr = mo.rows, osc = mo.cols, asr = ma.rows, asc = ma.cols;
     for (int64_t t = 0; t < batch.count; t++) {
         int64_t oo, ao, unused;
-        batch_offsets(batch, t, o + 1, a + 1, NULL, &oo, &ao, &unused);
-        double *L = arena + o[0] + oo;
-        const double *A = arena + a[0] + ao;
+        batch_offsets(batch, t, mo.batch_strides, ma.batch_strides, NULL, &oo, &ao, &unused);
+        double *L = arena + mo.base + oo;
+        const double *A = arena + ma.base + ao;
         for (int64_t j = 0; j < n; j++) {
             double s = A[j * asr + j * asc];
             for (int64_t k = 0; k < j; k++) s -= L[j * osr + k * osc] * L[j * osr + k * osc];
@@ -463,15 +478,16 @@ static const int64_t *run_trisolve(double *arena, const int64_t *w) {
     const int64_t *bsizes = w + 3;
     int64_t n = bsizes[nb], k = bsizes[nb + 1];
     const int64_t *o = bsizes + nb + 2, *a = o + nb + 3, *b = a + nb + 3;
-    batch_t batch = {nb, 1, bsizes};
-    for (int64_t d = 0; d < nb; d++) batch.count *= bsizes[d];
-    int64_t osr = o[1 + nb], osc = o[2 + nb], asr = a[1 + nb], asc = a[2 + nb];
-    int64_t bsr = b[1 + nb], bsc = b[2 + nb];
+    matrix_t mo = matrix_at(o, nb), ma = matrix_at(a, nb), mb = matrix_at(b, nb);
+    batch_t batch = batch_of(nb, bsizes);
+    int64_t osr = mo.rows, osc = mo.cols, asr = ma.rows, asc = ma.cols;
+    int64_t bsr = mb.rows, bsc = mb.cols;
     for (int64_t t = 0; t < batch.count; t++) {
         int64_t oo, ao, bo;
-        batch_offsets(batch, t, o + 1, a + 1, b + 1, &oo, &ao, &bo);
-        double *X = arena + o[0] + oo;
-        const double *A = arena + a[0] + ao, *B = arena + b[0] + bo;
+        batch_offsets(batch, t, mo.batch_strides, ma.batch_strides, mb.batch_strides,
+                      &oo, &ao, &bo);
+        double *X = arena + mo.base + oo;
+        const double *A = arena + ma.base + ao, *B = arena + mb.base + bo;
         for (int64_t c = 0; c < k; c++) {
             for (int64_t s = 0; s < n; s++) {
                 int64_t i = upper ? n - 1 - s : s;

@@ -368,9 +368,13 @@ class _Translator:
         self.emit(words, [source], [out])
 
     def gather_replay(self, step: _Step, data_positions: list[int], fill: float = 0.0) -> None:
-        """A data-movement op, run on tensors of addresses to learn where each output comes
-        from. ``data_positions`` are the indices of the flattened tensor arguments whose
-        values move; every other tensor argument must not depend on the point."""
+        """A data-movement op as a gather, replayed on tensors of addresses.
+
+        Each output's source is found by running the op on tensors whose elements are
+        their own addresses. ``data_positions`` are the indices of the flattened tensor
+        arguments whose values move; every other tensor argument must not depend on the
+        point.
+        """
         tensors = [a for a in _flatten(step.args) if isinstance(a, torch.Tensor)]
         tensors += [a for a in _flatten(list(step.kwargs.values())) if isinstance(a, torch.Tensor)]
         for i, tensor in enumerate(tensors):
@@ -448,9 +452,12 @@ def _rounding(dtype) -> int:
 
 
 def _coalesce(sizes, strides_list):
-    """Drop size-1 dimensions, put the rest in the first operand's memory order (largest
-    stride first: a vmapped batch dimension is innermost in memory), and merge adjacent
-    ones every operand walks contiguously."""
+    """Loop dimensions for strided operands: as few, as long and as contiguous as can be.
+
+    Size-1 dimensions go; the rest are put in the first operand's memory order (largest
+    stride first: a vmapped batch dimension is innermost in memory), and adjacent ones
+    every operand walks contiguously are merged.
+    """
     order = sorted(range(len(sizes)), key=lambda d: -abs(strides_list[0][d]))
     sizes = [sizes[d] for d in order]
     strides_list = [[st[d] for d in order] for st in strides_list]
@@ -900,8 +907,11 @@ def _index_add(t: _Translator, step: _Step) -> None:
 
 
 def _scatter_add(t: _Translator, out: _View, targets: torch.Tensor, values) -> None:
-    """``out`` at positions ``targets`` (from :func:`_position_tensor`, owner 0) ``+=``
-    ``values`` broadcast to their shape; repeated targets accumulate."""
+    """Add ``values`` into ``out`` at positions ``targets``; repeats accumulate.
+
+    ``targets`` come from :func:`_position_tensor` (owner 0); ``values`` are broadcast to
+    their shape.
+    """
     value_view = t.view(values) if isinstance(values, torch.Tensor) else t.scalar(values)
     sources = _position_tensor(value_view, 0).expand(targets.shape)
     zeros = np.zeros(targets.numel(), dtype=np.int64)
@@ -973,10 +983,12 @@ class Tape:
             int(self._value_flat.size), int(self._grad_flat.size))
 
     def native(self) -> tuple[int, int]:
-        """``(function, context)`` addresses: the tape as a C batched potential
-        (``int f(void *context, const double *positions, double *potentials,
-        double *grads)``) that the C NUTS transitions call without Python; valid while
-        this tape lives."""
+        """The tape as a C batched potential: ``(function, context)`` addresses.
+
+        ``int f(void *context, const double *positions, double *potentials, double
+        *grads)``, which the C NUTS transitions call without Python; valid while this
+        tape lives.
+        """
         function = ctypes.cast(self.lib.tape_potential, ctypes.c_void_p).value
         return function, ctypes.addressof(self._context)
 

@@ -184,11 +184,13 @@ class NativeTransitions:
         return finished
 
     def run(self, native_potential: tuple[int, int]) -> list[int] | None:
-        """Leapfrog steps, the potential evaluated in C by ``native_potential``
-        (``(function, context)``, e.g. :meth:`~ppl_notes.inference._tape.Tape.native`),
-        until a transition finishes: the chains that finished, or None where the
-        potential failed (then nothing has moved: evaluate ``requests`` and
-        :meth:`resume`)."""
+        """Leapfrog steps with a C potential until a transition finishes.
+
+        ``native_potential`` is ``(function, context)``, e.g.
+        :meth:`~ppl_notes.inference._tape.Tape.native`. Returns the chains that
+        finished, or None where the potential failed (then nothing has moved: evaluate
+        ``requests`` and :meth:`resume`).
+        """
         if self._potentials is None:
             self._potentials, self._grads = np.zeros(self.count), np.zeros((self.count, self.dim))
         function, context = native_potential

@@ -53,7 +53,6 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference._potential import (
     BatchedPotential,
-    compiler_for,
     init_to_prior_median,
 )
 from ppl_notes.inference._result import RunResult
@@ -221,8 +220,11 @@ def _processes(model, data, options) -> int | None:
 
 
 def resolve_compiler(requested: str) -> str:
-    """``auto``: the tape where a C compiler exists (its potential falls back to inductor
-    for a story it cannot record), else TorchScript."""
+    """The compiler ``requested`` stands for.
+
+    ``auto``: the tape where a C compiler exists (its potential falls back to inductor
+    for a story it cannot record), else TorchScript.
+    """
     if requested != "auto":
         return requested
     from ppl_notes.inference._tape import library
