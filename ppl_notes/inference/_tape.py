@@ -32,6 +32,7 @@ compiles with inductor instead.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import math
@@ -781,7 +782,8 @@ def _matrix_operand(view: _View, batch_sizes: list[int]) -> list:
 
 
 def _batch(*views: _View) -> list[int]:
-    return list(torch.broadcast_shapes(*(v.sizes[:-2] for v in views))) or [1]
+    # numpy's: torch.broadcast_shapes imports its symbolic shapes and sympy (0.5 s)
+    return list(np.broadcast_shapes(*(v.sizes[:-2] for v in views))) or [1]
 
 
 @_handles("mm", "bmm", "mv", "dot")
@@ -1052,20 +1054,19 @@ def _allocate(translator: _Translator, outputs: set) -> int:
                 continue
             starts.setdefault(buffer.first, []).append(buffer)
             ends.setdefault(buffer.last, []).append(buffer)
-    free: list[tuple[int, int]] = []  # (size, base)
+    free: list[tuple[int, int]] = []  # (size, base), sorted: the best fit by bisection
     for i in range(len(translator.instructions)):
         for buffer in starts.get(i, []):
-            fits = [k for k, (size, _) in enumerate(free) if size >= buffer.size]
-            if fits:
-                k = min(fits, key=lambda k: free[k][0])
+            k = bisect.bisect_left(free, (buffer.size, -1))
+            if k < len(free):
                 size, base = free.pop(k)
                 buffer.base = base
                 if size > buffer.size:
-                    free.append((size - buffer.size, base + buffer.size))
+                    bisect.insort(free, (size - buffer.size, base + buffer.size))
             else:
                 buffer.base, end = end, end + buffer.size
         for buffer in ends.get(i, []):
-            free.append((buffer.size, buffer.base))
+            bisect.insort(free, (buffer.size, buffer.base))
     return max(end, 1)
 
 
