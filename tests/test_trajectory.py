@@ -116,3 +116,15 @@ def test_either_engine_samples_a_correlated_gaussian(native):
     assert np.all(np.abs(draws.mean(0)) < 5 * standard_error)
     np.testing.assert_allclose(draws.std(0), np.sqrt(np.diag(COVARIANCE)),
                                rtol=5 / np.sqrt(2 * 1000))
+
+
+def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, monkeypatch):
+    from ppl_notes.inference import _native, _tape, _trajectory
+
+    monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
+    _native.prebuild(_tape.SOURCE, _trajectory.SOURCE)
+    built = sorted(path.name.split("-")[0] for path in tmp_path.glob("*.so"))
+    assert built == ["tape", "trajectory"]
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no workspace left behind
+    lib = _native.build(_tape.SOURCE, "potential tapes")  # loads what is there
+    assert lib is not None and hasattr(lib, "tape_run")

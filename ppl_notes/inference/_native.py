@@ -28,47 +28,77 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build(source: Path, what: str, flags: tuple[str, ...] = ("-O2",)) -> ctypes.CDLL | None:
-    """``source`` compiled with ``flags`` and loaded; None where it cannot be.
-
-    ``what`` names the library in log messages. A library built with ``-march=native``
-    is keyed by this CPU's model and flags too, for caches shared between machines.
-    """
+def _compiler() -> str | None:
     if os.environ.get("PPL_NOTES_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _target(source: Path, compiler: str) -> Path:
+    key = hashlib.sha256(source.read_bytes() + compiler.encode()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem.lstrip('_')}-{key}.so"
+
+
+class _Build:
+    """One compiler run into a private directory, then an atomic move into the cache."""
+
+    def __init__(self, source: Path, compiler: str) -> None:
+        self.target = _target(source, compiler)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.workspace = tempfile.TemporaryDirectory(dir=self.target.parent)
+        self.built = Path(self.workspace.name) / self.target.name
+        self.process = subprocess.Popen(
+            [compiler, "-O2", "-shared", "-fPIC", "-std=c99", "-o", str(self.built),
+             str(source), "-lm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish(self) -> None:
+        """Wait; raise ``CalledProcessError`` where the compiler failed."""
+        try:
+            _, errors = self.process.communicate(timeout=120)
+            if self.process.returncode:
+                raise subprocess.CalledProcessError(self.process.returncode,
+                                                    self.process.args, stderr=errors)
+            os.replace(self.built, self.target)  # parallel workers never see half a file
+        finally:
+            self.workspace.cleanup()
+
+
+def prebuild(*sources: Path) -> None:
+    """Compile the sources not in the cache yet, all at once (one compiler each).
+
+    A failure is left for :func:`build` to report.
+    """
+    compiler = _compiler()
     if compiler is None:
-        logger.info("no C compiler: %s run in Python", what)
+        return
+    builds = []
+    for source in sources:
+        try:
+            if not _target(source, compiler).exists():
+                builds.append(_Build(source, compiler))
+        except OSError:
+            continue
+    for started in builds:
+        try:
+            started.finish()
+        except (OSError, subprocess.SubprocessError):
+            continue
+
+
+def build(source: Path, what: str) -> ctypes.CDLL | None:
+    """``source`` compiled (``cc -O2``) and loaded; None where it cannot be.
+
+    ``what`` names the library in log messages.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler (or PPL_NOTES_NATIVE=0): %s run in Python", what)
         return None
-    text = source.read_bytes()
-    identity = text + compiler.encode() + " ".join(flags).encode()
-    if "-march=native" in flags:
-        identity += _cpu_identity()
-    key = hashlib.sha256(identity).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem.lstrip('_')}-{key}.so"
     try:
+        target = _target(source, compiler)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as workspace:
-                built = Path(workspace) / target.name
-                subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c99", "-o",
-                                str(built), str(source), "-lm"],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(built, target)  # atomic: parallel workers never see half a file
+            _Build(source, compiler).finish()
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("compiling %s failed (%s); they run in Python", what, error)
         return None
-
-
-def _cpu_identity() -> bytes:
-    """The CPU's model name and feature flags (Linux), else its architecture."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", "rb") as info:
-            lines = [line for line in info.read().splitlines()
-                     if line.startswith((b"model name", b"flags"))]
-        return b"".join(sorted(set(lines)))
-    except OSError:
-        return platform.machine().encode() + platform.processor().encode()

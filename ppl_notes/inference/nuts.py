@@ -149,6 +149,10 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
 
 
 def _run_fast(model, data, seed, progress, options):
+    from ppl_notes.inference import _tape, _trajectory
+    from ppl_notes.inference._native import prebuild
+
+    prebuild(_tape.SOURCE, _trajectory.SOURCE)  # a fresh machine: both compilers at once
     model = model.marginal
     potential = BatchedPotential(model, data, 1, compiler="none")
     compiler = resolve_compiler(options["compiler"])
