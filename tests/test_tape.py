@@ -284,3 +284,21 @@ def test_nuts_reports_the_tape():
     fit = infer(logistic, _logistic_data(), method="nuts", chains=2, warmup=200, draws=200,
                 processes=1, progress=False)
     assert fit.info["compiler"] == "tape"
+
+
+def test_the_python_codes_are_the_enums_of_the_c_interpreter():
+    import re
+
+    from ppl_notes.inference import _tape_arena as arena
+
+    source = _tape.SOURCE.read_text()
+    functions = re.search(r"enum \{\s*F_CONST = 0,(.*?)\};", source, re.S).group(1)
+    names = ["CONST"] + [n.strip()[2:] for n in functions.split(",") if n.strip()]
+    assert names == list(arena.F)
+    kinds = re.search(r"enum \{ I_MAP = 1,(.*?)\};", source).group(1)
+    assert [n.strip() for n in kinds.split(",")] == \
+        ["I_REDUCE", "I_SCAN", "I_MATMUL", "I_CHOL", "I_TRISOLVE", "I_GATHER", "I_SCATTER"]
+    assert (arena.I_MAP, arena.I_SCATTER) == (1, 8)
+    reductions = re.search(r"enum \{ R_SUM = 0,(.*?)\};", source).group(1)
+    assert len(reductions.split(",")) + 1 == arena.R_ALL + 1
+    assert f"#define MAXDIM {arena.MAX_DIMS}" in source

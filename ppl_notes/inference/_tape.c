@@ -33,9 +33,8 @@ enum {
     F_LGAMMA, F_DIGAMMA, F_ERF, F_ERFC, F_RECIP, F_SIN, F_COS, F_SIGMOID_BW, F_TANH_BW,
     F_SOFTPLUS, F_SOFTPLUS_BW, F_LOGSIGMOID, F_LOGSIGMOID_BW, F_XLOGY, F_LT, F_LE, F_GT,
     F_GE, F_EQ, F_NE, F_AND, F_OR, F_NOT, F_WHERE, F_MASKED_FILL, F_CLAMP, F_MAXIMUM,
-    F_MINIMUM, F_FLOOR, F_XLOG1PY, F_ATAN, F_LOG2, F_EXP2, F_ERFINV_UNUSED, F_SQUARE,
-    F_CEIL, F_ROUND, F_TRUNC, F_DIV_TRUNC_UNUSED, F_LOGADDEXP, F_SIGMOID_BW_X,
-    F_ATAN_BW_UNUSED, F_POLYGAMMA
+    F_MINIMUM, F_FLOOR, F_XLOG1PY, F_ATAN, F_LOG2, F_EXP2, F_SQUARE, F_CEIL, F_ROUND,
+    F_TRUNC, F_LOGADDEXP, F_POLYGAMMA
 };
 
 enum { R_SUM = 0, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL };
@@ -165,8 +164,7 @@ static double logaddexp(double a, double b) {
     X(F_LOG2, log2(a)) \
     X(F_EXP2, exp2(a)) \
     X(F_SQUARE, a * a) \
-    X(F_LOGADDEXP, logaddexp(a, b)) \
-    X(F_SIGMOID_BW_X, a * (1 / (1 + exp(-b))) * (1 - 1 / (1 + exp(-b))))
+    X(F_LOGADDEXP, logaddexp(a, b))
 
 /* out[i] = fn(a[i], b[i], c[i]) over an ndim-dimensional strided index space. */
 static const int64_t *run_map(double *arena, const int64_t *w, const double *params) {

@@ -1,0 +1,169 @@
+"""The vocabulary of a potential tape: instruction codes, arena buffers and views.
+
+:mod:`~ppl_notes.inference._tape` records and translates a computation,
+:mod:`~ppl_notes.inference._tape_kernels` says which C instruction each aten operation
+becomes; both speak in these terms. The codes are the enums of ``_tape.c``, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# instruction kinds and function codes: the enums of _tape.c, in order
+I_MAP, I_REDUCE, I_SCAN, I_MATMUL, I_CHOL, I_TRISOLVE, I_GATHER, I_SCATTER = range(1, 9)
+_FUNCTIONS = (
+    "CONST COPY ADD SUB MUL DIV AFFINE POW POWT RPOW EXP LOG LOG1P EXPM1 SQRT RSQRT ABS "
+    "SIGN SIGMOID TANH LGAMMA DIGAMMA ERF ERFC RECIP SIN COS SIGMOID_BW TANH_BW SOFTPLUS "
+    "SOFTPLUS_BW LOGSIGMOID LOGSIGMOID_BW XLOGY LT LE GT GE EQ NE AND OR NOT WHERE "
+    "MASKED_FILL CLAMP MAXIMUM MINIMUM FLOOR XLOG1PY ATAN LOG2 EXP2 SQUARE CEIL ROUND TRUNC "
+    "LOGADDEXP POLYGAMMA"
+).split()
+F = {name: code for code, name in enumerate(_FUNCTIONS)}
+R_SUM, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL = range(9)
+S_CUMSUM, S_CUMPROD, S_LOGCUMSUMEXP = range(3)
+MAX_DIMS = 12  # MAXDIM of _tape.c
+
+
+class Unsupported(Exception):
+    """The tape meets an operation (or a use of one) the C interpreter cannot run."""
+
+
+@dataclass
+class Step:
+    func: object
+    args: tuple
+    kwargs: dict
+    outputs: list  # the tensors the op returned, flattened
+
+
+def flatten(value):
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield from flatten(item)
+    else:
+        yield value
+
+
+# -- the arena --------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Buffer:
+    """One storage of the recording: a region of the arena."""
+
+    index: int
+    size: int
+    dtype: torch.dtype
+    kind: str  # "input", "static" (filled once), "pristine" (a static source), "work"
+    tensor: torch.Tensor | None = None  # a tensor on the storage, for the static content
+    base: int = -1
+    first: int = -1  # the first and last instruction that touch it (work buffers)
+    last: int = -1
+
+
+@dataclass(frozen=True)
+class View:
+    """A tensor as the arena sees it: a buffer, an offset and strides in elements."""
+
+    buffer: Buffer
+    offset: int
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def broadcast(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """Strides that read this tensor broadcast to ``sizes``."""
+        lead = len(sizes) - len(self.sizes)
+        if lead < 0:
+            raise Unsupported("an operand has more dimensions than the result")
+        strides = [0] * lead
+        for size, own, stride in zip(sizes[lead:], self.sizes, self.strides, strict=True):
+            if own not in (size, 1):
+                raise Unsupported("operand shapes do not broadcast")
+            strides.append(stride if own == size else 0)
+        return tuple(strides)
+
+
+@dataclass(frozen=True)
+class Address:
+    """An arena address, resolved once every buffer has its base."""
+
+    buffer: Buffer
+    offset: int
+
+
+@dataclass
+class AddressTable:
+    """Addresses + 1 of many elements (0: the fill value), resolved in bulk."""
+
+    buffers: list
+    offsets: np.ndarray  # (count,) int64, -1 for fill
+    owners: np.ndarray  # (count,) int64 index into buffers
+
+
+@dataclass
+class Instruction:
+    words: list
+    reads: set = field(default_factory=set)
+    writes: set = field(default_factory=set)
+
+
+def position_tensor(view: View, owner: int) -> torch.Tensor:
+    """A tensor shaped like ``view`` whose elements are ``owner << 40 | offset + 1``."""
+    offset = torch.full(view.sizes, view.offset, dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(view.sizes, view.strides, strict=True)):
+        shape = [1] * len(view.sizes)
+        shape[dim] = size
+        offset = offset + (torch.arange(size, dtype=torch.int64) * stride).reshape(shape)
+    return (owner << 40) + offset + 1
+
+
+def rounding(dtype) -> int:
+    if dtype == torch.float32 or dtype == torch.bfloat16 or dtype == torch.float16:
+        if dtype != torch.float32:
+            raise Unsupported(f"{dtype} arithmetic")
+        return 1
+    if dtype == torch.bool:
+        return 3
+    if not dtype.is_floating_point:
+        return 2
+    return 0
+
+
+def coalesce(sizes, strides_list):
+    """Loop dimensions for strided operands: as few, as long and as contiguous as can be.
+
+    Size-1 dimensions go; the rest are put in the first operand's memory order (largest
+    stride first: a vmapped batch dimension is innermost in memory), and adjacent ones
+    every operand walks contiguously are merged.
+    """
+    order = sorted(range(len(sizes)), key=lambda d: -abs(strides_list[0][d]))
+    sizes = [sizes[d] for d in order]
+    strides_list = [[st[d] for d in order] for st in strides_list]
+    keep = [d for d, s in enumerate(sizes) if s != 1]
+    sizes = [sizes[d] for d in keep]
+    strides_list = [[st[d] for d in keep] for st in strides_list]
+    if not sizes:
+        return [1], [[0] for _ in strides_list]
+    merged_sizes = [sizes[0]]
+    merged = [[st[0]] for st in strides_list]
+    for d in range(1, len(sizes)):
+        if all(m[-1] == st[d] * sizes[d] for m, st in zip(merged, strides_list, strict=True)):
+            merged_sizes[-1] *= sizes[d]
+            for m, st in zip(merged, strides_list, strict=True):
+                m[-1] = st[d]
+        else:
+            merged_sizes.append(sizes[d])
+            for m, st in zip(merged, strides_list, strict=True):
+                m.append(st[d])
+    if len(merged_sizes) > MAX_DIMS:
+        raise Unsupported("too many dimensions")
+    longest = max(range(len(merged_sizes)), key=merged_sizes.__getitem__)
+    if merged_sizes[-1] < 16 and longest != len(merged_sizes) - 1:
+        # a short inner loop costs its set-up per element: run the longest one innermost
+        # (the operands of a tape's maps fit in cache, so the order barely matters there)
+        for dims in [merged_sizes, *merged]:
+            dims.append(dims.pop(longest))
+    return merged_sizes, merged
+

@@ -1,0 +1,479 @@
+"""Which instruction of ``_tape.c`` each aten operation of a recording becomes.
+
+One handler per operation (overload packet): it reads the operation's arguments and
+real outputs from the recorded :class:`~ppl_notes.inference._tape_arena.Step` and emits
+instructions through the translator (:class:`~ppl_notes.inference._tape.Translator`).
+An operation without a handler, or a use of one the interpreter cannot run (indices
+that depend on the point), raises :class:`~ppl_notes.inference._tape_arena.Unsupported`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ppl_notes.inference._tape_arena import (
+    I_CHOL,
+    I_MATMUL,
+    I_SCAN,
+    I_SCATTER,
+    I_TRISOLVE,
+    R_ALL,
+    R_ANY,
+    R_ARGMAX,
+    R_ARGMIN,
+    R_LOGSUMEXP,
+    R_MAX,
+    R_MIN,
+    R_PROD,
+    R_SUM,
+    S_CUMPROD,
+    S_CUMSUM,
+    S_LOGCUMSUMEXP,
+    Address,
+    AddressTable,
+    Step,
+    Unsupported,
+    View,
+    position_tensor,
+    rounding,
+)
+
+if TYPE_CHECKING:
+    from ppl_notes.inference._tape import Translator
+
+
+HANDLERS: dict[str, Callable[[Translator, Step], None]] = {}
+
+
+def _handles(*names: str):
+    def register(function):
+        for name in names:
+            HANDLERS[name] = function
+        return function
+    return register
+
+
+def _out(t: Translator, step: Step, index: int = 0) -> View:
+    return t.view(step.outputs[index])
+
+
+def _arg(step: Step, index: int, name: str, default=None):
+    if len(step.args) > index:
+        return step.args[index]
+    return step.kwargs.get(name, default)
+
+
+_UNARY = {
+    "exp": "EXP", "log": "LOG", "log1p": "LOG1P", "expm1": "EXPM1", "sqrt": "SQRT",
+    "rsqrt": "RSQRT", "abs": "ABS", "sign": "SIGN", "sgn": "SIGN", "sigmoid": "SIGMOID",
+    "tanh": "TANH", "lgamma": "LGAMMA", "digamma": "DIGAMMA", "erf": "ERF", "erfc": "ERFC",
+    "reciprocal": "RECIP", "sin": "SIN", "cos": "COS", "floor": "FLOOR", "ceil": "CEIL",
+    "round": "ROUND", "trunc": "TRUNC", "atan": "ATAN", "log2": "LOG2", "exp2": "EXP2",
+    "logical_not": "NOT", "clone": "COPY", "_to_copy": "COPY", "lift_fresh_copy": "COPY",
+    "square": "SQUARE", "log_sigmoid": "LOGSIGMOID", "alias_copy": "COPY",
+}
+_BINARY = {
+    "mul": "MUL", "div": "DIV", "pow": "POWT", "xlogy": "XLOGY", "special_xlog1py": "XLOG1PY",
+    "lt": "LT", "le": "LE", "gt": "GT", "ge": "GE", "eq": "EQ", "ne": "NE",
+    "logical_and": "AND", "logical_or": "OR", "bitwise_and": "AND", "bitwise_or": "OR",
+    "maximum": "MAXIMUM", "minimum": "MINIMUM", "logaddexp": "LOGADDEXP",
+    "sigmoid_backward": "SIGMOID_BW", "tanh_backward": "TANH_BW",
+    "log_sigmoid_backward": "LOGSIGMOID_BW",
+}
+
+
+@_handles(*_UNARY)
+def _unary(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    out = _out(t, step)
+    if name in ("round",) and step.kwargs.get("decimals"):
+        raise Unsupported("round with decimals")
+    t.map(_UNARY[name], out, [t.operand(step.args[0])], dtype=step.outputs[0].dtype)
+
+
+@_handles(*(name + "_" for name in _UNARY if name not in ("clone", "_to_copy")))
+def _unary_in_place(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__[:-1]
+    t.map(_UNARY[name], t.view(step.args[0]), [t.operand(step.args[0])],
+          dtype=step.args[0].dtype)
+
+
+@_handles(*_BINARY, *(name + "_" for name in _BINARY))
+def _binary(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    in_place = name.endswith("_") and name.rstrip("_") in _BINARY
+    base = name[:-1] if in_place else name
+    overload = step.func._overloadname
+    if base == "div" and step.kwargs.get("rounding_mode") is not None:
+        raise Unsupported("div with a rounding mode")
+    out = t.view(step.args[0]) if in_place else _out(t, step)
+    if base == "pow" and overload == "Tensor_Scalar":
+        exponent = step.args[1]
+        function = {2: "SQUARE", 1: "COPY", 0.5: "SQRT", -1: "RECIP"}.get(exponent, "POW")
+        t.map(function, out, [t.operand(step.args[0])], params=(exponent,),
+              dtype=step.outputs[0].dtype)
+        return
+    if base == "pow" and overload == "Scalar":
+        t.map("RPOW", out, [t.operand(step.args[1])], params=(step.args[0],),
+              dtype=step.outputs[0].dtype)
+        return
+    if base == "log_sigmoid_backward":
+        t.map("LOGSIGMOID_BW", out, [t.operand(step.args[0]), t.operand(step.args[1])],
+              dtype=step.outputs[0].dtype)
+        return
+    t.map(_BINARY[base], out, [t.operand(step.args[0]), t.operand(step.args[1])],
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("add", "sub", "add_", "sub_")
+def _add(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    out = t.view(step.args[0]) if name.endswith("_") else _out(t, step)
+    alpha = step.kwargs.get("alpha", step.args[2] if len(step.args) > 2 else 1)
+    t.map("ADD" if name.startswith("add") else "SUB", out,
+          [t.operand(step.args[0]), t.operand(step.args[1])], params=(alpha,),
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("rsub")
+def _rsub(t: Translator, step: Step) -> None:
+    alpha = step.kwargs.get("alpha", step.args[2] if len(step.args) > 2 else 1)
+    t.map("SUB", _out(t, step), [t.operand(step.args[1]), t.operand(step.args[0])],
+          params=(alpha,), dtype=step.outputs[0].dtype)
+
+
+@_handles("bitwise_not")
+def _bitwise_not(t: Translator, step: Step) -> None:
+    dtype = step.outputs[0].dtype
+    if dtype == torch.bool:
+        t.map("NOT", _out(t, step), [t.operand(step.args[0])], dtype=dtype)
+    else:  # two's complement: ~v = -v - 1
+        t.map("AFFINE", _out(t, step), [t.operand(step.args[0])], params=(-1.0, -1.0),
+              dtype=dtype)
+
+
+@_handles("neg", "neg_")
+def _neg(t: Translator, step: Step) -> None:
+    out = t.view(step.args[0]) if step.func._schema.is_mutable else _out(t, step)
+    t.map("AFFINE", out, [t.operand(step.args[0])], params=(0.0, -1.0),
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("copy_")
+def _copy(t: Translator, step: Step) -> None:
+    t.map("COPY", t.view(step.args[0]), [t.operand(step.args[1])], dtype=step.args[0].dtype)
+
+
+@_handles("fill_", "zero_", "fill")
+def _fill(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    value = 0.0 if name == "zero_" else step.args[1]
+    if isinstance(value, torch.Tensor):
+        t.map("COPY", _out(t, step), [t.view(value)], dtype=step.outputs[0].dtype)
+        return
+    t.map("CONST", _out(t, step), [], params=(value,), dtype=step.outputs[0].dtype)
+
+
+@_handles("where")
+def _where(t: Translator, step: Step) -> None:
+    condition, a, b = step.args[:3]
+    t.map("WHERE", _out(t, step), [t.operand(condition), t.operand(a), t.operand(b)],
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("masked_fill", "masked_fill_")
+def _masked_fill(t: Translator, step: Step) -> None:
+    out = t.view(step.args[0]) if step.func._schema.is_mutable else _out(t, step)
+    source, mask, value = step.args[:3]
+    if isinstance(value, torch.Tensor):
+        t.map("WHERE", out, [t.operand(mask), t.operand(value), t.operand(source)],
+              dtype=step.outputs[0].dtype)
+    else:
+        t.map("MASKED_FILL", out, [t.operand(source), t.operand(mask)], params=(value,),
+              dtype=step.outputs[0].dtype)
+
+
+@_handles("clamp", "clamp_min", "clamp_max", "clamp_")
+def _clamp(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    if step.func._overloadname not in ("default", ""):
+        raise Unsupported(f"{step.func}")
+    low, high = -math.inf, math.inf
+    if name == "clamp_min":
+        low = step.args[1]
+    elif name == "clamp_max":
+        high = step.args[1]
+    else:
+        low = _arg(step, 1, "min")
+        high = _arg(step, 2, "max")
+        low = -math.inf if low is None else low
+        high = math.inf if high is None else high
+    out = t.view(step.args[0]) if name.endswith("_") else _out(t, step)
+    t.map("CLAMP", out, [t.operand(step.args[0])], params=(low, high),
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("relu", "relu_")
+def _relu(t: Translator, step: Step) -> None:
+    out = t.view(step.args[0]) if step.func._schema.is_mutable else _out(t, step)
+    t.map("CLAMP", out, [t.operand(step.args[0])], params=(0.0, math.inf),
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("softplus")
+def _softplus(t: Translator, step: Step) -> None:
+    beta, threshold = _arg(step, 1, "beta", 1.0), _arg(step, 2, "threshold", 20.0)
+    t.map("SOFTPLUS", _out(t, step), [t.operand(step.args[0])], params=(beta, threshold),
+          dtype=step.outputs[0].dtype)
+
+
+@_handles("softplus_backward")
+def _softplus_backward(t: Translator, step: Step) -> None:
+    grad, x, beta, threshold = step.args[:4]
+    t.map("SOFTPLUS_BW", _out(t, step), [t.operand(grad), t.operand(x)],
+          params=(beta, threshold), dtype=step.outputs[0].dtype)
+
+
+@_handles("log_sigmoid_forward")
+def _log_sigmoid_forward(t: Translator, step: Step) -> None:
+    t.map("LOGSIGMOID", _out(t, step), [t.operand(step.args[0])], dtype=step.outputs[0].dtype)
+    if step.outputs[1].numel():  # the backward of this interpreter does not read it
+        t.map("CONST", _out(t, step, 1), [], params=(0.0,), dtype=step.outputs[1].dtype)
+
+
+@_handles("polygamma")
+def _polygamma(t: Translator, step: Step) -> None:
+    order, source = step.args[:2]
+    t.map("DIGAMMA" if order == 0 else "POLYGAMMA", _out(t, step), [t.operand(source)],
+          params=(order,), dtype=step.outputs[0].dtype)
+
+
+def _dims(value, ndim: int) -> list[int]:
+    if value is None or value == [] or value == ():
+        return list(range(ndim))
+    if isinstance(value, int):
+        return [value]
+    return list(value)
+
+
+@_handles("sum", "mean", "prod", "amax", "amin", "logsumexp", "any", "all")
+def _reduce(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    source = t.view(step.args[0])
+    ndim = len(source.sizes)
+    overload = step.func._overloadname
+    if overload in ("default", "") and name != "logsumexp" and name not in ("amax", "amin"):
+        dims, keepdim = list(range(ndim)), False
+    else:
+        dims = _dims(_arg(step, 1, "dim"), ndim)
+        keepdim = bool(_arg(step, 2, "keepdim", False))
+    kind = {"sum": R_SUM, "mean": R_SUM, "prod": R_PROD, "amax": R_MAX, "amin": R_MIN,
+            "logsumexp": R_LOGSUMEXP, "any": R_ANY, "all": R_ALL}[name]
+    count = math.prod(source.sizes[d % ndim] for d in dims) if ndim else 1
+    scale = 1.0 / count if name == "mean" else 1.0
+    t.reduce(kind, _out(t, step), source, dims, keepdim, step.outputs[0].dtype, scale)
+
+
+@_handles("max", "min")
+def _max(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    source = t.view(step.args[0])
+    overload = step.func._overloadname
+    if overload == "default":
+        t.reduce(R_MAX if name == "max" else R_MIN, _out(t, step), source,
+                 list(range(len(source.sizes))), False, step.outputs[0].dtype)
+        return
+    if overload != "dim":
+        raise Unsupported(f"{step.func}")
+    dim, keepdim = step.args[1], bool(_arg(step, 2, "keepdim", False))
+    t.reduce(R_MAX if name == "max" else R_MIN, _out(t, step, 0), source, [dim], keepdim,
+             step.outputs[0].dtype)
+    t.reduce(R_ARGMAX if name == "max" else R_ARGMIN, _out(t, step, 1), source, [dim],
+             keepdim, step.outputs[1].dtype)
+
+
+@_handles("argmax", "argmin")
+def _argmax(t: Translator, step: Step) -> None:
+    source = t.view(step.args[0])
+    dim = _arg(step, 1, "dim")
+    if dim is None:
+        raise Unsupported("argmax over all dimensions")
+    kind = R_ARGMAX if step.func.overloadpacket.__name__ == "argmax" else R_ARGMIN
+    t.reduce(kind, _out(t, step), source, [dim], bool(_arg(step, 2, "keepdim", False)),
+             step.outputs[0].dtype)
+
+
+@_handles("cumsum", "cumprod", "logcumsumexp")
+def _scan(t: Translator, step: Step) -> None:
+    kind = {"cumsum": S_CUMSUM, "cumprod": S_CUMPROD, "logcumsumexp": S_LOGCUMSUMEXP}[
+        step.func.overloadpacket.__name__]
+    source, out = t.view(step.args[0]), _out(t, step)
+    ndim = len(source.sizes)
+    if ndim == 0:
+        t.map("COPY", out, [source], dtype=step.outputs[0].dtype)
+        return
+    dim = step.args[1] % ndim
+    kept = [d for d in range(ndim) if d != dim] or None
+    osizes = [source.sizes[d] for d in kept] if kept else [1]
+    ostr = [out.strides[d] for d in kept] if kept else [0]
+    istr = [source.strides[d] for d in kept] if kept else [0]
+    words = [I_SCAN, kind, len(osizes), rounding(step.outputs[0].dtype), 0, *osizes,
+             source.sizes[dim], Address(out.buffer, out.offset), *ostr, out.strides[dim],
+             Address(source.buffer, source.offset), *istr, source.strides[dim]]
+    t.emit(words, [source], [out])
+
+
+def _matrix_operand(view: View, batch_sizes: list[int]) -> list:
+    """Base, batch strides (broadcast), then the two matrix strides."""
+    lead = view.sizes[:-2]
+    lead_strides = view.strides[:-2]
+    pad = len(batch_sizes) - len(lead)
+    strides = [0] * pad + [s if n != 1 else 0 for n, s in zip(lead, lead_strides, strict=True)]
+    return [Address(view.buffer, view.offset), *(strides or [0]), *view.strides[-2:]]
+
+
+def _batch(*views: View) -> list[int]:
+    # numpy's: torch.broadcast_shapes imports its symbolic shapes and sympy (0.5 s)
+    return list(np.broadcast_shapes(*(v.sizes[:-2] for v in views))) or [1]
+
+
+@_handles("mm", "bmm", "mv", "dot")
+def _matmul(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    a, b, out = t.view(step.args[0]), t.view(step.args[1]), _out(t, step)
+    if name == "mv":  # (M, K) @ (K,) -> (M,)
+        b = View(b.buffer, b.offset, (b.sizes[0], 1), (b.strides[0], 0))
+        out = View(out.buffer, out.offset, (out.sizes[0], 1), (out.strides[0], 0))
+    elif name == "dot":
+        a = View(a.buffer, a.offset, (1, a.sizes[0]), (0, a.strides[0]))
+        b = View(b.buffer, b.offset, (b.sizes[0], 1), (b.strides[0], 0))
+        out = View(out.buffer, out.offset, (1, 1), (0, 0))
+    batch = [1] if name in ("mm", "mv", "dot") else _batch(a, b)
+    if name in ("mm", "mv", "dot"):
+        a = View(a.buffer, a.offset, (1, *a.sizes), (0, *a.strides))
+        b = View(b.buffer, b.offset, (1, *b.sizes), (0, *b.strides))
+        out = View(out.buffer, out.offset, (1, *out.sizes), (0, *out.strides))
+    M, K, N = a.sizes[-2], a.sizes[-1], b.sizes[-1]
+    words = [I_MATMUL, len(batch), rounding(step.outputs[0].dtype), *batch, M, K, N,
+             *_matrix_operand(out, batch), *_matrix_operand(a, batch),
+             *_matrix_operand(b, batch)]
+    t.emit(words, [a, b], [out])
+
+
+def _transposed(view: View) -> View:
+    return View(view.buffer, view.offset, (*view.sizes[:-2], view.sizes[-1], view.sizes[-2]),
+                 (*view.strides[:-2], view.strides[-1], view.strides[-2]))
+
+
+@_handles("linalg_cholesky_ex")
+def _cholesky(t: Translator, step: Step) -> None:
+    source, out = t.view(step.args[0]), _out(t, step)
+    if _arg(step, 1, "upper", False):  # U = L^T: read and write transposed
+        source, out = _transposed(source), _transposed(out)
+    batch = _batch(source)
+    words = [I_CHOL, len(batch), *batch, source.sizes[-1], *_matrix_operand(out, batch),
+             *_matrix_operand(source, batch)]
+    t.emit(words, [source], [out])
+    info = _out(t, step, 1)
+    t.map("CONST", info, [], params=(0.0,), dtype=step.outputs[1].dtype)
+
+
+def _trisolve(t: Translator, out: View, a: View, b: View, upper: bool, unit: bool,
+              left: bool) -> None:
+    if not left:  # X A = B  <=>  A^T X^T = B^T
+        a, b, out, upper = _transposed(a), _transposed(b), _transposed(out), not upper
+    batch = _batch(a, b)
+    words = [I_TRISOLVE, len(batch), int(upper), int(unit), *batch, a.sizes[-1], b.sizes[-1],
+             *_matrix_operand(out, batch), *_matrix_operand(a, batch),
+             *_matrix_operand(b, batch)]
+    t.emit(words, [a, b], [out])
+
+
+@_handles("linalg_solve_triangular")
+def _solve_triangular(t: Translator, step: Step) -> None:
+    a, b = t.view(step.args[0]), t.view(step.args[1])
+    _trisolve(t, _out(t, step), a, b, bool(step.kwargs.get("upper", _arg(step, 2, "upper"))),
+              bool(step.kwargs.get("unitriangular", False)), bool(step.kwargs.get("left", True)))
+
+
+@_handles("triangular_solve")
+def _triangular_solve(t: Translator, step: Step) -> None:
+    b, a = t.view(step.args[0]), t.view(step.args[1])
+    upper = bool(_arg(step, 2, "upper", True))
+    if _arg(step, 3, "transpose", False):
+        a, upper = _transposed(a), not upper
+    _trisolve(t, _out(t, step), a, b, upper, bool(_arg(step, 4, "unitriangular", False)), True)
+    t.map("COPY", _out(t, step, 1), [t.view(step.args[1])], dtype=step.outputs[1].dtype)
+
+
+# data movement: which flattened tensor arguments carry the values that move
+_MOVES = {
+    "index": [0], "index_select": [0], "gather": [0], "flip": [0], "roll": [0],
+    "constant_pad_nd": [0], "select_backward": [0], "slice_backward": [0], "repeat": [0],
+    "tril": [0], "triu": [0], "diag_embed": [0], "diagonal_backward": [0], "take": [0],
+    "narrow_copy": [0], "expand_copy": [0], "permute_copy": [0], "unfold_backward": [0],
+    "as_strided_scatter": [0, 1], "slice_scatter": [0, 1], "select_scatter": [0, 1],
+    "diagonal_scatter": [0, 1],
+}
+
+
+@_handles(*_MOVES)
+def _moves(t: Translator, step: Step) -> None:
+    name = step.func.overloadpacket.__name__
+    fill = step.args[2] if name == "constant_pad_nd" and len(step.args) > 2 else 0.0
+    t.gather_replay(step, _MOVES[name], fill)
+
+
+@_handles("cat", "stack")
+def _cat(t: Translator, step: Step) -> None:
+    t.gather_replay(step, list(range(len(step.args[0]))))
+
+
+@_handles("index_put", "index_put_", "_index_put_impl_")
+def _index_put(t: Translator, step: Step) -> None:
+    source, indices, values = step.args[:3]
+    accumulate = bool(_arg(step, 3, "accumulate", False))
+    if any(i is not None and t.is_variable(i) for i in indices):
+        raise Unsupported("index_put with indices that depend on the point")
+    out_tensor = step.outputs[0]
+    if not accumulate:
+        if step.func._schema.is_mutable:
+            raise Unsupported("in-place index_put")
+        positions = [0, len([i for i in indices if i is not None]) + 1]
+        t.gather_replay(step, positions)
+        return
+    out = t.view(out_tensor)
+    if not step.func._schema.is_mutable:  # out starts as a copy of source
+        t.map("COPY", out, [t.view(source)], dtype=out_tensor.dtype)
+    targets = position_tensor(out, 0)[tuple(slice(None) if i is None else i for i in indices)]
+    _scatter_add(t, out, targets, values)
+
+
+@_handles("index_add")
+def _index_add(t: Translator, step: Step) -> None:
+    source, dim, index, values = step.args[:4]
+    if step.kwargs.get("alpha", 1) != 1 or t.is_variable(index):
+        raise Unsupported(f"{step.func} with alpha or indices that depend on the point")
+    out = _out(t, step)
+    t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
+    _scatter_add(t, out, position_tensor(out, 0).index_select(dim, index), values)
+
+
+def _scatter_add(t: Translator, out: View, targets: torch.Tensor, values) -> None:
+    """Add ``values`` into ``out`` at positions ``targets``; repeats accumulate.
+
+    ``targets`` come from :func:`position_tensor` (owner 0); ``values`` are broadcast to
+    their shape.
+    """
+    value_view = t.view(values) if isinstance(values, torch.Tensor) else t.scalar(values)
+    sources = position_tensor(value_view, 0).expand(targets.shape)
+    zeros = np.zeros(targets.numel(), dtype=np.int64)
+    pairs = [AddressTable([value_view.buffer], sources.reshape(-1).numpy() - 1, zeros),
+             AddressTable([out.buffer], targets.reshape(-1).numpy() - 1, zeros)]
+    t.emit([I_SCATTER, int(targets.numel()), *pairs], [value_view, out], [out])
+
