@@ -174,11 +174,12 @@ class Translator:
             raise Unsupported("a storage viewed as two dtypes")
         return View(buffer, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
-    def scalar(self, value, dtype=torch.float64) -> View:
-        """A Python number as a one-element static buffer."""
+    def scalar(self, value) -> View:
+        """A Python number as a one-element static float64 buffer."""
         return self.view(torch.tensor(float(value), dtype=torch.float64))
 
     def operand(self, value) -> View:
+        """An operation's argument (a tensor or a number) as an arena view."""
         if isinstance(value, torch.Tensor):
             return self.view(value)
         if isinstance(value, bool | numbers.Real):
@@ -186,21 +187,25 @@ class Translator:
         raise Unsupported(f"operand of type {type(value).__name__}")
 
     def param(self, *values: float) -> int:
+        """Store an instruction's scalar parameters; the index of the first."""
         index = len(self.params)
         self.params.extend(float(v) for v in values)
         return index
 
     def is_variable(self, value) -> bool:
+        """Whether any tensor in ``value`` (nested lists too) depends on the point."""
         return any(isinstance(t, torch.Tensor) and self.buffers.get(_storage_key(t)) is not None
                    and self.buffers[_storage_key(t)].index in self.variable
                    for t in flatten(value))
 
     def emit(self, words: list, reads=(), writes=()) -> None:
+        """Append an instruction, noting the buffers it reads and writes (for liveness)."""
         self.instructions.append(Instruction(words, {v.buffer for v in reads},
                                               {v.buffer for v in writes}))
 
     # the steps
     def translate(self) -> None:
+        """Turn every recorded step into instructions (or into nothing: views, data)."""
         for step in self.recorder.steps:
             self._step(step)
 
@@ -270,6 +275,7 @@ class Translator:
 
     def reduce(self, kind: int, out: View, source: View, dims: list[int], keepdim: bool,
                dtype, scale: float = 1.0) -> None:
+        """``out = kind`` over ``dims`` of ``source`` (a sum scaled by ``scale``)."""
         ndim = len(source.sizes)
         dims = sorted({d % ndim for d in dims}) if ndim else []
         kept = [d for d in range(ndim) if d not in dims]
