@@ -194,9 +194,9 @@ class Translator:
 
     def is_variable(self, value) -> bool:
         """Whether any tensor in ``value`` (nested lists too) depends on the point."""
-        return any(isinstance(t, torch.Tensor) and self.buffers.get(_storage_key(t)) is not None
-                   and self.buffers[_storage_key(t)].index in self.variable
-                   for t in flatten(value))
+        buffers = (self.buffers.get(_storage_key(t)) for t in flatten(value)
+                   if isinstance(t, torch.Tensor))
+        return any(b is not None and b.index in self.variable for b in buffers)
 
     def emit(self, words: list, reads=(), writes=()) -> None:
         """Append an instruction, noting the buffers it reads and writes (for liveness)."""
@@ -323,8 +323,6 @@ class Translator:
         kwargs = _replace(step.kwargs, replacements)
         if "dtype" in kwargs:
             kwargs.pop("dtype")
-        if step.func.overloadpacket.__name__ == "constant_pad_nd":
-            args = (*args[:2], 0) if len(args) > 2 else args
         positions = step.func(*args, **kwargs)
         out = step.outputs[0]
         if not isinstance(positions, torch.Tensor) or positions.shape != out.shape:
@@ -461,12 +459,8 @@ class _TapePotential(ctypes.Structure):
 
 
 def _indices(view: View) -> np.ndarray:
-    index = np.full(view.sizes, view.buffer.base + view.offset, dtype=np.int64)
-    for dim, (size, stride) in enumerate(zip(view.sizes, view.strides, strict=True)):
-        shape = [1] * len(view.sizes)
-        shape[dim] = size
-        index = index + (np.arange(size, dtype=np.int64) * stride).reshape(shape)
-    return index
+    """The arena addresses of a view's elements (its buffer has its base)."""
+    return position_tensor(view, 0).numpy() - 1 + view.buffer.base
 
 
 def _allocate(translator: Translator, outputs: set) -> int:

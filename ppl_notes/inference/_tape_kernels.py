@@ -9,6 +9,7 @@ that depend on the point), raises :class:`~ppl_notes.inference._tape_arena.Unsup
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -425,7 +426,11 @@ _MOVES = {
 @_handles(*_MOVES)
 def _moves(t: Translator, step: Step) -> None:
     name = step.func.overloadpacket.__name__
-    fill = step.args[2] if name == "constant_pad_nd" and len(step.args) > 2 else 0.0
+    fill = 0.0
+    if name == "constant_pad_nd" and len(step.args) > 2:
+        # replayed with pad value 0, so padded elements read as "fill", then given it
+        fill = step.args[2]
+        step = dataclasses.replace(step, args=(*step.args[:2], 0))
     t.gather_replay(step, _MOVES[name], fill)
 
 
