@@ -53,7 +53,7 @@ import sys, time
 started = time.perf_counter()
 sys.path[:0] = [{root!r}, {root!r} + "/benchmarks"]
 import bench_peers
-bench_peers.child({contender!r}, {name!r}, {chains}, {warmup}, {draws}, started)
+bench_peers.child({contender!r}, {name!r}, {chains}, {warmup}, {draws}, started, {accept!r})
 """
 
 
@@ -85,7 +85,7 @@ def _score(sites: dict, name: str) -> dict:
     return {"ess": min(ess), "worst_z": worst_z, "worst_sd_ratio": worst_sd}
 
 
-def _ppl_notes(name, chains, warmup, draws):
+def _ppl_notes(name, chains, warmup, draws, accept):
     import numpy as np
 
     from ppl_notes import infer, model
@@ -94,13 +94,13 @@ def _ppl_notes(name, chains, warmup, draws):
     # as a user would: the one story, wrapped, and its data (NumPyro's child likewise)
     story = model(observed=pdb.OBSERVED[name])(getattr(pdb, pdb.PROGRAMS[name]))
     fit = infer(story, pdb.data_for(name), method="nuts", chains=chains, warmup=warmup,
-                draws=draws, progress=False)
+                draws=draws, progress=False, **({"target_accept": accept} if accept else {}))
     tree = fit.to_arviz()
     sites = {site: np.asarray(tree["posterior"][site]) for site in tree["posterior"].data_vars}
     return sites, int(np.asarray(tree["sample_stats"]["diverging"]).sum())
 
 
-def _numpyro(name, chains, warmup, draws):
+def _numpyro(name, chains, warmup, draws, accept):
     import numpyro
 
     numpyro.set_host_device_count(chains)
@@ -112,14 +112,15 @@ def _numpyro(name, chains, warmup, draws):
     from tests.corpus.posteriordb_stories import data_for
 
     jax.config.update("jax_enable_x64", True)
-    mcmc = MCMC(NUTS(numpyro_posteriordb.STORIES[name]), num_warmup=warmup, num_samples=draws,
+    kernel = NUTS(numpyro_posteriordb.STORIES[name], target_accept_prob=accept or 0.8)
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws,
                 num_chains=chains, chain_method="parallel", progress_bar=False)
     mcmc.run(jax.random.PRNGKey(0), **data_for(name), extra_fields=("diverging",))
     sites = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
     return sites, int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
 
 
-def _nutpie(name, chains, warmup, draws, adaptation="diag"):
+def _nutpie(name, chains, warmup, draws, accept, adaptation="diag"):
     import numpy as np
     import nutpie
     import pymc_posteriordb
@@ -129,12 +130,13 @@ def _nutpie(name, chains, warmup, draws, adaptation="diag"):
     compiled = nutpie.compile_pymc_model(pymc_posteriordb.STORIES[name](**data_for(name)),
                                          backend="numba")
     trace = nutpie.sample(compiled, draws=draws, tune=warmup, chains=chains, cores=2, seed=0,
-                          progress_bar=False, adaptation=adaptation)
+                          progress_bar=False, adaptation=adaptation,
+                          **({"target_accept": accept} if accept else {}))
     sites = {k: np.asarray(v) for k, v in trace["posterior"].data_vars.items()}
     return sites, int(np.asarray(trace["sample_stats"]["diverging"]).sum())
 
 
-def _pyro(name, chains, warmup, draws):
+def _pyro(name, chains, warmup, draws, accept):
     import numpy as np
     import torch
     from pyro.infer import MCMC, NUTS
@@ -145,7 +147,8 @@ def _pyro(name, chains, warmup, draws):
     story = getattr(pdb, name.split("-")[1])
     data = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
             for k, v in pdb.data_for(name).items()}
-    mcmc = MCMC(NUTS(story), num_samples=draws, warmup_steps=warmup, num_chains=chains,
+    mcmc = MCMC(NUTS(story, target_accept_prob=accept or 0.8), num_samples=draws,
+                warmup_steps=warmup, num_chains=chains,
                 disable_progbar=True)
     mcmc.run(**data)
     sites = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
@@ -155,14 +158,15 @@ def _pyro(name, chains, warmup, draws):
     return sites, int(sum(len(v) for v in diverging.values()))
 
 
-def child(contender, name, chains, warmup, draws, started):
-    """One posterior by one contender; prints a JSON line."""
+def child(contender, name, chains, warmup, draws, started, accept=None):
+    """One posterior by one contender (``accept``: target acceptance, None for the
+    contender's default); prints a JSON line."""
     import warnings
 
     warnings.simplefilter("ignore")
     runner = {"ppl_notes": _ppl_notes, "numpyro": _numpyro, "nutpie": _nutpie, "pyro": _pyro,
               "nutpie_lowrank": lambda *a: _nutpie(*a, adaptation="low_rank")}[contender]
-    sites, divergences = runner(name, chains, warmup, draws)
+    sites, divergences = runner(name, chains, warmup, draws, accept)
     wall = time.perf_counter() - started
     print(json.dumps({"wall_s": wall, "divergences": divergences, **_score(sites, name)}))
 
@@ -174,16 +178,21 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--settings", choices=("defaults", "reference"), default="defaults",
+                        help="target acceptance: each contender's default (0.8), or the "
+                             "adapt_delta of posteriordb's reference run, for every contender")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--warm", action="store_true",
                         help="let ppl_notes runs share one inductor cache (default: each cold)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tests.corpus.cases import posteriordb_cases
+    from tests.corpus.posteriordb_stories import REFERENCE_RUN
 
     names = args.names or [case.name for case in posteriordb_cases()]
     print(f"NUTS, {args.chains} chains x ({args.warmup} warmup + {args.draws} draws); "
-          "wall time of a fresh process, imports and compilation included")
+          "wall time of a fresh process, imports and compilation included; target "
+          "acceptance: " + ("the reference run's" if args.settings == "reference" else "default"))
     print(f"{'posterior':40s} {'contender':15s} {'wall s':>7s} {'min ESS':>8s} {'ESS/s':>8s} "
           f"{'div':>5s} {'max z':>6s} {'sd ratio':>8s}", flush=True)
     rates: dict[str, dict[str, float]] = {}
@@ -191,8 +200,11 @@ def main() -> None:
         for contender in args.contenders:
             if contender == "pyro" and not name.startswith("eight_schools") and not args.names:
                 continue
+            accept = (REFERENCE_RUN[name]["adapt_delta"] if args.settings == "reference"
+                      else None)
             code = CHILD.format(root=str(ROOT), contender=contender, name=name,
-                                chains=args.chains, warmup=args.warmup, draws=args.draws)
+                                chains=args.chains, warmup=args.warmup, draws=args.draws,
+                                accept=accept)
             cache = {} if args.warm else {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(),
                                           "PPL_NOTES_CACHE": tempfile.mkdtemp()}
             try:

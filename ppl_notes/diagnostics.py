@@ -79,16 +79,6 @@ def continuous_sites(posterior) -> list[str]:
             if v not in posterior.discrete_sites]
 
 
-def _per_element(result: xr.DataTree | xr.Dataset) -> dict[str, float]:
-    dataset = result.to_dataset() if isinstance(result, xr.DataTree) else result
-    out = {}
-    for name in dataset.data_vars:
-        array = dataset[name]
-        for label, value in zip(element_labels(array, []), np.ravel(array.values), strict=True):
-            out[label] = float(value)
-    return out
-
-
 def _worst(values: dict[str, float], largest: bool) -> tuple[str, float]:
     finite = {k: v for k, v in values.items() if math.isfinite(v)}
     if not finite:
@@ -215,30 +205,44 @@ def diagnostics(posterior) -> dict[str, Any]:
 
 
 def _mcmc_numbers(posterior) -> dict[str, Any]:
-    import arviz_stats  # on first use: it is most of ppl_notes' import time
+    from ppl_notes import chain_diagnostics as chains  # arviz_stats' numbers, without its import
 
-    tree, dims, sites = posterior.tree, ["chain", "draw"], continuous_sites(posterior)
+    tree, sites = posterior.tree, continuous_sites(posterior)
     numbers: dict[str, Any] = {}
     if sites:
+        draws = _element_chains(tree["posterior"], sites)
         if posterior.tree["posterior"].sizes["chain"] > 1:
-            numbers["max_r_hat"] = _worst(_per_element(
-                arviz_stats.rhat(tree, var_names=sites, sample_dims=dims)), largest=True)
-        for kind in ("bulk", "tail"):
-            numbers[f"min_ess_{kind}"] = _worst(_per_element(
-                arviz_stats.ess(tree, var_names=sites, sample_dims=dims, method=kind)),
-                largest=False)
+            numbers["max_r_hat"] = _worst({k: chains.rhat(v) for k, v in draws.items()},
+                                          largest=True)
+        numbers["min_ess_bulk"] = _worst({k: chains.ess_bulk(v) for k, v in draws.items()},
+                                         largest=False)
+        numbers["min_ess_tail"] = _worst({k: chains.ess_tail(v) for k, v in draws.items()},
+                                         largest=False)
     sample_stats = tree["sample_stats"] if "sample_stats" in tree.children else None
     if sample_stats is not None and "diverging" in sample_stats.data_vars:
         diverging = sample_stats["diverging"].values.astype(bool)
         numbers["divergences"] = int(diverging.sum())
         numbers["divergence_site"] = _where_divergent(posterior, sites, diverging)
     if sample_stats is not None and "energy" in sample_stats.data_vars:
-        per_chain = arviz_stats.bfmi(tree)["energy"].values
+        per_chain = chains.bfmi(sample_stats["energy"].transpose("chain", "draw").values)
         chain = int(np.argmin(per_chain))
         numbers["min_bfmi"] = (f"chain {chain}", float(per_chain[chain]))
     if sample_stats is not None and "reached_max_tree_depth" in sample_stats.data_vars:
         numbers["max_tree_depth_share"] = float(sample_stats["reached_max_tree_depth"].mean())
     return numbers
+
+
+def _element_chains(dataset, sites: list[str]) -> dict[str, np.ndarray]:
+    """Each scalar element's ``(chain, draw)`` draws, by its label (``b[3]``)."""
+    out = {}
+    for name in sites:
+        array = dataset[name]
+        other = [d for d in array.dims if d not in ("chain", "draw")]
+        values = array.transpose("chain", "draw", *other).values
+        values = values.reshape(values.shape[:2] + (-1,))
+        for column, label in enumerate(element_labels(array, ["chain", "draw"])):
+            out[label] = np.asarray(values[:, :, column], dtype=float)
+    return out
 
 
 def _where_divergent(posterior, sites: list[str], diverging: np.ndarray) -> tuple[str, str]:

@@ -34,8 +34,14 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+#: Portable optimisation only (no ``-march=native``: a cache directory may be shared by
+#: machines with other CPUs); ``-std=c99`` keeps ``a * b + c`` unfused, as torch rounds it.
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+
+
 def _target(source: Path, compiler: str) -> Path:
-    key = hashlib.sha256(source.read_bytes() + compiler.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + compiler.encode()
+                         + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / f"{source.stem.lstrip('_')}-{key}.so"
 
 
@@ -48,7 +54,7 @@ class _Build:
         self.workspace = tempfile.TemporaryDirectory(dir=self.target.parent)
         self.built = Path(self.workspace.name) / self.target.name
         self.process = subprocess.Popen(
-            [compiler, "-O2", "-shared", "-fPIC", "-std=c99", "-o", str(self.built),
+            [compiler, *FLAGS, "-o", str(self.built),
              str(source), "-lm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def finish(self) -> None:
@@ -86,7 +92,7 @@ def prebuild(*sources: Path) -> None:
 
 
 def build(source: Path, what: str) -> ctypes.CDLL | None:
-    """``source`` compiled (``cc -O2``) and loaded; None where it cannot be.
+    """``source`` compiled (``cc -O3``) and loaded; None where it cannot be.
 
     ``what`` names the library in log messages.
     """

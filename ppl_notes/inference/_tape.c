@@ -262,8 +262,16 @@ static const int64_t *run_reduce(double *arena, const int64_t *w, const double *
         if (nred == 1 && (kind == R_SUM || kind == R_PROD)) {  /* the common case, tight */
             const double *I = in + io;
             int64_t s = irstr[0];
-            if (kind == R_SUM) for (int64_t r = 0; r < inner; r++) acc += I[r * s];
-            else for (int64_t r = 0; r < inner; r++) acc *= I[r * s];
+            if (kind == R_SUM) {  /* four partial sums: the adds' latency overlaps */
+                double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                int64_t r = 0;
+                for (; r + 4 <= inner; r += 4) {
+                    a0 += I[r * s]; a1 += I[(r + 1) * s];
+                    a2 += I[(r + 2) * s]; a3 += I[(r + 3) * s];
+                }
+                for (; r < inner; r++) a0 += I[r * s];
+                acc = (a0 + a1) + (a2 + a3);
+            } else for (int64_t r = 0; r < inner; r++) acc *= I[r * s];
             inner = 0;  /* done: skip the general loop below */
         }
         memset(rindex, 0, sizeof rindex);

@@ -172,6 +172,23 @@ OBSERVED = {
 }
 
 
+#: How posteriordb's maintainers ran Stan for each reference posterior (its
+#: ``reference_posteriors/draws/info/<name>.info.json``: 10 chains x 20,000 iterations,
+#: thinned by 10; no reference run had a divergent transition). ``adapt_delta`` is the
+#: target acceptance statistic a fair comparison of divergences uses;
+#: ``max_treedepth`` is 10 (Stan's default) where absent.
+REFERENCE_RUN = {
+    "eight_schools-eight_schools_noncentered": {"adapt_delta": 0.95},
+    "kilpisjarvi_mod-kilpisjarvi": {"adapt_delta": 0.8, "max_treedepth": 15},
+    "arK-arK": {"adapt_delta": 0.8},
+    "garch-garch11": {"adapt_delta": 0.8},
+    "gp_pois_regr-gp_pois_regr": {"adapt_delta": 0.99, "max_treedepth": 15},
+    "hmm_example-hmm_example": {"adapt_delta": 0.8},
+    "diamonds-diamonds": {"adapt_delta": 0.99, "max_treedepth": 20},
+    "earnings-logearn_interaction": {"adapt_delta": 0.8},
+}
+
+
 def data_for(name: str) -> dict:
     """The keyword arguments each story takes, from posteriordb's data."""
     raw, _ = load(name)
