@@ -5,6 +5,7 @@ Run by hand (never in CI), after ``pip install -e .[bench]``::
     .venv/bin/python benchmarks/bench_peers.py                       # every posterior
     .venv/bin/python benchmarks/bench_peers.py eight_schools-eight_schools_noncentered
     .venv/bin/python benchmarks/bench_peers.py --contenders ppl_notes numpyro
+    .venv/bin/python benchmarks/bench_peers.py --settings reference   # posteriordb's adapt_delta
 
 The contenders, each in a fresh Python process (imports, JIT and compile caches counted
 as a user meets them), 4 chains x (1000 warmup + 1000 draws), float64 everywhere:
@@ -22,6 +23,12 @@ as a user meets them), 4 chains x (1000 warmup + 1000 draws), float64 everywhere
   adaptation; ``nutpie_lowrank`` is the same with ``adaptation="low_rank"``.
 * ``pyro``: plain Pyro's ``MCMC(NUTS(story), num_chains=4)``, eight schools only unless
   named (the others take hours here).
+
+Every contender runs at its default target acceptance (0.8), or with ``--settings
+reference`` at the ``adapt_delta`` of posteriordb's reference run for that posterior (0.99
+for the GP and diamonds, 0.95 for eight schools; ``REFERENCE_RUN`` in
+``tests/corpus/posteriordb_stories.py``), which is where "no divergences where the
+reference had none" is a fair test. ``max_tree_depth`` stays at 10 for every contender.
 
 For each run: total wall time, min bulk ESS over posteriordb's reference elements, that
 ESS per second of wall time, divergences, and agreement with the reference draws: the

@@ -122,9 +122,27 @@ def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, m
     from ppl_notes.inference import _native, _tape, _trajectory
 
     monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
-    _native.prebuild(_tape.SOURCE, _trajectory.SOURCE)
+    _native.prebuild(_tape.SOURCE, _trajectory.SOURCE)  # returns with both compilers running
+    _native.wait_for_builds()
     built = sorted(path.name.split("-")[0] for path in tmp_path.glob("*.so"))
     assert built == ["tape", "trajectory"]
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no workspace left behind
     lib = _native.build(_tape.SOURCE, "potential tapes")  # loads what is there
     assert lib is not None and hasattr(lib, "tape_run")
+
+
+def test_a_compiler_that_refuses_the_vectoriser_flag_builds_without_it(tmp_path, monkeypatch):
+    import shutil
+
+    from ppl_notes.inference import _native, _trajectory
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    wrapper = tmp_path / "strict-cc"
+    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do case $a in -fvect-cost-model*) "
+                       "echo \"unknown argument: $a\" >&2; exit 1;; esac; done\n"
+                       f"exec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path / "cache"))
+    lib = _native.build(_trajectory.SOURCE, "NUTS transitions")
+    assert lib is not None and len(list((tmp_path / "cache").glob("*.so"))) == 1

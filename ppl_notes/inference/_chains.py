@@ -32,6 +32,7 @@ import cloudpickle
 import torch
 from tqdm.auto import tqdm
 
+from ppl_notes.inference._native import wait_for_builds
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference.nuts_sampler import ChainResult, chain_process, drive_lockstep
 
@@ -168,6 +169,8 @@ def run_chains(
     groups = [list(range(chains))[w::workers] for w in range(workers)]
     total = warmup + draws
     bars = _Bars(chains, total, progress)
+    if scheduler is not None or workers > 1:
+        wait_for_builds()  # the workers load what prebuild() compiles, never compile twice
     try:
         if scheduler is not None:
             outputs = _run_on_cluster(payload, list(range(chains)), bars, scheduler)

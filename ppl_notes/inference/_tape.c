@@ -388,6 +388,121 @@ static batch_t batch_of(int64_t nb, const int64_t *sizes) {
     return batch;
 }
 
+/* Two doubles in one SSE2 register (GCC and Clang vector extension); loads and stores go
+   through memcpy, which compiles to unaligned moves. Products are not fused into adds
+   (-std=c99), so a lane rounds as the scalar code does. */
+typedef double pair_t __attribute__((vector_size(16)));
+
+static inline pair_t load_pair(const double *p) { pair_t v; memcpy(&v, p, sizeof v); return v; }
+
+/* Largest panels kept on the stack: B's 4 columns packed (MAX_PACK rows), and the whole
+   output of a long product accumulated by rank-1 updates (MAX_RANK1 elements). */
+#define MAX_PACK 2048
+#define MAX_RANK1 256
+
+/* One M x K by K x N product, O = A B, strided operands (m: row, n/k: column strides).
+   Each output element sums its K products in order k = 0, 1, ..., whichever of the
+   three kernels below runs, so they agree to the bit. */
+#define MATMUL_ARGS double *O, const double *A, const double *B, int64_t M, int64_t K, \
+    int64_t N, int64_t osm, int64_t osn, int64_t asm_, int64_t ask, int64_t bsk, int64_t bsn
+
+/* Rank-1 updates over k into a local output: A is read once, not once per row tile
+   (for X^T r in a gradient: A's rows contiguous, a small output, a long K). */
+static void matmul_rank1(MATMUL_ARGS) {
+    double acc[MAX_RANK1];
+    memset(acc, 0, (size_t)(M * N) * sizeof(double));
+    for (int64_t k = 0; k < K; k++) {
+        const double *Ak = A + k * ask;
+        for (int64_t j = 0; j < N; j++) {
+            double bkj = B[k * bsk + j * bsn], *Cj = acc + j * M;
+            for (int64_t i = 0; i < M; i++) Cj[i] += Ak[i * asm_] * bkj;
+        }
+    }
+    for (int64_t j = 0; j < N; j++)
+        for (int64_t i = 0; i < M; i++) O[i * osm + j * osn] = acc[j * M + i];
+}
+
+/* Row tiles of 2 x 4 accumulated in registers, column panels [j0, j1) of B. */
+static void matmul_tiles(MATMUL_ARGS, int64_t j0) {
+    int64_t i = 0;
+    for (; i + 2 <= M; i += 2) {
+        const double *A0 = A + i * asm_, *A1 = A0 + asm_;
+        int64_t j = j0;
+        for (; j + 4 <= N; j += 4) {
+            double c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+            const double *Bj = B + j * bsn;
+            for (int64_t k = 0; k < K; k++) {
+                double a0 = A0[k * ask], a1 = A1[k * ask];
+                const double *b = Bj + k * bsk;
+                double b0 = b[0], b1 = b[bsn], b2 = b[2 * bsn], b3 = b[3 * bsn];
+                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+            }
+            double *o0 = O + i * osm + j * osn, *o1 = o0 + osm;
+            o0[0] = c00; o0[osn] = c01; o0[2 * osn] = c02; o0[3 * osn] = c03;
+            o1[0] = c10; o1[osn] = c11; o1[2 * osn] = c12; o1[3 * osn] = c13;
+        }
+        for (; j < N; j++) {
+            double c0 = 0, c1 = 0;
+            for (int64_t k = 0; k < K; k++) {
+                double bk = B[k * bsk + j * bsn];
+                c0 += A0[k * ask] * bk;
+                c1 += A1[k * ask] * bk;
+            }
+            O[i * osm + j * osn] = c0;
+            O[(i + 1) * osm + j * osn] = c1;
+        }
+    }
+    for (; i < M; i++)
+        for (int64_t j = j0; j < N; j++) {
+            double c = 0;
+            for (int64_t k = 0; k < K; k++) c += A[i * asm_ + k * ask] * B[k * bsk + j * bsn];
+            O[i * osm + j * osn] = c;
+        }
+}
+
+/* Each 4-column panel of B packed once into pairs, then 2 x 4 tiles in SSE2 registers;
+   the columns past the last whole panel go to matmul_tiles. */
+static void matmul_packed(MATMUL_ARGS) {
+    double panel[4 * MAX_PACK];
+    int64_t j = 0;
+    for (; j + 4 <= N; j += 4) {
+        const double *Bj = B + j * bsn;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t c = 0; c < 4; c++) panel[4 * k + c] = Bj[k * bsk + c * bsn];
+        int64_t i = 0;
+        for (; i + 2 <= M; i += 2) {
+            const double *A0 = A + i * asm_, *A1 = A0 + asm_;
+            pair_t c00 = {0, 0}, c02 = {0, 0}, c10 = {0, 0}, c12 = {0, 0};
+            for (int64_t k = 0; k < K; k++) {
+                pair_t a0 = {A0[k * ask], A0[k * ask]}, a1 = {A1[k * ask], A1[k * ask]};
+                pair_t b01 = load_pair(panel + 4 * k), b23 = load_pair(panel + 4 * k + 2);
+                c00 += a0 * b01; c02 += a0 * b23;
+                c10 += a1 * b01; c12 += a1 * b23;
+            }
+            double *o0 = O + i * osm + j * osn, *o1 = o0 + osm;
+            o0[0] = c00[0]; o0[osn] = c00[1]; o0[2 * osn] = c02[0]; o0[3 * osn] = c02[1];
+            o1[0] = c10[0]; o1[osn] = c10[1]; o1[2 * osn] = c12[0]; o1[3 * osn] = c12[1];
+        }
+        for (; i < M; i++)
+            for (int64_t c = 0; c < 4; c++) {
+                double v = 0;
+                for (int64_t k = 0; k < K; k++) v += A[i * asm_ + k * ask] * panel[4 * k + c];
+                O[i * osm + (j + c) * osn] = v;
+            }
+    }
+    if (j < N) matmul_tiles(O, A, B, M, K, N, osm, osn, asm_, ask, bsk, bsn, j);
+}
+
+static void matmul_one(MATMUL_ARGS) {
+    if (asm_ == 1 && M * N <= MAX_RANK1 && K >= 16)
+        matmul_rank1(O, A, B, M, K, N, osm, osn, asm_, ask, bsk, bsn);
+    else if (K <= MAX_PACK && N >= 4)
+        matmul_packed(O, A, B, M, K, N, osm, osn, asm_, ask, bsk, bsn);
+    else
+        matmul_tiles(O, A, B, M, K, N, osm, osn, asm_, ask, bsk, bsn, 0);
+}
+
 static const int64_t *run_matmul(double *arena, const int64_t *w) {
     int64_t nb = w[0], round = w[1];
     const int64_t *bsizes = w + 2;
@@ -395,54 +510,17 @@ static const int64_t *run_matmul(double *arena, const int64_t *w) {
     const int64_t *o = bsizes + nb + 3, *a = o + nb + 3, *b = a + nb + 3;
     matrix_t mo = matrix_at(o, nb), ma = matrix_at(a, nb), mb = matrix_at(b, nb);
     batch_t batch = batch_of(nb, bsizes);
-    int64_t osm = mo.rows, osn = mo.cols, asm_ = ma.rows, ask = ma.cols;
-    int64_t bsk = mb.rows, bsn = mb.cols;
     for (int64_t t = 0; t < batch.count; t++) {
         int64_t oo, ao, bo;
         batch_offsets(batch, t, mo.batch_strides, ma.batch_strides, mb.batch_strides,
                       &oo, &ao, &bo);
         double *O = arena + mo.base + oo;
-        const double *A = arena + ma.base + ao, *B = arena + mb.base + bo;
-        /* tiles of 2 rows x 4 columns accumulate in registers (8 independent chains) */
-        int64_t i = 0;
-        for (; i + 2 <= M; i += 2) {
-            const double *A0 = A + i * asm_, *A1 = A0 + asm_;
-            int64_t j = 0;
-            for (; j + 4 <= N; j += 4) {
-                double c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
-                const double *Bj = B + j * bsn;
-                for (int64_t k = 0; k < K; k++) {
-                    double a0 = A0[k * ask], a1 = A1[k * ask];
-                    const double *b = Bj + k * bsk;
-                    double b0 = b[0], b1 = b[bsn], b2 = b[2 * bsn], b3 = b[3 * bsn];
-                    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-                    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-                }
-                double *o0 = O + i * osm + j * osn, *o1 = o0 + osm;
-                o0[0] = c00; o0[osn] = c01; o0[2 * osn] = c02; o0[3 * osn] = c03;
-                o1[0] = c10; o1[osn] = c11; o1[2 * osn] = c12; o1[3 * osn] = c13;
-            }
-            for (; j < N; j++) {
-                double c0 = 0, c1 = 0;
-                for (int64_t k = 0; k < K; k++) {
-                    double bk = B[k * bsk + j * bsn];
-                    c0 += A0[k * ask] * bk;
-                    c1 += A1[k * ask] * bk;
-                }
-                O[i * osm + j * osn] = c0;
-                O[(i + 1) * osm + j * osn] = c1;
-            }
-        }
-        for (; i < M; i++)
-            for (int64_t j = 0; j < N; j++) {
-                double c = 0;
-                for (int64_t k = 0; k < K; k++) c += A[i * asm_ + k * ask] * B[k * bsk + j * bsn];
-                O[i * osm + j * osn] = c;
-            }
+        matmul_one(O, arena + ma.base + ao, arena + mb.base + bo, M, K, N, mo.rows, mo.cols,
+                   ma.rows, ma.cols, mb.rows, mb.cols);
         if (round)
             for (int64_t r = 0; r < M; r++)
                 for (int64_t j = 0; j < N; j++)
-                    O[r * osm + j * osn] = store(O[r * osm + j * osn], round);
+                    O[r * mo.rows + j * mo.cols] = store(O[r * mo.rows + j * mo.cols], round);
     }
     return b + nb + 3;
 }
@@ -495,15 +573,20 @@ static const int64_t *run_trisolve(double *arena, const int64_t *w) {
         double *X = arena + mo.base + oo;
         const double *A = arena + ma.base + ao, *B = arena + mb.base + bo;
         for (int64_t c = 0; c < k; c++) {
-            for (int64_t s = 0; s < n; s++) {
-                int64_t i = upper ? n - 1 - s : s;
-                double v = B[i * bsr + c * bsc];
-                if (upper)
-                    for (int64_t j = i + 1; j < n; j++) v -= A[i * asr + j * asc] * X[j * osr + c * osc];
-                else
-                    for (int64_t j = 0; j < i; j++) v -= A[i * asr + j * asc] * X[j * osr + c * osc];
-                X[i * osr + c * osc] = unit ? v : v / A[i * asr + i * asc];
-            }
+            double *Xc = X + c * osc;
+            const double *Bc = B + c * bsc;
+            if (upper)  /* back substitution: rows n-1 .. 0, each after the ones below it */
+                for (int64_t i = n - 1; i >= 0; i--) {
+                    double v = Bc[i * bsr];
+                    for (int64_t j = i + 1; j < n; j++) v -= A[i * asr + j * asc] * Xc[j * osr];
+                    Xc[i * osr] = unit ? v : v / A[i * asr + i * asc];
+                }
+            else  /* forward substitution */
+                for (int64_t i = 0; i < n; i++) {
+                    double v = Bc[i * bsr];
+                    for (int64_t j = 0; j < i; j++) v -= A[i * asr + j * asc] * Xc[j * osr];
+                    Xc[i * osr] = unit ? v : v / A[i * asr + i * asc];
+                }
         }
     }
     return b + nb + 3;

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ppl_notes.inference._native import build
+from ppl_notes.inference._native import build, compiler
 from ppl_notes.inference._tape_arena import (
     I_GATHER,
     I_MAP,
@@ -378,16 +378,18 @@ class Tape:
     """
 
     def __init__(self, value_and_grad: Callable, example: torch.Tensor) -> None:
-        lib = library()
-        if lib is None:
+        if compiler() is None:
             raise Unsupported("no C compiler for the tape interpreter")
-        self.lib = lib
         example = example.detach().clone().contiguous()
         recorder = _Recorder()
         with recorder:
             value, grad = value_and_grad(example)
         translator = Translator(recorder, example)
         translator.translate()
+        lib = library()  # last: a compiler prebuild() started ran while we recorded
+        if lib is None:
+            raise Unsupported("no C compiler for the tape interpreter")
+        self.lib = lib
         self.shape = tuple(example.shape)
         self._assemble(translator, value, grad)
         self.steps = len(recorder.steps)
