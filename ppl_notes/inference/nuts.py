@@ -227,13 +227,15 @@ def resolve_compiler(requested: str) -> str:
     """The compiler ``requested`` stands for.
 
     ``auto``: the tape where a C compiler exists (its potential falls back to inductor
-    for a story it cannot record), else TorchScript.
+    for a story it cannot record, or where the build fails), else TorchScript. Only
+    the compiler is looked for: a build :func:`~ppl_notes.inference._native.prebuild`
+    started keeps running while the potential is recorded.
     """
     if requested != "auto":
         return requested
-    from ppl_notes.inference._tape import library
+    from ppl_notes.inference._native import compiler
 
-    if library() is not None:
+    if compiler() is not None:
         return "tape"
     return "inductor" if compiler_available() else "torchscript"
 
