@@ -297,6 +297,41 @@ def test_nuts_that_cannot_start_names_the_site():
     assert "at the starting point p=" in str(caught.value)
 
 
+@model(observed="y")
+def stationary_ar(y):
+    """As a user writes GARCH's constraint: b ~ Uniform(0, 1 - a), a bound that moves."""
+    a = pyro.sample("a", dist.Uniform(0.0, 1.0))
+    b = pyro.sample("b", dist.Uniform(0.0, 1.0 - a))
+    with pyro.plate("t", y.shape[0]):
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("family", [None, "fullrank"])
+def test_an_autoguide_on_a_moving_support_is_refused_before_any_step(family):
+    """AutoNormal maps b into the support of its first trace; once a moves, b can leave
+    its bound (posteriordb's GARCH failed so at step 15, "parameters became invalid").
+    The site is now named before any step, and a guide that follows the bound runs."""
+    y = torch.linspace(-1.0, 2.0, 20)
+    with pytest.raises(StoryError) as caught:
+        infer(stationary_ar, {"y": y}, method="svi", guide=family, steps=50, progress=False)
+    message = str(caught.value)
+    assert message.startswith("site 'b': its support depends on other latent sites")
+    assert "NUTS takes such stories" in message
+
+    def inside_the_bound(y):  # a guide that draws b within the bound its own a gives
+        a_loc = pyro.param("a_loc", torch.tensor(0.0))
+        b_loc = pyro.param("b_loc", torch.tensor(0.0))
+        a = pyro.sample("a", dist.TransformedDistribution(
+            dist.Normal(a_loc, 0.3), [dist.transforms.SigmoidTransform()]))
+        pyro.sample("b", dist.TransformedDistribution(
+            dist.Normal(b_loc, 0.3), [dist.transforms.SigmoidTransform(),
+                                      dist.transforms.AffineTransform(0.0, 1.0 - a)]))
+
+    fit = infer(stationary_ar, {"y": y}, method="svi", guide=inside_the_bound, steps=50,
+                progress=False)
+    assert fit.info["steps_done"] == 50
+
+
 def test_a_posterior_with_nan_draws_is_an_error_not_a_result():
     run = RunResult(method="svi", sample_dims=("sample",),
                     posterior={"mu": np.array([0.1, np.nan, 0.3])})

@@ -46,8 +46,8 @@ from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
 from ppl_notes._pool import stop_requested
-from ppl_notes._sites import dispersed_value, latent_sites, unconstrained_value
-from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning
+from ppl_notes._sites import dispersed_value, latent_sites, trace_model, unconstrained_value
+from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._checkpoint import (
@@ -191,6 +191,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
     if guide is None or isinstance(guide, str):
+        _refuse_moving_supports(model, data, latent, guide or "meanfield")
         family, guide_name = AUTOGUIDES[guide or "meanfield"]
         guide = family(poutine.block(model, hide=discrete),
                        init_loc_fn=_autoguide_start(model, data, seed, restart, options))
@@ -355,6 +356,51 @@ def _guide_sites(guide, data) -> list[str]:
     with pyro.poutine.seed(rng_seed=0), torch.no_grad():
         trace = poutine.trace(guide).get_trace(**data)
     return list(latent_sites(trace))
+
+
+def _support_bounds(support) -> list:
+    """A constraint's bounds (``Interval(0, 1 - alpha1)``'s 0 and 1 - alpha1), unwrapped."""
+    while hasattr(support, "base_constraint"):  # independent(...) around the bounds
+        support = support.base_constraint
+    return [getattr(support, name) for name in ("lower_bound", "upper_bound")
+            if hasattr(support, name)]
+
+
+def moving_supports(model, data: dict[str, Any], latent) -> dict[str, tuple]:
+    """The latent sites whose support depends on other latent sites, with two examples.
+
+    The story is traced at two prior draws; a site whose support's bounds differ between
+    them (GARCH's ``beta1 ~ Uniform(0, 1 - alpha1)``) is returned as ``{name: (support
+    in one draw, support in the other)}``.
+    """
+    first, second = (trace_model(model, data, seed) for seed in (11, 12))
+    moving = {}
+    for name in latent:
+        if name not in first.nodes or name not in second.nodes:
+            continue
+        a, b = first.nodes[name]["fn"].support, second.nodes[name]["fn"].support
+        bounds_a, bounds_b = _support_bounds(a), _support_bounds(b)
+        if len(bounds_a) != len(bounds_b) or any(
+                not torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                for x, y in zip(bounds_a, bounds_b, strict=True)):
+            moving[name] = (a, b)
+    return moving
+
+
+def _refuse_moving_supports(model, data: dict[str, Any], latent, family: str) -> None:
+    """An autoguide cannot follow a support that moves: say so before any step."""
+    moving = moving_supports(model, data, latent)
+    if not moving:
+        return
+    name, (a, b) = next(iter(moving.items()))
+    raise StoryError(
+        f"site {name!r}: its support depends on other latent sites ({a} at one prior draw, "
+        f"{b} at another), and the {family!r} autoguide maps {name!r} into the support it "
+        f"sees when it is built, so later draws leave the moving bound and the fit fails "
+        f"mid-way. Reparameterise the story ({name} = bound * u with u on a fixed "
+        f"interval, plus the log-Jacobian as a pyro.factor), or pass a guide that draws "
+        f"{name!r} inside the bound its own draws of the other sites give. NUTS takes "
+        f"such stories as they are")
 
 
 def _vectorizable(guide, data, plate_nesting: int, particles: int = 3) -> bool:
