@@ -19,8 +19,6 @@ import numpy as np
 
 #: Blom's (1958) fractional offset for back-transforming ranks to normal scores.
 BLOM_OFFSET = 3 / 8
-#: The quantiles whose indicator ESS is the tail ESS.
-TAIL_PROBABILITIES = (0.05, 0.95)
 
 
 def _valid(draws: np.ndarray, min_chains: int) -> bool:
@@ -134,13 +132,24 @@ def ess_bulk(draws: np.ndarray) -> float:
     return effective_sample_size(normal_scores(split_chains(draws)))
 
 
-def ess_tail(draws: np.ndarray) -> float:
-    """Tail ESS: the smaller ESS of the indicators of the 5% and 95% quantiles."""
+def ess_tail(draws: np.ndarray, prob: float | tuple[float, float] | None = None) -> float:
+    """Tail ESS: the smaller ESS of the indicators of two quantiles.
+
+    ``prob``: the quantiles ``(low, high)``, or one ``p`` for ``(1 - p, p)``. Vehtari et
+    al. use (0.05, 0.95); ArviZ 1.x, whose ``summary()`` ppl_notes shows, defaults to its
+    credible-interval probability (``rcParams["stats.ci_prob"]``, 0.89), and so does
+    ``None`` here, so that a warning and the summary table give the same number.
+    """
     draws = np.asarray(draws, dtype=float)
     if not _valid(draws, min_chains=1):
         return float("nan")
+    if prob is None:
+        from arviz_base import rcParams  # light once xarray is loaded (20 ms)
+
+        prob = rcParams["stats.ci_prob"]
+    low, high = sorted(prob) if isinstance(prob, tuple) else sorted((prob, 1 - prob))
     return min(effective_sample_size(split_chains(draws <= np.quantile(draws, p)))
-               for p in TAIL_PROBABILITIES)
+               for p in (low, high))
 
 
 def bfmi(energy: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ leave) and constant draws.
 import arviz_stats
 import numpy as np
 import pytest
+import xarray as xr
 
 from ppl_notes import chain_diagnostics as chains
 
@@ -41,7 +42,10 @@ def test_rhat_and_ess_equal_arviz_stats(name):
     expected_bulk = float(arviz_stats.ess(draws, method="bulk"))
     expected_tail = float(arviz_stats.ess(draws, method="tail", prob=(0.05, 0.95)))
     assert chains.ess_bulk(draws) == pytest.approx(expected_bulk, rel=1e-9)
-    assert chains.ess_tail(draws) == pytest.approx(expected_tail, rel=1e-9)
+    assert chains.ess_tail(draws, (0.05, 0.95)) == pytest.approx(expected_tail, rel=1e-9)
+    # the default is the one ArviZ's summary() uses (its ci_prob), not the paper's 5%/95%
+    default = float(xr.DataArray(draws, dims=["chain", "draw"]).azstats.ess(method="tail"))
+    assert chains.ess_tail(draws) == pytest.approx(default, rel=1e-9)
     if draws.shape[0] > 1:
         assert chains.rhat(draws) == pytest.approx(float(arviz_stats.rhat(draws)), rel=1e-12)
     else:
