@@ -26,15 +26,21 @@ def element_labels(array: xr.DataArray, sample_dims: Iterable[str]) -> list[str]
 
 
 def element_draws(dataset: xr.Dataset, var_names: Iterable[str],
-                  sample_dims: Iterable[str]) -> dict[str, np.ndarray]:
-    """Each scalar element's draws, flattened over the sample dims: label -> (draws,)."""
+                  sample_dims: Iterable[str], flatten: bool = True) -> dict[str, np.ndarray]:
+    """Each scalar element's draws, by its label (``b[3]``).
+
+    Flattened over the sample dims (``(draws,)``), or shaped like them (``(chain,
+    draw)``) with ``flatten=False``.
+    """
     sample_dims = list(sample_dims)
     out = {}
     for name in var_names:
         array = dataset[name]
         other = [d for d in array.dims if d not in sample_dims]
         values = array.transpose(*sample_dims, *other).values
-        values = values.reshape((int(np.prod(values.shape[:len(sample_dims)])), -1))
+        sample_shape = values.shape[:len(sample_dims)]
+        values = values.reshape((int(np.prod(sample_shape)), -1))
         for column, label in enumerate(element_labels(array, sample_dims)):
-            out[label] = np.asarray(values[:, column], dtype=float)
+            column_draws = np.asarray(values[:, column], dtype=float)
+            out[label] = column_draws if flatten else column_draws.reshape(sample_shape)
     return out

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ppl_notes._elements import element_draws, element_labels
+from ppl_notes._elements import element_draws
 from ppl_notes.errors import DiagnosticWarning
 
 __all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend",
@@ -210,7 +210,7 @@ def _mcmc_numbers(posterior) -> dict[str, Any]:
     tree, sites = posterior.tree, continuous_sites(posterior)
     numbers: dict[str, Any] = {}
     if sites:
-        draws = _element_chains(tree["posterior"], sites)
+        draws = element_draws(tree["posterior"], sites, ["chain", "draw"], flatten=False)
         if posterior.tree["posterior"].sizes["chain"] > 1:
             numbers["max_r_hat"] = _worst({k: chains.rhat(v) for k, v in draws.items()},
                                           largest=True)
@@ -230,19 +230,6 @@ def _mcmc_numbers(posterior) -> dict[str, Any]:
     if sample_stats is not None and "reached_max_tree_depth" in sample_stats.data_vars:
         numbers["max_tree_depth_share"] = float(sample_stats["reached_max_tree_depth"].mean())
     return numbers
-
-
-def _element_chains(dataset, sites: list[str]) -> dict[str, np.ndarray]:
-    """Each scalar element's ``(chain, draw)`` draws, by its label (``b[3]``)."""
-    out = {}
-    for name in sites:
-        array = dataset[name]
-        other = [d for d in array.dims if d not in ("chain", "draw")]
-        values = array.transpose("chain", "draw", *other).values
-        values = values.reshape(values.shape[:2] + (-1,))
-        for column, label in enumerate(element_labels(array, ["chain", "draw"])):
-            out[label] = np.asarray(values[:, :, column], dtype=float)
-    return out
 
 
 def _where_divergent(posterior, sites: list[str], diverging: np.ndarray) -> tuple[str, str]:
