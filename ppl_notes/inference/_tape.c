@@ -390,7 +390,7 @@ static batch_t batch_of(int64_t nb, const int64_t *sizes) {
 
 /* Two doubles in one SSE2 register (GCC and Clang vector extension); loads and stores go
    through memcpy, which compiles to unaligned moves. Products are not fused into adds
-   (-std=c99), so a lane rounds as the scalar code does. */
+   (-ffp-contract=off), so a lane rounds as the scalar code does. */
 typedef double pair_t __attribute__((vector_size(16)));
 
 static inline pair_t load_pair(const double *p) { pair_t v; memcpy(&v, p, sizeof v); return v; }
@@ -422,7 +422,7 @@ static void matmul_rank1(MATMUL_ARGS) {
         for (int64_t i = 0; i < M; i++) O[i * osm + j * osn] = acc[j * M + i];
 }
 
-/* Row tiles of 2 x 4 accumulated in registers, column panels [j0, j1) of B. */
+/* Row tiles of 2 x 4 accumulated in registers, over B's columns j0 .. N-1. */
 static void matmul_tiles(MATMUL_ARGS, int64_t j0) {
     int64_t i = 0;
     for (; i + 2 <= M; i += 2) {
