@@ -191,7 +191,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
     if guide is None or isinstance(guide, str):
-        _refuse_moving_supports(model, data, latent, guide or "meanfield")
+        _refuse_moving_supports(model, data, [n for n in latent if n not in discrete],
+                                guide or "meanfield")
         family, guide_name = AUTOGUIDES[guide or "meanfield"]
         guide = family(poutine.block(model, hide=discrete),
                        init_loc_fn=_autoguide_start(model, data, seed, restart, options))
@@ -373,7 +374,10 @@ def moving_supports(model, data: dict[str, Any], latent) -> dict[str, tuple]:
     them (GARCH's ``beta1 ~ Uniform(0, 1 - alpha1)``) is returned as ``{name: (support
     in one draw, support in the other)}``.
     """
-    first, second = (trace_model(model, data, seed) for seed in (11, 12))
+    try:
+        first, second = (trace_model(model, data, seed) for seed in (11, 12))
+    except Exception:  # noqa: BLE001 - a story that fails at a prior draw: no evidence here
+        return {}
     moving = {}
     for name in latent:
         if name not in first.nodes or name not in second.nodes:
