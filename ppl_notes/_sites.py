@@ -124,7 +124,8 @@ def distribution_name(fn) -> str:
     return type(fn).__name__
 
 
-def _strip_independent(constraint):
+def strip_independent(constraint):
+    """The element-wise constraint inside ``independent(...)`` wrappers."""
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return constraint
@@ -132,7 +133,7 @@ def _strip_independent(constraint):
 
 def support_name(constraint) -> str:
     """A readable name for a support constraint (``positive``, ``real``, ``simplex``...)."""
-    base = _strip_independent(constraint)
+    base = strip_independent(constraint)
     text = str(base)
     if text in _POSITIVE_NAMES:
         return "positive"

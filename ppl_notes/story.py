@@ -38,6 +38,7 @@ from ppl_notes._sites import (
     is_enumerable,
     latent_sites,
     sample_sites,
+    strip_independent,
     support_name,
     supports_compatible,
     trace_model,
@@ -416,9 +417,7 @@ class Model:
         Pyro validates every element before masking.
         """
         fn = site["fn"]
-        support = fn.support
-        while isinstance(support, constraints.independent):  # element by element
-            support = support.base_constraint
+        support = strip_independent(fn.support)  # element by element
         if constraints.is_dependent(support):
             return
         with torch.no_grad():

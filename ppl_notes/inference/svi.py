@@ -46,7 +46,13 @@ from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
 from ppl_notes._pool import stop_requested
-from ppl_notes._sites import dispersed_value, latent_sites, trace_model, unconstrained_value
+from ppl_notes._sites import (
+    dispersed_value,
+    latent_sites,
+    strip_independent,
+    trace_model,
+    unconstrained_value,
+)
 from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.gradients import ESTIMATORS, force_estimator
@@ -174,6 +180,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
     :mod:`ppl_notes.inference.restarts`, which runs this function once per restart).
     """
+    if restart == 0 and (guide is None or isinstance(guide, str)):
+        _refuse_moving_supports(model, data, guide or "meanfield")  # before any worker
     if options["restarts"] > 1 or options["scheduler"] is not None:
         _check_restartable(options)
         from ppl_notes.inference.restarts import run_restarts
@@ -191,8 +199,6 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
     if guide is None or isinstance(guide, str):
-        _refuse_moving_supports(model, data, [n for n in latent if n not in discrete],
-                                guide or "meanfield")
         family, guide_name = AUTOGUIDES[guide or "meanfield"]
         guide = family(poutine.block(model, hide=discrete),
                        init_loc_fn=_autoguide_start(model, data, seed, restart, options))
@@ -361,8 +367,7 @@ def _guide_sites(guide, data) -> list[str]:
 
 def _support_bounds(support) -> list:
     """A constraint's bounds (``Interval(0, 1 - alpha1)``'s 0 and 1 - alpha1), unwrapped."""
-    while hasattr(support, "base_constraint"):  # independent(...) around the bounds
-        support = support.base_constraint
+    support = strip_independent(support)
     return [getattr(support, name) for name in ("lower_bound", "upper_bound")
             if hasattr(support, name)]
 
@@ -391,9 +396,14 @@ def moving_supports(model, data: dict[str, Any], latent) -> dict[str, tuple]:
     return moving
 
 
-def _refuse_moving_supports(model, data: dict[str, Any], latent, family: str) -> None:
-    """An autoguide cannot follow a support that moves: say so before any step."""
-    moving = moving_supports(model, data, latent)
+def _refuse_moving_supports(model, data: dict[str, Any], family: str) -> None:
+    """An autoguide cannot follow a support that moves: say so before any step.
+
+    Only the sites the autoguide fits count (enumerated discrete sites are hidden from it).
+    """
+    facts = facts_of(model, data)
+    fitted = [n for n in facts.latent if n not in facts.discrete and n not in facts.unenumerable]
+    moving = moving_supports(model, data, fitted)
     if not moving:
         return
     name, (a, b) = next(iter(moving.items()))
