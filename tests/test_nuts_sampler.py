@@ -139,3 +139,19 @@ def test_nutpies_windows_switch_and_restart_the_step_size_where_it_says():
     assert all(10 <= sizes[i] <= 20 for i in range(20, 290))
     assert all(80 <= sizes[i] <= 160 for i in range(460, 700))
     assert all(80 <= sizes[i] <= 240 for i in range(700, 850))
+
+
+def test_the_warmups_leapfrog_steps_are_counted():
+    """Every call of the potential is one gradient evaluation: the warmup's count plus the
+    draws' ``num_steps`` is all of them, but for the first point and the step-size
+    searches (a few dozen calls at most, one search per metric window)."""
+    calls = []
+
+    def counted(q):
+        calls.append(1)
+        return gaussian(q)
+
+    result = sample_chain(counted, np.array([2.0, -2.0]), num_warmup=300, num_draws=200, seed=3)
+    counted_steps = result.warmup_steps + int(result.num_steps.sum())
+    assert result.warmup_steps >= 300  # a transition takes at least one leapfrog step
+    assert 0 < len(calls) - counted_steps < 100

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
-from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
@@ -51,10 +50,7 @@ from ppl_notes.inference._options import (
     positive_int,
     scheduler_option,
 )
-from ppl_notes.inference._potential import (
-    BatchedPotential,
-    init_to_prior_median,
-)
+from ppl_notes.inference._potential import INIT_STRATEGIES, BatchedPotential
 from ppl_notes.inference._result import RunResult
 from ppl_notes.relabel import align_chains, components_of
 
@@ -105,10 +101,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
                           "own engine on a cluster; engine='pyro' runs on this machine only")
     if options["engine"] == "fast":
-        flat, stats, potential, compiler = _run_fast(model, data, seed, progress, options)
+        flat, stats, potential, compiler, warmup_steps = _run_fast(model, data, seed, progress,
+                                                                   options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
-        compiler = "none"
+        compiler, warmup_steps = "none", None
     chains = flat.shape[0]  # fewer than asked where Ctrl-C stopped Pyro's chains early
     partial = flat.shape[1] < options["draws"] or chains < options["chains"]
     thin = options["thin"]
@@ -138,7 +135,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "parameters": potential.dim, "marginal_story": potential.model is not model,
               "compiler": compiler,
               "path": potential.path, "path_reason": potential.facts.path_reason,
-              "draws_kept": draws, "components": components, "relabelled": relabelled},
+              "draws_kept": draws, "components": components, "relabelled": relabelled,
+              "warmup_leapfrog_steps": warmup_steps},
         seconds=time.perf_counter() - started,
         partial=partial,
     )
@@ -181,7 +179,7 @@ def _run_fast(model, data, seed, progress, options):
     else:
         flat, stats = np.stack(flats), {k: np.stack(v) for k, v in stats.items()}
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
-    return flat, stats, potential, results[0].compiler
+    return flat, stats, potential, results[0].compiler, [r.warmup_steps for r in results]
 
 
 #: The sampler's estimator for each ``mass_matrix`` option.
@@ -242,7 +240,7 @@ def resolve_compiler(requested: str) -> str:
 
 def _run_pyro(model, data, seed, progress, options):
     potential = BatchedPotential(model, data, 1, compiler="none")
-    init = {"median": init_to_prior_median, "sample": init_to_sample}[options["init"]]
+    init = INIT_STRATEGIES[options["init"]]
     flats, stats = [], {"lp": [], "diverging": [], "acceptance_rate": []}
     for chain in range(options["chains"]):
         pyro.set_rng_seed(seed * 1000 + chain)

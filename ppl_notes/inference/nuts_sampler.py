@@ -683,6 +683,8 @@ class ChainResult:
     interrupted: bool = False
     #: how the potential ran: "tape", "inductor", "torchscript" or "none"
     compiler: str = "none"
+    #: leapfrog steps (gradient evaluations) of the warmup's transitions
+    warmup_steps: int = 0
 
 
 class ChainInterrupted(Exception):
@@ -737,7 +739,7 @@ def chain_process(
     ints = {k: np.zeros(num_draws, dtype=np.int64) for k in ("num_steps", "tree_depth")}
     diverging = np.zeros(num_draws, dtype=bool)
     positions = np.zeros((num_draws, dim))
-    completed = 0
+    completed, warmup_steps = 0, 0
     try:
         value, grad = yield q
         if not math.isfinite(value) or not np.all(np.isfinite(grad)):
@@ -753,6 +755,7 @@ def chain_process(
             step = yield sampler.request(q, value, grad)
             q, value, grad = step.position, step.potential, step.grad
             if iteration < num_warmup:
+                warmup_steps += step.num_steps
                 sampler.step_size = adapt.update(step.accept_prob)
                 metric, restart = warmup.update(iteration, q, grad)
                 if metric is not None:
@@ -778,9 +781,11 @@ def chain_process(
         return ChainResult(
             positions=positions[keep], diverging=diverging[keep], step_size=sampler.step_size,
             inv_mass=sampler.metric.inverse, num_completed=completed, interrupted=True,
+            warmup_steps=warmup_steps,
             **{k: v[keep] for k, v in stats.items()}, **{k: v[keep] for k, v in ints.items()})
     return ChainResult(positions=positions, diverging=diverging, step_size=sampler.step_size,
-                       inv_mass=sampler.metric.inverse, num_completed=num_draws, **stats, **ints)
+                       inv_mass=sampler.metric.inverse, num_completed=num_draws,
+                       warmup_steps=warmup_steps, **stats, **ints)
 
 
 BatchPotential = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
