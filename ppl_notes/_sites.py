@@ -29,7 +29,7 @@ def trace_model(model, data: Mapping[str, Any], seed: int = 0, replay=None):
     draws are tried (up to 20); any other error is raised at once.
     """
     fn = poutine.replay(model, trace=replay) if replay is not None else model
-    fn = InitMessenger(_sample_or_uniform)(fn)
+    fn = InitMessenger(sample_or_dispersed)(fn)
     dtype = getattr(model, "dtype", None) or getattr(getattr(model, "model", None), "dtype",
                                                      None)
     attempts = 1 if replay is not None else _ATTEMPTS
@@ -72,7 +72,11 @@ def dispersed_value(site, radius: float = 2.0) -> torch.Tensor:
     return unconstrained_value(site, torch.rand(shape) * 2 * radius - radius)
 
 
-def _sample_or_uniform(site, radius: float = 2.0):
+def sample_or_dispersed(site, radius: float = 2.0):
+    """A prior draw, or :func:`dispersed_value` where the prior cannot be sampled.
+
+    ``ImproperUniform`` (Stan's flat priors) cannot.
+    """
     try:
         return init_to_sample(site)
     except NotImplementedError:

@@ -101,6 +101,12 @@ class DataParallel:
             for key in sorted(params):
                 self.dist.broadcast(params[key].data, src=0)
 
+    def mean_of(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over the processes (every process gets the mean)."""
+        values = values.detach().clone()
+        self.dist.all_reduce(values)
+        return values / self.size
+
     def average(self, loss: float, params) -> float:
         """All-reduce the gradients (and the loss) to their mean over the processes."""
         grads = [p.grad for p in params if p.grad is not None]

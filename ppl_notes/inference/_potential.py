@@ -25,9 +25,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.infer.autoguide.initialization import InitMessenger
 
-from ppl_notes._sites import unconstrained_value
+from ppl_notes._sites import sample_or_dispersed, unconstrained_value
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
@@ -73,7 +73,9 @@ def init_to_prior_median(site, num_samples: int = 15):
 
 logger = logging.getLogger(__name__)
 
-INIT_STRATEGIES = {"median": init_to_prior_median, "sample": init_to_sample}
+#: Where a search or a chain starts: the prior's median, or a prior draw (a dispersed
+#: uniform start where the prior cannot be sampled)
+INIT_STRATEGIES = {"median": init_to_prior_median, "sample": sample_or_dispersed}
 
 
 class BatchedPotential:

@@ -67,15 +67,19 @@ class PointObjective:
     ``priors=True``: :math:`-\log p(x, \theta)` (MAP); ``priors=False``:
     :math:`-\log p(x \mid \theta)` (MLE). The sites are mapped to their supports by
     ``biject_to``; the Jacobian of that map is not added, so the optimum is the mode of
-    the density of :math:`\theta` itself.
+    the density of :math:`\theta` itself. ``jacobian=True`` adds it: the mode of the
+    density of the unconstrained coordinates, where a Gaussian over them (an autoguide)
+    is centred (:mod:`ppl_notes.inference.laplace_start`).
     """
 
-    def __init__(self, model, data, priors: bool) -> None:
-        self.model, self.data, self.priors = model, data, priors
+    def __init__(self, model, data, priors: bool, jacobian: bool = False) -> None:
+        self.model, self.data, self.priors, self.jacobian = model, data, priors, jacobian
         self.sites = BatchedPotential(model, data, 1, compiler="none")
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The objective at ``flat`` (shape ``(dim,)``), differentiable."""
+        if self.jacobian:
+            return -self.sites._evaluate(flat[None], jacobian=True, priors=self.priors).total[0]
         return -self.sites.log_density(flat[None], priors=self.priors)[0]
 
 
@@ -169,18 +173,27 @@ def run_mle(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     return _run(model, data, seed=seed, progress=progress, options=options, priors=False)
 
 
-def map_start(model, data: dict[str, Any], seed: int, dispersed: bool,
-              steps: int = 200) -> dict[str, torch.Tensor] | None:
+def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: int = 200,
+              jacobian: bool = False):
     """A quick posterior mode to start a variational fit from, or None where there is none.
 
-    L-BFGS from the prior median (``dispersed=False``) or from a prior draw (a restart),
+    L-BFGS from the prior median (``dispersed=False``) or from a prior draw (a restart;
+    uniform in (-2, 2) on the unconstrained scale where a prior cannot be sampled, as
+    Stan's flat priors cannot),
     on the density with discrete sites summed out: the fixed point EM reaches too, found
     without an M-step. None when the search fails or does not converge in ``steps``
     iterations (an unbounded density, e.g. a centred hierarchy's scale going to 0): the
-    fit then starts where it would have without it.
+    fit then starts where it would have without it. ``jacobian=True``: the mode of the
+    unconstrained coordinates' density instead (:class:`PointObjective`).
+
+    Returns
+    -------
+    (dict, BatchedPotential, Tensor, int) or None
+        Each site's value at the mode (on its support), the sites' potential, the mode's
+        unconstrained vector, and the gradient evaluations the search took.
     """
     try:
-        objective = PointObjective(model, data, priors=True)
+        objective = PointObjective(model, data, priors=True, jacobian=jacobian)
         start = objective.sites.initial_points("sample" if dispersed else "median", [seed])[0]
         flat, _, facts = maximise(objective, start, steps, 1e-6, False, "MAP start")
     except (InferenceError, ValueError, RuntimeError) as error:
@@ -189,7 +202,8 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool,
     if not facts["converged"] or not bool(torch.isfinite(flat).all()):
         return None
     values = objective.sites.constrain(flat.reshape(1, -1))
-    return {name: torch.as_tensor(np.asarray(value)[0]) for name, value in values.items()}
+    return ({name: torch.as_tensor(np.asarray(value)[0]) for name, value in values.items()},
+            objective.sites, flat, facts["evaluations"])
 
 
 def laplace_coordinates(sites: BatchedPotential):

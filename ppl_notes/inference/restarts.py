@@ -197,6 +197,7 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
     info.pop("restart", None)
     per_restart = [{"restart": r, "final_elbo": result.info.get("final_elbo"),
                     "steps_done": result.info.get("steps_done"),
+                    "start_gradients": result.info.get("start_gradients", 0),
                     "stopped": result.info.get("stopped"),
                     "elbo_settled": result.info.get("elbo_settled"), "partial": result.partial}
                    for r, result in zip(restarts, results, strict=True)]
@@ -209,7 +210,8 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
     info.update(restarts=per_restart, modes=modes_of(posterior, per_restart),
                 components=components, relabelled=relabelled,
                 final_elbo=float(np.nanmean([p["final_elbo"] for p in per_restart])),
-                steps_done=int(sum(p["steps_done"] or 0 for p in per_restart)))
+                steps_done=int(sum(p["steps_done"] or 0 for p in per_restart)),
+                start_gradients=int(sum(p["start_gradients"] or 0 for p in per_restart)))
     return RunResult(
         method=results[0].method, sample_dims=("chain", "draw"), posterior=posterior,
         sample_stats=stacked("sample_stats"), log_likelihood=stacked("log_likelihood"),

@@ -75,10 +75,13 @@ from ppl_notes.inference._options import (
 from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.convergence import (
+    ELBO_TOLERANCE,
     ConvergenceMonitor,
     convergence_window,
     elbo_settled,
 )
+from ppl_notes.inference.guide_distance import GuideDistance
+from ppl_notes.inference.laplace_start import LaplaceStart, apply_scales, laplace_start
 from ppl_notes.relabel import components_of
 
 logger = logging.getLogger(__name__)
@@ -109,8 +112,10 @@ OPTIONS = (
            "own prior draw) or 'prior' (the origin of the unconstrained space; restarts "
            "dispersed uniformly in (-2, 2) around it). A guide written by hand starts where "
            "its pyro.param calls say", ("map", "prior")),
-    positive_float("tolerance", 0.1, "stop='converged': the run ends when the windowed "
-                   "ELBO is shown (at ~95%) to move by less than this many nats per window"),
+    positive_float("tolerance", 0.01, "stop='converged': the run ends when the average of "
+                   "a window's iterates has moved, as a guide, by at most this KL divergence "
+                   "per free parameter from each of the two windows before (0.01: a fifth of "
+                   "a posterior sd for a mean-field mean; ppl_notes.inference.convergence)"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
     choice("elbo", "auto", "which ELBO; 'auto' picks TraceEnum_ELBO when the story has "
@@ -198,10 +203,15 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     # Particles are vectorised in a plate only where the story is checked to be batch-safe.
     vectorize = options["num_particles"] > 1 and choose_path(model, data, facts) == "plate"
     guide_name = getattr(guide, "name", None)
+    start_gradients = 0
     if guide is None or isinstance(guide, str):
         family, guide_name = AUTOGUIDES[guide or "meanfield"]
+        start = (laplace_start(model, data, seed, dispersed=restart > 0)
+                 if options["init"] == "map" else None)
         guide = family(poutine.block(model, hide=discrete),
-                       init_loc_fn=_autoguide_start(model, data, seed, restart, options))
+                       init_loc_fn=_autoguide_start(start, restart))
+        apply_scales(guide, start, data)
+        start_gradients = 0 if start is None else start.gradients
         pyro.set_rng_seed(seed)
     guide_sites = _guide_sites(guide, data)
     if vectorize and not _vectorizable(guide, data, plate_nesting):
@@ -260,7 +270,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if engine == "fast":
         pyro.set_rng_seed(seed)
         loop_started = time.perf_counter()
-        history = _optimise_compiled(compiled, options, progress, identity)
+        history = _optimise_compiled(compiled, story, fit_guide, data, seed, plate_nesting,
+                                     options, progress, identity)
         jit = False
     else:
         history = _pyro_loop(story, fit_guide, fit_data, loop_seed, elbo_name, elbo_options,
@@ -289,10 +300,12 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
               "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
               "estimator": options["estimator"], "steps_done": len(history),
+              "start_gradients": start_gradients,
               "stopped": history.attrs.get("stopped", "steps"),
               "elbo_settled": bool(elbo_settled(history["elbo"].to_numpy(),
                                                 convergence_window(options["steps"]),
-                                                options["tolerance"])),
+                                                ELBO_TOLERANCE)),
+              "guide_moves": history.attrs.get("guide_moves", []),
               "path": facts.path, "particles_vectorized": vectorize,
               "components": components_of(facts),
               "flat_direction": flat_direction(model, data, facts, values,
@@ -319,19 +332,14 @@ def _choose_engine(requested: str, steps: int, model, data) -> str:
     return "fast" if steps * observed >= _WORK_FOR_FAST_ENGINE else "pyro"
 
 
-def _autoguide_start(model, data, seed: int, restart: int, options: dict[str, Any]):
+def _autoguide_start(start: LaplaceStart | None, restart: int):
     """The autoguide's ``init_loc_fn``: at a quick MAP, else at the prior's origin."""
     fallback = unconstrained_value if restart == 0 else dispersed_value
-    if options["init"] != "map":
-        return fallback
-    from ppl_notes.inference.point import map_start
-
-    start = map_start(model, data, seed, dispersed=restart > 0)
     if start is None:
         return fallback
 
     def at_map(site):
-        value = start.get(site["name"])
+        value = start.values.get(site["name"])
         return fallback(site) if value is None else value.to(torch.get_default_dtype())
 
     return at_map
@@ -463,6 +471,7 @@ class _Loop:
         self.start = 0
         self.interrupted_at: int | None = None
         self.converged_at: int | None = None
+        self.monitor: ConvergenceMonitor | None = None
 
     def resume_from(self, checkpoint: dict[str, Any]) -> None:
         """Continue after the steps a checkpoint holds (its ELBO history included)."""
@@ -481,17 +490,21 @@ class _Loop:
 
     def run(self, step: Callable[[int], float], state: Callable[[], dict],
             iterate: tuple[Callable[[], list[torch.Tensor]],
-                           Callable[[list[torch.Tensor]], None]] | None = None) -> pd.DataFrame:
+                           Callable[[list[torch.Tensor]], None],
+                           Callable[[list[torch.Tensor], list[torch.Tensor]], float]]
+            | None = None) -> pd.DataFrame:
         """Run the steps, and return the ELBO history.
 
-        ``iterate`` = (read, write) the parameters, for the average of the last window's
-        iterates that a converged run ends with (Polyak & Juditsky 1992).
+        ``iterate`` = (read, write, distance): read and write the parameters, and the
+        guide's KL distance between two of their values -- for the convergence rule and
+        the average of the last window's iterates that a converged run ends with
+        (:mod:`ppl_notes.inference.convergence`).
         """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
-        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate,
-                                      floor=0.1 * self.options["learning_rate"])
+        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate)
                    if self.options["stop"] == "converged" and iterate is not None else None)
+        self.monitor = monitor
         with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
               warnings.catch_warnings()):
             # Pyro's "Encountered NaN: loss" (warn_explicit, so no module filter catches
@@ -735,11 +748,29 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
                 for parameter, value in zip(read(), values, strict=True):
                     parameter.copy_(value)
 
-        history = loop.run(step, state, (read, write))
+        distance = GuideDistance(
+            guide, data, write, read, loss=_one_draw_loss(story, guide, data, elbo_name,
+                                                          elbo_options),
+            reduce=None if parallel is None else parallel.mean_of, seed=seed)
+        history = loop.run(step, state, (read, write, distance))
     history.attrs["jit"] = jit
+    _note_stop(history, loop)
+    return history
+
+
+def _one_draw_loss(story, guide, data: dict[str, Any], elbo_name: str,
+                   elbo_options: dict[str, Any]) -> Callable[[], float]:
+    """Minus a one-draw estimate of the run's ELBO at the parameters now (not compiled)."""
+    estimate = _ELBOS[elbo_name](num_particles=1,
+                                 max_plate_nesting=elbo_options["max_plate_nesting"])
+    return lambda: estimate.loss(story, guide, **data)
+
+
+def _note_stop(history: pd.DataFrame, loop: _Loop) -> None:
+    """Record how the loop ended in the history's attributes."""
     history.attrs["interrupted_at"] = loop.interrupted_at
     history.attrs["stopped"] = loop.stopped
-    return history
+    history.attrs["guide_moves"] = [] if loop.monitor is None else loop.monitor.moves
 
 
 def _decay_per_step(options: dict[str, Any]) -> float:
@@ -758,7 +789,8 @@ def _decaying_adam(options: dict[str, Any]) -> ExponentialLR:
                           "gamma": _decay_per_step(options)})
 
 
-def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any], progress: bool,
+def _optimise_compiled(compiled: CompiledELBO, story, guide, data: dict[str, Any], seed: int,
+                       plate_nesting: int, options: dict[str, Any], progress: bool,
                        identity: dict[str, Any]) -> pd.DataFrame:
     """Adam on the flat parameter vector, one compiled ELBO call per step."""
     learning_rate, decay = options["learning_rate"], _decay_per_step(options)
@@ -798,10 +830,16 @@ def _optimise_compiled(compiled: CompiledELBO, options: dict[str, Any], progress
         nonlocal flat
         flat = values[0]
 
+    def read() -> list[torch.Tensor]:
+        return [flat]
+
+    distance = GuideDistance(guide, data, lambda values: compiled.write_back(values[0]), read,
+                             loss=_one_draw_loss(story, guide, data, "Trace_ELBO",
+                                                 {"max_plate_nesting": plate_nesting}),
+                             seed=seed)
     try:
-        history = loop.run(step, state, (lambda: [flat], write))
+        history = loop.run(step, state, (read, write, distance))
     finally:
         compiled.write_back(flat)  # the last finite state stays in the param store
-    history.attrs["interrupted_at"] = loop.interrupted_at
-    history.attrs["stopped"] = loop.stopped
+    _note_stop(history, loop)
     return history
