@@ -84,6 +84,9 @@ class GuideDistance:
     ----------
     elements : int or None
         The latent elements the guide draws (known after the first distance).
+    scale : int
+        What a KL is divided by: the free parameters, at most a full-rank Gaussian's
+        (known after the first distance).
     """
 
     def __init__(self, guide: Callable, data: Mapping[str, Any],
@@ -96,6 +99,7 @@ class GuideDistance:
         self.loss, self.reduce = loss, reduce or (lambda values: values)
         self.draws, self.seed = draws, seed
         self.elements: int | None = None
+        self.scale = 1
 
     def _log_q(self, trace) -> torch.Tensor:
         return sum(site["fn"].log_prob(site["value"]).sum()
@@ -120,10 +124,9 @@ class GuideDistance:
                             if not site["is_observed"]
                             and not site["infer"].get("is_auxiliary"))
         parameters = sum(p.numel() for p in phi)
+        self.scale = max(min(parameters, self.elements * (self.elements + 3) // 2), 1)
         ratio = (at_psi - at_phi).double()
-        half_square = self.reduce(0.5 * (ratio**2).mean())
-        return float(half_square) / max(min(parameters, self.elements * (self.elements + 3) // 2),
-                                        1)
+        return float(self.reduce(0.5 * (ratio**2).mean())) / self.scale
 
     def elbo(self, phi: list[torch.Tensor]) -> torch.Tensor:
         """The one-draw ELBO estimates at ``phi``, ``(draws,)``, on fixed seeds."""

@@ -103,7 +103,7 @@ def maximise(objective: Callable[[torch.Tensor], torch.Tensor], start, steps: in
             loss = objective(flat)
             if not torch.isfinite(loss):
                 raise InferenceError(
-                    f"{label}: the log density became {float(-loss)} after {len(values)} "
+                    f"{label}: the log density became {-loss.item()} after {len(values)} "
                     f"evaluations; the density is unbounded here (a scale going to 0?). {hint}")
             loss.backward()
             values.append(-loss.item())

@@ -103,18 +103,20 @@ OPTIONS = (
            "noise (a scale's), so a story that wants it says so in its defaults",
            check=lambda v: 0 < v <= 1, valid="a number in (0, 1]"),
     choice("stop", "converged", "when the run ends: 'converged' (the rule of ppl_notes."
-           "inference.convergence: the windowed ELBO and the parameters are shown to have "
-           "stopped moving, and the last window's iterates are averaged; steps is then a "
-           "cap) or 'steps' (after exactly steps steps)",
+           "inference.convergence: the window-averaged guide has stopped moving, in KL, and "
+           "its ELBO has stopped rising; the last three windows' iterates are averaged; "
+           "steps is then a cap) or 'steps' (after exactly steps steps)",
            ("converged", "steps")),
-    choice("init", "map", "where the default autoguide (no guide given) starts: 'map' (a "
-           "quick posterior mode by L-BFGS, discrete sites summed out; each restart from its "
+    choice("init", "map", "where the default autoguide (no guide given) starts: 'map' (the "
+           "Laplace approximation: the mode of the unconstrained density by L-BFGS, discrete "
+           "sites summed out, and the inverse Hessian there; each restart searches from its "
            "own prior draw) or 'prior' (the origin of the unconstrained space; restarts "
            "dispersed uniformly in (-2, 2) around it). A guide written by hand starts where "
            "its pyro.param calls say", ("map", "prior")),
     positive_float("tolerance", 0.01, "stop='converged': the run ends when the average of "
                    "a window's iterates has moved, as a guide, by at most this KL divergence "
-                   "per free parameter from each of the two windows before (0.01: a fifth of "
+                   "per free parameter from each of the two windows before, and its ELBO rose "
+                   "by at most this many nats per free parameter over them (0.01: a fifth of "
                    "a posterior sd for a mean-field mean; ppl_notes.inference.convergence)"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
