@@ -56,8 +56,11 @@ def test_compiled_noise_is_standard_normal():
 
 @pytest.mark.parametrize("engine", ["fast", "pyro"])
 def test_both_engines_reach_the_exact_posterior(engine):
+    # the fit is checked to 5% of the closed form: a tolerance ten times the default's
+    # stricter (the default stops with a fifth of an sd left, ppl_notes.inference.convergence)
     fit = infer(normal_mean, method="svi", guide=normal_mean_guide, steps=3000,
-                learning_rate=0.02, num_particles=8, seed=3, engine=engine, progress=False)
+                learning_rate=0.02, num_particles=8, seed=3, engine=engine, tolerance=0.001,
+                progress=False)
     assert fit.info["engine"] == engine
     params = fit.to_arviz()["fitted_params"]
     mean, sd = normal_mean_posterior(normal_mean.default_data()["x"])

@@ -102,7 +102,8 @@ def test_datatree_follows_arviz_conventions(galton_fits):
     assert {"log_p", "log_q"} <= set(svi["sample_stats"].data_vars)
     assert "history" in svi.children and "fitted_params" in svi.children
     history = galton_fits["svi"].history
-    assert list(history.columns) == ["elbo"] and len(history) == 2000
+    fit = galton_fits["svi"]
+    assert list(history.columns) == ["elbo"] and len(history) == fit.info["steps_done"] <= 2000
     # the ELBO improves over the run (averaged to smooth the Monte Carlo noise)
     assert history["elbo"].iloc[-200:].mean() > history["elbo"].iloc[:200].mean()
 

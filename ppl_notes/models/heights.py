@@ -95,7 +95,8 @@ def m_step(data, responsibilities):
     # decaying to 1% of itself settle the full-rank guide within ~0.05 posterior sd of
     # NUTS (4000 draws keep the draws' own error near 0.015 sd).
     defaults={"nuts": {"target_accept": 0.9, "mass_matrix": "dense"},
-              "svi": {"steps": 5000, "learning_rate_decay": 0.01, "num_draws": 4000}},
+              "svi": {"steps": 5000, "learning_rate_decay": 0.01, "num_draws": 4000,
+                      "tolerance": 0.001}},
     data=load_galton_heights,
     # AutoNormal (mean-field) fits this posterior 2-4x too narrow and can collapse a
     # component; the full-rank guide of ppl_notes.guides.heights is SVI's default.
