@@ -152,8 +152,8 @@ class ConvergenceMonitor:
         self._sum: torch.Tensor | None = None
         self._shift: torch.Tensor | None = None
         self._count = 0
-        self._averages: list[list[torch.Tensor]] = []
-        self.moves: list[tuple[int, float, float]] = []
+        self._averages: list[dict] = []  # per window: its average ("flat", "values"), ELBOs
+        self.moves: list[tuple[int, float, float, float, float]] = []
 
     def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         values, start = [], 0
@@ -165,7 +165,7 @@ class ConvergenceMonitor:
     def observe(self, done: int, elbo: np.ndarray) -> bool:  # noqa: ARG002 - the loop's call
         """Record the iterate after ``done`` steps; True once converged.
 
-        The parameters are then the last window's average.
+        The parameters are then the average of the last three windows' iterates.
         """
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.read()])
         if self._sum is None:  # sums about the window's first iterate: no cancellation
@@ -175,12 +175,13 @@ class ConvergenceMonitor:
         if done % self.window != 0:
             return False
         full = self._count == self.window
-        average = self._unflatten(self._shift + self._sum / self._count)
+        flat_average = self._shift + self._sum / self._count
+        average = self._unflatten(flat_average)
         self._sum, self._count = None, 0
         if not full:  # a resumed run's first, partial window
             self._averages = []
             return False
-        self._averages.append({"values": average})
+        self._averages.append({"flat": flat_average, "values": average})
         if len(self._averages) < 3:
             return False
         lags = (1, long_lag(len(self._averages)))
@@ -193,9 +194,8 @@ class ConvergenceMonitor:
             return False
         if self.distance.loss is not None and not gain <= self.tolerance * self.distance.scale:
             return False
-        self.write(self._unflatten(torch.stack([
-            torch.cat([v.detach().reshape(-1).double() for v in a["values"]])
-            for a in self._averages[-3:]]).mean(0)))
+        self.write(self._unflatten(torch.stack([a["flat"] for a in self._averages[-3:]])
+                                   .mean(0)))
         return True
 
     def _gain(self, before: dict, after: dict) -> tuple[float, float]:
