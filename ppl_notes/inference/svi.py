@@ -492,15 +492,14 @@ class _Loop:
 
     def run(self, step: Callable[[int], float], state: Callable[[], dict],
             iterate: tuple[Callable[[], list[torch.Tensor]],
-                           Callable[[list[torch.Tensor]], None],
-                           Callable[[list[torch.Tensor], list[torch.Tensor]], float]]
+                           Callable[[list[torch.Tensor]], None], GuideDistance]
             | None = None) -> pd.DataFrame:
         """Run the steps, and return the ELBO history.
 
         ``iterate`` = (read, write, distance): read and write the parameters, and the
-        guide's KL distance between two of their values -- for the convergence rule and
-        the average of the last window's iterates that a converged run ends with
-        (:mod:`ppl_notes.inference.convergence`).
+        guide's KL distance between two of their values and its ELBO at one -- for the
+        convergence rule and the average of the last three windows' iterates that a
+        converged run ends with (:mod:`ppl_notes.inference.convergence`).
         """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
@@ -751,8 +750,8 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
                     parameter.copy_(value)
 
         distance = GuideDistance(
-            guide, data, write, read, loss=_one_draw_loss(story, guide, data, elbo_name,
-                                                          elbo_options),
+            guide, data, write, read,
+            loss=_one_draw_loss(story, guide, data, elbo_name, elbo_options["max_plate_nesting"]),
             reduce=None if parallel is None else parallel.mean_of, seed=seed)
         history = loop.run(step, state, (read, write, distance))
     history.attrs["jit"] = jit
@@ -761,10 +760,9 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
 
 
 def _one_draw_loss(story, guide, data: dict[str, Any], elbo_name: str,
-                   elbo_options: dict[str, Any]) -> Callable[[], float]:
+                   plate_nesting: int) -> Callable[[], float]:
     """Minus a one-draw estimate of the run's ELBO at the parameters now (not compiled)."""
-    estimate = _ELBOS[elbo_name](num_particles=1,
-                                 max_plate_nesting=elbo_options["max_plate_nesting"])
+    estimate = _ELBOS[elbo_name](num_particles=1, max_plate_nesting=plate_nesting)
     return lambda: estimate.loss(story, guide, **data)
 
 
@@ -837,7 +835,7 @@ def _optimise_compiled(compiled: CompiledELBO, story, guide, data: dict[str, Any
 
     distance = GuideDistance(guide, data, lambda values: compiled.write_back(values[0]), read,
                              loss=_one_draw_loss(story, guide, data, "Trace_ELBO",
-                                                 {"max_plate_nesting": plate_nesting}),
+                                                 plate_nesting),
                              seed=seed)
     try:
         history = loop.run(step, state, (read, write, distance))
