@@ -1,22 +1,23 @@
-"""Does VI's verdict (Posterior.check) ever call a wrong fit reliable? The acceptance run.
+"""Does VI land, and does its verdict (Posterior.check) ever call a wrong fit reliable?
 
-Run by hand (never in CI; about 20 minutes here)::
+Run by hand (never in CI; about 10 minutes here with the defaults)::
 
-    .venv/bin/python benchmarks/vi_verdicts.py                    # every case, both guides
-    .venv/bin/python benchmarks/vi_verdicts.py --cases arK-arK normal_mean --restarts 4
+    .venv/bin/python benchmarks/vi_verdicts.py                     # default SVI, 5 seeds
+    .venv/bin/python benchmarks/vi_verdicts.py --optimizers newton dadvi adam --seeds 1
+    .venv/bin/python benchmarks/vi_verdicts.py --cases arK-arK normal_mean --guides meanfield
 
 For each posterior -- the eight posteriordb programs translated as a user would
 (tests/corpus; Stan's reference draws are the truth) and the shipped stories with a
-closed form or a NUTS reference -- and each guide (``meanfield``: AutoNormal,
-``fullrank``: AutoMultivariateNormal; both start from a quick MAP), fit SVI with
-``restarts`` restarts and take ``check()``'s verdict. The fit *agrees* with the truth
-when every element has |mean - truth| <= 0.25 truth sd and sd ratio in [0.8, 1.25]
-(issue 17's rule). Printed: one row per fit, then the counts the issue asks for:
-reliable verdicts among disagreeing fits (must be 0) and among agreeing fits (at least
-half), and the gradient evaluations each fit took (steps x particles over all restarts,
-plus each restart's start: the MAP search's and the Laplace Hessian's)
-as a share of NUTS's on the same posterior (ppl_notes' NUTS, defaults; goal: median at
-most 0.10).
+closed form or a NUTS reference -- each guide (``default``: what ``infer(method="svi")``
+picks, full-rank up to 200 elements) and each optimiser (``auto``: the default; ``newton``,
+``dadvi``, ``adam``), fit SVI with its default restarts for each seed and take
+``check()``'s verdict. A fit *lands* when every element has |mean - truth| <= 0.1 truth
+sd and sd ratio in [0.9, 1.1] (issue 28's rule). Printed: one row per fit, then per guide
+and optimiser: the posteriors that landed on every seed, disagreeing fits called reliable
+(must be 0), the gradient evaluations as a share of NUTS's on the same posterior (NUTS's
+warmup and draws, ppl_notes' defaults; goal: median <= 0.05) and the wall time as a share
+of NUTS's (goal: <= 0.25 on each posterior). Times are measured in this one process after
+a first fit of each story has warmed the caches (both methods share them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-AGREE_MEAN, AGREE_SD = 0.25, (0.8, 1.25)
+AGREE_MEAN, AGREE_SD = 0.1, (0.9, 1.1)
 
 
 def _shipped() -> dict:
@@ -75,29 +76,51 @@ def _element_moments(draws: dict[str, np.ndarray]) -> dict[str, tuple[float, flo
     return out
 
 
-def _nuts_truth(story, data) -> tuple[dict, float]:
-    """NUTS's moments (the truth where there is no other) and its gradient evaluations.
+def _nuts_truth(story, data) -> tuple[dict, float, float]:
+    """NUTS's moments (the truth where there is no other), gradient evaluations and seconds.
 
     Gradients: every leapfrog step of every chain, warmup's transitions
     (``info["warmup_leapfrog_steps"]``) and the draws' (``n_steps``). The few steps of
-    the step-size search are not counted.
+    the step-size search are not counted. A first NUTS and SVI fit warm the caches (the
+    tape's library, imports); the second NUTS fit is timed.
     """
     from ppl_notes import infer
 
-    fit = infer(story, data, method="nuts", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infer(story, data, method="nuts", progress=False, draws=10, warmup=10)
+        try:  # SVI's own first-use costs (arviz_stats' PSIS, imported once a process)
+            infer(story, data, method="svi", progress=False, restarts=1, num_draws=50)
+        except Exception:  # noqa: BLE001 - its rows say what fails
+            pass
+        started = time.perf_counter()
+        fit = infer(story, data, method="nuts", progress=False)
+        seconds = time.perf_counter() - started
     sites = [s for s in fit.tree["posterior"].data_vars if s not in fit.discrete_sites]
     gradients = (float(sum(fit.info["warmup_leapfrog_steps"]))
                  + float(fit.tree["sample_stats"]["n_steps"].values.sum()))
-    return _element_moments({s: fit.draws(s) for s in sites}), gradients
+    return _element_moments({s: fit.draws(s) for s in sites}), gradients, seconds
 
 
-def _verdict_row(name, story, data, truth, guide, restarts, nuts_gradients):
+def _gradients(fit) -> int:
+    """The fit's gradient evaluations over every restart (its start included)."""
+    if "gradient_evaluations" in fit.info:
+        return int(fit.info["gradient_evaluations"])
+    particles = fit.options["num_particles"]
+    restarts = fit.info.get("restarts") or [fit.info]
+    return sum((r["steps_done"] or 0) * particles + (r["start_gradients"] or 0)
+               for r in restarts)
+
+
+def _verdict_row(name, story, data, truth, guide, optimizer, seed, nuts):
     from ppl_notes import infer
 
+    options = {} if optimizer == "auto" else {"optimizer": optimizer}
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = infer(story, data, method="svi", guide=guide, restarts=restarts, progress=False)
+        fit = infer(story, data, method="svi", guide=None if guide == "default" else guide,
+                    seed=seed, progress=False, **options)
     seconds = time.perf_counter() - started
     fitted = _element_moments({s: fit.draws(s) for s in fit.tree["posterior"].data_vars
                                if s not in fit.discrete_sites})
@@ -112,24 +135,52 @@ def _verdict_row(name, story, data, truth, guide, restarts, nuts_gradients):
             worst_ratio = ratio
         agree &= shift <= AGREE_MEAN and AGREE_SD[0] <= ratio <= AGREE_SD[1]
     verdict = fit.check()
-    particles = fit.options["num_particles"]
-    # every restart's steps, and its start: the MAP search and the Laplace Hessian
-    gradients = sum((r["steps_done"] or 0) * particles + (r["start_gradients"] or 0)
-                    for r in fit.info["restarts"])
-    return {"case": name, "guide": guide, "agrees": bool(agree), "reliable": verdict.reliable,
+    gradients = _gradients(fit)
+    restarts = fit.info.get("restarts") or [fit.info]
+    return {"case": name, "guide": guide, "optimizer": fit.info.get("optimizer", optimizer),
+            "seed": seed, "agrees": bool(agree), "reliable": verdict.reliable,
             "worst_mean_shift_sd": round(worst_mean, 3), "worst_sd_ratio": round(worst_ratio, 3),
-            "gradients": gradients, "nuts_gradients": round(nuts_gradients),
-            "share_of_nuts": round(gradients / nuts_gradients, 3),
-            "stopped": sorted({str(r["stopped"]) for r in fit.info["restarts"]}),
-            "seconds": round(seconds, 1),
+            "gradients": gradients, "nuts_gradients": round(nuts[1]),
+            "share_of_nuts": round(gradients / nuts[1], 4),
+            "seconds": round(seconds, 2), "nuts_seconds": round(nuts[2], 2),
+            "time_share": round(seconds / nuts[2], 3),
+            "stopped": sorted({str(r["stopped"]) for r in restarts}),
             "why": "" if verdict.reliable else verdict.reasons[0][:90]}
+
+
+def _summary(rows: list[dict]) -> None:
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["guide"], row.get("optimizer", "?")), []).append(row)
+    for (guide, optimizer), group in groups.items():
+        done = [r for r in group if "error" not in r]
+        cases = sorted({r["case"] for r in group})
+        landed = [c for c in cases
+                  if all(r["agrees"] for r in done if r["case"] == c)
+                  and any(r["case"] == c for r in done)]
+        wrong = [r for r in done if not r["agrees"]]
+        print(f"\nguide={guide} optimizer={optimizer}: {len(done)} fits "
+              f"({len(group) - len(done)} failed)")
+        print(f"  landed on every seed: {len(landed)} of {len(cases)} posteriors: {landed}")
+        print(f"  disagreeing fits: {len(wrong)}; called reliable: "
+              f"{sum(r['reliable'] for r in wrong)} (goal 0); agreeing fits called "
+              f"reliable: {sum(r['reliable'] for r in done if r['agrees'])} of "
+              f"{sum(r['agrees'] for r in done)}")
+        if done:
+            print(f"  gradient evaluations as a share of NUTS's: median "
+                  f"{np.median([r['share_of_nuts'] for r in done]):.4f} (goal <= 0.05)")
+            worst = max(done, key=lambda r: r["time_share"])
+            print(f"  wall time as a share of NUTS's: median "
+                  f"{np.median([r['time_share'] for r in done]):.3f}, worst "
+                  f"{worst['time_share']:.3f} ({worst['case']}) (goal <= 0.25 each)")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
-    parser.add_argument("--guides", nargs="*", default=["meanfield", "fullrank"])
-    parser.add_argument("--restarts", type=int, default=4)
+    parser.add_argument("--guides", nargs="*", default=["default"])
+    parser.add_argument("--optimizers", nargs="*", default=["auto"])
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     from tests.corpus.cases import CASES
@@ -145,30 +196,21 @@ def main(argv=None) -> int:
         todo = {k: v for k, v in todo.items() if k in args.cases}
     rows = []
     for name, (story, data, truth) in todo.items():
-        nuts_moments, nuts_gradients = _nuts_truth(story, data)
+        nuts_moments, nuts_gradients, nuts_seconds = _nuts_truth(story, data)
         truth = nuts_moments if truth is None else truth
         for guide in args.guides:
-            try:
-                row = _verdict_row(name, story, data, truth, guide, args.restarts,
-                                   nuts_gradients)
-            except Exception as error:  # noqa: BLE001 - a row says what failed
-                row = {"case": name, "guide": guide, "error": f"{type(error).__name__}: "
-                                                             f"{str(error)[:120]}"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    done = [r for r in rows if "error" not in r]
-    wrong = [r for r in done if not r["agrees"]]
-    right = [r for r in done if r["agrees"]]
-    print(f"\nfits: {len(done)} ({len(rows) - len(done)} failed)")
-    print(f"disagreeing with the truth: {len(wrong)}; called reliable: "
-          f"{sum(r['reliable'] for r in wrong)} (goal 0)")
-    print(f"agreeing: {len(right)}; called reliable: {sum(r['reliable'] for r in right)} "
-          f"(goal >= {math.ceil(len(right) / 2)})")
-    if done:
-        print(f"median gradient evaluations per fit: "
-              f"{np.median([r['gradients'] for r in done]):.0f}; median share of NUTS's "
-              f"(warmup + draws): {np.median([r['share_of_nuts'] for r in done]):.3f} "
-              "(goal <= 0.10)")
+            for optimizer in args.optimizers:
+                for seed in range(args.seeds):
+                    try:
+                        row = _verdict_row(name, story, data, truth, guide, optimizer, seed,
+                                           (nuts_moments, nuts_gradients, nuts_seconds))
+                    except Exception as error:  # noqa: BLE001 - a row says what failed
+                        row = {"case": name, "guide": guide, "optimizer": optimizer,
+                               "seed": seed,
+                               "error": f"{type(error).__name__}: {str(error)[:120]}"}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    _summary(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -188,6 +188,10 @@ def diagnostics(posterior) -> dict[str, Any]:
     history = posterior.history
     if "elbo" in history.columns:
         change, standard_error = elbo_trend(history["elbo"].to_numpy())
+        if posterior.info.get("engine") == "potential":
+            # a deterministic objective, stopped when a step moved q by a tiny KL: its
+            # history is a handful of Newton steps, not a noisy trace to test for a trend
+            change, standard_error = math.nan, math.nan
         window = max(len(history) // 10, 1)
         numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
@@ -199,6 +203,9 @@ def diagnostics(posterior) -> dict[str, Any]:
         # restarts: each its own q (pooling p/q_r would mix their normalising constants)
         numbers["khat"] = max(importance_khat(p, q) for p, q in pairs)
         numbers["importance_ess_share"] = min(importance_ess_share(p, q) for p, q in pairs)
+    if posterior.method == "pathfinder":  # its draws are resampled: the weights' own k-hat
+        numbers["khat"] = float(posterior.info.get("khat", math.nan))
+        numbers["importance_ess_share"] = float(posterior.info.get("importance_ess_share", 0))
     if "converged" in posterior.info:
         numbers["converged"] = bool(posterior.info["converged"])
     return numbers
@@ -388,6 +395,8 @@ def _most_underweighted(posterior) -> tuple[str, str]:
     from scipy.stats import spearmanr
 
     stats_ = posterior.tree["sample_stats"]
+    if "log_q" not in stats_.data_vars:  # resampled draws (pathfinder): no q per draw
+        return "", ""
     log_ratio = (stats_["log_p"].values - stats_["log_q"].values).reshape(-1)
     sites = continuous_sites(posterior)
     draws = element_draws(posterior.tree["posterior"].to_dataset(), sites, posterior.sample_dims)

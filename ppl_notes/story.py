@@ -122,8 +122,10 @@ class Model:
         guide: str | None = None,
     ) -> None:
         self.fn = fn
-        if guide is not None and (not isinstance(guide, str) or ":" not in guide):
-            raise StoryError(f"guide= takes a reference 'module:attribute', got {guide!r}")
+        if guide is not None and (not isinstance(guide, str) or (
+                ":" not in guide and guide not in ("meanfield", "fullrank", "lowrank"))):
+            raise StoryError(f"guide= takes a reference 'module:attribute' or an autoguide's "
+                             f"name ('meanfield', 'fullrank', 'lowrank'), got {guide!r}")
         self._guide_reference = guide
         if isinstance(observed, str):
             observed = (observed,)
@@ -177,9 +179,15 @@ class Model:
 
     @property
     def recommended_guide(self) -> Guide | None:
-        """The guide the story recommends for SVI (``guide=`` of :func:`model`), or None."""
+        """The guide the story recommends for SVI (``guide=`` of :func:`model`), or None.
+
+        A ``"module:attribute"`` reference is imported; an autoguide's name
+        (``"meanfield"``, ``"fullrank"``, ``"lowrank"``) is returned as it is.
+        """
         if self._guide_reference is None:
             return None
+        if self._guide_reference in ("meanfield", "fullrank", "lowrank"):
+            return self._guide_reference
         module, _, attribute = self._guide_reference.partition(":")
         try:
             return getattr(importlib.import_module(module), attribute)

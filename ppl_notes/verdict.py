@@ -25,6 +25,9 @@ r"""A verdict on a posterior: whether it can be trusted on its own.
 
 * **MCMC**: reliable when no diagnostic crossed its threshold (R-hat, ESS, divergences,
   E-BFMI, tree depth; :mod:`ppl_notes.diagnostics`).
+* **Pathfinder**: reliable when the Pareto k-hat of the importance weights its draws
+  were resampled with is at most 0.5 (or the weights are near uniform) and no other
+  diagnostic crossed its threshold.
 * **Point estimates** (MAP, MLE, EM) carry no uncertainty, so they are never called a
   reliable posterior.
 
@@ -94,7 +97,9 @@ def verdict_of(posterior, numbers: dict, found: list, calibration=None) -> Verdi
     if posterior.num_draws < 2:
         return Verdict(False, [f"a point estimate ({posterior.method}) has no uncertainty "
                                "to certify; fit method='svi' or 'nuts'"])
-    if posterior.is_variational:
+    if posterior.method == "pathfinder":
+        failed, passed = _pathfinder(numbers, found)
+    elif posterior.is_variational:
         failed, passed = _variational(posterior, numbers, found)
     else:
         failed = [f.message for f in found]
@@ -161,4 +166,28 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
         passed.append(f"Pareto k-hat {khat:.2f} <= {KHAT_RELIABLE}")
     counted = {"khat", "r_hat"}  # said above, with the stricter thresholds
     failed += [f.message for f in found if f.check not in counted]
+    return failed, passed
+
+
+def _pathfinder(numbers, found) -> tuple[list[str], list[str]]:
+    """Pathfinder's verdict: its importance weights' k-hat, and the other findings.
+
+    Its draws are resampled by Pareto-smoothed importance weights: they can be trusted
+    where those weights are (k-hat <= 0.5, or near-uniform weights), and no other finding
+    stands.
+    """
+    failed, passed = [], []
+    khat = numbers.get("khat", math.nan)
+    share = numbers.get("importance_ess_share", 0.0)
+    if share >= ESS_SHARE_RELIABLE:
+        passed.append(f"importance weights near uniform (ESS share {share:.3f} >= "
+                      f"{ESS_SHARE_RELIABLE})")
+    elif not math.isfinite(khat) or khat > KHAT_RELIABLE:
+        failed.append(f"Pareto k-hat of the pooled paths' importance weights is {khat:.2f} "
+                      f"(> {KHAT_RELIABLE}): the resampled draws may miss the posterior; "
+                      "fit method='svi' or 'nuts'")
+    else:
+        passed.append(f"Pareto k-hat of the pooled paths' importance weights {khat:.2f} <= "
+                      f"{KHAT_RELIABLE}")
+    failed += [f.message for f in found if f.check != "khat"]
     return failed, passed

@@ -47,7 +47,7 @@ def main_job(tmp_path_factory):
 def test_compare_heights_is_the_main_job(main_job):
     """SVI (full-rank guide) and NUTS on Galton's heights: tables, figures, a page, results."""
     out, folder = main_job
-    assert "smd" in out and "sd_ratio" in out and "svi (fullrank)" in out
+    assert "smd" in out and "sd_ratio" in out and "svi (AutoMultivariateNormal)" in out
     assert "P(taller component | height=180 cm)" in out
     assert "agreement with recorded gender: 0.8" in out
     for name in ("parameters.csv", "posteriors.csv", "warnings.csv", "loo.csv", "report.html",
@@ -64,7 +64,7 @@ def test_heights_vi_means_agree_with_nuts_within_a_tenth_of_a_posterior_sd(main_
     """
     _, folder = main_job
     table = pd.read_csv(folder / "parameters.csv", index_col=[0, 1])
-    vi = table.xs("svi (fullrank)", level="posterior")
+    vi = table.xs("svi (AutoMultivariateNormal)", level="posterior")
     assert len(vi) == 6  # alpha, mu, sigma: two components each
     assert (vi["smd"].abs() < 0.1).all(), vi["smd"]
     nuts = pd.read_csv(folder / "posteriors.csv", index_col=0).loc["nuts"]

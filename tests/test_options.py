@@ -5,7 +5,8 @@ from ppl_notes.models.conjugate import normal_mean
 
 
 def test_unknown_method_lists_the_methods():
-    with pytest.raises(OptionError, match=r"unknown method 'hmc'.*'map', 'mle', 'nuts', 'svi'"):
+    with pytest.raises(OptionError,
+                       match=r"unknown method 'hmc'.*'map', 'mle', 'nuts', 'pathfinder', 'svi'"):
         infer(normal_mean, method="hmc")
 
 

@@ -37,18 +37,23 @@ def _normal_mean_evidence():
     return normal_mean_log_evidence(_normal_mean_data()["x"])
 
 
+#: The tests of Adam's loop (optimizer="adam"): its stopping rule, restarts in processes,
+#: STL; the default fit on the potential is tested in test_vi_newton.py
+ADAM = dict(guide="meanfield", optimizer="adam")
+
+
 @pytest.fixture(scope="module")
 def restarted():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
         return infer(normal_mean, method="svi", restarts=3, processes=2, steps=6000,
-                     progress=False)
+                     progress=False, **ADAM)
 
 
 def test_restarts_are_chains_and_restart_0_is_the_plain_fit(restarted):
     assert restarted.sample_dims == ["chain", "draw"]
     assert restarted.tree["posterior"].sizes["chain"] == 3
-    plain = infer(normal_mean, method="svi", steps=6000, progress=False)
+    plain = infer(normal_mean, method="svi", steps=6000, progress=False, **ADAM)
     np.testing.assert_array_equal(restarted["mu"][0], plain["mu"])
     # the others start elsewhere and are seeded apart
     assert not np.array_equal(restarted["mu"][1], restarted["mu"][2])
@@ -69,7 +74,7 @@ def test_a_converged_restarted_fit_is_called_reliable(restarted):
 
 
 def test_one_fit_is_not_certified_and_says_how_to_be():
-    fit = infer(normal_mean, method="svi", progress=False)
+    fit = infer(normal_mean, method="svi", restarts=1, progress=False)
     verdict = fit.check()
     assert not verdict.reliable
     assert any("restarts=" in reason for reason in verdict.reasons)
@@ -89,7 +94,7 @@ def two_modes(x=None):
 
 def test_restarts_that_found_different_modes_are_flagged():
     with pytest.warns(DiagnosticWarning, match="different optima"):
-        fit = infer(two_modes, method="svi", restarts=6, processes=1, progress=False)
+        fit = infer(two_modes, method="svi", restarts=6, processes=1, progress=False, **ADAM)
     modes = fit.info["modes"]
     assert len(modes) == 2
     means = [fit["theta"][group].mean() for group in modes]
@@ -100,7 +105,7 @@ def test_restarts_that_found_different_modes_are_flagged():
 
 
 def test_svi_stops_by_itself_when_the_elbo_settles():
-    fit = infer(normal_mean, method="svi", steps=20000, progress=False)
+    fit = infer(normal_mean, method="svi", steps=20000, progress=False, **ADAM)
     assert fit.info["stopped"] == "converged"
     assert fit.info["steps_done"] < 20000
     # What the rule promises is about the ELBO: at the stop its windowed mean is within
@@ -118,9 +123,9 @@ def test_svi_stops_by_itself_when_the_elbo_settles():
 
 
 def test_the_cap_and_stop_steps_are_honoured():
-    capped = infer(normal_mean, method="svi", steps=150, progress=False)
+    capped = infer(normal_mean, method="svi", steps=150, progress=False, **ADAM)
     assert capped.info["stopped"] == "steps" and capped.info["steps_done"] == 150
-    exact = infer(normal_mean, method="svi", steps=700, stop="steps", progress=False)
+    exact = infer(normal_mean, method="svi", steps=700, stop="steps", progress=False, **ADAM)
     assert exact.info["stopped"] == "steps" and exact.info["steps_done"] == 700
 
 
@@ -133,7 +138,7 @@ def test_sticking_the_landing_lands_on_the_closed_form():
     landed = []
     for stl in (True, False):
         fit = infer(normal_mean, method="svi", steps=1500, stop="steps", stl=stl, init="prior",
-                    progress=False)
+                    progress=False, **ADAM)
         params = fit.tree["fitted_params"].to_dataset()
         landed.append((float(params["AutoNormal.locs.mu"]),
                        float(params["AutoNormal.scales.mu"])))
@@ -193,7 +198,7 @@ def test_num_particles_with_a_joint_guide_keeps_the_posterior_sd():
 def test_psis_resampling_corrects_an_underfit_q():
     mean, sd = _normal_mean_truth()
     rough = infer(normal_mean, method="svi", steps=40, stop="steps", num_draws=4000,
-                  progress=False)
+                  progress=False, **ADAM)
     fixed = rough.importance_resampled()
     assert fixed.info["psis"]["khat"] < 0.7
     raw_error = abs(rough.draws("mu").std() - sd) + abs(rough.draws("mu").mean() - mean)

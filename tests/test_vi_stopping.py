@@ -153,7 +153,8 @@ def test_a_gaussian_posterior_stops_early_and_on_the_closed_form():
     mean, covariance, _ = _regression_posterior()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
-        fit = infer(regression, method="svi", guide="fullrank", progress=False)
+        fit = infer(regression, method="svi", guide="fullrank", optimizer="adam",
+                    progress=False)
     assert fit.info["stopped"] == "converged"
     assert fit.info["steps_done"] <= 500
     draws = fit.draws("w")

@@ -41,6 +41,7 @@ METHODS = {
     "mle": "ppl_notes.inference.point:run_mle",
     "em": "ppl_notes.inference.em",
     "bbvi": "ppl_notes.inference.bbvi",
+    "pathfinder": "ppl_notes.inference.pathfinder",
 }
 
 
@@ -127,10 +128,11 @@ def infer(
     if guide is None and method == "svi":
         guide = model.recommended_guide  # the story's own, where it names one
     if isinstance(guide, str):
-        if method != "svi" or guide not in ("meanfield", "fullrank"):
+        if method != "svi" or guide not in ("meanfield", "fullrank", "lowrank"):
             raise OptionError(f"guide={guide!r}: a guide named by a string is 'meanfield' "
-                              "(AutoNormal) or 'fullrank' (AutoMultivariateNormal), for "
-                              "method='svi'; otherwise pass a guide function")
+                              "(AutoNormal), 'fullrank' (AutoMultivariateNormal) or 'lowrank' "
+                              "(AutoLowRankMultivariateNormal), for method='svi'; otherwise "
+                              "pass a guide function")
     elif guide is not None:
         if not takes_guide:
             guided = sorted(m for m, p in METHODS.items() if _takes_guide(p))

@@ -29,6 +29,7 @@ from dataclasses import asdict
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -101,7 +102,10 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
         _say(chain, "compiling")
     potential = BatchedPotential(job["model"], job["data"], len(chains),
                                  compiler=job["compiler"])
-    initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
+    if isinstance(job["init"], str):
+        initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
+    else:  # one point per chain, given (Pathfinder's draws)
+        initial = np.asarray(job["init"], dtype=float)[chains]
     total = job["warmup"] + job["draws"]
     for chain in chains:
         _say(chain, "warmup")
@@ -147,7 +151,7 @@ def run_chains(
     target_accept: float,
     max_tree_depth: int,
     seed: int,
-    init: str,
+    init: str | np.ndarray,
     compiler: str,
     dense_mass: bool,
     progress: bool,

@@ -293,6 +293,32 @@ class BatchedPotential:
         return ", ".join(f"{n}={trace.nodes[n]['value'].tolist()}" for n in self.names)
 
 
+class ChunkedPotential:
+    """A :class:`BatchedPotential` called on any number of points, a batch at a time.
+
+    The potential is recorded for batches of its ``num_chains`` points; the last batch is
+    padded with copies.
+
+    ``evaluations`` counts the points evaluated (gradient evaluations): VI's cost.
+    """
+
+    def __init__(self, potential: BatchedPotential):
+        self.potential, self.size, self.evaluations = potential, potential.num_chains, 0
+
+    def __call__(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, grads = [], []
+        for at in range(0, points.shape[0], self.size):
+            block = points[at:at + self.size]
+            short = self.size - block.shape[0]
+            if short:
+                block = np.concatenate([block, np.repeat(block[:1], short, axis=0)])
+            value, grad = self.potential(np.ascontiguousarray(block))
+            values.append(np.array(value[:self.size - short]))
+            grads.append(np.array(grad[:self.size - short]))
+        self.evaluations += points.shape[0]
+        return np.concatenate(values), np.concatenate(grads)
+
+
 def compiler_for(path: str, requested: str) -> str:
     """The compiler a path can use: none for one chain at a time, TorchScript for plates."""
     if path == "loop" or (requested == "torchscript" and path != "plate"):

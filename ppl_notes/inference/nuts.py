@@ -52,6 +52,7 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference._potential import INIT_STRATEGIES, BatchedPotential
 from ppl_notes.inference._result import RunResult
+from ppl_notes.inference.pathfinder import starting_points
 from ppl_notes.relabel import align_chains, components_of
 
 OPTIONS = (
@@ -64,9 +65,11 @@ OPTIONS = (
     positive_int("max_tree_depth", 10, "at most 2**max_tree_depth leapfrog steps"),
     choice("engine", "fast", "'fast' (traced potential, own NUTS, parallel chains) or "
            "'pyro' (Pyro's NUTS)", ("fast", "pyro")),
-    choice("init", "median", "starting point: the prior median (vector sites too) or a "
-           "prior draw",
-           ("median", "sample")),
+    choice("init", "median", "starting point: the prior median (vector sites too), a "
+           "prior draw, or 'pathfinder': a draw of multi-path Pathfinder per chain (ppl_notes."
+           "inference.pathfinder; the chains start in the typical set; its gradients are "
+           "info['pathfinder_gradients'])",
+           ("median", "sample", "pathfinder")),
     Option("processes", (int, type(None)), None, "worker processes for groups of chains; "
            "None: one per core when the data have at least 20,000 observed values, else the "
            "chains run in lockstep in this process",
@@ -101,11 +104,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
                           "own engine on a cluster; engine='pyro' runs on this machine only")
     if options["engine"] == "fast":
-        flat, stats, potential, compiler, warmup_steps = _run_fast(model, data, seed, progress,
-                                                                   options)
+        flat, stats, potential, compiler, warmup_steps, started_by = _run_fast(
+            model, data, seed, progress, options)
     else:
         flat, stats, potential = _run_pyro(model, data, seed, progress, options)
-        compiler, warmup_steps = "none", None
+        compiler, warmup_steps, started_by = "none", None, {}
     chains = flat.shape[0]  # fewer than asked where Ctrl-C stopped Pyro's chains early
     partial = flat.shape[1] < options["draws"] or chains < options["chains"]
     thin = options["thin"]
@@ -133,7 +136,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options=options,
         info={"engine": options["engine"], "enumerated": list(evaluation.discrete),
               "parameters": potential.dim, "marginal_story": potential.model is not model,
-              "compiler": compiler,
+              "compiler": compiler, **started_by,
               "path": potential.path, "path_reason": potential.facts.path_reason,
               "draws_kept": draws, "components": components, "relabelled": relabelled,
               "warmup_leapfrog_steps": warmup_steps},
@@ -155,10 +158,14 @@ def _run_fast(model, data, seed, progress, options):
     potential = BatchedPotential(model, data, 1, compiler="none")
     compiler = resolve_compiler(options["compiler"])
     dense = options["mass_matrix"] == "dense"
+    init, started_by = options["init"], {}
+    if init == "pathfinder":
+        init, spent = starting_points(model, data, options["chains"], seed)
+        started_by = {"pathfinder_gradients": spent}
     results = run_chains(
         model, data, chains=options["chains"], warmup=options["warmup"],
         draws=options["draws"], target_accept=options["target_accept"],
-        max_tree_depth=options["max_tree_depth"], seed=seed, init=options["init"],
+        max_tree_depth=options["max_tree_depth"], seed=seed, init=init,
         compiler=compiler,
         dense_mass=dense, progress=progress, processes=_processes(model, data, options),
         scheduler=options["scheduler"],
@@ -179,7 +186,8 @@ def _run_fast(model, data, seed, progress, options):
     else:
         flat, stats = np.stack(flats), {k: np.stack(v) for k, v in stats.items()}
     stats["reached_max_tree_depth"] = stats["tree_depth"] >= options["max_tree_depth"]
-    return flat, stats, potential, results[0].compiler, [r.warmup_steps for r in results]
+    return (flat, stats, potential, results[0].compiler, [r.warmup_steps for r in results],
+            started_by)
 
 
 #: The sampler's estimator for each ``mass_matrix`` option.
@@ -240,6 +248,11 @@ def resolve_compiler(requested: str) -> str:
 
 def _run_pyro(model, data, seed, progress, options):
     potential = BatchedPotential(model, data, 1, compiler="none")
+    if options["init"] == "pathfinder":
+        from ppl_notes.errors import OptionError
+
+        raise OptionError("method 'nuts': init='pathfinder' starts ppl_notes' own engine; "
+                          "engine='pyro' takes init='median' or 'sample'")
     init = INIT_STRATEGIES[options["init"]]
     flats, stats = [], {"lp": [], "diverging": [], "acceptance_rate": []}
     for chain in range(options["chains"]):

@@ -41,7 +41,6 @@ from pyro.infer import (
     TraceMeanField_ELBO,
     config_enumerate,
 )
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
@@ -82,6 +81,7 @@ from ppl_notes.inference.convergence import (
 )
 from ppl_notes.inference.guide_distance import GuideDistance
 from ppl_notes.inference.laplace_start import LaplaceStart, apply_scales, laplace_start
+from ppl_notes.inference.potential_svi import FAMILY_GUIDES, run_on_potential
 from ppl_notes.relabel import components_of
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,22 @@ OPTIONS = (
            "`torchrun --nproc-per-node K` starts: each fits a shard of the data plate and the "
            "gradients are averaged before every step (ppl_notes.inference._data_parallel); "
            "Pyro's loop, no checkpoints"),
-    positive_int("restarts", 1, "independent fits from dispersed starts, stacked as the "
-                 "posterior's chains so that R-hat and ESS across them are reported, and "
-                 "restarts that found different optima are flagged (ppl_notes.inference."
-                 "restarts)"),
+    Option("restarts", (int, type(None)), None, "independent fits from dispersed starts, "
+           "stacked as the posterior's chains so that R-hat and ESS across them are reported, "
+           "and restarts that found different optima are flagged (ppl_notes.inference."
+           "restarts); None: 4 for an autoguide on the potential (they run in lockstep, in "
+           "one process), 1 for Adam", lambda v: v is None or v >= 1,
+           "None or an integer >= 1"),
+    choice("optimizer", "auto", "how the guide is fitted: 'newton' (an autoguide's Gaussian "
+           "by natural-gradient Newton steps on fixed moment-matched draws, on the compiled "
+           "potential: exact on a Gaussian posterior, invariant to linear reparameterisation; "
+           "ppl_notes.inference.gaussian_vi), 'dadvi' (the same fixed-draw objective by "
+           "L-BFGS; every autoguide family), 'adam' (Pyro's loop: Adam on stochastic ELBO "
+           "gradients, any guide) or 'auto': 'newton' for 'meanfield' and 'fullrank', "
+           "'dadvi' for 'lowrank', 'adam' for a guide function or when an option of Pyro's "
+           "loop is set (checkpoint, resume, distributed, stl, estimator, elbo, engine, jit, "
+           "num_particles, learning_rate, learning_rate_decay)",
+           ("auto", "newton", "dadvi", "adam")),
     Option("processes", (int, type(None)), None, "worker processes for the restarts; None: "
            "one per core", lambda v: v is None or v >= 1, "None or an integer >= 1"),
     scheduler_option("the restarts run: None (worker processes on this machine), or a Dask "
@@ -164,14 +176,76 @@ OPTIONS = (
            "True, False or 'auto'"),
 )
 
-#: The guides named by a string: ``guide="meanfield"`` (the default) or ``"fullrank"``
-AUTOGUIDES = {"meanfield": (AutoNormal, "AutoNormal"),
-              "fullrank": (AutoMultivariateNormal, "AutoMultivariateNormal")}
+#: The guides named by a string: ``guide="meanfield"`` (the default), ``"fullrank"`` or
+#: ``"lowrank"``
+AUTOGUIDES = FAMILY_GUIDES
+
+#: Options only Pyro's loop (optimizer='adam') has: set to anything but their default,
+#: they make optimizer='auto' choose it
+PYRO_LOOP_OPTIONS = ("checkpoint", "resume", "distributed", "stl", "estimator", "elbo",
+                     "engine", "jit", "num_particles", "learning_rate", "learning_rate_decay")
+#: Restarts when ``restarts=None``: on the potential, and in Pyro's loop
+DEFAULT_RESTARTS = {"potential": 4, "adam": 1}
 
 _ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
           "TraceMeanField_ELBO": TraceMeanField_ELBO}
 _JIT_ELBOS = {"Trace_ELBO": JitTrace_ELBO, "TraceEnum_ELBO": JitTraceEnum_ELBO,
               "TraceMeanField_ELBO": JitTraceMeanField_ELBO}
+
+
+#: The default guide is full-rank up to this many unconstrained elements, mean-field above
+FULLRANK_MAX_DIM = 200
+
+
+def default_family(facts) -> str:
+    """The autoguide a story gets without a guide.
+
+    'fullrank' up to :data:`FULLRANK_MAX_DIM` unconstrained elements (a full-rank Newton
+    step then costs at most a few ms and 400 gradients per fit), else 'meanfield'.
+    """
+    dim = sum(int(np.prod(facts.unconstrained_shapes[n], dtype=int)) for n in facts.continuous)
+    return "fullrank" if dim <= FULLRANK_MAX_DIM else "meanfield"
+
+
+def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None) -> str:
+    """The optimiser ``optimizer`` stands for (its option's doc), checked against the guide.
+
+    An option of Pyro's loop counts as set when it differs from both its default and the
+    story's own default (``story_defaults``: a story that tunes Adam for its hand-written
+    guide does not keep its autoguide off the potential).
+
+    Raises
+    ------
+    OptionError
+        For 'newton' or 'dadvi' with a guide function, 'newton' with the low-rank family,
+        or either with an option only Pyro's loop has.
+    """
+    from ppl_notes.errors import OptionError
+
+    requested = options.get("optimizer", "auto")
+    autoguide = guide is None or isinstance(guide, str)
+    defaults = {option.name: option.default for option in OPTIONS}
+    story_defaults = story_defaults or {}
+    loop_only = [name for name in PYRO_LOOP_OPTIONS if options.get(name) != defaults[name]
+                 and (name not in story_defaults or options.get(name) != story_defaults[name])]
+    if requested == "auto":
+        if not autoguide or loop_only:
+            return "adam"
+        return "dadvi" if guide == "lowrank" else "newton"
+    if requested == "adam":
+        return "adam"
+    if not autoguide:
+        raise OptionError(f"method 'svi': optimizer={requested!r} fits the autoguides "
+                          "('meanfield', 'fullrank', 'lowrank') on the story's potential; a "
+                          "guide function is fitted by optimizer='adam'")
+    if requested == "newton" and guide == "lowrank":
+        raise OptionError("method 'svi': optimizer='newton' fits 'meanfield' and 'fullrank'; "
+                          "the 'lowrank' guide is fitted by optimizer='dadvi' (or 'adam')")
+    if loop_only:
+        raise OptionError(f"method 'svi': option(s) {loop_only} belong to Pyro's loop "
+                          f"(optimizer='adam'), not to optimizer={requested!r}; leave them "
+                          "unset or pass optimizer='adam'")
+    return requested
 
 
 def _choose_elbo(requested: str, enumerated: list[str]) -> str:
@@ -187,8 +261,23 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
     :mod:`ppl_notes.inference.restarts`, which runs this function once per restart).
     """
-    if restart == 0 and (guide is None or isinstance(guide, str)):
-        _refuse_moving_supports(model, data, guide or "meanfield")  # before any worker
+    if guide is None:
+        guide = default_family(facts_of(model, data))
+    optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}))
+    if restart == 0 and isinstance(guide, str) and optimizer == "adam":
+        # the potential maps each draw with the supports of that draw; Pyro's autoguides
+        # map with the supports they saw when built
+        _refuse_moving_supports(model, data, guide)  # before any worker
+    if options["restarts"] is None:
+        restarts = DEFAULT_RESTARTS["adam" if optimizer == "adam" else "potential"]
+        options = {**options, "restarts": restarts}
+    options = {**options, "optimizer": optimizer}
+    if optimizer != "adam":
+        from ppl_notes.inference.nuts import resolve_compiler
+
+        return run_on_potential(model, data, family=guide, seed=seed,
+                                progress=progress, options=options,
+                                compiler=resolve_compiler("auto"))
     if options["restarts"] > 1 or options["scheduler"] is not None:
         _check_restartable(options)
         from ppl_notes.inference.restarts import run_restarts
@@ -297,7 +386,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         history=history,
         params=params,
         options=options,
-        info={"elbo": elbo_name, "guide": guide_name, "enumerated": enumerated,
+        info={"elbo": elbo_name, "guide": guide_name, "optimizer": "adam",
+              "enumerated": enumerated,
               "marginal_story": marginal, "engine": engine, "jit": jit,
               "steps_per_second": steps_per_second,
               "final_elbo": float(history["elbo"].iloc[-1]) if len(history) else math.nan,
@@ -423,8 +513,8 @@ def _refuse_moving_supports(model, data: dict[str, Any], family: str) -> None:
         f"sees when it is built, so later draws leave the moving bound and the fit fails "
         f"mid-way. Reparameterise the story ({name} = bound * u with u on a fixed "
         f"interval, plus the log-Jacobian as a pyro.factor), or pass a guide that draws "
-        f"{name!r} inside the bound its own draws of the other sites give. NUTS takes "
-        f"such stories as they are")
+        f"{name!r} inside the bound its own draws of the other sites give. NUTS and the "
+        f"default optimizer='newton' take such stories as they are")
 
 
 def _vectorizable(guide, data, plate_nesting: int, particles: int = 3) -> bool:

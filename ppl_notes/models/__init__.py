@@ -40,8 +40,7 @@ class StoryEntry:
 
 #: story name -> where it lives; the CLI lists and runs these.
 STORIES = {
-    "heights": StoryEntry("ppl_notes.models.heights", "model",
-                          "ppl_notes.guides.heights", "fullrank"),
+    "heights": StoryEntry("ppl_notes.models.heights", "model"),
     "normal_mean": StoryEntry("ppl_notes.models.conjugate", "normal_mean",
                               "ppl_notes.guides.conjugate", "normal_mean_guide"),
     "beta_bernoulli": StoryEntry("ppl_notes.models.conjugate", "beta_bernoulli",
