@@ -26,6 +26,7 @@ from ppl_notes.errors import (
     PartialResultWarning,
     PPLNotesError,
     StoryError,
+    UntrustedFileError,
 )
 
 #: Where each public name lives. They are imported on first use (PEP 562), so that
@@ -108,5 +109,6 @@ __all__ = [
     "InferenceError",
     "DiagnosticWarning",
     "CheckpointError",
+    "UntrustedFileError",
     "PartialResultWarning",
 ]

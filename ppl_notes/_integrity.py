@@ -3,8 +3,9 @@
 A saved result (netCDF) carries, as a root attribute, the SHA-256 of its *content*: the
 path, attributes and every variable (name, dims, dtype, shape, bytes) of every node, as
 they read back from the file. :func:`tree_digest` computes it; a load that finds another
-digest refuses the file. A checkpoint hashes its serialised payload whole (see
-:mod:`ppl_notes.inference._checkpoint`).
+digest refuses the file. The hash finds damage; anyone can recompute it, so tampering is
+found by the HMAC signature beside it (:mod:`ppl_notes._signing`). A checkpoint hashes its
+serialised payload whole (see :mod:`ppl_notes.inference._checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import json
 import numpy as np
 import xarray as xr
 
-__all__ = ["DIGEST_ATTR", "tree_digest", "bytes_digest"]
+__all__ = ["DIGEST_ATTR", "SIGNATURE_ATTR", "tree_digest", "bytes_digest"]
 
 DIGEST_ATTR = "ppl_notes_content_sha256"
+#: The root attribute that holds the HMAC-SHA256 of the content digest
+#: (:mod:`ppl_notes._signing`)
+SIGNATURE_ATTR = "ppl_notes_signature_hmac_sha256"
 
 
 def bytes_digest(payload: bytes) -> str:
@@ -28,13 +32,15 @@ def bytes_digest(payload: bytes) -> str:
 def tree_digest(tree: xr.DataTree) -> str:
     """SHA-256 of a DataTree's content, independent of how the file lays it out.
 
-    Nodes are visited by path, attributes and variables by name; the digest attribute
-    itself is left out. Two trees with equal digests hold the same values bit for bit.
+    Nodes are visited by path, attributes and variables by name; the digest and signature
+    attributes themselves are left out. Two trees with equal digests hold the same values
+    bit for bit.
     """
     digest = hashlib.sha256()
     for node in sorted(tree.subtree, key=lambda n: n.path):
         digest.update(f"node {node.path}\n".encode())
-        attrs = {k: _plain(v) for k, v in node.attrs.items() if k != DIGEST_ATTR}
+        attrs = {k: _plain(v) for k, v in node.attrs.items()
+                 if k not in (DIGEST_ATTR, SIGNATURE_ATTR)}
         digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
         dataset = node.to_dataset(inherit=False)
         for name in sorted(dataset.variables, key=str):

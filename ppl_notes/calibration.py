@@ -46,14 +46,20 @@ import numpy as np
 
 from ppl_notes._cluster import check_scheduler, client_for, completed
 from ppl_notes._pool import run_in_processes
-from ppl_notes.errors import CheckpointError, OptionError, PartialResultWarning
+from ppl_notes._signing import cache_root, sign, signing_key, verify
+from ppl_notes.errors import (
+    CheckpointError,
+    OptionError,
+    PartialResultWarning,
+    UntrustedFileError,
+)
 from ppl_notes.inference._fingerprint import code_digest, data_digests
 
 __all__ = ["Calibration", "calibrate"]
 
 #: family-wise false-alarm rate of the uniformity tests (Bonferroni over parameters)
 FAMILY_ALPHA = 0.05
-_FORMAT = "ppl_notes calibration 1"
+_FORMAT = "ppl_notes calibration 2"
 _METHODS = ("nuts", "svi", "bbvi")
 #: NUTS settings per replicate unless given: one chain, as Talts et al. (2018) run it
 _NUTS_DEFAULTS = {"chains": 1, "warmup": 500, "draws": 1000}
@@ -132,7 +138,7 @@ class Calibration:
 def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=None,
               data: Mapping | None = None, seed: int = 0,
               store: str | os.PathLike | bool | None = None, processes: int | None = None,
-              progress: bool = True, **options: Any) -> Calibration:
+              progress: bool = True, trusted: bool = False, **options: Any) -> Calibration:
     """Simulation-based calibration of ``method`` on ``model`` (module doc).
 
     Parameters
@@ -161,6 +167,10 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
         Worker processes (default: one per core).
     progress : bool
         A progress bar over the replicates.
+    trusted : bool
+        Continue a store whose lines are not signed with this user's key (each line of a
+        store carries an HMAC, :mod:`ppl_notes._signing`); it holds numbers only and
+        cannot run code, but its ranks are then only as good as its author.
     **options
         Passed to :func:`ppl_notes.infer` for each fit (NUTS defaults to one chain of
         500 warmup + 1000 draws here).
@@ -186,7 +196,7 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
                    "seed": seed, "options": repr(sorted(options.items())),
                    "data": data_digests(covariates)}
     path = _store_path(store, model.name, fingerprint)
-    done = _read_store(path, fingerprint) if path is not None else {}
+    done = _read_store(path, fingerprint, trusted) if path is not None else {}
     todo = [r for r in range(replicates) if r not in done]
     job = cloudpickle.dumps({"model": model, "method": method, "options": options,
                              "covariates": covariates, "seed": seed,
@@ -337,24 +347,51 @@ def _store_path(store, name: str, fingerprint: dict) -> Path | None:
         return None
     if store is None or store is True:
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-        root = Path(os.environ.get("PPL_NOTES_CACHE", Path.home() / ".cache" / "ppl_notes"))
-        store = root / "calibrations" / f"{name}-{digest[:16]}.jsonl"
+        store = cache_root() / "calibrations" / f"{name}-{digest[:16]}.jsonl"
     path = Path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        path.write_text(json.dumps({"format": _FORMAT, "fingerprint": fingerprint}) + "\n")
+        path.write_text(_signed({"format": _FORMAT, "fingerprint": fingerprint}) + "\n")
     return path
 
 
-def _read_store(path: Path, fingerprint: dict) -> dict[int, dict]:
+def _signed(record: dict) -> str:
+    """A store line: the record as JSON with its HMAC under this user's key."""
+    body = json.dumps(record, sort_keys=True)
+    return json.dumps({"record": record, "mac": sign(body, signing_key())}, sort_keys=True)
+
+
+def _unsigned(line: str, trusted: bool) -> dict | None:
+    """A store line's record, or None for a line cut short.
+
+    A line not signed with this user's key is an error unless ``trusted``.
+    """
+    try:
+        entry = json.loads(line)
+        record = entry["record"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    body = json.dumps(record, sort_keys=True)
+    if not trusted and not verify(body, entry.get("mac"), signing_key()):
+        raise UntrustedFileError(
+            "a line of this calibration store is not signed with your key (another user's "
+            "store, or a line changed after it was written); continue it only if you trust "
+            "its author: calibrate(..., trusted=True), or give another store")
+    return record
+
+
+def _read_store(path: Path, fingerprint: dict, trusted: bool = False) -> dict[int, dict]:
     """The replicates a store holds; a store of another calibration is refused by name."""
     lines = path.read_text().splitlines()
     try:
-        header = json.loads(lines[0])
-    except (IndexError, json.JSONDecodeError):
+        header = _unsigned(lines[0], trusted) or {}
+    except IndexError:
         header = {}
+    except UntrustedFileError as error:
+        raise UntrustedFileError(f"calibration store {path}: {error}") from None
     if header.get("format") != _FORMAT:
-        raise CheckpointError(f"calibration store {path} is not a ppl_notes calibration store")
+        raise CheckpointError(f"calibration store {path} is not a ppl_notes calibration store "
+                              f"({_FORMAT!r}); give another store (or delete it)")
     theirs = header["fingerprint"]
     differ = [key for key in fingerprint if theirs.get(key) != fingerprint[key]]
     if differ:
@@ -363,16 +400,17 @@ def _read_store(path: Path, fingerprint: dict) -> dict[int, dict]:
     done = {}
     for line in lines[1:]:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when the run was killed
-            continue
-        done[record["replicate"]] = record
+            record = _unsigned(line, trusted)
+        except UntrustedFileError as error:
+            raise UntrustedFileError(f"calibration store {path}: {error}") from None
+        if record is not None:  # None: a line cut short when the run was killed
+            done[record["replicate"]] = record
     return done
 
 
 def _append(path: Path, record: dict) -> None:
     with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(_signed(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -123,10 +123,35 @@ def _compare(args) -> int:
     return 0
 
 
-def _show(args) -> int:
+def _loaded(args):
+    """The result file, with the story the user names (``--model module:attr``)."""
     from ppl_notes import load
 
-    fit = load(args.file)
+    model = _user_reference(args.model) if getattr(args, "model", None) else None
+    return load(args.file, model=model, trusted=args.trusted)
+
+
+def _user_reference(reference: str):
+    """The object a ``module:attr`` typed on the command line names (never a file's)."""
+    import importlib
+
+    from ppl_notes.errors import OptionError
+
+    module, _, attribute = reference.partition(":")
+    if not module or not attribute:
+        raise OptionError(f"--model takes module:attribute (e.g. stories:my_story), got "
+                          f"{reference!r}")
+    sys.path.insert(0, os.getcwd())  # a stories.py beside the user, as python -m finds it
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise OptionError(f"--model {reference!r}: {error}") from error
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _show(args) -> int:
+    fit = _loaded(args)
     attrs = fit.tree.attrs
     print(f"{attrs.get('model')} by {fit.method} ({fit.seconds:.1f} s), options {fit.options}")
     print(fit.summary().to_string())
@@ -136,9 +161,7 @@ def _show(args) -> int:
 def _predict(args) -> int:
     import numpy as np
 
-    from ppl_notes import load
-
-    fit = load(args.file)
+    fit = _loaded(args)
     arrays = {name for group in ("observed_data", "constant_data")
               if group in fit.tree.children for name in fit.tree[group].data_vars}
     arrays |= {argument for argument in getattr(fit.model, "observed_arguments", {}).values()
@@ -178,7 +201,7 @@ def _calibrate(args) -> int:
     store = False if args.store == "none" else args.store
     result = calibrate(entry.load_model(), method=args.method, replicates=args.replicates,
                        seed=args.seed, store=store, processes=args.processes,
-                       scheduler=args.scheduler,
+                       scheduler=args.scheduler, trusted=args.trusted,
                        progress=not args.no_progress, **_parse_options(args.set))
     print(result)
     if args.out:
@@ -239,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="an option of the method, e.g. --set steps=1500")
     calibration.add_argument("--out", help="a folder for ranks.csv and calibration.png")
+    calibration.add_argument("--trusted", action="store_true",
+                             help="continue a store not signed with your key")
     calibration.set_defaults(func=_calibrate)
 
     prediction = commands.add_parser("predict", help="predictions of a saved result for "
@@ -250,10 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("--draws", type=int, default=1000,
                             help="posterior draws to use (default 1000)")
     prediction.add_argument("--seed", type=int, default=0)
+    prediction.add_argument("--model", metavar="MODULE:ATTR",
+                            help="the story, for a story of your own (a shipped story is "
+                            "found by name); nothing named in the file is imported")
+    prediction.add_argument("--trusted", action="store_true",
+                            help="read a result not signed with your key (a colleague's)")
     prediction.set_defaults(func=_predict)
 
     show = commands.add_parser("show", help="summary of a saved result")
     show.add_argument("file")
+    show.add_argument("--trusted", action="store_true",
+                      help="read a result not signed with your key (a colleague's)")
     show.set_defaults(func=_show)
     return parser
 

@@ -15,6 +15,7 @@ __all__ = [
     "StoryError",
     "InferenceError",
     "CheckpointError",
+    "UntrustedFileError",
     "DiagnosticWarning",
     "PartialResultWarning",
 ]
@@ -50,6 +51,14 @@ class InferenceError(PPLNotesError, RuntimeError):
 
 class CheckpointError(PPLNotesError, ValueError):
     """A checkpoint that is missing, damaged, foreign, or from another run's settings."""
+
+
+class UntrustedFileError(DataError):
+    """A file not signed with this user's key: unsigned, a colleague's, or changed since.
+
+    Pass ``trusted=True`` (``--trusted`` on the command line) to read it anyway; nothing
+    in it can run code, but its values are then only as good as its author.
+    """
 
 
 class PartialResultWarning(UserWarning):

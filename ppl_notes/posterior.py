@@ -8,7 +8,6 @@ to run the model again.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import warnings
@@ -23,11 +22,12 @@ import torch
 import xarray as xr
 
 from ppl_notes._elements import CI_PROB
-from ppl_notes._integrity import DIGEST_ATTR, tree_digest
-from ppl_notes.errors import DataError, OptionError
+from ppl_notes._integrity import DIGEST_ATTR, SIGNATURE_ATTR, tree_digest
+from ppl_notes._signing import sign, signing_key, verify
+from ppl_notes.errors import DataError, OptionError, UntrustedFileError
 from ppl_notes.evidence import Estimate
 
-__all__ = ["Posterior", "load"]
+__all__ = ["Posterior", "load", "shipped_story"]
 
 
 class Posterior:
@@ -364,9 +364,10 @@ class Posterior:
         name = str(self.tree.attrs.get("guide", ""))
         if name not in families:
             raise OptionError(
-                f"fresh draws need the fit's guide, and guide {name!r} could not be imported "
-                "(a guide defined in a script or notebook): move it into a module, or call "
-                "without num_samples to use the stored draws")
+                f"fresh draws need the fit's guide function {name!r}, which a result file "
+                "does not carry (it holds values, never code): load it with "
+                "ppl_notes.load(path, model=..., guide=...), or call without num_samples "
+                "to use the stored draws")
         from ppl_notes._sites import unconstrained_value
 
         return families[name](pyro.poutine.block(model, hide=self.discrete_sites),
@@ -403,8 +404,15 @@ class Posterior:
 
         return kl_gap_estimate(*self.log_weights(num_samples, seed))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the results to a netCDF file (h5netcdf; no pickle). Returns the path."""
+    def save(self, path: str | os.PathLike, key: bytes | str | os.PathLike | None = None
+             ) -> Path:
+        """Write the results to a netCDF file (h5netcdf; no pickle). Returns the path.
+
+        The file carries the SHA-256 of its content and an HMAC of that digest under this
+        user's signing key (``key``, default ``$PPL_NOTES_CACHE/signing.key``;
+        :mod:`ppl_notes._signing`), so :func:`load` can tell damage and tampering apart
+        from the file as written.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".part")
@@ -414,24 +422,44 @@ class Posterior:
             digest = tree_digest(written)
         with h5netcdf.File(temporary, "r+") as handle:
             handle.attrs[DIGEST_ATTR] = digest
+            handle.attrs[SIGNATURE_ATTR] = sign(digest, signing_key(key))
         os.replace(temporary, path)
         return path
 
 
-def load(path: str | os.PathLike, model=None) -> Posterior:
-    """Read a result written by :meth:`Posterior.save`.
+def load(path: str | os.PathLike, model=None, guide=None, *, trusted: bool = False,
+         key: bytes | str | os.PathLike | None = None) -> Posterior:
+    """Read a result written by :meth:`Posterior.save`; nothing in the file is run.
 
-    The story is re-attached when it can be imported by the ``module:attribute`` stored
-    in the file (or given as ``model``, for a story defined in a script or notebook),
-    and so is a guide function that can be imported; an autoguide is rebuilt from the
-    story when fresh draws are asked for.
-    The file's content hash is checked: a damaged file is an error, never changed values.
+    A result file is data: it names its story and guide, but nothing named in it is
+    imported or called. The story is ``model``, or, for a story ppl_notes ships, the one
+    its own registry (:data:`ppl_notes.models.STORIES`) holds under the stored name and
+    reference (a comparison of strings, never an import path taken from the file). A
+    guide function is ``guide``; an autoguide is rebuilt from the story when fresh draws
+    are asked for.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    model : Model, optional
+        The story, for predictions and fresh draws (a story of the user's own).
+    guide : callable, optional
+        The guide function of an SVI fit, for fresh draws (autoguides need none).
+    trusted : bool
+        Read a file that is not signed with this user's key (a colleague's result). Its
+        values are then only as good as its author; it still cannot run code.
+    key : bytes or path, optional
+        The signing key (default: this user's, ``$PPL_NOTES_CACHE/signing.key``).
 
     Raises
     ------
     DataError
         For a missing file, one that is not a ppl_notes result, or one whose content no
-        longer matches the hash written with it.
+        longer matches the hash written with it (damage).
+    UntrustedFileError
+        For a file whose signature does not verify under the key: unsigned, signed by
+        someone else, or changed and re-hashed since (unless ``trusted=True``).
     """
     path = Path(path)
     if not path.exists():
@@ -442,6 +470,7 @@ def load(path: str | os.PathLike, model=None) -> Posterior:
             with xr.open_datatree(path, engine="h5netcdf") as opened:
                 tree = opened.load()
                 stored = tree.attrs.get(DIGEST_ATTR)
+                signature = tree.attrs.get(SIGNATURE_ATTR)
                 digest = tree_digest(tree)
     except Exception as error:  # noqa: BLE001 - h5py and xarray raise many kinds on damage
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -455,6 +484,15 @@ def load(path: str | os.PathLike, model=None) -> Posterior:
     if str(stored) != digest:
         raise DataError(f"{str(path)!r} is damaged: its content no longer matches the hash "
                         "written with it (a byte changed after saving); refit or restore it")
+    if not trusted and not verify(digest, _text(signature), signing_key(key)):
+        why = ("is not signed" if signature is None else
+               "is signed with another key than yours (a colleague's result, or one "
+               "changed and re-hashed after it was signed)")
+        raise UntrustedFileError(
+            f"{str(path)!r} {why}. A result file holds only values and cannot run code; "
+            "if you trust whoever wrote it, read it with ppl_notes.load(path, "
+            "trusted=True) (ppl-notes ... --trusted), and save it again to sign it "
+            "with your key")
     for node in tree.subtree:
         if node is tree:
             continue
@@ -462,15 +500,30 @@ def load(path: str | os.PathLike, model=None) -> Posterior:
         if "sample_dims" in node.attrs:
             node.attrs["sample_dims"] = [str(d) for d in np.atleast_1d(node.attrs["sample_dims"])]
     del tree.attrs[DIGEST_ATTR]
-    story = model if model is not None else _import_story(tree.attrs.get("model_path"))
-    return Posterior(tree, model=story, guide=_import_story(tree.attrs.get("guide_path")))
+    tree.attrs.pop(SIGNATURE_ATTR, None)
+    story = model if model is not None else shipped_story(tree.attrs)
+    return Posterior(tree, model=story, guide=guide)
 
 
-def _import_story(reference: str | None):
-    if not reference or ":" not in reference:
-        return None
-    module, _, name = reference.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
+def _text(value) -> str | None:
+    """An attribute as text (netCDF may hand back bytes), or None."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return value if isinstance(value, str) else None
+
+
+def shipped_story(attrs: dict):
+    """The shipped story a result names, from ppl_notes' own registry, or None.
+
+    The stored name and ``module:attribute`` are compared, as strings, with the registry's
+    entries; only an entry's own module, written in ppl_notes, is ever imported.
+    """
+    from ppl_notes.models import STORIES
+
+    reference, name = str(attrs.get("model_path", "")), str(attrs.get("model", ""))
+    for entry in STORIES.values():
+        if f"{entry.module}:{entry.model}" == reference:
+            story = entry.load_model()
+            if story.name == name:
+                return story
+    return None

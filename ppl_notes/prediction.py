@@ -115,15 +115,11 @@ def story_of(posterior):
         return posterior.model
     attrs = posterior.tree.attrs
     name = attrs.get("model", "?")
-    if attrs.get("model_module") == "__main__" or not attrs.get("model_path"):
-        raise StoryError(
-            f"story {name!r} was defined in __main__ (a script or a notebook), so the saved "
-            "result cannot name it. Move the story into a module (e.g. stories.py), import "
-            "it from there and fit again; or attach it when loading: "
-            f"ppl_notes.load(path, model={name})")
-    raise StoryError(f"story {name!r} could not be imported from {attrs['model_path']!r}; "
-                     "install or put on sys.path the module that defines it, or pass "
-                     "ppl_notes.load(path, model=...)")
+    where = attrs.get("model_path") or "a script or notebook"
+    raise StoryError(
+        f"story {name!r} ({where}) is not attached: a result file holds values and never "
+        "names code to import, so give the story when loading: "
+        f"ppl_notes.load(path, model={name}) (on the command line: --model module:attr)")
 
 
 def _new_data(model, new_data) -> dict[str, Any]:

@@ -60,14 +60,14 @@ def test_a_killed_calibration_loses_no_finished_replicate(tmp_path):
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    kept = [json.loads(line)["replicate"] for line in store.read_text().splitlines()[1:]
+    kept = [json.loads(line)["record"]["replicate"] for line in store.read_text().splitlines()[1:]
             if line.endswith("}")]
     assert len(kept) >= 2
     resumed = calibrate(normal_mean, "nuts", replicates=max(kept) + 2, store=store,
                         processes=1, progress=False, **QUICK_NUTS)
     assert resumed.ranks.sizes["replicate"] == max(kept) + 2
     lines = store.read_text().splitlines()[1:]
-    replicates = [json.loads(line)["replicate"] for line in lines if line.endswith("}")]
+    replicates = [json.loads(line)["record"]["replicate"] for line in lines if line.endswith("}")]
     assert sorted(set(replicates)) == list(range(max(kept) + 2))
 
 

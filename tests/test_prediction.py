@@ -115,7 +115,7 @@ def test_a_story_defined_in_main_gets_an_error_that_says_what_to_do(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = load(path)
-    with pytest.raises(StoryError, match=r"__main__.*module.*model=coin"):
+    with pytest.raises(StoryError, match=r"script or notebook.*not attached.*model=coin"):
         loaded.predict({"n": 3})
 
 

@@ -1,10 +1,12 @@
-"""SVI checkpoints: written atomically, hashed, read without unpickling arbitrary objects.
+"""SVI checkpoints: written atomically, hashed, signed, read without unpickling objects.
 
-A checkpoint file is a header line, the SHA-256 of the payload, then the payload: a
-``torch.save`` of only tensors, numbers, strings, lists and dicts (parameters, optimizer
-state, random-number-generator states, the ELBO so far, the run's fingerprint), so
-``torch.load(weights_only=True)`` reads it: a tampered file cannot run code, and a
-truncated, damaged or foreign one is a :class:`~ppl_notes.errors.CheckpointError`.
+A checkpoint file is a header line, the SHA-256 of the payload, its HMAC under this
+user's signing key (:mod:`ppl_notes._signing`), then the payload: a ``torch.save`` of
+only tensors, numbers, strings, lists and dicts (parameters, optimizer state,
+random-number-generator states, the ELBO so far, the run's fingerprint), so
+``torch.load(weights_only=True)`` reads it: a tampered file cannot run code, a truncated,
+damaged or foreign one is a :class:`~ppl_notes.errors.CheckpointError`, and one not
+signed with this user's key is refused unless the caller trusts it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import numpy as np
 import torch
 
 from ppl_notes._integrity import bytes_digest
+from ppl_notes._signing import sign, signing_key, verify
 from ppl_notes.errors import CheckpointError
 
 __all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
 
-FORMAT = "ppl_notes-svi-checkpoint-2"
+FORMAT = "ppl_notes-svi-checkpoint-3"
 _HEADER = FORMAT.encode() + b"\n"
 _DIGEST_LENGTH = 64  # hex characters of a SHA-256
 
@@ -58,13 +61,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
     payload = buffer.getvalue()
-    temporary.write_bytes(_HEADER + bytes_digest(payload).encode() + b"\n" + payload)
+    digest = bytes_digest(payload)
+    signature = sign(digest, signing_key())
+    temporary.write_bytes(_HEADER + digest.encode() + b"\n" + signature.encode() + b"\n"
+                          + payload)
     os.replace(temporary, path)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``).
+def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``), signed with this user's key.
+
+    ``trusted=True`` reads one signed with another key, or unsigned (it still cannot run
+    code).
 
     Raises
     ------
@@ -78,12 +87,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not raw.startswith(_HEADER):
         raise CheckpointError(f"{str(path)!r} is not a ppl_notes SVI checkpoint "
                               f"(expected format {FORMAT!r})")
-    stored = raw[len(_HEADER):len(_HEADER) + _DIGEST_LENGTH + 1]
-    payload = raw[len(_HEADER) + _DIGEST_LENGTH + 1:]
-    if stored != bytes_digest(payload).encode() + b"\n":
+    at = len(_HEADER)
+    stored = raw[at:at + _DIGEST_LENGTH + 1]
+    signature = raw[at + _DIGEST_LENGTH + 1:at + 2 * (_DIGEST_LENGTH + 1)]
+    payload = raw[at + 2 * (_DIGEST_LENGTH + 1):]
+    digest = bytes_digest(payload)
+    if stored != digest.encode() + b"\n":
         raise CheckpointError(
             f"checkpoint {str(path)!r} is damaged or truncated: its payload no longer "
             "matches the SHA-256 written with it")
+    if not trusted and not verify(digest, signature[:-1].decode("ascii", "replace"),
+                                  signing_key()):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not signed with your key (someone else's, or "
+            "changed and re-hashed after it was written); resume from it only if you "
+            "trust its author: resume_trusted=True")
     try:
         with warnings.catch_warnings():  # torch's own remarks on foreign pickle protocols
             warnings.simplefilter("ignore", UserWarning)

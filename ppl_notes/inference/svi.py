@@ -143,6 +143,8 @@ OPTIONS = (
     Option("resume", (str, type(None)), None, "a checkpoint to continue from: the same "
            "story, guide, seed and options (steps may be raised) reach the result of an "
            "uninterrupted run"),
+    Option("resume_trusted", (bool,), False, "resume from a checkpoint not signed with "
+           "your key (another user's); it still cannot run code"),
     Option("distributed", (bool,), False, "data-parallel SVI over the processes that "
            "`torchrun --nproc-per-node K` starts: each fits a shard of the data plate and the "
            "gradients are averaged before every step (ppl_notes.inference._data_parallel); "
@@ -182,8 +184,9 @@ AUTOGUIDES = FAMILY_GUIDES
 
 #: Options only Pyro's loop (optimizer='adam') has: set to anything but their default,
 #: they make optimizer='auto' choose it
-PYRO_LOOP_OPTIONS = ("checkpoint", "resume", "distributed", "stl", "estimator", "elbo",
-                     "engine", "jit", "num_particles", "learning_rate", "learning_rate_decay")
+PYRO_LOOP_OPTIONS = ("checkpoint", "resume", "resume_trusted", "distributed", "stl",
+                     "estimator", "elbo", "engine", "jit", "num_particles", "learning_rate",
+                     "learning_rate_decay")
 #: Restarts when ``restarts=None``: on the potential, and in Pyro's loop
 DEFAULT_RESTARTS = {"potential": 4, "adam": 1}
 
@@ -744,7 +747,8 @@ def _checked_state(path: str, checkpoint: dict[str, Any],
 def _identity(model, guide, guide_name, data, seed, engine, options) -> dict[str, Any]:
     """What must match between a checkpoint and the run that resumes it."""
     same = {k: v for k, v in options.items()
-            if k not in ("steps", "checkpoint", "checkpoint_every", "resume", "num_draws")}
+            if k not in ("steps", "checkpoint", "checkpoint_every", "resume", "resume_trusted",
+                         "num_draws")}
     return {**run_fingerprint(model, guide, str(guide_name), data), "seed": seed,
             "engine": engine, "options": json.dumps(same, sort_keys=True, default=str)}
 
@@ -779,7 +783,7 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     loop = _Loop(options, progress, identity)
     store = pyro.get_param_store()
     if options["resume"] is not None:
-        checkpoint = load_checkpoint(options["resume"])
+        checkpoint = load_checkpoint(options["resume"], options["resume_trusted"])
         _check_resumable(options["resume"], checkpoint, identity)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -888,7 +892,7 @@ def _optimise_compiled(compiled: CompiledELBO, story, guide, data: dict[str, Any
     state_ = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
     loop = _Loop(options, progress, identity)
     if options["resume"] is not None:
-        checkpoint = load_checkpoint(options["resume"])
+        checkpoint = load_checkpoint(options["resume"], options["resume_trusted"])
         _check_resumable(options["resume"], checkpoint, identity)
         size = tuple(flat.shape)
         _checked_state(options["resume"], checkpoint, {
