@@ -46,6 +46,7 @@ import numpy as np
 
 from ppl_notes._cluster import check_scheduler, client_for, completed
 from ppl_notes._pool import run_in_processes
+from ppl_notes._progress import show_progress
 from ppl_notes._signing import cache_root, sign, signing_key, verify
 from ppl_notes.errors import (
     CheckpointError,
@@ -192,6 +193,7 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
         options = {**_NUTS_DEFAULTS, **options}
     covariates = dict(data) if data is not None else model._default_covariates()
     parameters = _parameters(model, covariates)
+    _simulated(model, _replicate_seed(seed, 0), covariates, 0)  # before any worker starts
     fingerprint = {"story": f"{model.name} {code_digest(model)}", "method": method,
                    "seed": seed, "options": repr(sorted(options.items())),
                    "data": data_digests(covariates)}
@@ -241,7 +243,7 @@ def _one_replicate(payload: bytes, replicate: int) -> dict[str, Any]:
     model, parameters = job["model"], job["parameters"]
     seed = _replicate_seed(job["seed"], replicate)
     started = time.perf_counter()
-    simulated = model.simulate(seed=seed, **job["covariates"])
+    simulated = _simulated(model, seed, job["covariates"], replicate)
     fit_data = dict(job["covariates"])
     for site, argument in model.observed_arguments.items():
         if argument:
@@ -293,6 +295,23 @@ def _thinned(draws: np.ndarray) -> np.ndarray:
     return draws[::step]
 
 
+def _simulated(model, seed: int, covariates: dict, replicate: int) -> dict:
+    """A replicate's parameters and data drawn from the story, or a StoryError saying so."""
+    from ppl_notes.errors import PPLNotesError, StoryError
+
+    try:
+        return model.simulate(seed=seed, **covariates)
+    except PPLNotesError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the user's story: name it
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise StoryError(
+            f"calibrate: story {model.name!r} failed while simulating replicate {replicate}'s "
+            f"parameters and data from its prior ({type(error).__name__}: {reason}). SBC "
+            "runs the story forwards with its observed arguments left out (None): make "
+            "that path work, and give the covariates it needs as data=") from error
+
+
 def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
     """The latent continuous sites and their shapes (discrete sites are summed out)."""
     sites = model.sites(None if model._default_data is not None else covariates)
@@ -320,7 +339,7 @@ def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=total - len(todo), desc="calibration replicates",
-               disable=not progress)
+               disable=not show_progress(progress))
 
     def keep(record):
         done[record["replicate"]] = record

@@ -30,9 +30,10 @@ def _parse_options(pairs: list[str]) -> dict:
 def _list(_args) -> int:
     from ppl_notes.models import STORIES
 
+    width = max(len(name) for name in STORIES)
     for name, entry in STORIES.items():
         story = entry.load_model().story.splitlines()[0]
-        print(f"{name:16s} {story}")
+        print(f"{name:{width}s}  {story}")
     return 0
 
 
@@ -92,6 +93,11 @@ def _compare(args) -> int:
                              progress=not args.no_progress, **svi_options)}
         if out is not None:  # kept whatever happens to the NUTS run
             fits["svi"].save(out / "svi.nc")
+        if fits["svi"].partial:  # Ctrl-C: the next stage is not run
+            kept = f" (saved, marked partial, in {out / 'svi.nc'})" if out is not None else ""
+            print(f"ppl-notes: interrupted (Ctrl-C) during SVI: its result is partial{kept}; "
+                  "NUTS was not run", file=sys.stderr)
+            return 130
         try:
             fits["nuts"] = infer(story, method="nuts", seed=args.seed,
                                  progress=not args.no_progress, **nuts_options)
@@ -120,6 +126,11 @@ def _compare(args) -> int:
         print(f"wrote {written['report']} with {len(written) - 1} tables and figures, "
               f"and svi.nc, nuts.nc in {out}")
     print(f"total: {time.perf_counter() - started:.1f} s")
+    cut = [label for label, fit in labelled.items() if fit.partial]
+    if cut:
+        print(f"ppl-notes: interrupted (Ctrl-C): {', '.join(cut)} partial; the table, the "
+              "report and the files say so", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -168,10 +179,9 @@ def _predict(args) -> int:
                if argument}
     new_data = {}
     for key, value in _parse_options(args.set).items():
-        if isinstance(value, tuple | list):
-            value = np.asarray(value, dtype=float)
-        elif key in arrays:  # one new unit of an array argument: an array of one
-            value = np.atleast_1d(np.asarray(value, dtype=float))
+        value = _numbers(key, value)
+        if key in arrays:  # one new unit of an array argument: an array of one
+            value = np.atleast_1d(value)
         new_data[key] = value
     predictions = fit.predict(new_data, num_draws=args.draws, seed=args.seed)
     dims = list(fit.sample_dims)
@@ -193,6 +203,29 @@ def _predict(args) -> int:
     return 0
 
 
+def _numbers(key: str, value):
+    """A ``--set`` value of ``predict`` as numbers, or an error naming it."""
+    import numpy as np
+
+    from ppl_notes.errors import DataError
+
+    if isinstance(value, str):  # not a Python literal: numbers with 'nan' or 'inf' in them
+        parts = [part.strip() for part in value.split(",")]
+        try:
+            value = [float(part) for part in parts] if len(parts) > 1 else float(parts[0])
+        except ValueError:
+            raise DataError(f"--set {key}={value!r}: not a number or a comma-separated list "
+                            f"of numbers (e.g. --set {key}=150,180)") from None
+    try:
+        array = np.asarray(value, dtype=float)
+    except (ValueError, TypeError):
+        raise DataError(f"--set {key}={value!r}: not a number or a list of numbers") from None
+    if not np.isfinite(array).all():
+        raise DataError(f"--set {key}={value!r}: holds NaN or infinite values; give finite "
+                        "numbers")
+    return array
+
+
 def _calibrate(args) -> int:
     from ppl_notes.calibration import calibrate
     from ppl_notes.models import get_story
@@ -204,15 +237,25 @@ def _calibrate(args) -> int:
                        scheduler=args.scheduler, trusted=args.trusted,
                        progress=not args.no_progress, **_parse_options(args.set))
     print(result)
-    if args.out:
-        import matplotlib
+    try:
+        if args.out:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        result.ranks.to_dataframe().to_csv(out / "ranks.csv")
-        result.plot().savefig(out / "calibration.png")
-        print(f"wrote ranks.csv and calibration.png in {out}")
+            matplotlib.use("Agg")
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            result.ranks.to_dataframe().to_csv(out / "ranks.csv")
+            result.plot().savefig(out / "calibration.png")
+            print(f"wrote ranks.csv and calibration.png in {out}")
+    except KeyboardInterrupt:
+        print("ppl-notes: interrupted (Ctrl-C) after the calibration: its result is printed "
+              "above; ranks.csv and calibration.png were not all written", file=sys.stderr)
+        return 130
+    if result.partial:
+        print(f"ppl-notes: interrupted (Ctrl-C): the calibration above is partial, "
+              f"{result.ranks.sizes['replicate']} of {args.replicates} replicates (the store "
+              "keeps them: run the same command again to continue)", file=sys.stderr)
+        return 130
     return 0 if result.calibrated else 1
 
 

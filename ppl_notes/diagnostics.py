@@ -54,7 +54,7 @@ class Finding:
     ----------
     check : str
         ``r_hat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``bfmi``, ``tree_depth``,
-        ``khat``, ``elbo``, ``improper``, ``draws`` or ``converged``.
+        ``khat``, ``elbo``, ``improper``, ``draws``, ``converged`` or ``log_density``.
     parameter : str
         The parameter element (``tau``, ``theta[A]``), chain or objective it concerns.
     value, threshold : float
@@ -85,6 +85,18 @@ def _worst(values: dict[str, float], largest: bool) -> tuple[str, float]:
         return "", float("nan")
     key = (max if largest else min)(finite, key=finite.get)
     return key, finite[key]
+
+
+def beyond(value: float, threshold: float, digits: int = 2) -> str:
+    """``value`` with as many decimals as it takes not to read as ``threshold``.
+
+    A k-hat of 0.7004 is "0.7004 (> 0.7)", never "0.70 (> 0.7)".
+    """
+    for places in range(digits, 10):
+        text = f"{value:.{places}f}"
+        if float(text) != threshold:
+            return text
+    return repr(value)
 
 
 def elbo_trend(elbo: np.ndarray, fraction: float = 0.1) -> tuple[float, float]:
@@ -120,6 +132,50 @@ def window_change(elbo: np.ndarray, window: int) -> tuple[float, float]:
     noise = np.diff(elbo[-2 * window:]).var(ddof=1) / 2
     standard_error = float(np.sqrt(2 * noise / window))
     return change, standard_error
+
+
+def importance_gap(posterior) -> tuple[str, float, float]:
+    r"""Where q's draws and the importance-weighted posterior differ most.
+
+    Where the Pareto-smoothed weights :math:`w \propto p/q` can be trusted
+    (:math:`\hat k \le 0.7`), they estimate the posterior's moments from q's own draws
+    (Vehtari et al. 2024). A q too *wide* has small, well-behaved ratios, so k-hat, which
+    sees a q too narrow, passes it; comparing q's raw moments with the weighted ones sees
+    both. Each restart is weighted with its own q.
+
+    Returns
+    -------
+    (label, mean shift, sd ratio)
+        The element whose raw mean is furthest from the weighted one, in weighted sds,
+        with that shift; and the raw-over-weighted sd ratio furthest from 1 (any element).
+    """
+    stats_ = posterior.tree["sample_stats"]
+    dims = list(posterior.sample_dims)
+    draws = element_draws(posterior.tree["posterior"].to_dataset(), continuous_sites(posterior),
+                          dims, flatten=False)
+    log_p, log_q = stats_["log_p"].values, stats_["log_q"].values
+    if not posterior.has_chains:
+        log_p, log_q = log_p[None], log_q[None]
+        draws = {k: v[None] for k, v in draws.items()}
+    worst = ("", 0.0, 1.0)
+    for restart in range(log_p.shape[0]):
+        p, q = log_p[restart], log_q[restart]
+        keep = np.isfinite(p) & np.isfinite(q)
+        try:
+            weights, _ = psis_weights(p[keep], q[keep])
+        except ValueError:  # too few draws for a tail fit
+            continue
+        for label, values in draws.items():
+            x = values[restart][keep]
+            mean = float(weights @ x)
+            sd = float(np.sqrt(max(weights @ (x - mean) ** 2, 0.0)))
+            if not sd > 0:
+                continue
+            shift, ratio = abs(x.mean() - mean) / sd, x.std() / sd
+            if shift > worst[1] or abs(math.log(ratio)) > abs(math.log(worst[2])):
+                worst = (label, float(max(shift, worst[1])), float(
+                    ratio if abs(math.log(ratio)) > abs(math.log(worst[2])) else worst[2]))
+    return worst
 
 
 def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
@@ -200,9 +256,16 @@ def diagnostics(posterior) -> dict[str, Any]:
         log_p, log_q = stats_["log_p"].values, stats_["log_q"].values
         pairs = list(zip(log_p, log_q, strict=True)) if posterior.has_chains else [(log_p,
                                                                                    log_q)]
-        # restarts: each its own q (pooling p/q_r would mix their normalising constants)
+        finite = np.isfinite(log_p) & np.isfinite(log_q)
+        numbers["nonfinite_log_p_share"] = float(1 - finite.mean())
+        # restarts: each its own q (pooling p/q_r would mix their normalising constants);
+        # draws where the log density is not finite are a finding of their own, below
+        pairs = [(p[np.isfinite(p) & np.isfinite(q)], q[np.isfinite(p) & np.isfinite(q)])
+                 for p, q in pairs]
         numbers["khat"] = max(importance_khat(p, q) for p, q in pairs)
         numbers["importance_ess_share"] = min(importance_ess_share(p, q) for p, q in pairs)
+        if math.isfinite(numbers["khat"]) and numbers["khat"] <= THRESHOLDS["khat"]:
+            numbers["importance_gap"] = importance_gap(posterior)
     if posterior.method == "pathfinder":  # its draws are resampled: the weights' own k-hat
         numbers["khat"] = float(posterior.info.get("khat", math.nan))
         numbers["importance_ess_share"] = float(posterior.info.get("importance_ess_share", 0))
@@ -345,6 +408,16 @@ def _metric_advice(posterior) -> str:
 
 def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
     found = []
+    share = numbers.get("nonfinite_log_p_share", 0.0)
+    if share > 0:
+        count = round(share * posterior.num_draws)
+        found.append(Finding(
+            "log_density", "log p", share, 0.0,
+            f"the story's log density is NaN or infinite at {count} of the "
+            f"{posterior.num_draws} draws from q ({share:.2%}): q puts mass where the story "
+            "is undefined (a parameter outside its domain, log or sqrt of a negative). "
+            "Give the parameter a prior on its domain, or guard the transform; those "
+            "draws are left out of k-hat"))
     change, standard_error = numbers.get("elbo_change", math.nan), numbers.get("elbo_change_se",
                                                                                  math.nan)
     if (math.isfinite(change) and abs(change) > 3 * standard_error
@@ -383,7 +456,8 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
                  if label else "")
         found.append(Finding(
             "khat", label or "q", khat, THRESHOLDS["khat"],
-            f"Pareto k-hat of p/q is {khat:.2f} (> {THRESHOLDS['khat']}): the approximation "
+            f"Pareto k-hat of p/q is {beyond(khat, THRESHOLDS['khat'])} (> "
+            f"{THRESHOLDS['khat']}): the approximation "
             f"can't be trusted for this posterior (Yao et al. 2018).{where} Use a richer "
             f"guide (full-rank or a normalising flow; mean-field ignores correlations and "
             f"is too narrow) or check it against NUTS with ppl_notes.compare."))

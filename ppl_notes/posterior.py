@@ -106,9 +106,11 @@ class Posterior:
 
     @property
     def label(self) -> str:
-        """How tables and plots name this posterior: its method, and guide if any."""
-        guide = str(self.tree.attrs.get("guide", "") or "")
-        return f"{self.method} ({guide})" if guide else self.method
+        """How tables and plots name this posterior: its method, guide, and 'partial'."""
+        notes = [str(self.tree.attrs.get("guide", "") or "")] + (["partial"] if self.partial
+                                                                  else [])
+        notes = [note for note in notes if note]
+        return f"{self.method} ({', '.join(notes)})" if notes else self.method
 
     @property
     def partial(self) -> bool:
@@ -205,7 +207,7 @@ class Posterior:
         return findings(self)
 
     def check(self, calibration=None):
-        """Whether this posterior can be trusted on its own: ``Verdict(reliable, reasons)``.
+        """Whether this posterior can be trusted on its own: ``Verdict(reliable, fails, holds)``.
 
         Combines k-hat, R-hat across restarts, convergence and, when given, a calibration
         (VSBC); see :mod:`ppl_notes.verdict` for the rules and their references.

@@ -12,9 +12,13 @@ held fixed and the story is run on :math:`\tilde x`:
 * any other per-unit site is drawn from its prior given :math:`\theta_s` (a new unit's
   random effect; observations of it are not used for continuous sites).
 
-The story comes with the posterior: in memory, or imported by the ``module:attribute``
-reference :func:`ppl_notes.load` reads from the file, so a saved result predicts in a
-fresh process without its training data.
+The story comes with the posterior: in memory, or attached when loading
+(:func:`ppl_notes.load`: ``model=``, or a shipped story from ppl_notes' registry), so a
+saved result predicts in a fresh process without its training data. New data are prepared
+as :func:`ppl_notes.infer` prepares data, and checked against the data of the fit: an
+argument the fit used as integers (an index, ``a[group]``) is made integers again, and
+each argument keeps the fit's number of dims, trailing shape and kind (numbers or a
+mask), or a :class:`~ppl_notes.errors.DataError` names it.
 """
 
 from __future__ import annotations
@@ -67,10 +71,17 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
         raise OptionError(f"num_draws must be an integer >= 1, got {num_draws!r}")
     model = story_of(posterior)
-    data = _new_data(model, new_data)
+    data = _new_data(model, new_data, _fitted_data(posterior))
     index, shape = _thinned_indices(posterior, num_draws)
     with run_dtype(model.dtype):
-        first = _trace(model, data, {}, seed)
+        try:
+            first = _trace(model, data, {}, seed)
+        except (IndexError, RuntimeError, ValueError, TypeError) as error:
+            shapes = ", ".join(f"{k}: shape {tuple(np.shape(v))}" for k, v in data.items()
+                               if v is not None)
+            raise DataError(
+                f"predict: story {model.name!r} cannot run on the new data ({shapes}): "
+                f"{str(error).splitlines()[0]}. Give each argument as the fit had it") from error
         fixed = _global_sites(first, posterior, set(model.observed))
         sites = sample_sites(first)
         given = [n for n, s in sites.items() if s["is_observed"]]
@@ -122,22 +133,72 @@ def story_of(posterior):
         f"ppl_notes.load(path, model={name}) (on the command line: --model module:attr)")
 
 
-def _new_data(model, new_data) -> dict[str, Any]:
+def _fitted_data(posterior) -> dict[str, np.ndarray]:
+    """The arrays the fit was given: in memory, or the file's data groups."""
+    if posterior.data is not None:
+        return {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)
+                for k, v in posterior.data.items() if v is not None and not np.isscalar(v)}
+    out = {}
+    for group in ("constant_data", "observed_data"):
+        if group in posterior.tree.children:
+            out.update({k: v.values for k, v in posterior.tree[group].data_vars.items()})
+    return out
+
+
+def _new_data(model, new_data, fitted: Mapping[str, np.ndarray] | None = None
+              ) -> dict[str, Any]:
+    """``new_data`` prepared as ``infer`` prepares data, and checked against ``fitted``."""
+    import inspect
+
     if isinstance(new_data, pd.DataFrame):
         new_data = {column: new_data[column].to_numpy() for column in new_data.columns}
     if not isinstance(new_data, Mapping):
         raise DataError(f"predict: new_data must be a dict or a pandas DataFrame, not "
                         f"{type(new_data).__name__}")
+    fitted = fitted or {}
     data = {}
     for key, value in new_data.items():
         if key not in model.parameters:
             raise DataError(f"predict: story {model.name!r} has no argument {key!r}; its "
                             f"keyword arguments are {list(model.parameters)}")
         data[key] = model._to_tensor(key, value)
+        if key in fitted and torch.is_tensor(data[key]):
+            data[key] = _like_fitted(model.name, key, data[key], fitted[key])
+    signature = inspect.signature(model.fn).parameters
+    missing = [name for name, parameter in signature.items()
+               if parameter.default is inspect.Parameter.empty and name not in data
+               and name not in model.observed_arguments.values()]
+    if missing:
+        raise DataError(f"predict: story {model.name!r} needs argument(s) {missing} (the fit "
+                        "had them): give their new values, one row per new unit")
     for argument in model.observed_arguments.values():
         if argument:
             data.setdefault(argument, None)
     return data
+
+
+def _like_fitted(story: str, key: str, value: torch.Tensor, fitted: np.ndarray
+                 ) -> torch.Tensor:
+    """A new argument in the fit's kind and number of dims, or a DataError naming it."""
+    fitted = np.asarray(fitted)
+    if fitted.ndim >= 1 and (value.dim() != fitted.ndim
+                             or tuple(value.shape[1:]) != fitted.shape[1:]):
+        raise DataError(
+            f"predict: argument {key!r} of story {story!r} has shape {tuple(value.shape)} "
+            f"here and {fitted.shape} in the fit: give one row per new unit, each of shape "
+            f"{fitted.shape[1:]}")
+    if (value.dtype == torch.bool) != (fitted.dtype == bool):
+        raise DataError(
+            f"predict: argument {key!r} of story {story!r} was "
+            f"{'a mask (booleans)' if fitted.dtype == bool else 'numbers'} in the fit and is "
+            f"{'booleans' if value.dtype == torch.bool else 'numbers'} here")
+    if np.issubdtype(fitted.dtype, np.integer):
+        if value.is_floating_point() and not bool((value == value.round()).all()):
+            raise DataError(
+                f"predict: argument {key!r} of story {story!r} holds integers in the fit (an "
+                "index, as in a[group]); the new values must be integers too")
+        return value.long()
+    return value
 
 
 def _trace(model, data, values, seed):

@@ -93,6 +93,8 @@ def _interrupt_command(arguments: list[str], tmp_path, ready) -> tuple[int, str,
         process = subprocess.Popen(
             [sys.executable, "-m", "ppl_notes.cli", *arguments], stdout=subprocess.PIPE,
             stderr=stderr_file, start_new_session=True, text=True,
+            # the bars say when sampling runs; CI=true (as .ci/run sets it) silences them
+            env={k: v for k, v in os.environ.items() if k != "CI"},
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ready(log.read_text()):

@@ -19,6 +19,7 @@ import numpy as np
 import pyro
 
 from ppl_notes._dtype import run_dtype
+from ppl_notes._progress import show_progress
 from ppl_notes._sites import distribution_name
 from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
@@ -84,7 +85,7 @@ def infer(
     seed : int
         Seeds every random number of the run: the same seed gives the same draws.
     progress : bool
-        Show progress bars.
+        Show progress bars (never where the environment variable ``CI`` is true).
     drop_incomplete : bool
         Drop data rows with a NaN or infinite value instead of raising (see
         :meth:`Model.prepare_data`).
@@ -117,6 +118,7 @@ def infer(
     seed = int(seed)
     if not isinstance(progress, bool):
         raise OptionTypeError(f"progress must be True or False, got {progress!r}")
+    progress = show_progress(progress)
     module_name, _, function = METHODS[method].partition(":")
     backend = importlib.import_module(module_name)
     checked = validate(method, backend.OPTIONS, {**model.defaults.get(method, {}), **options})

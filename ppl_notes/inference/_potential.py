@@ -260,9 +260,8 @@ class BatchedPotential:
         strategy = INIT_STRATEGIES[init]
         points = []
         for seed in seeds:
-            pyro.set_rng_seed(seed)
             with torch.no_grad(), run_dtype(self.facts.dtype):
-                trace = poutine.trace(InitMessenger(strategy)(self.model)).get_trace(**self.data)
+                trace = self._starting_trace(strategy, init, seed)
                 values = {n: biject_to(trace.nodes[n]["fn"].support).inv(trace.nodes[n]["value"])
                           .double() for n in self.names}
             point = self.flatten(values)
@@ -281,6 +280,29 @@ class BatchedPotential:
                 )
             points.append(point)
         return np.stack(points)
+
+    def _starting_trace(self, strategy, init: str, seed: int, tries: int = 10):
+        """The story run at a starting point.
+
+        A start where the story raises (a prior draw, or the median, in a region where
+        a transform is NaN) is replaced by prior draws, up to ``tries`` of them; where
+        every one raises, the story's line is named.
+        """
+        for attempt in range(tries):
+            pyro.set_rng_seed(seed + 1_000_003 * attempt)
+            chosen = strategy if attempt == 0 else INIT_STRATEGIES["sample"]
+            try:
+                return poutine.trace(InitMessenger(chosen)(self.model)).get_trace(
+                    **self.data)
+            except (ValueError, RuntimeError) as error:
+                failure = error
+        # a prior that lets a parameter leave its domain: name the line
+        blame = getattr(self.model, "_blame_invalid_parameter", None)
+        if blame is not None:
+            blame(failure, self.data)
+        raise InferenceError(
+            f"the story {getattr(self.model, 'name', '')!r} raises at its starting point "
+            f"({init}): {str(failure).splitlines()[0]}") from failure
 
     def _non_finite_sites(self, values) -> list[str]:
         """The sample sites whose log density is not finite at these (unconstrained) values."""
