@@ -69,4 +69,6 @@ def verify(message: bytes | str, signature: str | None, key: bytes) -> bool:
     """Whether ``signature`` is ``message``'s under ``key`` (compared in constant time)."""
     if not isinstance(signature, str):
         return False
-    return hmac.compare_digest(sign(message, key), signature)
+    # as bytes: a damaged signature may hold characters compare_digest refuses in str
+    return hmac.compare_digest(sign(message, key).encode(),
+                               signature.encode("utf-8", "surrogateescape"))

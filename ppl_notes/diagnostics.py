@@ -145,9 +145,10 @@ def importance_gap(posterior) -> tuple[str, float, float]:
 
     Returns
     -------
-    (label, mean shift, sd ratio)
-        The element whose raw mean is furthest from the weighted one, in weighted sds,
-        with that shift; and the raw-over-weighted sd ratio furthest from 1 (any element).
+    (label, mean shift, label, sd ratio)
+        The element whose raw mean is furthest from the weighted one, with that shift in
+        weighted sds; the element whose raw-over-weighted sd ratio is furthest from 1,
+        with that ratio.
     """
     stats_ = posterior.tree["sample_stats"]
     dims = list(posterior.sample_dims)
@@ -157,7 +158,7 @@ def importance_gap(posterior) -> tuple[str, float, float]:
     if not posterior.has_chains:
         log_p, log_q = log_p[None], log_q[None]
         draws = {k: v[None] for k, v in draws.items()}
-    worst = ("", 0.0, 1.0)
+    shift_at, worst_shift, ratio_at, worst_ratio = "", 0.0, "", 1.0
     for restart in range(log_p.shape[0]):
         p, q = log_p[restart], log_q[restart]
         keep = np.isfinite(p) & np.isfinite(q)
@@ -171,11 +172,12 @@ def importance_gap(posterior) -> tuple[str, float, float]:
             sd = float(np.sqrt(max(weights @ (x - mean) ** 2, 0.0)))
             if not sd > 0:
                 continue
-            shift, ratio = abs(x.mean() - mean) / sd, x.std() / sd
-            if shift > worst[1] or abs(math.log(ratio)) > abs(math.log(worst[2])):
-                worst = (label, float(max(shift, worst[1])), float(
-                    ratio if abs(math.log(ratio)) > abs(math.log(worst[2])) else worst[2]))
-    return worst
+            shift, ratio = float(abs(x.mean() - mean) / sd), float(x.std() / sd)
+            if shift > worst_shift:
+                shift_at, worst_shift = label, shift
+            if abs(math.log(ratio)) > abs(math.log(worst_ratio)):
+                ratio_at, worst_ratio = label, ratio
+    return shift_at, worst_shift, ratio_at, worst_ratio
 
 
 def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
@@ -265,7 +267,9 @@ def diagnostics(posterior) -> dict[str, Any]:
         numbers["khat"] = max(importance_khat(p, q) for p, q in pairs)
         numbers["importance_ess_share"] = min(importance_ess_share(p, q) for p, q in pairs)
         if math.isfinite(numbers["khat"]) and numbers["khat"] <= THRESHOLDS["khat"]:
-            numbers["importance_gap"] = importance_gap(posterior)
+            mean_at, shift, sd_at, ratio = importance_gap(posterior)
+            numbers["importance_mean_gap"] = (mean_at, shift)
+            numbers["importance_sd_ratio"] = (sd_at, ratio)
     if posterior.method == "pathfinder":  # its draws are resampled: the weights' own k-hat
         numbers["khat"] = float(posterior.info.get("khat", math.nan))
         numbers["importance_ess_share"] = float(posterior.info.get("importance_ess_share", 0))

@@ -191,15 +191,16 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
                       "somewhere; use a richer guide")
     else:
         passed.append(f"Pareto k-hat {khat:.2f} <= {KHAT_RELIABLE}")
-    gap = numbers.get("importance_gap")
-    if gap is not None:
-        label, shift, ratio = gap
+    if "importance_mean_gap" in numbers:
+        (mean_at, shift), (sd_at, ratio) = (numbers["importance_mean_gap"],
+                                            numbers["importance_sd_ratio"])
         if shift > GAP_MEAN or not GAP_SD[0] <= ratio <= GAP_SD[1]:
             failed.append(
-                f"q's draws differ from the importance-weighted posterior (at {label}: means "
-                f"{shift:.2f} sd apart, sd ratio {ratio:.2f}; reliable within {GAP_MEAN} sd "
-                f"and [{GAP_SD[0]}, {GAP_SD[1]}]): q is too wide or shifted where k-hat cannot "
-                "see it; posterior.importance_resampled() corrects the draws")
+                f"q's draws differ from the importance-weighted posterior (means up to "
+                f"{shift:.2f} sd apart, at {mean_at}; sd ratio {ratio:.2f} at {sd_at}; "
+                f"reliable within {GAP_MEAN} sd and [{GAP_SD[0]}, {GAP_SD[1]}]): q is too "
+                "wide or shifted where k-hat cannot see it; posterior.importance_resampled() "
+                "corrects the draws")
         else:
             passed.append(f"q's draws agree with the importance-weighted posterior (means "
                           f"within {shift:.2f} sd, sd ratio {ratio:.2f})")

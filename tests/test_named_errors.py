@@ -187,3 +187,19 @@ def test_a_compare_interrupted_during_svi_stops_there(monkeypatch, capsys, tmp_p
 
     saved = load(tmp_path / "svi.nc")
     assert saved.partial and "partial" in saved.label
+
+
+def test_a_ctrl_c_after_calibrate_printed_its_result_says_what_was_kept(monkeypatch, capsys,
+                                                                        tmp_path):
+    from ppl_notes.calibration import Calibration
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Calibration, "plot", interrupted)
+    code = main(["calibrate", "normal_mean", "--replicates", "3", "--store", "none",
+                 "--processes", "1", "--no-progress", "--out", str(tmp_path),
+                 "--set", "warmup=100", "--set", "draws=200"])
+    captured = capsys.readouterr()
+    assert code == 130 and "replicates" in captured.out  # the result was printed
+    assert "interrupted (Ctrl-C) after the calibration" in captured.err

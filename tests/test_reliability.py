@@ -559,6 +559,7 @@ def test_damaged_or_tampered_checkpoints_are_clear_errors(tmp_path):
     import io
 
     from ppl_notes._integrity import bytes_digest
+    from ppl_notes._signing import sign, signing_key
     from ppl_notes.inference._checkpoint import FORMAT
 
     good = tmp_path / "good.ckpt"
@@ -566,17 +567,24 @@ def test_damaged_or_tampered_checkpoints_are_clear_errors(tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     marker = tmp_path / "code-ran"
-    tampered = tmp_path / "tampered.ckpt"  # a pickle that would run code, correctly hashed
+    # a pickle that would run code, correctly hashed and even signed with the user's key
+    # (the attacker stole it): weights_only refuses it all the same
+    tampered = tmp_path / "tampered.ckpt"
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "params": _Exploit(str(marker))}, buffer)
     payload = buffer.getvalue()
-    tampered.write_bytes(f"{FORMAT}\n{bytes_digest(payload)}\n".encode() + payload)
+    digest = bytes_digest(payload)
+    tampered.write_bytes(f"{FORMAT}\n{digest}\n{sign(digest, signing_key())}\n".encode()
+                         + payload)
+    unsigned = tmp_path / "unsigned.ckpt"  # the same, signed without the key
+    unsigned.write_bytes(f"{FORMAT}\n{digest}\n{'0' * 64}\n".encode() + payload)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(pickle.dumps("not a checkpoint") * 3)
     for path, words in ((truncated, "truncated.ckpt' is damaged or truncated"),
                         (tampered, "cannot be read safely"),
+                        (unsigned, "not signed with your key"),
                         (foreign, "not a ppl_notes SVI checkpoint"),
                         (garbage, "not a ppl_notes SVI checkpoint"),
                         (tmp_path / "missing.ckpt", "no checkpoint at")):

@@ -118,7 +118,7 @@ def test_moment_matched_draws_have_exact_moments():
     draws = moment_matched_normal(40, 7, torch.Generator().manual_seed(3))
     np.testing.assert_allclose(draws.mean(0).numpy(), 0, atol=1e-12)
     np.testing.assert_allclose((draws.T @ draws / 40).numpy(), np.eye(7), atol=1e-12)
-    assert draws_per_fit(3) == 32 and draws_per_fit(30) == 68
+    assert draws_per_fit(3) == 32 and draws_per_fit(30) == 68 and draws_per_fit(3000) == 32
     with pytest.raises(ValueError, match="pairs"):
         moment_matched_normal(5, 2, torch.Generator())
 

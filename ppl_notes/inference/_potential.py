@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.inference._compile import capture, compiler_available
+from ppl_notes.inference._fingerprint import data_digests
 
 
 def _value_and_grad_of(potential):
@@ -72,6 +74,9 @@ def init_to_prior_median(site, num_samples: int = 15):
 
 
 logger = logging.getLogger(__name__)
+
+#: Tapes recorded in this process: story -> {(batch, path, dtype, data digest): tape}
+_TAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: Where a search or a chain starts: the prior's median, or a prior draw (a dispersed
 #: uniform start where the prior cannot be sampled)
@@ -120,7 +125,7 @@ class BatchedPotential:
         self.compiler = compiler_for(self.path, compiler)
         example = torch.zeros(num_chains, self.dim, dtype=torch.float64)
         if self.compiler == "tape":
-            self._value_and_grad = self._record_tape(example)
+            self._value_and_grad = self._cached_tape(example)
         if self.compiler == "inductor":
             try:
                 self._value_and_grad = _compile_value_and_grad(self._potential, example)
@@ -138,6 +143,28 @@ class BatchedPotential:
                            "prior draw (it branches on values?); it runs uncompiled",
                            getattr(model, "name", model))
             self.compiler, self._fn, self._value_and_grad = "none", self._potential, None
+
+    def _cached_tape(self, example: torch.Tensor):
+        """The tape this story was recorded as for this data and batch size, in this process.
+
+        SVI and NUTS on one story (``ppl-notes compare``), or a fit repeated with other
+        options, record the same potential: the recording (up to seconds for a story with
+        a Python loop: arK, the HMM) is kept per story object, keyed by the data's digest,
+        the batch size, path and dtype. A stale tape (a constant the story closes over,
+        changed since) is caught by the agreement check every potential makes.
+        """
+        key = (self.num_chains, self.path, str(self.facts.dtype),
+               tuple(sorted(data_digests(self.data).items())))
+        try:
+            recorded = _TAPES.setdefault(self.model, {})
+        except TypeError:  # a story that cannot be weakly referenced: no cache
+            return self._record_tape(example)
+        if key not in recorded:
+            tape = self._record_tape(example)
+            if tape is None:
+                return None
+            recorded[key] = tape
+        return recorded[key]
 
     def _record_tape(self, example: torch.Tensor):
         """The potential's tape, or None (and the next compiler) where it cannot be made."""

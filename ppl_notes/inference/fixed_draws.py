@@ -35,10 +35,19 @@ MIN_PAIRS = 16
 #: The most pairs per fit (the whitening needs pairs >= d + 1; beyond this the
 #: coordinates are standardised one by one)
 MAX_PAIRS = 512
+#: Above this many dimensions a fit is mean-field (no full-rank phase) and its draws are
+#: standardised coordinate by coordinate, which any number of pairs allows
+WHITENED_DIM = 200
 
 
 def draws_per_fit(dim: int) -> int:
-    """Draws per fit: ``2 * max(16, d + 4)`` pairs up to 1024, enough to whiten ``d`` dims."""
+    """Draws per fit: ``2 * max(16, d + 4)`` up to :data:`WHITENED_DIM` dims, else 32.
+
+    ``2 * max(16, d + 4)`` pairs whiten ``d`` dims; above :data:`WHITENED_DIM` (a VAE's
+    thousands of codes) the draws are standardised coordinate by coordinate.
+    """
+    if dim > WHITENED_DIM:
+        return 2 * MIN_PAIRS
     return 2 * min(max(MIN_PAIRS, dim + 4), MAX_PAIRS)
 
 

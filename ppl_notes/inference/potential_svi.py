@@ -258,8 +258,10 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     count = options["restarts"]
     dim = sum(int(np.prod(facts.unconstrained_shapes[n], dtype=int)) for n in facts.continuous)
     per_fit = draws_per_fit(dim)
-    # one recording for the batch of restarts: the draws go through it in chunks
-    potential = BatchedPotential(model, data, count, compiler=compiler)
+    # one recording for the batch of restarts: the draws go through it in chunks; a story's
+    # hand-marginalised form where it has one (the same density, as NUTS uses it)
+    potential = BatchedPotential(getattr(model, "marginal", model), data, count,
+                                 compiler=compiler)
     chunked = ChunkedPotential(potential)
     seeds = [restart_seed(seed, r) for r in range(count)]
     points = [potential.initial_points("median" if r == 0 else "sample", [s])[0]

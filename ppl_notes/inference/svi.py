@@ -3,11 +3,20 @@ r"""Stochastic variational inference: maximise the ELBO over the guide's paramet
 .. math:: \mathrm{ELBO}(\lambda) = \mathbb E_{q(z;\lambda)}[\log p(x, z) - \log q(z;\lambda)]
           = \log p(x) - \mathrm{KL}(q(z;\lambda)\,\|\,p(z\mid x))
 
-(notes §2.f). Gradients are Pyro's: reparameterised where the guide allows it, score
-function otherwise (Trace_ELBO), with discrete latent sites that the guide leaves out
-summed exactly (TraceEnum_ELBO, chosen automatically). After fitting, ``num_draws``
-draws from the guide become the posterior; each draw carries log p(x, θ) and log q(θ)
-(``sample_stats``), which the Pareto k-hat diagnostic and LOO for VI need.
+(notes §2.f). Two engines maximise it:
+
+* the autoguides (``guide=None``, ``"fullrank"``, ``"meanfield"``, ``"lowrank"``) are
+  Gaussians over the unconstrained sites, fitted on the compiled potential NUTS runs by
+  natural-gradient Newton steps on fixed draws (:mod:`~ppl_notes.inference.potential_svi`,
+  :mod:`~ppl_notes.inference.gaussian_vi`), four restarts in lockstep;
+* a guide function (or ``optimizer="adam"``) is fitted by Adam on Pyro's ELBO:
+  reparameterised gradients where the guide allows it, score function otherwise
+  (Trace_ELBO), with discrete latent sites that the guide leaves out summed exactly
+  (TraceEnum_ELBO, chosen automatically).
+
+After fitting, ``num_draws`` draws from the guide become the posterior; each draw carries
+log p(x, θ) and log q(θ) (``sample_stats``), which the Pareto k-hat diagnostic and LOO
+for VI need.
 
 References
 ----------
