@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xarray as xr
 
 from ppl_notes._elements import element_draws
 from ppl_notes.errors import DiagnosticWarning
+from ppl_notes.psis import psis_log_weights
 
 __all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend",
            "importance_khat", "warn_about"]
@@ -183,9 +183,9 @@ def importance_gap(posterior) -> tuple[str, float, float]:
 def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
     r"""Pareto :math:`\hat k` of the ratios :math:`p(x, z_s)/q(z_s)`, :math:`z_s \sim q`.
 
-    ArviZ's PSIS fit (Vehtari et al. 2024) to the largest ratios; Yao et al. (2018)
-    read it as a diagnostic of the approximation itself. ``nan`` with too few draws to
-    fit a tail (fewer than about 30).
+    ArviZ's PSIS fit (Vehtari et al. 2024; :mod:`ppl_notes.psis`) to the largest ratios;
+    Yao et al. (2018) read it as a diagnostic of the approximation itself. ``nan`` with
+    too few draws to fit a tail (fewer than about 30).
     """
     try:
         return psis_weights(log_p, log_q)[1]
@@ -198,7 +198,8 @@ def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, floa
 
     Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto Smoothed Importance Sampling"
     (JMLR): the largest ratios :math:`p/q` are replaced by quantiles of a generalised
-    Pareto fit to them, which bounds the estimator's variance; ArviZ's implementation.
+    Pareto fit to them, which bounds the estimator's variance; ArviZ's algorithm, in
+    NumPy (:mod:`ppl_notes.psis`).
 
     Returns
     -------
@@ -206,13 +207,8 @@ def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, floa
         Normalised weights (summing to 1), one per draw, and the tail's shape estimate.
     """
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    # ArviZ's psislw takes log-likelihood-like input and smooths its negation (the LOO
-    # ratios are 1/p(y_i | theta)): hand it -log(p/q) so that it fits the tail of p/q.
-    import arviz_stats  # noqa: F401 - registers the .azstats accessor (loaded on first use)
-
-    array = xr.DataArray(-log_ratio, dims=["sample"])
-    log_weights, khat = array.azstats.psislw(dim=["sample"])
-    log_weights = np.asarray(log_weights.values, dtype=float)
+    # ArviZ's algorithm in NumPy (ppl_notes.psis): importing arviz_stats costs 1.5 s
+    log_weights, khat = psis_log_weights(log_ratio)
     weights = np.exp(log_weights - log_weights.max())
     return weights / weights.sum(), float(khat)
 
@@ -470,8 +466,6 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
 
 def _most_underweighted(posterior) -> tuple[str, str]:
     """The element most rank-correlated with log p/q: where q puts too little mass."""
-    from scipy.stats import spearmanr
-
     stats_ = posterior.tree["sample_stats"]
     if "log_q" not in stats_.data_vars:  # resampled draws (pathfinder): no q per draw
         return "", ""
@@ -482,10 +476,20 @@ def _most_underweighted(posterior) -> tuple[str, str]:
     for label, values in draws.items():
         if np.ptp(values) == 0:
             continue
-        rho = spearmanr(values, log_ratio).statistic
+        rho = _rank_correlation(values, log_ratio)
         if np.isfinite(rho) and abs(rho) > score:
             best, side, score = label, "large" if rho > 0 else "small", abs(rho)
     return best, side
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties broken by order: draws of continuous sites)."""
+    ranks_a = np.argsort(np.argsort(a)).astype(float)
+    ranks_b = np.argsort(np.argsort(b)).astype(float)
+    ranks_a -= ranks_a.mean()
+    ranks_b -= ranks_b.mean()
+    scale = np.sqrt((ranks_a**2).sum() * (ranks_b**2).sum())
+    return float((ranks_a * ranks_b).sum() / scale) if scale > 0 else float("nan")
 
 
 def warn_about(posterior, stacklevel: int = 3) -> list[Finding]:

@@ -85,11 +85,21 @@ class Gaussian:
         return self.mean + epsilon[:, :d] * self.scale + epsilon[:, d:] @ self.factor.T
 
     def log_prob(self, points: torch.Tensor) -> torch.Tensor:
-        """The Gaussian's log density at ``points`` ``(n, d)``."""
+        r"""The Gaussian's log density at ``points`` ``(n, d)``.
+
+        :math:`-\tfrac12\|L^{-1}(x-\mu)\|^2 - \log|L| - \tfrac d2\log 2\pi`, written out
+        (torch's distributions import their shape machinery on first use: 0.7 s).
+        """
+        centred = points - self.mean
         if self.family == "meanfield":
-            return torch.distributions.Normal(self.mean, self.scale).log_prob(points).sum(-1)
-        return torch.distributions.MultivariateNormal(
-            self.mean, scale_tril=self.cholesky()).log_prob(points)
+            whitened = centred / self.scale
+            log_det = self.scale.abs().log().sum()
+        else:
+            tril = self.cholesky()
+            whitened = torch.linalg.solve_triangular(tril, centred.T, upper=False).T
+            log_det = tril.diagonal().abs().log().sum()
+        return (-0.5 * whitened.pow(2).sum(-1) - log_det
+                - 0.5 * self.dim * math.log(2 * math.pi))
 
     def entropy(self) -> float:
         """The Gaussian's differential entropy, in nats."""

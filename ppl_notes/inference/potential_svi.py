@@ -199,25 +199,45 @@ def _draws(q: Gaussian, potential, chunked, count: int, seed: int):
     return potential.constrain(points), q.log_prob(points).numpy() + potentials
 
 
-def _restart_result(model, data, facts, family: str, trace: FitTrace, potential, chunked,
-                    seed: int, options: dict[str, Any], start_gradients: int = 0) -> RunResult:
-    """One restart's RunResult: draws from its Gaussian, and its autoguide's parameters."""
+def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, chunked,
+                     seeds: list[int], options: dict[str, Any]) -> list[tuple]:
+    """Every restart's draws, evaluated in one pass.
+
+    The discrete sites are recovered and the pointwise log-likelihood computed for all
+    restarts' draws at once; returns ``[(values, posterior, log p, log q,
+    log-likelihood)]`` per restart.
+    """
+    drawn = [_draws(trace.q, potential, chunked, options["num_draws"], seed + 1)
+             for trace, seed in zip(traces, seeds, strict=True)]
+    joined = {name: torch.cat([values[name] for values, _ in drawn]) for name in drawn[0][0]}
+    posterior, evaluation = posterior_of(model, data, joined,
+                                         recover_discrete=options["recover_discrete"],
+                                         seed=seeds[0] + 2, order=facts.latent)
+    out, size = [], options["num_draws"]
+    for r, (values, log_q_and_potential) in enumerate(drawn):
+        part = slice(r * size, (r + 1) * size)
+        log_p = evaluation.log_joint[part]
+        out.append((values, {k: v[part] for k, v in posterior.items()}, log_p,
+                    log_q_and_potential + log_p,
+                    {k: v[part] for k, v in evaluation.log_likelihood.items()}))
+    return out
+
+
+def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
+                    evaluated: tuple, options: dict[str, Any], start_gradients: int = 0
+                    ) -> RunResult:
+    """One restart's RunResult: its evaluated draws, and its autoguide's parameters."""
     enumerated = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     _, guide_name = FAMILY_GUIDES[family]
     params = _guide_parameters(model, data, facts, family, trace.q, potential)
-    values, log_q_and_potential = _draws(trace.q, potential, chunked, options["num_draws"],
-                                         seed + 1)
-    posterior, evaluation = posterior_of(model, data, values,
-                                         recover_discrete=options["recover_discrete"],
-                                         seed=seed + 2, order=facts.latent)
-    log_q = log_q_and_potential + evaluation.log_joint
+    values, posterior, log_p, log_q, log_likelihood = evaluated
     history = pd.DataFrame({"elbo": np.asarray(trace.elbo, dtype=float)},
                            index=pd.RangeIndex(len(trace.elbo), name="step"))
     path = choose_path(model, data, facts)
     return RunResult(
         method="svi", sample_dims=("sample",), posterior=posterior,
-        sample_stats={"log_p": evaluation.log_joint, "log_q": log_q},
-        log_likelihood=evaluation.log_likelihood, history=history, params=params,
+        sample_stats={"log_p": log_p, "log_q": log_q},
+        log_likelihood=log_likelihood, history=history, params=params,
         options=options,
         info={"elbo": "TraceEnum_ELBO" if enumerated else "Trace_ELBO", "guide": guide_name,
               "family": family, "enumerated": enumerated, "marginal_story": False,
@@ -282,9 +302,10 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     for trace in traces:
         trace.evaluations += start_gradients // count
     fit_seconds = time.perf_counter() - fitted_at
-    results = [_restart_result(model, data, facts, family, trace, potential, chunked, fit_seed,
-                               options, start_gradients // count)
-               for trace, fit_seed in zip(traces, seeds, strict=True)]
+    evaluated = _evaluated_draws(model, data, facts, traces, potential, chunked, seeds, options)
+    results = [_restart_result(model, data, facts, family, trace, potential, drawn, options,
+                               start_gradients // count)
+               for trace, drawn in zip(traces, evaluated, strict=True)]
     for r, result in enumerate(results):
         result.info.update(restart=r, draws_per_fit=per_fit, compiler=potential.compiler,
                            fit_seconds=fit_seconds)
