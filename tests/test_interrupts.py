@@ -127,7 +127,10 @@ def test_a_real_ctrl_c_during_svi_restarts_keeps_every_restart(tmp_path):
     started = time.monotonic()
     code, stdout, stderr = _interrupt_command(
         ["run", "normal_mean", "--method", "svi", "--out", str(out), "--set", "restarts=2",
-         "--set", "processes=2", "--set", "steps=10000000", "--set", "stop='steps'"], tmp_path,
+         "--set", "processes=2", "--set", "steps=10000000", "--set", "stop='steps'",
+         # Pyro's loop uncompiled: 1e7 steps would pick the compiled engine, whose inductor
+         # build on two busy cores can outlast the wait (then no step is done at all)
+         "--set", "engine='pyro'", "--set", "jit=False"], tmp_path,
         # no bar per restart: import, spawn two workers, and let both fit for a while
         lambda log: time.monotonic() - started > 25)
     assert code == 0, stderr[-2000:]
