@@ -174,11 +174,13 @@ OPTIONS = (
            "loop is set (checkpoint, resume, distributed, stl, estimator, elbo, engine, jit, "
            "num_particles, learning_rate, learning_rate_decay)",
            ("auto", "newton", "dadvi", "adam")),
-    Option("processes", (int, type(None)), None, "worker processes for the restarts; None: "
-           "one per core", lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    scheduler_option("the restarts run: None (worker processes on this machine), or a Dask "
-                     "scheduler's address 'tcp://host:port' or a distributed.Client (each "
-                     "restart a task on its workers)"),
+    Option("processes", (int, type(None)), None, "worker processes for Adam's restarts; "
+           "None: one per core (on the potential the restarts run in lockstep in this "
+           "process)", lambda v: v is None or v >= 1, "None or an integer >= 1"),
+    scheduler_option("Adam's restarts run: None (worker processes on this machine), or a "
+                     "Dask scheduler's address 'tcp://host:port' or a distributed.Client "
+                     "(each restart a task on its workers); on the potential the restarts "
+                     "run in lockstep in this process"),
     Option("jit", (bool, str), "auto", "engine='pyro' only: compile the ELBO with "
            "TorchScript (Pyro's JitTrace* ELBOs); 'auto' compiles runs of at least "
            f"{_STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
