@@ -44,13 +44,18 @@ def signing_key(key: bytes | str | os.PathLike | None = None) -> bytes:
     path = Path(key) if key is not None else cache_root() / KEY_FILE
     if key is None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: two processes creating it at once keep the first one's key
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # written whole to a private file, then linked into place: two processes making it
+        # at once keep the first one's key, and no reader ever sees a partly written one
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(handle, "wb") as written:
+            written.write(secrets.token_bytes(_KEY_BYTES))
+        try:
+            os.link(temporary, path)
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(handle, "wb") as written:
-                written.write(secrets.token_bytes(_KEY_BYTES))
+        finally:
+            temporary.unlink()
     value = path.read_bytes()
     if len(value) < 16:
         raise ValueError(f"the signing key {str(path)!r} holds {len(value)} bytes; a key "
