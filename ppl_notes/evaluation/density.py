@@ -80,9 +80,10 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
         density of ``u``); ``False`` gives the density of the constrained values
         themselves (the mode MAP and MLE look for).
     density : bool
-        ``False`` only runs the story for the constrained and deterministic values
-        (``total`` is then zero and ``pointwise`` empty): no log probabilities, no sum
-        over the discrete sites.
+        ``False`` only runs the story for the constrained and deterministic values: no
+        log probabilities, no sum over the discrete sites; ``pointwise`` is empty and
+        ``total`` holds the log-Jacobian alone (zero unless ``unconstrained`` and
+        ``jacobian``).
 
     Returns
     -------
@@ -153,7 +154,8 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     constrained = {n: constrained[n].reshape(facts.value_shapes[n]) for n in facts.continuous
                    if n in constrained}
     if not density:
-        return Evaluation(zero, {}, deterministic, constrained)
+        return Evaluation(sum((d.sum() for d in log_det.values()), zero), {}, deterministic,
+                          constrained)
     if facts.discrete:
         total = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
         if not priors:
@@ -203,9 +205,11 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
                      for n in facts.deterministic}
     constrained = {n: _per_draw(constrained[n], num, facts.value_shapes[n])
                    for n in facts.continuous if n in constrained}
-    if not density:
-        return Evaluation(torch.zeros(num, dtype=facts.dtype), {}, deterministic, constrained)
     total = torch.zeros(num, dtype=facts.dtype)
+    if not density:
+        for term in log_det.values():
+            total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
+        return Evaluation(total, {}, deterministic, constrained)
     terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
     pointwise = _pointwise(trace, facts, vectorized=True)
     if facts.discrete:

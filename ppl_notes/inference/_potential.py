@@ -219,11 +219,23 @@ class BatchedPotential:
         flat = torch.as_tensor(flat_draws, dtype=torch.float64)
         if flat.requires_grad:
             return self._evaluate(flat, density=False).constrained
+        return self.constrain_with_jacobian(flat)[0]
+
+    def constrain_with_jacobian(self, flat_draws: np.ndarray | torch.Tensor
+                                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        r"""The draws on their supports (:meth:`constrain`) and :math:`\log|\det J_T(u)|`.
+
+        Both come from one run of the story per chunk, without its log probabilities: a
+        density :math:`q(u)` on the unconstrained space is
+        :math:`q(u) / |\det J_T(u)|` on the sites' own scale.
+        """
+        flat = torch.as_tensor(flat_draws, dtype=torch.float64)
         chunk = draws_per_batch(self.model, self.data, self.facts, flat.shape[0])
         with torch.no_grad():
-            pieces = [self._evaluate(flat[i:i + chunk], density=False).constrained
+            pieces = [self._evaluate(flat[i:i + chunk], density=False)
                       for i in range(0, flat.shape[0], chunk)]
-        return {n: torch.cat([p[n] for p in pieces]) for n in pieces[0]}
+        return ({n: torch.cat([p.constrained[n] for p in pieces]) for n in pieces[0].constrained},
+                torch.cat([p.total for p in pieces]))
 
     # -- the potential ----------------------------------------------------------------
     def _evaluate(self, flat: torch.Tensor, jacobian: bool = True, priors: bool = True,

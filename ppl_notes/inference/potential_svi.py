@@ -45,7 +45,7 @@ from pyro.nn.module import PyroParam
 
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
-from ppl_notes.evaluation import choose_path, facts_of
+from ppl_notes.evaluation import facts_of
 from ppl_notes.inference._draws import posterior_of
 from ppl_notes.inference._potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._propriety import flat_direction
@@ -183,57 +183,70 @@ def _guide_parameters(model, data, facts, family: str, q: Gaussian, potential
     return {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
 
 
-def _draws(q: Gaussian, potential, chunked, count: int, seed: int):
-    r"""``count`` draws of ``q`` on the sites' supports, and :math:`\log q(u) + U(u)`.
+def _draws(qs: list[Gaussian], potential, count: int, seeds: list[int]):
+    r"""``count`` draws of each ``q`` on the sites' supports, and their :math:`\log q`.
 
-    The draws are mapped by running the story (a support that moves with another site,
-    GARCH's, is honoured). :math:`\log q(u) + U(u)`, with :math:`\log p(x, \theta)`,
-    gives the draw's log density on the sites' own scale:
-    :math:`\log q(\theta) = \log q(u) - \log|J_T(u)|` and
-    :math:`-U(u) = \log p(x, \theta) + \log|J_T(u)|`.
+    Every restart's draws go through the story in one pass (a story with a Python loop
+    pays its per-call cost once, as NUTS's draws do), which maps them to the supports,
+    honouring a support that moves with another site (GARCH's), and gives the
+    log-Jacobian: on the sites' own scale :math:`\log q(\theta) = \log q(u) -
+    \log|\det J_T(u)|`.
+
+    Returns
+    -------
+    (dict of Tensor, list of numpy.ndarray)
+        The constrained draws, restarts one after another, and each restart's
+        :math:`\log q(\theta)`.
     """
-    generator = torch.Generator().manual_seed(seed)
-    width = q.dim + (q.factor.shape[1] if q.family == "lowrank" else 0)
-    points = q.draw(torch.randn(count, width, generator=generator, dtype=torch.float64))
-    potentials, _ = chunked(np.ascontiguousarray(points.numpy()))
-    return potential.constrain(points), q.log_prob(points).numpy() + potentials
+    points = []
+    for q, seed in zip(qs, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        width = q.dim + (q.factor.shape[1] if q.family == "lowrank" else 0)
+        points.append(q.draw(torch.randn(count, width, generator=generator,
+                                         dtype=torch.float64)))
+    constrained, log_jacobian = potential.constrain_with_jacobian(torch.cat(points))
+    log_q = [(q.log_prob(p) - log_jacobian[r * count:(r + 1) * count]).numpy()
+             for r, (q, p) in enumerate(zip(qs, points, strict=True))]
+    return constrained, log_q
 
 
-def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, chunked,
-                     seeds: list[int], options: dict[str, Any]) -> list[tuple]:
+def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seeds: list[int],
+                     options: dict[str, Any]) -> list[tuple]:
     """Every restart's draws, evaluated in one pass.
 
     The discrete sites are recovered and the pointwise log-likelihood computed for all
     restarts' draws at once; returns ``[(values, posterior, log p, log q,
     log-likelihood)]`` per restart.
     """
-    drawn = [_draws(trace.q, potential, chunked, options["num_draws"], seed + 1)
-             for trace, seed in zip(traces, seeds, strict=True)]
-    joined = {name: torch.cat([values[name] for values, _ in drawn]) for name in drawn[0][0]}
+    size = options["num_draws"]
+    joined, log_q = _draws([t.q for t in traces], potential, size, [s + 1 for s in seeds])
     posterior, evaluation = posterior_of(model, data, joined,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seeds[0] + 2, order=facts.latent)
-    out, size = [], options["num_draws"]
-    for r, (values, log_q_and_potential) in enumerate(drawn):
+    out = []
+    for r, log_q_restart in enumerate(log_q):
         part = slice(r * size, (r + 1) * size)
-        log_p = evaluation.log_joint[part]
-        out.append((values, {k: v[part] for k, v in posterior.items()}, log_p,
-                    log_q_and_potential + log_p,
+        out.append(({k: v[part] for k, v in joined.items()},
+                    {k: v[part] for k, v in posterior.items()}, evaluation.log_joint[part],
+                    log_q_restart,
                     {k: v[part] for k, v in evaluation.log_likelihood.items()}))
     return out
 
 
 def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
-                    evaluated: tuple, options: dict[str, Any], start_gradients: int = 0
-                    ) -> RunResult:
-    """One restart's RunResult: its evaluated draws, and its autoguide's parameters."""
+                    evaluated: tuple, options: dict[str, Any], start_gradients: int = 0,
+                    flat: dict[str, Any] | None = None) -> RunResult:
+    """One restart's RunResult: its evaluated draws, and its autoguide's parameters.
+
+    ``flat`` is the fit's flat direction (:func:`flat_direction`), found once for all
+    restarts at the first one's draws.
+    """
     enumerated = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     _, guide_name = FAMILY_GUIDES[family]
     params = _guide_parameters(model, data, facts, family, trace.q, potential)
-    values, posterior, log_p, log_q, log_likelihood = evaluated
+    _, posterior, log_p, log_q, log_likelihood = evaluated
     history = pd.DataFrame({"elbo": np.asarray(trace.elbo, dtype=float)},
                            index=pd.RangeIndex(len(trace.elbo), name="step"))
-    path = choose_path(model, data, facts)
     return RunResult(
         method="svi", sample_dims=("sample",), posterior=posterior,
         sample_stats={"log_p": log_p, "log_q": log_q},
@@ -249,7 +262,7 @@ def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
               "guide_moves": [float(m) for m in trace.moves],
               "path": facts.path, "particles_vectorized": False,
               "components": components_of(facts),
-              "flat_direction": flat_direction(model, data, facts, values, path),
+              "flat_direction": flat,
               "distributed": None},
         partial=trace.stopped == "interrupted")
 
@@ -302,9 +315,10 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     for trace in traces:
         trace.evaluations += start_gradients // count
     fit_seconds = time.perf_counter() - fitted_at
-    evaluated = _evaluated_draws(model, data, facts, traces, potential, chunked, seeds, options)
+    evaluated = _evaluated_draws(model, data, facts, traces, potential, seeds, options)
+    flat = flat_direction(model, data, facts, evaluated[0][0], potential.path)
     results = [_restart_result(model, data, facts, family, trace, potential, drawn, options,
-                               start_gradients // count)
+                               start_gradients // count, flat)
                for trace, drawn in zip(traces, evaluated, strict=True)]
     for r, result in enumerate(results):
         result.info.update(restart=r, draws_per_fit=per_fit, compiler=potential.compiler,
