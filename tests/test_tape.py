@@ -223,6 +223,22 @@ def test_a_failed_cholesky_is_an_error_the_potential_turns_into_infinity():
         tape(points)
 
 
+def test_an_unknown_instruction_is_called_a_bug_and_never_an_infinite_potential():
+    """Status -2 is the translator's bug (issue 29): not a Cholesky failure, not +inf."""
+    data = logistic.prepare_data(_logistic_data())
+    potential = BatchedPotential(logistic, data, 2, compiler="tape")
+    tape = potential._value_and_grad  # this process's cached tape: restored below
+    points = np.zeros((2, potential.dim))
+    first = int(tape.code[0])
+    tape.code[0] = 99  # the first opcode, corrupted
+    try:
+        with pytest.raises(_tape.TapeError, match="instruction the interpreter does not know"):
+            potential(points)
+    finally:
+        tape.code[0] = first
+    assert np.isfinite(potential(points)[0]).all()
+
+
 # -- stories as users write them ---------------------------------------------------------
 
 @model(observed={"obs": "y"})

@@ -1,5 +1,7 @@
 """The C NUTS transition against the Python one, and the sampler on either."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,27 @@ def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no workspace left behind
     lib = _native.build(_tape.SOURCE, "potential tapes")  # loads what is there
     assert lib is not None and hasattr(lib, "tape_run")
+
+
+def test_the_build_cache_is_keyed_by_machine_compiler_and_torch(tmp_path, monkeypatch):
+    """A cache shared between machines never loads a library built for another (issue 29)."""
+    import platform
+
+    from ppl_notes.inference import _native, _tape
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    before = _native.build_key(_tape.SOURCE, compiler)
+    assert _native.build_key(_tape.SOURCE, compiler) == before  # stable in one setting
+    assert _native.compiler_identity(compiler) != compiler  # the compiler said who it is
+    for target, attribute, other in ((platform, "machine", lambda: "riscv64"),
+                                     (_native.torch, "__version__", "0.0.1"),
+                                     (_native.sys, "platform", "win32")):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, attribute, other)
+            assert _native.build_key(_tape.SOURCE, compiler) != before, attribute
+    with monkeypatch.context() as patch:
+        patch.setattr(_native, "compiler_identity", lambda cc: f"{cc}: clang version 99")
+        assert _native.build_key(_tape.SOURCE, compiler) != before
 
 
 def test_a_compiler_that_refuses_the_vectoriser_flag_builds_without_it(tmp_path, monkeypatch):

@@ -69,6 +69,10 @@ class StoryFacts:
     elements_per_draw : int or None
         Tensor elements one draw's enumerated evaluation creates, once measured
         (:func:`~ppl_notes.evaluation.density.draws_per_batch`).
+    check_points : dict
+        Prior draws already taken by :func:`~ppl_notes.evaluation.paths.check_points`,
+        by ``(count, seed)``: choosing the path and checking a compiled potential use the
+        same ones.
     """
 
     plate_nesting: int
@@ -91,6 +95,7 @@ class StoryFacts:
     path: str | None = None
     path_reason: str = ""
     elements_per_draw: int | None = None
+    check_points: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def latent(self) -> tuple[str, ...]:

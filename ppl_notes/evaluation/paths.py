@@ -39,7 +39,14 @@ def check_points(model, data: Mapping[str, Any], facts: StoryFacts, count: int =
 
     Draws whose unconstrained image is not finite (a value on a boundary) are skipped;
     :func:`~ppl_notes._sites.trace_model` itself redraws where a linear-algebra step fails.
+    The draws are kept on ``facts``: the same ones serve every later check.
     """
+    if (count, seed) not in facts.check_points:
+        facts.check_points[count, seed] = _prior_points(model, data, facts, count, seed)
+    return dict(facts.check_points[count, seed])
+
+
+def _prior_points(model, data, facts: StoryFacts, count: int, seed: int):
     points: list[dict[str, torch.Tensor]] = []
     attempt = 0
     with run_dtype(facts.dtype), torch.no_grad():

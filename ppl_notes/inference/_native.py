@@ -1,8 +1,12 @@
 """Build a C source shipped with the package into a shared library, once per machine.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
-into ``~/.cache/ppl_notes`` (``$PPL_NOTES_CACHE``), named by the source's hash, so a
-changed source builds anew and parallel workers never see half a file. Where no compiler
+into ``~/.cache/ppl_notes`` (``$PPL_NOTES_CACHE``), named by a hash of everything the
+library depends on: the source, the flags, the compiler (its path and its own
+``--version``), the operating system and CPU architecture, and the torch version whose
+operations the tape reproduces. A changed source, compiler or machine builds anew, so a
+cache directory shared between machines never loads a library built for another, and
+parallel workers never see half a file. Where no compiler
 works, or with ``PPL_NOTES_NATIVE=0``, :func:`build` returns None and the caller runs its
 Python fallback.
 """
@@ -10,13 +14,18 @@ Python fallback.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +55,31 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 VECTORISE = ("-fvect-cost-model=dynamic",)
 
 
+@functools.cache
+def compiler_identity(compiler: str) -> str:
+    """The compiler's first line of ``--version`` (``gcc (Debian 12.2.0-14) 12.2.0``).
+
+    Two compilers behind one path (an upgrade, a container) build different code; where
+    the compiler does not answer, its path alone stands for it.
+    """
+    try:
+        answer = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+    lines = answer.stdout.strip().splitlines()
+    return f"{compiler}: {lines[0] if lines else answer.returncode}"
+
+
+def build_key(source: Path, compiler: str) -> str:
+    """What a built library depends on, hashed: see the module docstring."""
+    parts = [compiler_identity(compiler), " ".join(FLAGS + VECTORISE), sys.platform,
+             platform.machine(), platform.architecture()[0], torch.__version__]
+    return hashlib.sha256(source.read_bytes() + "\0".join(parts).encode()).hexdigest()[:16]
+
+
 def _target(source: Path, compiler: str) -> Path:
-    key = hashlib.sha256(source.read_bytes() + compiler.encode()
-                         + " ".join(FLAGS + VECTORISE).encode()).hexdigest()[:16]
-    return cache_dir() / f"{source.stem.lstrip('_')}-{key}.so"
+    return cache_dir() / f"{source.stem.lstrip('_')}-{build_key(source, compiler)}.so"
 
 
 class _Build:

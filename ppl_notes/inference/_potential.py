@@ -179,10 +179,12 @@ class BatchedPotential:
         except Exception as error:  # noqa: BLE001 - a failed recording: say so, compile
             reason = f"{type(error).__name__}: {error}"
         self.compiler = "inductor" if compiler_available() else "none"
-        logger.info("the potential of story %r runs %s: its tape cannot be made (%s)",
-                    getattr(self.model, "name", self.model),
-                    "compiled by inductor" if self.compiler == "inductor" else "uncompiled",
-                    reason)
+        cost = ("inductor compiles it instead: seconds to minutes the first time on a "
+                "machine (its cache is kept)" if self.compiler == "inductor" else
+                "it runs uncompiled: every gradient runs the story through Pyro, often ten "
+                "times slower or more")
+        logger.warning("the potential of story %r leaves the tape (%s); %s",
+                       getattr(self.model, "name", self.model), reason, cost)
         return None
 
     def _compiled_agrees(self) -> bool:

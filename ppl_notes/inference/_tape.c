@@ -611,7 +611,8 @@ static const int64_t *run_gather(double *arena, const int64_t *w, const double *
     return addr + count;
 }
 
-/* Run a tape; 0, or -1 where a Cholesky factorisation failed. */
+/* Run a tape; 0, -1 where a Cholesky factorisation failed, -2 at an unknown instruction
+   (_tape.py's CHOLESKY_FAILED and UNKNOWN_INSTRUCTION). */
 int tape_run(double *arena, const int64_t *code, int64_t length, const double *params) {
     const int64_t *w = code, *end = code + length;
     int status = 0;

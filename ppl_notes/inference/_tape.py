@@ -360,6 +360,20 @@ def _replace(value, replacements: dict):
 
 # -- assembling ---------------------------------------------------------------------------
 
+#: ``tape_run``'s status where a Cholesky factorisation met a matrix that is not positive
+#: definite (the story's own failure: the point gets an infinite potential), and where
+#: the interpreter met an instruction it does not know (a bug of this module).
+CHOLESKY_FAILED, UNKNOWN_INSTRUCTION = -1, -2
+
+
+class TapeError(Exception):
+    """The tape interpreter met an instruction it does not know: a translator bug.
+
+    Not a ``RuntimeError``: the potential turns those (a story's own failure at a point)
+    into an infinite potential, and this one must not be hidden that way.
+    """
+
+
 class Tape:
     """A recorded potential: ``tape(points) -> (values, grads)`` in one C call.
 
@@ -444,9 +458,14 @@ class Tape:
                              f"got {points.shape}")
         self.arena[self._input] = points.reshape(-1)
         status = self.lib.tape_run(*self._args)
-        if status != 0:
+        if status == CHOLESKY_FAILED:
             raise RuntimeError("linalg.cholesky: the input is not positive-definite "
                                "(in the potential's tape)")
+        if status != 0:
+            raise TapeError(f"the potential's tape holds an instruction the interpreter does "
+                            f"not know (status {status}): a bug in ppl_notes' tape "
+                            "translator; PPL_NOTES_NATIVE=0 runs the potential without it. "
+                            "Please report it with the story")
         return self.arena[self._value_index], self.arena[self._grad_index]
 
 
