@@ -124,6 +124,7 @@ def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, m
     from ppl_notes.inference import _native, _tape, _trajectory
 
     monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "packaged", lambda source: None)  # an install without them
     _native.prebuild(_tape.SOURCE, _trajectory.SOURCE)  # returns with both compilers running
     _native.wait_for_builds()
     built = sorted(path.name.split("-")[0] for path in tmp_path.glob("*.so"))
@@ -131,6 +132,26 @@ def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no workspace left behind
     lib = _native.build(_tape.SOURCE, "potential tapes")  # loads what is there
     assert lib is not None and hasattr(lib, "tape_run")
+
+
+def test_the_installed_libraries_load_without_a_compiler_and_only_for_their_source(
+        tmp_path, monkeypatch):
+    """pip install builds both libraries into the package (setup.py); nothing compiles then."""
+    from ppl_notes.inference import _native, _tape, _trajectory
+
+    for source in (_tape.SOURCE, _trajectory.SOURCE):
+        if _native.packaged(source) is None:
+            pytest.skip("this install has no built libraries (no compiler at install time)")
+    monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "compiler", lambda: None)
+    assert _native.build(_tape.SOURCE, "potential tapes") is not None
+    assert _native.build(_trajectory.SOURCE, "NUTS transitions") is not None
+    assert not list(tmp_path.glob("*.so"))  # loaded from the package, not built
+    edited = tmp_path / "_tape.c"
+    edited.write_text(_tape.SOURCE.read_text() + "\n/* edited */\n")
+    assert _native.packaged_name(edited) != _native.packaged_name(_tape.SOURCE)
+    monkeypatch.setenv("PPL_NOTES_NATIVE", "0")
+    assert _native.packaged(_tape.SOURCE) is None and not _native.available(_tape.SOURCE)
 
 
 def test_the_build_cache_is_keyed_by_machine_compiler_and_torch(tmp_path, monkeypatch):

@@ -1,6 +1,9 @@
-"""Build a C source shipped with the package into a shared library, once per machine.
+"""Load the package's C libraries; build one at first use where the install did not.
 
-The library is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
+``pip install`` builds the libraries into the package (``setup.py``; the file name holds
+the source's hash and the platform tag: :func:`~ppl_notes.inference._native_build.
+packaged_name`), and :func:`build` loads that one where it is there. Otherwise the
+library is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
 into ``~/.cache/ppl_notes`` (``$PPL_NOTES_CACHE``), named by a hash of everything the
 library depends on: the source, the flags, the compiler (its path and its own
 ``--version``), the operating system and CPU architecture, and the torch version whose
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ppl_notes.inference._native_build import FLAGS, VECTORISE, command, packaged_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,22 +42,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def enabled() -> bool:
+    """Whether the C libraries may be used at all (``PPL_NOTES_NATIVE=0`` says no)."""
+    return os.environ.get("PPL_NOTES_NATIVE", "1") != "0"
+
+
 def compiler() -> str | None:
     """The C compiler builds use; None where there is none or ``PPL_NOTES_NATIVE=0``."""
-    if os.environ.get("PPL_NOTES_NATIVE", "1") == "0":
+    if not enabled():
         return None
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-#: Portable optimisation only (no ``-march=native``: a cache directory may be shared by
-#: machines with other CPUs); ``-ffp-contract=off`` keeps ``a * b + c`` unfused, as torch
-#: rounds it, also where fused multiply-add is in the base instruction set (ARM) and
-#: under Clang, which fuses by default.
-FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
-#: GCC's vectoriser with runtime alias checks: the tape's maps run 1.6x faster (earnings:
-#: 110 -> 70 us a call) for 0.3 s more compiling, where -O3 takes 2 s more. A compiler
-#: that refuses the flag builds with FLAGS alone.
-VECTORISE = ("-fvect-cost-model=dynamic",)
+def packaged(source: Path) -> Path | None:
+    """The library of ``source`` that ``pip install`` built into the package, if any.
+
+    Only one built from this very source, for this platform, matches the name. A
+    compiler named by ``$CC`` asks for a build by that compiler instead.
+    """
+    if not enabled() or os.environ.get("CC"):
+        return None
+    path = source.with_name(packaged_name(source))
+    return path if path.exists() else None
+
+
+def available(source: Path) -> bool:
+    """Whether :func:`build` can give ``source``'s library: installed, or a compiler."""
+    return packaged(source) is not None or compiler() is not None
 
 
 @functools.cache
@@ -91,19 +107,18 @@ class _Build:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.workspace = tempfile.TemporaryDirectory(dir=self.target.parent)
         self.built = Path(self.workspace.name) / self.target.name
-        self.process = self._start(VECTORISE)
+        self.process = self._start()
 
-    def _start(self, extra: tuple[str, ...]) -> subprocess.Popen:
-        return subprocess.Popen(
-            [self.compiler, *FLAGS, *extra, "-o", str(self.built), str(self.source), "-lm"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def _start(self, vectorise: bool = True) -> subprocess.Popen:
+        return subprocess.Popen(command(self.compiler, self.source, self.built, vectorise),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def finish(self) -> None:
         """Wait; raise ``CalledProcessError`` where the compiler failed."""
         try:
             _, errors = self.process.communicate(timeout=120)
             if self.process.returncode:  # perhaps the flag: once more without it
-                self.process = self._start(())
+                self.process = self._start(vectorise=False)
                 _, errors = self.process.communicate(timeout=120)
             if self.process.returncode:
                 raise subprocess.CalledProcessError(self.process.returncode,
@@ -127,7 +142,7 @@ def prebuild(*sources: Path) -> None:
     cc = compiler()
     if cc is None:
         return
-    for source in sources:
+    for source in (s for s in sources if packaged(s) is None):
         try:
             target = _target(source, cc)
             if not target.exists() and target not in _PENDING:
@@ -148,8 +163,15 @@ def wait_for_builds() -> None:
 def build(source: Path, what: str) -> ctypes.CDLL | None:
     """``source`` compiled (``cc -O2``) and loaded; None where it cannot be.
 
-    ``what`` names the library in log messages.
+    ``what`` names the library in log messages. The library the install built is loaded
+    where there is one (:func:`packaged`).
     """
+    installed = packaged(source)
+    if installed is not None:
+        try:
+            return ctypes.CDLL(str(installed))
+        except OSError as error:
+            logger.warning("loading the installed %s failed (%s); building them", what, error)
     cc = compiler()
     if cc is None:
         logger.info("no C compiler (or PPL_NOTES_NATIVE=0): %s run in Python", what)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ppl_notes.inference._native import build, compiler
+from ppl_notes.inference._native import available, build
 from ppl_notes.inference._tape_arena import (
     I_GATHER,
     I_MAP,
@@ -392,7 +392,7 @@ class Tape:
     """
 
     def __init__(self, value_and_grad: Callable, example: torch.Tensor) -> None:
-        if compiler() is None:
+        if not available(SOURCE):
             raise Unsupported("no C compiler for the tape interpreter")
         example = example.detach().clone().contiguous()
         recorder = _Recorder()

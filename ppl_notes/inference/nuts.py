@@ -232,16 +232,18 @@ def _processes(model, data, options) -> int | None:
 def resolve_compiler(requested: str) -> str:
     """The compiler ``requested`` stands for.
 
-    ``auto``: the tape where a C compiler exists (its potential falls back to inductor
-    for a story it cannot record, or where the build fails), else TorchScript. Only
-    the compiler is looked for: a build :func:`~ppl_notes.inference._native.prebuild`
-    started keeps running while the potential is recorded.
+    ``auto``: the tape where its library was installed or a C compiler exists (its
+    potential falls back to inductor for a story it cannot record, or where the build
+    fails), else TorchScript. Only the library or the compiler is looked for: a build
+    :func:`~ppl_notes.inference._native.prebuild` started keeps running while the
+    potential is recorded.
     """
     if requested != "auto":
         return requested
-    from ppl_notes.inference._native import compiler
+    from ppl_notes.inference import _tape
+    from ppl_notes.inference._native import available
 
-    if compiler() is not None:
+    if available(_tape.SOURCE):
         return "tape"
     return "inductor" if compiler_available() else "torchscript"
 
