@@ -55,13 +55,13 @@ from ppl_notes.errors import (
     UntrustedFileError,
 )
 from ppl_notes.inference._fingerprint import code_digest, data_digests
+from ppl_notes.inference.backends import methods_with
 
 __all__ = ["Calibration", "calibrate"]
 
 #: family-wise false-alarm rate of the uniformity tests (Bonferroni over parameters)
 FAMILY_ALPHA = 0.05
 _FORMAT = "ppl_notes calibration 2"
-_METHODS = ("nuts", "svi", "bbvi")
 #: NUTS settings per replicate unless given: one chain, as Talts et al. (2018) run it
 _NUTS_DEFAULTS = {"chains": 1, "warmup": 500, "draws": 1000}
 
@@ -184,8 +184,10 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
     """
     import cloudpickle
 
-    if method not in _METHODS:
-        raise OptionError(f"calibrate: method must be one of {_METHODS}, got {method!r}")
+    drawn = methods_with(lambda backend: backend.draws)
+    if method not in drawn:
+        raise OptionError(f"calibrate: method must be one that gives draws, one of {drawn}, "
+                          f"got {method!r}")
     if int(replicates) != replicates or replicates < 2:
         raise OptionError(f"calibrate: replicates must be an integer >= 2, got {replicates!r}")
     check_scheduler(scheduler, "calibrate")

@@ -37,13 +37,29 @@ def _list(_args) -> int:
     return 0
 
 
+def _methods(_args) -> int:
+    from ppl_notes.inference.backends import BACKENDS
+
+    width = max(len(name) for name in BACKENDS)
+    for name, backend in BACKENDS.items():
+        traits = [t for t, held in (("takes a guide", backend.takes_guide),
+                                    ("draws", backend.draws), ("a point", not backend.draws))
+                  if held]
+        print(f"{name:{width}s}  {backend.summary} ({', '.join(traits)})")
+    return 0
+
+
 def _run(args) -> int:
     from ppl_notes import infer
     from ppl_notes.errors import OptionError
     from ppl_notes.inference._data_parallel import launched_by_torchrun
+    from ppl_notes.inference.backends import BACKENDS
     from ppl_notes.models import get_story
 
     entry = get_story(args.story)
+    if args.method not in BACKENDS:
+        raise OptionError(f"--method {args.method!r}: the methods are {sorted(BACKENDS)} "
+                          "(ppl-notes methods)")
     options = _parse_options(args.set)
     if args.distributed:
         if args.method != "svi":
@@ -54,7 +70,7 @@ def _run(args) -> int:
                        *args.argv]
             return subprocess.run(command, check=False).returncode
         options["distributed"] = True
-    takes_guide = args.method in ("svi", "bbvi")
+    takes_guide = BACKENDS[args.method].takes_guide
     guide = entry.load_guide() if takes_guide and not args.autoguide else None
     speaks = int(os.environ.get("RANK", "0")) == 0  # one process of a data-parallel run
     with warnings.catch_warnings():
@@ -272,9 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-notes", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the stories, one line each").set_defaults(func=_list)
+    commands.add_parser("methods", help="the inference methods, one line each"
+                        ).set_defaults(func=_methods)
 
     run = _story_command(commands, "run", "run one method on a story's default data")
-    run.add_argument("--method", default="svi", help="svi, nuts, map, mle, em or bbvi")
+    run.add_argument("--method", default="svi", help="an inference method (ppl-notes methods "
+                     "lists them)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an option of the method, e.g. --set steps=3000")
     run.add_argument("--autoguide", action="store_true", help="SVI with AutoNormal")
@@ -295,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibration = _story_command(commands, "calibrate", "simulation-based calibration: "
                                  "simulate from the story, fit, rank the truth")
-    calibration.add_argument("--method", default="nuts", help="nuts, svi or bbvi")
+    calibration.add_argument("--method", default="nuts", help="a method that gives draws "
+                             "(ppl-notes methods lists them)")
     calibration.add_argument("--replicates", type=int, default=200)
     calibration.add_argument("--processes", type=int, help="worker processes (default: cores)")
     calibration.add_argument("--scheduler", help="a Dask scheduler's address, tcp://HOST:PORT "

@@ -180,12 +180,17 @@ def plot_ppc(posterior, num_draws: int = 100, seed: int = 0):
                                      num_samples=num_draws, backend="matplotlib")
 
 
-def plot_loo_khat(posterior):
-    """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`)."""
+def plot_loo_khat(posterior, result=None):
+    """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`).
+
+    ``result`` is the posterior's ``loo(posterior, pointwise=True)`` where the caller
+    has it already; otherwise it is computed.
+    """
     from ppl_notes.cross_validation import loo
 
-    return arviz_plots.plot_khat(loo(posterior, pointwise=True, warn=False), threshold=0.7,
-                                 backend="matplotlib")
+    if result is None:
+        result = loo(posterior, pointwise=True, warn=False)
+    return arviz_plots.plot_khat(result, threshold=0.7, backend="matplotlib")
 
 
 def save_figure(figure, path) -> Path:

@@ -85,7 +85,8 @@ def figure_sites(fits: dict, var_names=None, max_panels: int = _MAX_PANELS):
     return [s for s in candidates if s in drawn], left
 
 
-def _figures(fits: dict, reference: str | None, out: Path, sites: list[str]) -> dict[str, Path]:
+def _figures(fits: dict, reference: str | None, out: Path, sites: list[str],
+             loo_results: dict) -> dict[str, Path]:
     figures = {}
     if sites:
         figures["marginals"] = plots.plot_marginals(fits, var_names=sites)
@@ -102,9 +103,10 @@ def _figures(fits: dict, reference: str | None, out: Path, sites: list[str]) -> 
     observed = predictive.model is not None and predictive.model.observed
     if observed and predictive.num_draws > 1:
         figures["ppc"] = plots.plot_ppc(predictive)
-    loo_ready = [p for p in variational.values() if _pointwise_observations(p) > 1]
+    loo_ready = [k for k, p in variational.items() if _pointwise_observations(p) > 1]
     if loo_ready:
-        figures["loo_khat"] = plots.plot_loo_khat(loo_ready[0])
+        label = loo_ready[0]
+        figures["loo_khat"] = plots.plot_loo_khat(fits[label], loo_results.get(label))
     return {name: plots.save_figure(figure, out / f"{name}.png")
             for name, figure in figures.items()}
 
@@ -119,14 +121,18 @@ def _pointwise_observations(posterior) -> int:
                for v in group.data_vars)
 
 
-def _loo_table(fits: dict) -> pd.DataFrame:
+def _loo_results(fits: dict) -> dict:
+    """Each fit's PSIS-LOO with its pointwise k-hat (the table and the k-hat figure)."""
     from ppl_notes.cross_validation import loo
 
+    return {label: loo(posterior, pointwise=True, warn=False)
+            for label, posterior in fits.items()
+            if "log_likelihood" in posterior.tree.children and posterior.num_draws >= 2}
+
+
+def _loo_table(loo_results: dict) -> pd.DataFrame:
     rows = []
-    for label, posterior in fits.items():
-        if "log_likelihood" not in posterior.tree.children or posterior.num_draws < 2:
-            continue
-        result = loo(posterior, pointwise=True, warn=False)  # the table shows the k values
+    for label, result in loo_results.items():
         k = result.pareto_k.values.reshape(-1)
         rows.append({"posterior": label, "elpd_loo": result.elpd, "se": result.se,
                      "p_loo": result.p, "share_k_above_0.7": float((k > 0.7).mean())})
@@ -168,7 +174,8 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
              for label, listed in table.attrs["findings"].items() for f in listed]
     warnings_table = pd.DataFrame(found, columns=["posterior", "check", "parameter", "value",
                                                   "threshold", "message"])
-    loo_table = _loo_table(fits)
+    loo_results = _loo_results(fits)
+    loo_table = _loo_table(loo_results)
     written = {"parameters": out / "parameters.csv", "posteriors": out / "posteriors.csv",
                "warnings": out / "warnings.csv"}
     table.to_csv(written["parameters"])
@@ -178,7 +185,7 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
         written["loo"] = out / "loo.csv"
         loo_table.to_csv(written["loo"])
     drawn, left = figure_sites(fits, var_names)
-    figures = _figures(fits, ref, out, drawn)
+    figures = _figures(fits, ref, out, drawn, loo_results)
     written.update(figures)
     story = next(iter(fits.values())).model_name
     title = title or f"{story}: {_methods_title(fits)}"

@@ -1,14 +1,14 @@
 """``infer()``: one entry point that checks its arguments and dispatches to a back end.
 
-The facade holds no algorithm: a registry maps each method name to its module, which
-declares its options (``OPTIONS``) and runs (``run``). Everything a user can get wrong is
+The facade holds no algorithm: :data:`~ppl_notes.inference.backends.BACKENDS` maps each
+method name to its :class:`~ppl_notes.inference.backends.Backend` (its options, whether
+it takes a guide, the function that runs it). Everything a user can get wrong is
 checked here, before any inference starts: the method, each option's name, type and
 range, the data against the story, and the guide against the story.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import numbers
 import sys
@@ -27,23 +27,15 @@ from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.evaluation import facts_of, story_dtype
 from ppl_notes.inference._options import validate
+from ppl_notes.inference.backends import BACKENDS, methods_with
 from ppl_notes.posterior import Posterior
 from ppl_notes.story import Guide, Model, check_pairing
 
 __all__ = ["infer", "METHODS"]
 
-#: method name -> ``"module"`` or ``"module:function"``: the back end's module declares
-#: ``OPTIONS`` (and ``TAKES_GUIDE`` when it fits a guide); the function (default ``run``)
-#: runs it.
-METHODS = {
-    "svi": "ppl_notes.inference.svi",
-    "nuts": "ppl_notes.inference.nuts",
-    "map": "ppl_notes.inference.point:run_map",
-    "mle": "ppl_notes.inference.point:run_mle",
-    "em": "ppl_notes.inference.em",
-    "bbvi": "ppl_notes.inference.bbvi",
-    "pathfinder": "ppl_notes.inference.pathfinder",
-}
+#: method name -> the module that runs it (kept for readers of earlier releases; the
+#: table is :data:`~ppl_notes.inference.backends.BACKENDS`)
+METHODS = {name: backend.module for name, backend in BACKENDS.items()}
 
 
 def infer(
@@ -74,8 +66,8 @@ def infer(
         ``map`` / ``mle``: the posterior mode / maximum-likelihood point estimate by
         L-BFGS. ``em``: expectation-maximisation for stories with discrete latent sites.
         ``bbvi``: black-box VI with score-function gradients and Robbins-Monro steps.
-        ``ppl_notes.inference.METHODS`` lists them; each module's ``OPTIONS`` documents
-        its options.
+        ``ppl_notes.inference.backends.BACKENDS`` lists them; each back end's ``options``
+        documents its options.
     guide : Guide, callable or {"meanfield", "fullrank"}, optional
         The variational family for ``svi`` and ``bbvi``. When omitted, ``svi`` uses the
         story's recommended guide (``Model.recommended_guide``) where it names one, else
@@ -104,8 +96,8 @@ def infer(
     >>> from ppl_notes.models.conjugate import normal_mean
     >>> fit = infer(normal_mean, method="svi", steps=500, progress=False)
     """
-    if method not in METHODS:
-        raise OptionError(f"unknown method {method!r}; the methods are {sorted(METHODS)}")
+    if method not in BACKENDS:
+        raise OptionError(f"unknown method {method!r}; the methods are {sorted(BACKENDS)}")
     if not isinstance(model, Model):
         raise StoryError(
             f"infer() needs a story made with @ppl_notes.model (it names the observed "
@@ -119,25 +111,23 @@ def infer(
     if not isinstance(progress, bool):
         raise OptionTypeError(f"progress must be True or False, got {progress!r}")
     progress = show_progress(progress)
-    module_name, _, function = METHODS[method].partition(":")
-    backend = importlib.import_module(module_name)
-    checked = validate(method, backend.OPTIONS, {**model.defaults.get(method, {}), **options})
+    backend = BACKENDS[method]
+    checked = validate(method, backend.options, {**model.defaults.get(method, {}), **options})
     if not isinstance(drop_incomplete, bool):
         raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
     first_run = model.check_data(prepared)
-    takes_guide = getattr(backend, "TAKES_GUIDE", False)
-    if guide is None and method == "svi":
+    if guide is None and backend.guide_families:
         guide = model.recommended_guide  # the story's own, where it names one
     if isinstance(guide, str):
-        if method != "svi" or guide not in ("meanfield", "fullrank", "lowrank"):
+        if guide not in backend.guide_families:
             raise OptionError(f"guide={guide!r}: a guide named by a string is 'meanfield' "
                               "(AutoNormal), 'fullrank' (AutoMultivariateNormal) or 'lowrank' "
                               "(AutoLowRankMultivariateNormal), for method='svi'; otherwise "
                               "pass a guide function")
     elif guide is not None:
-        if not takes_guide:
-            guided = sorted(m for m, p in METHODS.items() if _takes_guide(p))
+        if not backend.takes_guide:
+            guided = sorted(methods_with(lambda b: b.takes_guide))
             raise OptionError(f"method {method!r} takes no guide; only {guided} do")
         if isinstance(guide, Guide) and guide.model.fn is not model.fn:
             raise StoryError(
@@ -152,8 +142,8 @@ def infer(
     if guide is None or isinstance(guide, str):
         _require_continuous_and_enumerable(model, facts, method)
     with run_dtype(story_dtype(model)):
-        run = getattr(backend, function or "run")(model, prepared, guide=guide, seed=seed,
-                                                  progress=progress, options=checked)
+        run = backend.run(model, prepared, guide=guide, seed=seed, progress=progress,
+                          options=checked)
     _require_finite_draws(run, model)
     attrs = {
         "method": run.method,
@@ -191,10 +181,6 @@ def _require_finite_draws(run, model: Model) -> None:
             f"{sorted(bad)} ({', '.join(f'{k}: {v} values' for k, v in bad.items())}); the "
             "fit diverged. Lower the learning rate or step size, check the priors, or start "
             "from other initial values")
-
-
-def _takes_guide(path: str) -> bool:
-    return bool(getattr(importlib.import_module(path.partition(":")[0]), "TAKES_GUIDE", False))
 
 
 def _require_continuous_and_enumerable(model: Model, facts, method: str) -> None:

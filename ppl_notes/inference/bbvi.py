@@ -56,7 +56,6 @@ from ppl_notes.inference._result import RunResult
 
 logger = logging.getLogger(__name__)
 
-TAKES_GUIDE = True
 
 #: The scaled schedule averages squared gradients over about this many recent steps.
 _MEMORY = 100

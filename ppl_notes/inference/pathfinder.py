@@ -44,7 +44,6 @@ from ppl_notes.inference.restarts import restart_seed
 
 __all__ = ["OPTIONS", "run", "best_gaussians", "starting_points", "MAX_DIM"]
 
-TAKES_GUIDE = False
 #: The most unconstrained elements Pathfinder's dense covariances are written out for
 MAX_DIM = 1000
 

@@ -25,10 +25,10 @@ restart to stop; each returns the guide it has (``partial``).
 
 from __future__ import annotations
 
-import importlib
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,15 +52,16 @@ def restart_seed(seed: int, restart: int) -> int:
     return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0] % 2**31)
 
 
-def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
-                 progress: bool, options: dict[str, Any]) -> RunResult:
-    """Run ``options["restarts"]`` fits of ``backend.run`` and stack them as chains.
+def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, guide,
+                 seed: int, progress: bool, options: dict[str, Any]) -> RunResult:
+    """Run ``options["restarts"]`` fits of ``fit`` and stack them as chains.
 
     Parameters
     ----------
-    backend : str
-        The module whose ``run(model, data, guide=, seed=, progress=, options=,
-        restart=)`` fits one restart.
+    fit : callable
+        A back end's run function, ``fit(model, data, guide=, seed=, progress=,
+        options=, restart=)``, which fits one restart (pickled by reference for worker
+        processes).
     model, data, guide, seed, progress, options
         As :func:`ppl_notes.infer` passes them to a back end; ``options`` holds
         ``restarts``, ``processes`` and ``scheduler``.
@@ -70,13 +71,13 @@ def run_restarts(backend: str, model, data: dict[str, Any], *, guide, seed: int,
     started = time.perf_counter()
     count = options["restarts"]
     single = {**options, "restarts": 1, "scheduler": None, "processes": None}
-    job = cloudpickle.dumps({"backend": backend, "model": model, "data": data, "guide": guide,
+    job = cloudpickle.dumps({"fit": fit, "model": model, "data": data, "guide": guide,
                              "seed": seed, "options": single})
     results: dict[int, RunResult] = {}
     interrupted = False
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=count, desc=f"{backend.rsplit('.', 1)[-1].upper()} restarts",
+    bar = tqdm(total=count, desc=f"{fit.__module__.rsplit('.', 1)[-1].upper()} restarts",
                disable=not progress)
 
     def keep(pair: tuple[int, RunResult]) -> None:
@@ -126,9 +127,8 @@ def _one_restart(payload: bytes, restart: int,
     from ppl_notes.evaluation import story_dtype
 
     job = cloudpickle.loads(payload)
-    backend = importlib.import_module(job["backend"])
     with run_dtype(story_dtype(job["model"])):
-        result = backend.run(job["model"], job["data"], guide=job["guide"],
+        result = job["fit"](job["model"], job["data"], guide=job["guide"],
                              seed=restart_seed(job["seed"], restart), progress=progress,
                              options=job["options"], restart=restart)
     result.info["restart"] = restart

@@ -95,7 +95,6 @@ from ppl_notes.relabel import components_of
 
 logger = logging.getLogger(__name__)
 
-TAKES_GUIDE = True
 
 #: Pyro's JitTrace_ELBO traces the story and guide before the first step (seconds for a
 #: small story, minutes for one with hundreds of sites); shorter runs stay uncompiled.
@@ -296,7 +295,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         _check_restartable(options)
         from ppl_notes.inference.restarts import run_restarts
 
-        return run_restarts(__name__, model, data, guide=guide, seed=seed, progress=progress,
+        return run_restarts(run, model, data, guide=guide, seed=seed, progress=progress,
                             options=options)
     started = time.perf_counter()
     pyro.clear_param_store()
