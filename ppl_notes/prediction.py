@@ -150,6 +150,8 @@ def _new_data(model, new_data, fitted: Mapping[str, np.ndarray] | None = None
     """``new_data`` prepared as ``infer`` prepares data, and checked against ``fitted``."""
     import inspect
 
+    from ppl_notes.story import story_signature
+
     if isinstance(new_data, pd.DataFrame):
         new_data = {column: new_data[column].to_numpy() for column in new_data.columns}
     if not isinstance(new_data, Mapping):
@@ -164,7 +166,7 @@ def _new_data(model, new_data, fitted: Mapping[str, np.ndarray] | None = None
         data[key] = model._to_tensor(key, value)
         if key in fitted and torch.is_tensor(data[key]):
             data[key] = _like_fitted(model.name, key, data[key], fitted[key])
-    signature = inspect.signature(model.fn).parameters
+    signature = story_signature(model.fn).parameters
     missing = [name for name, parameter in signature.items()
                if parameter.default is inspect.Parameter.empty and name not in data
                and name not in model.observed_arguments.values()]

@@ -31,6 +31,7 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import constraints
 
+from ppl_notes._constants import constants_dtype, module_as_float64
 from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import (
     distribution_name,
@@ -84,10 +85,13 @@ class Model:
         fewer operations than Pyro's enumeration -- while the discrete sites are still
         drawn per posterior draw from the full story. It must define the same density;
         a test compares the two.
-    dtype : torch.dtype
-        The dtype the story runs in (float64 unless given): data become tensors of it,
-        and the story runs with it as torch's default dtype, so constants written as
-        ``torch.ones(3)`` or ``dist.Beta(5., 5.)`` agree with the data.
+    dtype : torch.dtype, optional
+        The dtype the story runs in: data become tensors of it, and the story runs with
+        it as torch's default dtype, so constants written as ``torch.ones(3)`` or
+        ``dist.Beta(5., 5.)`` agree with the data. Not given: float64, or float32 where
+        every floating tensor the story carries (closure, globals, a ``PyroModule``'s
+        weights and ``PyroSample`` priors) is float32 (:mod:`ppl_notes._constants`);
+        ``dtype_reason`` says which, and ``infer``'s ``info["dtype"]`` too.
     defaults : mapping, optional
         Per-method option defaults the story recommends, e.g.
         ``{"nuts": {"target_accept": 0.9}}`` for a posterior with a narrow tail; the
@@ -115,7 +119,7 @@ class Model:
         coords: Callable[[Mapping], dict] | None = None,
         name: str | None = None,
         fixed: Mapping[str, Any] | None = None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
         marginal: Callable | None = None,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
         m_step: Callable | None = None,
@@ -135,15 +139,26 @@ class Model:
         self._default_data = data
         self.dims = dict(dims or {})
         self._coords = coords
-        self.name = name or fn.__name__
+        self.name = name or callable_name(fn)
         self.fixed = dict(fixed or {})
+        if dtype is None:
+            dtype, self.dtype_reason = constants_dtype(fn)
+            if isinstance(fn, torch.nn.Module) and dtype == torch.float32:
+                self.fn = fn = module_as_float64(fn)
+                dtype, self.dtype_reason = torch.float64, (
+                    "float64: a copy of the module, its float32 weights and priors cast")
+        else:
+            self.dtype_reason = "given to @model"
         self.dtype = dtype
         self._marginal_fn = marginal
         self.m_step = m_step
         self._covariates_cache: dict[str, Any] | None = None
         self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
-        self.parameters = tuple(inspect.signature(fn).parameters)
-        functools.update_wrapper(self, fn)
+        self.parameters = tuple(story_signature(fn).parameters)
+        if inspect.isfunction(fn):
+            functools.update_wrapper(self, fn)
+        else:  # a PyroModule, a partial, a callable object: its doc, not its attributes
+            self.__doc__ = getattr(fn, "__doc__", None)
         #: site -> the keyword argument holding its data (None until found by a run)
         self.observed_arguments: dict[str, str | None] = {
             site: (argument if argument in self.parameters else None)
@@ -157,6 +172,54 @@ class Model:
                 )
         for key in self.fixed:
             self._check_argument(key, "fixed argument")
+
+    @classmethod
+    def from_function(cls, fn: Callable, data: Mapping | pd.DataFrame | None
+                      ) -> tuple[Model, dict[str, str]]:
+        """A story for a Pyro model passed without :func:`model`: what is observed, found.
+
+        The model runs once on ``data``; a sample site whose ``obs=`` is one of the data
+        arguments (the tensor itself, or its values) is observed, with that argument's
+        data, as NumPyro's ``MCMC.run(key, **data)`` reads it. Sites observed with a
+        constant are left as they are.
+
+        Returns
+        -------
+        (Model, dict)
+            The story, and ``{site: argument}`` for each observed site found.
+
+        Raises
+        ------
+        StoryError
+            For a callable that is not one, or one whose ``obs=`` takes no data argument.
+        DataError
+            Without data, or with data the model cannot run on.
+        """
+        if not callable(fn):
+            raise StoryError(f"infer() needs a Pyro model: a function, a PyroModule or a "
+                             f"story made with @ppl_notes.model; got {type(fn).__name__}")
+        probe = cls(fn, observed=())
+        if data is None:
+            raise DataError(f"infer({probe.name}): a model given without @ppl_notes.model "
+                            "has no default data; pass data={argument: values}")
+        prepared = probe.prepare_data(data)
+        try:
+            trace = trace_model(probe, prepared)
+        except (ValueError, RuntimeError, IndexError, TypeError) as error:
+            raise DataError(f"story {probe.name!r} cannot run on this data: {error}") \
+                from error
+        observed = {}
+        for name, site in sample_sites(trace).items():
+            if site["is_observed"] and not site["infer"].get("_deterministic"):
+                argument = _argument_holding(site["value"], prepared)
+                if argument is not None:
+                    observed[name] = argument
+        if not observed:
+            raise StoryError(
+                f"story {probe.name!r}: no sample site takes obs= from the data arguments "
+                f"{list(prepared)}; pass the observations as an argument (obs=y), or "
+                "declare them with @ppl_notes.model(observed=...)")
+        return cls(fn, observed=observed), observed
 
     def __call__(self, *args, **kwargs):
         """Run the story as a plain Pyro model."""
@@ -173,9 +236,11 @@ class Model:
         """The story with discrete sites summed out by hand, or the story itself."""
         if self._marginal_fn is None:
             return self
-        return Model(self._marginal_fn, observed=self._observed_spec(), data=self._default_data,
-                     dims=self.dims, coords=self._coords, name=f"{self.name} (marginal)",
-                     fixed=self.fixed, dtype=self.dtype)
+        marginal = Model(self._marginal_fn, observed=self._observed_spec(),
+                         data=self._default_data, dims=self.dims, coords=self._coords,
+                         name=f"{self.name} (marginal)", fixed=self.fixed, dtype=self.dtype)
+        marginal.dtype_reason = self.dtype_reason
+        return marginal
 
     @property
     def recommended_guide(self) -> Guide | None:
@@ -211,7 +276,7 @@ class Model:
         """
         for key in fixed:
             self._check_argument(key, "argument")
-        return Model(
+        configured = Model(
             self.fn,
             observed=self._observed_spec(),
             data=self._default_data,
@@ -225,6 +290,8 @@ class Model:
             m_step=self.m_step,
             guide=self._guide_reference,
         )
+        configured.dtype_reason = self.dtype_reason
+        return configured
 
     def _observed_spec(self) -> dict[str, str]:
         return {site: argument or site for site, argument in self.observed_arguments.items()}
@@ -351,6 +418,7 @@ class Model:
             trace = self._trace_with_index_covariates(data)
         except (ValueError, RuntimeError, IndexError) as error:
             self._blame_invalid_parameter(error, data)
+            self._blame_mixed_dtypes(error)
             shapes = {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise DataError(f"story {self.name!r} cannot run on this data: {reason}. The "
@@ -398,6 +466,30 @@ class Model:
                     trace_model(self, data, seed)
                 except (ValueError, RuntimeError) as error:
                     self._blame_invalid_parameter(error, data)
+
+    def _blame_mixed_dtypes(self, error: Exception) -> None:
+        """A story that mixes float32 and float64 tensors: a StoryError naming both.
+
+        The data are converted to the story's dtype, so the other dtype comes from a
+        tensor the story made or carries (:mod:`ppl_notes._constants`): the line of the
+        story where they met is named, with the fix.
+        """
+        message = str(error)
+        if not _MIXED_DTYPES.search(message):
+            return
+        code = getattr(self.fn.forward if isinstance(self.fn, torch.nn.Module) else self.fn,
+                       "__code__", None)
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if code is not None and f.filename == code.co_filename]
+        where = (f" at line {frames[-1].lineno} (`{frames[-1].line}`)"
+                 if frames and frames[-1].line else "")
+        raise StoryError(
+            f"story {self.name!r} mixes float32 and float64 tensors{where}: "
+            f"{message.strip().splitlines()[0]}. It runs in "
+            f"{str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), and its data "
+            "are converted to that; a tensor the story made or closes over keeps the dtype "
+            "it was made in. Make the story's constants in one dtype, or pass "
+            "@ppl_notes.model(dtype=...)") from error
 
     def _blame_invalid_parameter(self, error: Exception, data: Mapping[str, Any]) -> None:
         """Name who gave a distribution an invalid parameter (NaN, a negative scale).
@@ -633,7 +725,7 @@ class Guide:
             )
         self.fn = fn
         self.model = model
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name = name or callable_name(fn)
         if not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn)
 
@@ -659,7 +751,7 @@ def model(
     marginal: Callable | None = None,
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
     m_step: Callable | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
     guide: str | None = None,
 ) -> Model | Callable[[Callable], Model]:
     """Declare a generative story.
@@ -689,6 +781,48 @@ def guide(story: Model, *, name: str | None = None) -> Callable[[Callable], Guid
         return Guide(function, story, name=name)
 
     return wrap
+
+
+#: torch's words for two floating dtypes meeting in one operation
+_MIXED_DTYPES = re.compile(r"(same dtype|dtype.*(Double|Float).*(Double|Float)|expected scalar "
+                           r"type (Double|Float) but found (Double|Float)|double != float|"
+                           r"float != double)", re.IGNORECASE)
+
+
+def _argument_holding(value, data: Mapping[str, Any]) -> str | None:
+    """The data argument that ``value`` is: the same tensor, or the same numbers."""
+    if not torch.is_tensor(value):
+        return None
+    for key, candidate in data.items():
+        if candidate is value:
+            return key
+    for key, candidate in data.items():
+        if (torch.is_tensor(candidate) and candidate.numel() == value.numel()
+                and torch.equal(candidate.reshape(-1).to(value.dtype), value.reshape(-1))):
+            return key
+    return None
+
+
+def story_signature(fn: Callable) -> inspect.Signature:
+    """The arguments a story takes: a ``PyroModule``'s are those of its ``forward``."""
+    if isinstance(fn, torch.nn.Module):
+        return inspect.signature(fn.forward)
+    return inspect.signature(fn)
+
+
+def callable_name(fn: Callable) -> str:
+    """A story's or guide's name from its callable.
+
+    A function's name (``lambda`` for a lambda), the wrapped function's for a
+    ``functools.partial``, and the class's for a ``PyroModule`` or any other callable
+    object (``BayesianRegression``), as Pyro's tutorials write them.
+    """
+    if isinstance(fn, functools.partial):
+        return callable_name(fn.func)
+    name = None if isinstance(fn, torch.nn.Module) else getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return "lambda" if name == "<lambda>" else name
+    return type(fn).__name__
 
 
 def invalid_parameter(error: Exception, fn: Callable) -> str | None:

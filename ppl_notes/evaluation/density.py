@@ -31,10 +31,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
+from pyro.infer.util import is_validation_enabled
 
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import (
     Unconstrain,
+    Unvalidated,
     VmapSafeEnum,
     run_dtype,
     vmap_safe_contraction,
@@ -132,6 +134,8 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
         story = outer(story)
     if facts.discrete:
         story = VmapSafeEnum(first_available_dim=enum_dim)(config_enumerate(story))
+    if not is_validation_enabled():
+        story = Unvalidated()(story)
     trace = poutine.trace(story).get_trace(**data)
     if density:
         trace.compute_log_prob()

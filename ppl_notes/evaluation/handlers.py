@@ -14,6 +14,10 @@
   einsum's guard against ``-inf - -inf`` at -1e30 instead of ``finfo(dtype).min``: under
   vmap the guard of a float32 operand is traced as float64's minimum, which inductor
   cannot write as a float32 constant (the compile failed and the story ran uncompiled).
+* :class:`Unvalidated` turns off the argument and sample checks of a distribution the
+  story built *before* the run (a ``PyroSample`` prior of a ``PyroModule``, made while
+  validation was on): ``pyro.validation_enabled(False)`` reaches only distributions made
+  under it, and a check reads values (``.all()``), which no compiled potential can hold.
 * :func:`run_dtype` runs a story under the run's dtype, so the constants a user writes
   with torch's default dtype (``torch.ones(3)``, ``dist.Beta(5., 5.)``) agree with data.
 """
@@ -21,6 +25,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Mapping
 
@@ -34,7 +39,29 @@ from pyro.poutine.messenger import Messenger
 
 from ppl_notes._dtype import run_dtype
 
-__all__ = ["Unconstrain", "VmapSafeEnum", "vmap_safe_contraction", "run_dtype"]
+__all__ = ["Unconstrain", "Unvalidated", "VmapSafeEnum", "vmap_safe_contraction",
+           "run_dtype"]
+
+
+def _unvalidated(fn, depth: int = 4):
+    """``fn`` without its validation: a shallow copy, its base distributions too."""
+    if depth == 0 or not isinstance(fn, torch.distributions.Distribution):
+        return fn
+    base = getattr(fn, "base_dist", None)
+    if not getattr(fn, "_validate_args", False) and base is None:
+        return fn
+    fn = copy.copy(fn)
+    fn._validate_args = False
+    if base is not None:
+        fn.base_dist = _unvalidated(base, depth - 1)
+    return fn
+
+
+class Unvalidated(Messenger):
+    """Sample sites' distributions with their checks off (see the module docstring)."""
+
+    def _pyro_sample(self, msg) -> None:
+        msg["fn"] = _unvalidated(msg["fn"])
 
 
 class Unconstrain(Messenger):

@@ -53,8 +53,11 @@ def infer(
 
     Parameters
     ----------
-    model : Model
-        A story made with :func:`ppl_notes.model`.
+    model : Model or callable
+        A story made with :func:`ppl_notes.model`, or any Pyro model (a function, a
+        ``PyroModule``, a ``functools.partial``): its sites whose ``obs=`` is one of the
+        data arguments are observed (:meth:`Model.from_function`; ``info
+        ["observed_from_data"]`` says which).
     data : dict, pandas.DataFrame or None
         Observed data and other keyword arguments of the story; ``None`` uses the story's
         default data.
@@ -98,11 +101,9 @@ def infer(
     """
     if method not in BACKENDS:
         raise OptionError(f"unknown method {method!r}; the methods are {sorted(BACKENDS)}")
-    if not isinstance(model, Model):
-        raise StoryError(
-            f"infer() needs a story made with @ppl_notes.model (it names the observed "
-            f"sites), got {type(model).__name__}"
-        )
+    observed_found = None
+    if not isinstance(model, Model):  # a plain Pyro model: its obs= name the data
+        model, observed_found = Model.from_function(model, data)
     if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral):
         raise OptionTypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     if not 0 <= seed < 2**32:
@@ -145,6 +146,10 @@ def infer(
         run = backend.run(model, prepared, guide=guide, seed=seed, progress=progress,
                           options=checked)
     _require_finite_draws(run, model)
+    if observed_found is not None:
+        run.info["observed_from_data"] = observed_found
+    run.info["dtype"] = (f"{str(model.dtype).removeprefix('torch.')}: "
+                         f"{getattr(model, 'dtype_reason', 'given to @model')}")
     attrs = {
         "method": run.method,
         "model": model.name,

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 from ppl_notes._integrity import bytes_digest
 
@@ -36,7 +37,22 @@ def code_digest(fn: Any) -> str:
             member = vars(kind)[name]
             if isinstance(member, types.FunctionType):
                 _update(digest, member.__code__)
+        if isinstance(fn, torch.nn.Module):  # a PyroModule: its layers, priors and weights
+            _update_module(digest, fn)
     return digest.hexdigest()
+
+
+def _update_module(digest, module: torch.nn.Module) -> None:
+    """A module's structure, its ``PyroSample`` priors and its parameters' values."""
+    digest.update(repr(module).encode())
+    for name, submodule in module.named_modules():
+        for site, prior in sorted(getattr(submodule, "_pyro_samples", {}).items()):
+            digest.update(f"{name}.{site}: {prior!r}".encode())
+            for value in vars(prior).values() if hasattr(prior, "__dict__") else ():
+                if isinstance(value, torch.Tensor):
+                    digest.update(value.detach().cpu().numpy().tobytes())
+    for name, value in module.state_dict().items():
+        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
 
 
 def _update(digest, code: types.CodeType) -> None:
