@@ -69,6 +69,9 @@ class StoryFacts:
     elements_per_draw : int or None
         Tensor elements one draw's enumerated evaluation creates, once measured
         (:func:`~ppl_notes.evaluation.density.draws_per_batch`).
+    subsampled : dict
+        The plates that draw a mini-batch (``pyro.plate(name, size, subsample_size=m)``):
+        ``{name: (m, size)}``.
     check_points : dict
         Prior draws already taken by :func:`~ppl_notes.evaluation.paths.check_points`,
         by ``(count, seed)``: choosing the path and checking a compiled potential use the
@@ -95,6 +98,7 @@ class StoryFacts:
     path: str | None = None
     path_reason: str = ""
     elements_per_draw: int | None = None
+    subsampled: dict = field(default_factory=dict)
     check_points: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -157,7 +161,19 @@ def compute_facts(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
         supports={n: s["fn"].support for n, s in sites.items()},
         plates={n: tuple(f.name for f in s["cond_indep_stack"]) for n, s in sites.items()},
         pointwise_note=note, local_discrete=local, dtype=dtype, trace=trace,
+        subsampled=subsampled_plates(trace),
     )
+
+
+def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
+    """``{plate: (subsample size, size)}`` for each plate of ``trace`` that subsamples."""
+    found = {}
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            full = getattr(frame, "full_size", None)
+            if full is not None and frame.size is not None and frame.size < full:
+                found[frame.name] = (int(frame.size), int(full))
+    return found
 
 
 _CACHE_SIZE = 16

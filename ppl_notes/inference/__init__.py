@@ -140,6 +140,14 @@ def infer(
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
     facts = facts_of(model, prepared, trace=first_run)
+    if facts.subsampled and not backend.minibatch:
+        plate, (size, full) = next(iter(facts.subsampled.items()))
+        raise OptionError(
+            f"method {method!r} uses the whole data at every step, and story "
+            f"{model.name!r} draws mini-batches: plate {plate!r} takes subsample_size={size} "
+            f"of its {full}. Write pyro.plate({plate!r}, {full}) for {method!r}; "
+            f"{sorted(methods_with(lambda b: b.minibatch))} fit mini-batches as Pyro scales "
+            "them")
     if guide is None or isinstance(guide, str):
         _require_continuous_and_enumerable(model, facts, method)
     with run_dtype(story_dtype(model)):

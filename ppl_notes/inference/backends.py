@@ -53,6 +53,10 @@ class Backend:
     draws : bool
         Its posterior is draws (MCMC or a variational family), not one point:
         ``calibrate()`` can check it.
+    minibatch : bool
+        Fits a story whose plate draws mini-batches (``subsample_size``), with the
+        log-likelihood scaled as Pyro scales it; the others need the whole data at
+        every step and refuse such a story, naming the plate.
     """
 
     name: str
@@ -62,6 +66,7 @@ class Backend:
     takes_guide: bool = False
     guide_families: tuple[str, ...] = ()
     draws: bool = True
+    minibatch: bool = False
 
     @property
     def module(self) -> str:
@@ -72,7 +77,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("svi", svi.run, svi.OPTIONS, "variational inference: a Gaussian on the "
             "compiled potential, or a guide function by Adam on the ELBO", takes_guide=True,
-            guide_families=("meanfield", "fullrank", "lowrank")),
+            guide_families=("meanfield", "fullrank", "lowrank"), minibatch=True),
     Backend("nuts", nuts.run, nuts.OPTIONS, "the No-U-Turn sampler (MCMC)"),
     Backend("map", point.run_map, point.OPTIONS, "the posterior mode, by L-BFGS",
             draws=False),
@@ -81,7 +86,7 @@ BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("em", em.run, em.OPTIONS, "expectation-maximisation for discrete latent sites",
             draws=False),
     Backend("bbvi", bbvi.run, bbvi.OPTIONS, "black-box VI: score-function gradients, "
-            "Robbins-Monro steps", takes_guide=True),
+            "Robbins-Monro steps", takes_guide=True, minibatch=True),
     Backend("pathfinder", pathfinder.run, pathfinder.OPTIONS, "multi-path Pathfinder "
             "with PSIS resampling"),
 )}

@@ -220,12 +220,15 @@ def default_family(facts) -> str:
     return "fullrank" if dim <= FULLRANK_MAX_DIM else "meanfield"
 
 
-def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None) -> str:
+def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None,
+                      subsampled: dict | None = None) -> str:
     """The optimiser ``optimizer`` stands for (its option's doc), checked against the guide.
 
     An option of Pyro's loop counts as set when it differs from both its default and the
     story's own default (``story_defaults``: a story that tunes Adam for its hand-written
-    guide does not keep its autoguide off the potential).
+    guide does not keep its autoguide off the potential). A story whose plates draw
+    mini-batches (``subsampled``: ``{plate: (size, full size)}``) is fitted by Adam: its
+    log density changes with every batch, which the fixed-draw optimisers cannot follow.
 
     Raises
     ------
@@ -241,8 +244,13 @@ def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None) -> st
     story_defaults = story_defaults or {}
     loop_only = [name for name in PYRO_LOOP_OPTIONS if options.get(name) != defaults[name]
                  and (name not in story_defaults or options.get(name) != story_defaults[name])]
+    if subsampled and requested in ("newton", "dadvi"):
+        plate, (size, full) = next(iter(subsampled.items()))
+        raise OptionError(f"method 'svi': optimizer={requested!r} needs the whole data at "
+                          f"every step, and plate {plate!r} draws subsample_size={size} of "
+                          f"{full}; optimizer='adam' (the default here) fits mini-batches")
     if requested == "auto":
-        if not autoguide or loop_only:
+        if not autoguide or loop_only or subsampled:
             return "adam"
         return "dadvi" if guide == "lowrank" else "newton"
     if requested == "adam":
@@ -274,9 +282,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
     :mod:`ppl_notes.inference.restarts`, which runs this function once per restart).
     """
+    facts = facts_of(model, data)
     if guide is None:
-        guide = default_family(facts_of(model, data))
-    optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}))
+        guide = default_family(facts)
+    optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}),
+                                  facts.subsampled)
     if restart == 0 and isinstance(guide, str) and optimizer == "adam":
         # the potential maps each draw with the supports of that draw; Pyro's autoguides
         # map with the supports they saw when built
