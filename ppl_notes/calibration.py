@@ -193,9 +193,10 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
     check_scheduler(scheduler, "calibrate")
     if method == "nuts":
         options = {**_NUTS_DEFAULTS, **options}
-    covariates = dict(data) if data is not None else model._default_covariates()
-    parameters = _parameters(model, covariates)
+    covariates = ({key: model._to_tensor(key, value) for key, value in data.items()}
+                  if data is not None else model._default_covariates())
     _simulated(model, _replicate_seed(seed, 0), covariates, 0)  # before any worker starts
+    parameters = _parameters(model, covariates)
     fingerprint = {"story": f"{model.name} {code_digest(model)}", "method": method,
                    "seed": seed, "options": repr(sorted(options.items())),
                    "data": data_digests(covariates)}
@@ -315,14 +316,21 @@ def _simulated(model, seed: int, covariates: dict, replicate: int) -> dict:
 
 
 def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
-    """The latent continuous sites and their shapes (discrete sites are summed out)."""
-    sites = model.sites(None if model._default_data is not None else covariates)
+    """The latent continuous sites and their shapes (discrete sites are summed out).
+
+    Read from one run of the story forwards, as SBC simulates it (its observed arguments
+    None): a story without default data takes its sizes from its fixed plates or from
+    the covariates given.
+    """
+    from ppl_notes._sites import sample_sites
+
     observed = set(model.observed_arguments)
-    latent = sites[~sites["name"].isin(observed) & ~sites["discrete"]
-                   & (sites["kind"] == "latent")]
-    if latent.empty:
+    latent = {name: tuple(site["value"].shape)
+              for name, site in sample_sites(model.forward_trace(0, **covariates)).items()
+              if name not in observed and not site["fn"].support.is_discrete}
+    if not latent:
         raise OptionError(f"calibrate: story {model.name!r} has no continuous latent site")
-    return {row["name"]: tuple(row["shape"]) for _, row in latent.iterrows()}
+    return latent
 
 
 # -- the pool, the store and the verdict -------------------------------------------------

@@ -667,11 +667,15 @@ class Model:
         dict
             Every sample site's value, latent and observed.
         """
+        trace = self.forward_trace(seed, **kwargs)
+        return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
+
+    def forward_trace(self, seed: int = 0, **kwargs: Any):
+        """The Pyro trace of one run forwards: :meth:`simulate`'s, every site whole."""
         covariates = self._default_covariates()
         free = {argument: None for argument in self.observed_arguments.values() if argument}
         with pyro.poutine.seed(rng_seed=seed), run_dtype(self.dtype):
-            trace = poutine.trace(self).get_trace(**{**covariates, **free, **kwargs})
-        return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
+            return poutine.trace(self).get_trace(**{**covariates, **free, **kwargs})
 
     def _default_covariates(self) -> dict[str, Any]:
         if self._default_data is None:

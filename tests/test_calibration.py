@@ -98,3 +98,35 @@ def test_the_command_line_calibrates_a_story_and_writes_its_figure(tmp_path, cap
     assert code == (0 if "NOT calibrated" not in printed else 1)
     assert (tmp_path / "calibration.png").stat().st_size > 10_000
     assert len((tmp_path / "ranks.csv").read_text().splitlines()) == 1 + 12 * 2
+
+
+def test_stories_without_default_data_are_calibrated_as_users_write_them():
+    """Issue 30: sizes from a fixed plate, or from the covariates given as data=."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from ppl_notes import model
+
+    @model(observed="x")
+    def fixed_plate(x=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("flips", 20):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    @model(observed="y")
+    def regression(X, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+        with pyro.plate("rows", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+    plate_run = calibrate(fixed_plate, "nuts", replicates=3, store=False, processes=1,
+                          progress=False, **QUICK_NUTS)
+    assert list(plate_run.ranks["parameter"].values) == ["mu"]
+    design = np.random.default_rng(0).normal(size=(30, 2))  # numpy, as users pass it
+    covariate_run = calibrate(regression, "svi", data={"X": design}, replicates=3,
+                              store=False, processes=1, progress=False)
+    assert list(covariate_run.ranks["parameter"].values) == ["w[0]", "w[1]"]
+    ranks = covariate_run.ranks["rank"].values
+    assert np.all((ranks >= 0) & (ranks <= 4 * 1000))  # among 4 restarts x 1000 draws
+    assert len(set(covariate_run.ranks["truth"].values[:, 0])) == 3  # a truth per replicate
