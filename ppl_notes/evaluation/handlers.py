@@ -10,7 +10,8 @@
   without the ``setup_context`` that functorch transforms need) for ``torch.log`` inside
   the log-space einsum that sums enumerated sites out; the operands there are shifted by
   their maximum, so the argument of the log is positive wherever the result is finite.
-  It also has ``infer_discrete`` enumerate with :class:`VmapSafeEnum`, and bounds that
+  It also has ``infer_discrete`` enumerate with :class:`VmapSafeEnum`, builds
+  ``OrderedLogistic``'s category probabilities out of place, and bounds that
   einsum's guard against ``-inf - -inf`` at -1e30 instead of ``finfo(dtype).min``: under
   vmap the guard of a float32 operand is traced as float64's minimum, which inductor
   cannot write as a float32 constant (the compile failed and the story ran uncompiled).
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 import pyro.infer.discrete as infer_discrete_module
 import pyro.ops.einsum.torch_log as torch_log_einsum
 import torch
+from pyro.distributions import Categorical, OrderedLogistic
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.transforms import biject_to
 from pyro.poutine.enum_messenger import EnumMessenger
@@ -120,12 +122,28 @@ def vmap_safe_contraction():
         torch_log_einsum.safe_log = torch.log
         torch_log_einsum.torch = _TorchWithFiniteGuard()
         infer_discrete_module.EnumMessenger = VmapSafeEnum
+        original_ordered = OrderedLogistic.__init__
+        OrderedLogistic.__init__ = _ordered_logistic_init
         try:
             yield
         finally:
             torch_log_einsum.safe_log = original_log
             torch_log_einsum.torch = original_torch
             infer_discrete_module.EnumMessenger = original_enum
+            OrderedLogistic.__init__ = original_ordered
+
+
+def _ordered_logistic_init(self, predictor, cutpoints, validate_args=None):
+    """Pyro's ``OrderedLogistic``, its category probabilities joined out of place.
+
+    Pyro's writes them into a tensor of zeros in place, which vmap refuses when the
+    predictor is vmapped and the zeros are not; the probabilities are the same numbers.
+    """
+    q = torch.sigmoid(cutpoints - predictor.unsqueeze(-1))
+    self.predictor = predictor.expand(q.shape[:-1])
+    self.cutpoints = cutpoints.expand(q.shape)
+    p = torch.cat([q[..., :1], q[..., 1:] - q[..., :-1], 1 - q[..., -1:]], dim=-1)
+    Categorical.__init__(self, p, validate_args=validate_args)
 
 
 class _FiniteGuard:

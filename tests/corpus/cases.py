@@ -63,7 +63,7 @@ class Case:
         """Draws of one element, sample dims kept (``(chain, draw)`` or ``(sample,)``)."""
         if name in self.derived:
             return self.derived[name](fit)
-        match = re.fullmatch(r"(\w+)\[(\d+)\]", name)
+        match = re.fullmatch(r"([\w.]+)\[(\d+)\]", name)
         site, index = (match.group(1), int(match.group(2))) if match else (name, None)
         values = fit[site]
         lead = len(fit.sample_dims)
@@ -332,4 +332,10 @@ def posteriordb_cases() -> list[Case]:
     return cases
 
 
-CASES = {case.name: case for case in user_cases() + posteriordb_cases()}
+def _round_two() -> list[Case]:
+    from tests.corpus.cases_two import round_two_cases
+
+    return round_two_cases(Case)
+
+
+CASES = {case.name: case for case in user_cases() + posteriordb_cases() + _round_two()}
