@@ -4,6 +4,7 @@ Run by hand (never in CI)::
 
     .venv/bin/python benchmarks/bench_corpus.py                 # every story, ppl_notes only
     .venv/bin/python benchmarks/bench_corpus.py --pyro          # also plain Pyro's NUTS
+    .venv/bin/python benchmarks/bench_corpus.py --svi           # also the default SVI
     .venv/bin/python benchmarks/bench_corpus.py gmm_vindex ar1_python_loop
 
 For each story of ``tests/corpus``: the evaluation path ppl_notes chose (``plate``,
@@ -11,7 +12,8 @@ For each story of ``tests/corpus``: the evaluation path ppl_notes chose (``plate
 included), the largest |mean - truth| / MCSE over the parameters, and with ``--pyro`` plain
 Pyro's NUTS (``pyro.infer.MCMC``, one chain of 100 warmup + 100 draws, its default
 ``init_to_uniform``) as milliseconds per iteration next to ours, since a full plain-Pyro
-run of every story takes hours here. Each fit runs in a fresh process.
+run of every story takes hours here; with ``--svi`` the default SVI's wall time (imports
+and its verdict's draws included). Each fit runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ import time
 from _fresh import CORPUS_PREAMBLE, ROOT, run_fresh  # benchmarks/ is on the path
 
 CHILD = CORPUS_PREAMBLE + r"""
-if {engine!r} == "pyro":
+if {engine!r} == "svi":
+    from ppl_notes import infer
+    fit = infer(case.story, case.data, method="svi", progress=False)
+    print(json.dumps({{"svi_wall_s": time.perf_counter() - started,
+                      "optimizer": fit.info.get("optimizer")}}))
+elif {engine!r} == "pyro":
     import pyro, torch
     from pyro.infer import MCMC, NUTS
     torch.set_default_dtype(torch.float64)
@@ -64,6 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*")
     parser.add_argument("--pyro", action="store_true", help="also time plain Pyro's NUTS")
+    parser.add_argument("--svi", action="store_true",
+                        help="also time the default SVI (fresh process, imports included)")
     parser.add_argument("--pyro-only", action="store_true",
                         help="only plain Pyro's ms per iteration (to pair with an earlier run)")
     args = parser.parse_args()
@@ -79,7 +88,8 @@ def main() -> None:
                                                else theirs.get("error", "?")), flush=True)
         return
     print(f"{'story':42s} {'path':5s} {'wall s':>7s} {'ms/it':>7s} {'max z':>6s} {'div':>4s}"
-          + (f" {'pyro ms/it':>10s} {'ratio':>6s}" if args.pyro else ""))
+          + (f" {'pyro ms/it':>10s} {'ratio':>6s}" if args.pyro else "")
+          + (f" {'svi s':>6s}" if args.svi else ""))
     for name in names:
         started = time.perf_counter()
         ours = run_child(name, "ppl_notes")
@@ -95,6 +105,10 @@ def main() -> None:
             else:
                 ratio = theirs["pyro_ms_per_iteration"] / ours["ms_per_iteration"]
                 line += f" {theirs['pyro_ms_per_iteration']:10.2f} {ratio:6.1f}"
+        if args.svi:
+            svi = run_child(name, "svi")
+            line += (f" {svi['svi_wall_s']:6.1f}" if "svi_wall_s" in svi
+                     else f" svi error: {svi.get('error')}")
         print(line, flush=True)
         del started
 
