@@ -43,7 +43,11 @@ def code_digest(fn: Any) -> str:
 
 
 def _update_module(digest, module: torch.nn.Module) -> None:
-    """A module's structure, its ``PyroSample`` priors and its parameters' values."""
+    """A module's structure and its ``PyroSample`` priors (their tensors included).
+
+    Not its parameters: SVI learns them (an autoguide's, a story's ``PyroParam``), and a
+    run resumed from a checkpoint is the same run.
+    """
     digest.update(repr(module).encode())
     for name, submodule in module.named_modules():
         for site, prior in sorted(getattr(submodule, "_pyro_samples", {}).items()):
@@ -51,8 +55,6 @@ def _update_module(digest, module: torch.nn.Module) -> None:
             for value in vars(prior).values() if hasattr(prior, "__dict__") else ():
                 if isinstance(value, torch.Tensor):
                     digest.update(value.detach().cpu().numpy().tobytes())
-    for name, value in module.state_dict().items():
-        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
 
 
 def _update(digest, code: types.CodeType) -> None:

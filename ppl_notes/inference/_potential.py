@@ -29,11 +29,13 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger
 
 from ppl_notes._sites import sample_or_dispersed, unconstrained_value
+from ppl_notes.checks import blame_invalid_parameter
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.inference._compile import capture, compiler_available
 from ppl_notes.inference._fingerprint import data_digests
+from ppl_notes.story import Model
 
 
 def _value_and_grad_of(potential):
@@ -338,9 +340,8 @@ class BatchedPotential:
             except (ValueError, RuntimeError) as error:
                 failure = error
         # a prior that lets a parameter leave its domain: name the line
-        blame = getattr(self.model, "_blame_invalid_parameter", None)
-        if blame is not None:
-            blame(failure, self.data)
+        if isinstance(self.model, Model):
+            blame_invalid_parameter(self.model, failure, self.data)
         raise InferenceError(
             f"the story {getattr(self.model, 'name', '')!r} raises at its starting point "
             f"({init}): {str(failure).splitlines()[0]}") from failure
