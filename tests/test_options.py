@@ -1,6 +1,6 @@
 import pytest
 
-from ppl_notes import OptionError, OptionTypeError, StoryError, infer
+from ppl_notes import DataError, OptionError, OptionTypeError, StoryError, infer
 from ppl_notes.models.conjugate import normal_mean
 
 
@@ -34,9 +34,13 @@ def test_options_out_of_range_or_of_the_wrong_type(method, options, error, messa
         infer(normal_mean, method=method, progress=False, **options)
 
 
-def test_plain_callables_are_asked_to_become_stories():
-    with pytest.raises(StoryError, match="@ppl_notes.model"):
+def test_a_plain_callable_needs_data_and_anything_else_is_refused():
+    """A plain Pyro model is a story (issue 30); without the decorator it has no default
+    data to fall back on, and a value that is not callable is no model at all."""
+    with pytest.raises(DataError, match="without @ppl_notes.model has no default data"):
         infer(lambda x=None: None)
+    with pytest.raises(StoryError, match="needs a Pyro model"):
+        infer(42, {"x": 1.0})
 
 
 def test_nuts_takes_no_guide():
