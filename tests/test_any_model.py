@@ -83,7 +83,6 @@ def nuts_fits():
                                method="nuts", progress=False)}
 
 
-@pytest.mark.xdist_group("any_model_nuts")  # one worker fits them once
 def test_a_pyro_module_is_a_story_named_by_its_class(nuts_fits):
     story = model(observed={"obs": "y"})(BayesianRegression(3))
     assert story.name == "BayesianRegression" and story.parameters == ("x", "y")
@@ -103,7 +102,6 @@ def test_a_pyro_module_fits_by_svi_and_map(method):
     assert np.all(np.abs(got - means) < 0.1 * sds)  # Gaussian posterior: exact family
 
 
-@pytest.mark.xdist_group("any_model_nuts")  # one worker fits them once
 def test_a_plain_function_gives_the_decorated_storys_posterior(nuts_fits):
     plain, decorated = nuts_fits["plain"], nuts_fits["decorated"]
     assert plain.info["observed_from_data"] == {"obs": "y"}

@@ -44,7 +44,6 @@ def main_job(tmp_path_factory):
     return result.stdout, out
 
 
-@pytest.mark.xdist_group("main_job")  # one worker runs the main job for both of its tests
 def test_compare_heights_is_the_main_job(main_job):
     """SVI (full-rank guide) and NUTS on Galton's heights: tables, figures, a page, results."""
     out, folder = main_job
@@ -57,7 +56,6 @@ def test_compare_heights_is_the_main_job(main_job):
         assert (folder / name).exists(), name
 
 
-@pytest.mark.xdist_group("main_job")
 def test_heights_vi_means_agree_with_nuts_within_a_tenth_of_a_posterior_sd(main_job):
     """The issue's bar: |mean_VI - mean_NUTS| < 0.1 posterior sd for every parameter.
 

@@ -11,9 +11,6 @@ from ppl_notes.guides.heights import meanfield
 from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.models import heights
 
-# the fits are shared by the tests: one worker makes them once
-pytestmark = pytest.mark.xdist_group("test_heights")
-
 TRUTH = {"alpha": np.array([0.4, 0.6]), "mu": np.array([160.0, 176.0]),
          "sigma": np.array([5.5, 7.0])}
 

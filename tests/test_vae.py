@@ -9,9 +9,6 @@ from ppl_notes import check_pairing, infer
 from ppl_notes.guides.vae import encoder
 from ppl_notes.models.vae import digit_labels, generate, load_digits_binarised, reconstruct, vae
 
-# the trained VAE is shared by the tests: one worker trains it once
-pytestmark = pytest.mark.xdist_group("test_vae")
-
 
 @pytest.fixture(scope="module")
 def fitted():
