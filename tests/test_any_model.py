@@ -100,6 +100,11 @@ def test_a_pyro_module_fits_by_svi_and_map(method):
     means, sds = _regression_truth()
     got = np.asarray(fit.draws("linear.weight"), dtype=float).reshape(-1, 3).mean(0)
     assert np.all(np.abs(got - means) < 0.1 * sds)  # Gaussian posterior: exact family
+    undecorated = infer(BayesianRegression(3), {"x": X, "y": Y}, method=method,
+                        progress=False)  # the module itself, no @model
+    assert undecorated.info["observed_from_data"] == {"obs": "y"}
+    np.testing.assert_array_equal(undecorated.draws("linear.weight"),
+                                  fit.draws("linear.weight"))
 
 
 def test_a_plain_function_gives_the_decorated_storys_posterior(nuts_fits):
