@@ -2,9 +2,13 @@ r"""Leave-one-out cross-validation for MCMC and variational posteriors, and mode
 
 :func:`loo` estimates the expected log pointwise predictive density
 :math:`\mathrm{elpd} = \sum_i \log p(y_i \mid y_{-i})` by Pareto-smoothed importance
-sampling (Vehtari, Gelman & Gabry 2017): from MCMC draws with ``arviz_stats.loo``, from
-variational draws with ``arviz_stats.loo_approximate_posterior``, which first corrects
-the draws from q towards p with the ratios :math:`p(x, z)/q(z)` (Magnusson et al. 2019).
+sampling (Vehtari, Gelman & Gabry 2017), as ``arviz_stats.loo`` computes it from MCMC
+draws and ``arviz_stats.loo_approximate_posterior`` from variational ones, which first
+corrects the draws from q towards p with the ratios :math:`p(x, z)/q(z)` (Magnusson et
+al. 2019). The smoothing is :mod:`ppl_notes.psis`, vectorised over the observations, and
+the result is ArviZ's ``ELPDDataLOO``, equal to ArviZ's own (``tests/test_psis.py``):
+ArviZ smooths one observation at a time in Python, 2.5 s for the 934 heights, where
+this takes a tenth of a second.
 Each observation's Pareto :math:`\hat k` says whether its estimate can be trusted
 (above ~0.7 it cannot). :func:`compare_models` ranks stories by their elpd (ArviZ's
 ``compare``, stacking weights).
@@ -23,12 +27,17 @@ import warnings
 from collections.abc import Mapping
 
 import arviz_stats
+import numpy as np
 import pandas as pd
 import xarray as xr
+from arviz_stats.utils import ELPDDataLOO, get_log_likelihood
 
 from ppl_notes.errors import OptionError
+from ppl_notes.psis import psis_log_weights
 
 __all__ = ["loo", "compare_models"]
+
+_SAMPLE_DIMS = ("chain", "draw")
 
 
 def _chain_draw_tree(posterior) -> xr.DataTree:
@@ -85,16 +94,58 @@ def loo(posterior, pointwise: bool = True, var_name: str | None = None, warn: bo
 
 
 def _loo(posterior, tree, pointwise, var_name):
-    if posterior.is_mcmc:
-        return arviz_stats.loo(tree, pointwise=pointwise, var_name=var_name)
-    if not posterior.is_variational:
+    if not (posterior.is_mcmc or posterior.is_variational):
         raise OptionError(f"loo of a {posterior.method!r} posterior needs log p and log q of "
                           "each draw (sample_stats), which this result does not have")
-    layout = _chain_draw_tree(posterior)
-    log_p = layout["sample_stats"]["log_p"]
-    log_q = layout["sample_stats"]["log_q"]
-    return arviz_stats.loo_approximate_posterior(layout, log_p, log_q, pointwise=pointwise,
-                                                 var_name=var_name)
+    layout = tree if posterior.is_mcmc else _chain_draw_tree(posterior)
+    log_likelihood = get_log_likelihood(layout, var_name=var_name)
+    log_likelihood = log_likelihood.transpose(*_SAMPLE_DIMS, ...)
+    draws = log_likelihood.values.reshape(-1, *log_likelihood.shape[2:])
+    if posterior.is_mcmc:
+        r_eff, correction = _relative_ess(layout, len(draws)), 0.0
+    else:  # loo_approximate_posterior's correction of q's draws towards p: p/q
+        stats = layout["sample_stats"]
+        r_eff, correction = 1.0, (stats["log_p"] - stats["log_q"]).values.reshape(-1)
+        correction = (correction - correction.max()).reshape((-1,) + (1,) * (draws.ndim - 1))
+    log_weights, pareto_k = psis_log_weights(-draws + correction, r_eff)
+    pareto_k = np.reshape(pareto_k, draws.shape[1:])
+    elpd_i = _logsumexp(log_weights + draws)
+    p_loo_i = _logsumexp(draws) - np.log(len(draws)) - elpd_i
+    template = log_likelihood.isel({d: 0 for d in _SAMPLE_DIMS}, drop=True)
+    elpd_i, p_loo_i = template.copy(data=elpd_i), template.copy(data=p_loo_i)
+    pareto_k = template.copy(data=pareto_k)
+    elpd, se, p_loo, _ = elpd_i.azstats.loo_summary(p_loo_i)
+    good_k = min(1 - 1 / np.log10(len(draws)), 0.7) if len(draws) > 1 else 0.7
+    too_large = bool(np.any(pareto_k.values > good_k))
+    if too_large:
+        warnings.warn(f"Estimated shape parameter of Pareto distribution is greater than "
+                      f"{good_k:.2f} for one or more samples: the PSIS-LOO estimates of those "
+                      "observations are unreliable (Vehtari et al. 2017)", UserWarning,
+                      stacklevel=3)
+    return ELPDDataLOO(
+        elpd=elpd, se=se, p=p_loo, n_samples=len(draws), n_data_points=int(template.size),
+        scale="log", warning=too_large, good_k=good_k,
+        elpd_i=elpd_i if pointwise else None, pareto_k=pareto_k if pointwise else None,
+        approx_posterior=not posterior.is_mcmc,
+        log_weights=log_likelihood.copy(data=log_weights.reshape(log_likelihood.shape)))
+
+
+def _relative_ess(tree: xr.DataTree, num_draws: int) -> float:
+    """r_eff: the posterior's mean-ESS over its draws, averaged over every element.
+
+    As ``arviz_stats.loo`` takes it (one value for all observations; 1 for one chain).
+    """
+    posterior = tree["posterior"].to_dataset()
+    if posterior.sizes["chain"] == 1:
+        return 1.0
+    ess = posterior.azstats.ess(method="mean")
+    return float(np.hstack([ess[v].values.ravel() for v in ess.data_vars]).mean() / num_draws)
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values))) over the first axis (the draws)."""
+    top = np.max(values, axis=0)
+    return top + np.log(np.sum(np.exp(values - top), axis=0))
 
 
 def compare_models(posteriors: Mapping[str, object], method: str = "stacking",

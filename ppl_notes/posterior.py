@@ -297,7 +297,8 @@ class Posterior:
             dataset = self.tree[name].to_dataset()
             if self.has_chains:
                 dataset = dataset.stack(_flat=("chain", "draw")).drop_vars(
-                    ["chain", "draw", "_flat"]).rename({"_flat": "sample"})
+                    ["chain", "draw", "_flat"]).rename({"_flat": "sample"}).transpose(
+                        "sample", ...)  # stack puts the new dimension last
             groups[name] = dataset.isel(sample=chosen).assign_coords(sample=np.arange(size))
         for name in ("observed_data", "constant_data"):
             if name in self.tree.children:

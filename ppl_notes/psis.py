@@ -23,79 +23,105 @@ import numpy as np
 
 __all__ = ["psis_log_weights", "gpd_fit"]
 
-
-def _logsumexp(values: np.ndarray) -> float:
-    top = np.max(values)
-    return float(top + np.log(np.sum(np.exp(values - top))))
+#: Columns smoothed at once: bounds the (grid x tail x columns) array of the fit (~60 MB).
+_COLUMNS_AT_ONCE = 512
 
 
-def gpd_fit(excess: np.ndarray) -> tuple[float, float]:
+def _logsumexp(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    top = np.max(values, axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.sum(np.exp(values - top), axis=axis))
+
+
+def gpd_fit(excess: np.ndarray) -> tuple:
     """Shape and scale of a generalised Pareto fit to sorted positive ``excess``.
 
     Zhang & Stephens (2009), with the prior of Vehtari et al. (2024): ``nan`` where the
     first quartile is not above the minimum (not Pareto-like at all), ``inf`` where the
-    fit is undefined.
+    fit is undefined. ``excess`` is 1-D (floats back) or 2-D, one column a fit (arrays).
     """
+    excess = np.asarray(excess, dtype=float)
+    columns = excess.reshape(len(excess), -1)
+    kappa, sigma = _gpd_fit_columns(columns)
+    if excess.ndim == 1:
+        return float(kappa[0]), float(sigma[0])
+    return kappa, sigma
+
+
+def _gpd_fit_columns(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     prior_bs, prior_k = 3, 10
     n = len(excess)
     m_est = 30 + int(n**0.5)
     first_quartile = excess[int((n / 4 + 0.5) - 1)]
-    if first_quartile <= excess[0]:
-        return float("nan"), float("nan")
-    b = 1 - np.sqrt(m_est / (np.arange(1, m_est + 1, dtype=float) - 0.5))
-    b /= prior_bs * first_quartile
-    b += 1 / excess[-1]
-    k = np.mean(np.log1p(-b[:, None] * excess), axis=1)
-    profile = n * (np.log(-b / k) - k - 1)
-    weights = np.exp(profile - _logsumexp(profile))
-    kept = weights >= 10 * np.finfo(float).eps
-    weights, b = weights[kept], b[kept]
-    weights /= weights.sum()
-    b_post = np.sum(b * weights)
-    kappa = np.mean(np.log1p(-b_post * excess))
-    sigma = -kappa / b_post
-    kappa = (n * kappa + prior_k * 0.5) / (n + prior_k)
-    if np.isnan(kappa):
-        return float("inf"), float("nan")
-    return float(kappa), float(sigma)
+    pareto_like = first_quartile > excess[0]
+    grid = 1 - np.sqrt(m_est / (np.arange(1, m_est + 1, dtype=float) - 0.5))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = grid[:, None] / (prior_bs * first_quartile) + 1 / excess[-1]  # (grid, column)
+        k = np.mean(np.log1p(-b[:, None, :] * excess[None]), axis=1)
+        profile = n * (np.log(-b / k) - k - 1)
+        weights = np.exp(profile - _logsumexp(profile))
+        weights = np.where(weights >= 10 * np.finfo(float).eps, weights, 0.0)
+        total = weights.sum(axis=0)
+        weights /= np.where(total > 0, total, 1.0)  # none kept: b_post = 0, as with none left
+        b_post = np.sum(b * weights, axis=0)
+        kappa = np.mean(np.log1p(-b_post * excess), axis=0)
+        sigma = -kappa / b_post
+        kappa = (n * kappa + prior_k * 0.5) / (n + prior_k)
+    sigma = np.where(np.isnan(kappa), np.nan, sigma)
+    kappa = np.where(np.isnan(kappa), np.inf, kappa)
+    return np.where(pareto_like, kappa, np.nan), np.where(pareto_like, sigma, np.nan)
 
 
-def _gpd_quantiles(probabilities: np.ndarray, kappa: float, sigma: float,
-                   location: float) -> np.ndarray:
-    if sigma <= 0:
-        return np.full_like(probabilities, np.nan)
-    if kappa == 0:
-        return location - sigma * np.log1p(-probabilities)
-    return location + sigma * np.expm1(-kappa * np.log1p(-probabilities)) / kappa
+def _gpd_quantiles(probabilities: np.ndarray, kappa: np.ndarray, sigma: np.ndarray,
+                   location: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponential = location - sigma * np.log1p(-probabilities)
+        pareto = location + sigma * np.expm1(-kappa * np.log1p(-probabilities)) / kappa
+    return np.where(sigma > 0, np.where(kappa == 0, exponential, pareto), np.nan)
 
 
-def psis_log_weights(log_ratios: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, float]:
-    r"""Pareto-smoothed, normalised log weights of ``log_ratios`` (1-D), and :math:`\hat k`.
+def psis_log_weights(log_ratios: np.ndarray, r_eff: float = 1.0) -> tuple:
+    r"""Pareto-smoothed, normalised log weights of ``log_ratios``, and :math:`\hat k`.
+
+    ``log_ratios`` is 1-D (one set of draws: weights and a float back) or 2-D, draws by
+    columns, each column smoothed on its own (PSIS-LOO's one column per observation:
+    weights of the same shape and one :math:`\hat k` per column), vectorised over the
+    columns. ``r_eff`` is the draws' relative effective sample size, which sets the tail.
 
     Raises
     ------
     ValueError
-        With fewer than 5 ratios in the tail (fewer than about 25 draws), or a tail of
-        equal values, as ``arviz_stats`` does.
+        With fewer than 5 ratios in the tail (fewer than about 25 draws), or a column whose
+        tail values are all equal, as ``arviz_stats`` does.
     """
-    values = np.asarray(log_ratios, dtype=float).ravel().copy()
+    values = np.asarray(log_ratios, dtype=float)
+    columns = values.reshape(len(values), -1)
+    pieces = [_smooth_columns(columns[:, i:i + _COLUMNS_AT_ONCE], r_eff)
+              for i in range(0, columns.shape[1], _COLUMNS_AT_ONCE)]
+    weights = np.concatenate([w for w, _ in pieces], axis=1)
+    khat = np.concatenate([k for _, k in pieces])
+    if values.ndim == 1:
+        return weights[:, 0], float(khat[0])
+    return weights.reshape(values.shape), khat
+
+
+def _smooth_columns(log_ratios: np.ndarray, r_eff: float) -> tuple[np.ndarray, np.ndarray]:
+    values = log_ratios - np.max(log_ratios, axis=0)
     n = len(values)
     tail = int(np.floor(3 * (n / r_eff) ** 0.5) if n * r_eff > 225 else np.floor(n / 5))
     if tail < 5:
         raise ValueError("n_draws_tail must be at least 5")
-    values -= np.max(values)
-    order = np.argsort(values)
-    tail_ids = np.arange(n - tail, n)
-    draws_tail = values[order[tail_ids]]
-    cutoff = values[order[tail_ids[0] - 1]]
-    largest, smallest = np.max(draws_tail), np.min(draws_tail)
-    if abs(largest - smallest) < np.finfo(float).tiny:
+    order = np.argsort(values, axis=0)
+    ordered = np.take_along_axis(values, order, axis=0)
+    draws_tail, cutoff = ordered[n - tail:], ordered[n - tail - 1]
+    largest = np.max(draws_tail, axis=0)
+    if np.any(np.abs(largest - np.min(draws_tail, axis=0)) < np.finfo(float).tiny):
         raise ValueError("All tail values are the same")
-    khat, sigma = gpd_fit(np.exp(draws_tail) - np.exp(cutoff))
-    if np.isfinite(khat):
-        probabilities = np.arange(0.5, tail) / tail
+    khat, sigma = _gpd_fit_columns(np.exp(draws_tail) - np.exp(cutoff))
+    probabilities = (np.arange(0.5, tail) / tail)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
         smoothed = np.log(_gpd_quantiles(probabilities, khat, sigma, np.exp(cutoff)))
-        smoothed[smoothed > largest] = largest
-        values[order[tail_ids]] = smoothed
-    values -= _logsumexp(values)
-    return values, float(khat)
+    smoothed = np.where(smoothed > largest, largest, smoothed)
+    tail_rows = order[n - tail:]
+    columns = np.broadcast_to(np.arange(values.shape[1]), tail_rows.shape)
+    values[tail_rows, columns] = np.where(np.isfinite(khat), smoothed, draws_tail)
+    return values - _logsumexp(values), khat

@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -34,14 +35,27 @@ def test_user_mistakes_print_one_line(capsys):
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
-    """The README's main job, as a user runs it: ``ppl-notes compare heights --out DIR``."""
-    out = tmp_path_factory.mktemp("heights")
-    result = subprocess.run(
-        [sys.executable, "-m", "ppl_notes.cli", "compare", "heights", "--no-progress",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=True,
-    )
-    return result.stdout, out
+    """The README's main job, as a user runs it: ``ppl-notes compare heights --out DIR``.
+
+    Run once per test session, not once per xdist worker: the first worker to get here
+    runs it under a file lock in the session's shared temporary folder, and the other
+    reads its output (about a minute of worker time saved).
+    """
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder all workers of this session share
+    out, printed = shared / "main_job_heights", shared / "main_job_heights.stdout"
+    with FileLock(str(shared / "main_job_heights.lock")):
+        if not printed.exists():
+            result = subprocess.run(
+                [sys.executable, "-m", "ppl_notes.cli", "compare", "heights", "--no-progress",
+                 "--out", str(out)],
+                capture_output=True, text=True, timeout=600, check=True,
+            )
+            printed.write_text(result.stdout)
+    return printed.read_text(), out
 
 
 def test_compare_heights_is_the_main_job(main_job):
