@@ -3,7 +3,7 @@
 The metadata is in setup.cfg. The libraries are plain shared libraries that
 ``ctypes`` loads (no Python module inside); built here they cost nothing at first use.
 Where no C compiler works, the install goes on without them: the package then compiles
-them at first use, or runs without them (``ppl_notes.inference._native``).
+them at first use, or runs without them (``ppl_notes.native.loader``).
 """
 
 import runpy
@@ -16,8 +16,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-NATIVE = HERE / "ppl_notes" / "inference"
-RECIPE = runpy.run_path(str(NATIVE / "_native_build.py"))
+NATIVE = HERE / "ppl_notes" / "native"
+RECIPE = runpy.run_path(str(NATIVE / "build_recipe.py"))
 
 
 class BuildNativeLibraries(build_ext):
@@ -51,7 +51,7 @@ def _libraries():
     for name in RECIPE["SOURCES"]:
         source = NATIVE / name
         stem = RECIPE["packaged_name"](source).split(".")[0]
-        libraries.append(Extension(f"ppl_notes.inference.{stem}",
+        libraries.append(Extension(f"ppl_notes.native.{stem}",
                                    sources=[str(source.relative_to(HERE))]))
     return libraries
 

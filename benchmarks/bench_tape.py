@@ -28,7 +28,7 @@ warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
 import numpy as np
 from ppl_notes import model
-from ppl_notes.inference._potential import BatchedPotential, _eager_value_and_grad
+from ppl_notes.evaluation.potential import BatchedPotential, _eager_value_and_grad
 from tests.corpus import posteriordb_stories as pdb
 
 name, compiler, chains = {name!r}, {compiler!r}, {chains}

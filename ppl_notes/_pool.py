@@ -3,8 +3,8 @@
 Each task is ``function(payload, *arguments)``; the payload (the story, data and options,
 pickled by cloudpickle) is shipped with every task, and results are handed to ``keep`` as
 they finish, in any order. Workers start by ``spawn`` without re-running the user's
-script (:func:`ppl_notes.inference._chains._without_main_module`), die with this process
-(:func:`~ppl_notes.inference._chains.die_with_parent`), ignore SIGINT and use one torch
+script (:func:`without_main_module`), die with this process
+(:func:`die_with_parent`), ignore SIGINT and use one torch
 thread each.
 
 Ctrl-C is this process's to handle, in one of two ways:
@@ -22,11 +22,15 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
+import time
+import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-__all__ = ["run_in_processes", "stop_requested", "usable_cores"]
+__all__ = ["die_with_parent", "run_in_processes", "stop_requested", "usable_cores",
+           "without_main_module"]
 
 _stop_event = None
 
@@ -49,10 +53,54 @@ def set_stop_event(event) -> None:
     _stop_event = event
 
 
+def die_with_parent(parent: int) -> None:
+    """End this worker process when ``parent``, the process that started it, ends.
+
+    A parent killed outright (SIGKILL, a timeout, an out-of-memory kill) cannot stop its
+    pool, and its workers would sample on, unseen, for as long as their chains last.
+    Linux delivers SIGKILL to a child whose parent dies (``PR_SET_PDEATHSIG``); elsewhere
+    a daemon thread watches the parent's pid once a second. ``parent`` is passed in, not
+    read here: a parent that died while this worker was still starting is already gone.
+    """
+    if os.getppid() != parent:
+        os._exit(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="ppl-notes-parent-watch").start()
+
+
+@contextlib.contextmanager
+def without_main_module():
+    """Start workers without re-running the user's script in them.
+
+    ``spawn`` re-imports ``__main__`` in every child, which runs a script without an
+    ``if __name__ == "__main__"`` guard again. The story travels by cloudpickle, so the
+    children need nothing from ``__main__``: while the workers start, an empty module
+    stands in for it.
+    """
+    real = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
+
+
 def _init_worker(parent: int, stop_event) -> None:
     import torch
-
-    from ppl_notes.inference._chains import die_with_parent
 
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -80,15 +128,13 @@ def run_in_processes(function: Callable, payload: bytes, arguments: Sequence[tup
     on_interrupt : {"terminate", "stop"}
         What Ctrl-C does (module docstring).
     """
-    from ppl_notes.inference._chains import _without_main_module
-
     workers = max(1, min(len(arguments), processes or usable_cores()))
     context = multiprocessing.get_context("spawn")
     stop_event = context.Event()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                initializer=_init_worker, initargs=(os.getpid(), stop_event))
     try:
-        with _without_main_module():  # a script without a __main__ guard is not re-run
+        with without_main_module():  # a script without a __main__ guard is not re-run
             pending = {pool.submit(function, payload, *args) for args in arguments}
         while pending:
             try:

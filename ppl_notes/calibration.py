@@ -54,7 +54,7 @@ from ppl_notes.errors import (
     PartialResultWarning,
     UntrustedFileError,
 )
-from ppl_notes.inference._fingerprint import code_digest, data_digests
+from ppl_notes.evaluation.fingerprint import code_digest, data_digests
 from ppl_notes.inference.backends import methods_with
 
 __all__ = ["Calibration", "calibrate"]

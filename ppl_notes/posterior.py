@@ -336,7 +336,7 @@ class Posterior:
                 "num_samples draws afresh from one fitted guide, and this fit has "
                 f"{len(self.info['restarts'])} restarts (each a guide of its own): call "
                 "without num_samples to use the stored draws of every restart")
-        from ppl_notes.inference._draws import evaluate_draws, sample_guide
+        from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
         from ppl_notes.prediction import story_of
         from ppl_notes.predictive import _data_of
 

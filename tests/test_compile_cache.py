@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from ppl_notes.inference._compile import capture, compiler_available
+from ppl_notes.evaluation.compile import capture, compiler_available
 
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="inductor needs a C++ compiler")
 

@@ -7,8 +7,8 @@ from scipy import stats
 
 from ppl_notes import infer
 from ppl_notes.data import load_galton_frame
+from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.guides.heights import meanfield
-from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.models import heights
 
 TRUTH = {"alpha": np.array([0.4, 0.6]), "mu": np.array([160.0, 176.0]),

@@ -379,7 +379,7 @@ class _InterruptAfter:
         self.calls = calls
 
     def __call__(self, *args, **kwargs):
-        from ppl_notes.inference._potential import BatchedPotential
+        from ppl_notes.evaluation.potential import BatchedPotential
 
         limit, owner = self.calls, type(self)
         owner.seen = 0
@@ -661,13 +661,13 @@ def test_checkpoint_files_are_removed_with_their_folder(tmp_path):
 def test_recovered_discrete_draws_are_compact_and_their_cost_is_said(caplog, monkeypatch):
     """Each person's gender for each draw: int8 (1 byte, not 8), a warning naming the ways
     out above a threshold, NUTS's thin= keeps every k-th draw, recover_discrete=False none."""
-    from ppl_notes.inference import _draws
+    from ppl_notes.evaluation import draws as _draws
     from ppl_notes.models.heights import model as heights
 
     data = _heights_subset()
     people = len(data["height"])
     monkeypatch.setattr(_draws, "DISCRETE_BYTES_TO_MENTION", 1000)
-    with caplog.at_level("WARNING", logger="ppl_notes.inference._draws"):
+    with caplog.at_level("WARNING", logger="ppl_notes.evaluation.draws"):
         fit = infer(heights, data, method="nuts", chains=1, warmup=150, draws=100, thin=2,
                     progress=False)
     assert fit["gender"].dtype == np.int8 and fit["gender"].shape == (1, 50, people)

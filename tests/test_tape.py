@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from ppl_notes import infer, model
-from ppl_notes.inference import _tape
-from ppl_notes.inference._potential import (
+from ppl_notes.evaluation.potential import (
     BatchedPotential,
     _eager_value_and_grad,
     _value_and_grad_of,
 )
+from ppl_notes.native import tape as _tape
 
 pytestmark = pytest.mark.skipif(_tape.library() is None, reason="no C compiler here")
 
@@ -287,7 +287,7 @@ def test_a_story_the_tape_cannot_record_falls_back(monkeypatch):
         x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(torch.sort(x).values, 1.0).to_event(1), obs=y)
 
-    monkeypatch.setattr("ppl_notes.inference._potential.compiler_available", lambda: False)
+    monkeypatch.setattr("ppl_notes.evaluation.potential.compiler_available", lambda: False)
     data = sorted_story.prepare_data({"y": torch.tensor([-1.0, 0.0, 2.0])})
     potential = BatchedPotential(sorted_story, data, 2, compiler="tape")
     assert potential.compiler == "none"
@@ -305,7 +305,7 @@ def test_nuts_reports_the_tape():
 def test_the_python_codes_are_the_enums_of_the_c_interpreter():
     import re
 
-    from ppl_notes.inference import _tape_arena as arena
+    from ppl_notes.native import arena
 
     source = _tape.SOURCE.read_text()
     functions = re.search(r"enum \{\s*F_CONST = 0,(.*?)\};", source, re.S).group(1)

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ppl_notes.inference import _tape
-from ppl_notes.inference._potential import _eager_value_and_grad, _value_and_grad_of
+from ppl_notes.evaluation.potential import _eager_value_and_grad, _value_and_grad_of
+from ppl_notes.native import tape as _tape
 
 pytestmark = pytest.mark.skipif(_tape.library() is None, reason="no C compiler here")
 

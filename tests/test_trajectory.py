@@ -5,17 +5,17 @@ import shutil
 import numpy as np
 import pytest
 
-from ppl_notes.inference._trajectory import (
-    NativeTransitions,
-    SplitMix64,
-    TransitionRequest,
-    library,
-)
 from ppl_notes.inference.nuts_sampler import (
     LowRankMetric,
     Metric,
     _python_transition,
     sample_chain,
+)
+from ppl_notes.native.trajectory import (
+    NativeTransitions,
+    SplitMix64,
+    TransitionRequest,
+    library,
 )
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler here")
@@ -121,7 +121,9 @@ def test_either_engine_samples_a_correlated_gaussian(native):
 
 
 def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, monkeypatch):
-    from ppl_notes.inference import _native, _tape, _trajectory
+    from ppl_notes.native import loader as _native
+    from ppl_notes.native import tape as _tape
+    from ppl_notes.native import trajectory as _trajectory
 
     monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
     monkeypatch.setattr(_native, "packaged", lambda source: None)  # an install without them
@@ -137,7 +139,9 @@ def test_prebuild_compiles_both_native_libraries_into_an_empty_cache(tmp_path, m
 def test_the_installed_libraries_load_without_a_compiler_and_only_for_their_source(
         tmp_path, monkeypatch):
     """pip install builds both libraries into the package (setup.py); nothing compiles then."""
-    from ppl_notes.inference import _native, _tape, _trajectory
+    from ppl_notes.native import loader as _native
+    from ppl_notes.native import tape as _tape
+    from ppl_notes.native import trajectory as _trajectory
 
     for source in (_tape.SOURCE, _trajectory.SOURCE):
         if _native.packaged(source) is None:
@@ -147,7 +151,7 @@ def test_the_installed_libraries_load_without_a_compiler_and_only_for_their_sour
     assert _native.build(_tape.SOURCE, "potential tapes") is not None
     assert _native.build(_trajectory.SOURCE, "NUTS transitions") is not None
     assert not list(tmp_path.glob("*.so"))  # loaded from the package, not built
-    edited = tmp_path / "_tape.c"
+    edited = tmp_path / "tape.c"
     edited.write_text(_tape.SOURCE.read_text() + "\n/* edited */\n")
     assert _native.packaged_name(edited) != _native.packaged_name(_tape.SOURCE)
     monkeypatch.setenv("PPL_NOTES_NATIVE", "0")
@@ -158,7 +162,8 @@ def test_the_build_cache_is_keyed_by_machine_compiler_and_torch(tmp_path, monkey
     """A cache shared between machines never loads a library built for another (issue 29)."""
     import platform
 
-    from ppl_notes.inference import _native, _tape
+    from ppl_notes.native import loader as _native
+    from ppl_notes.native import tape as _tape
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     before = _native.build_key(_tape.SOURCE, compiler)
@@ -178,7 +183,8 @@ def test_the_build_cache_is_keyed_by_machine_compiler_and_torch(tmp_path, monkey
 def test_a_compiler_that_refuses_the_vectoriser_flag_builds_without_it(tmp_path, monkeypatch):
     import shutil
 
-    from ppl_notes.inference import _native, _trajectory
+    from ppl_notes.native import loader as _native
+    from ppl_notes.native import trajectory as _trajectory
 
     real = shutil.which("cc") or shutil.which("gcc")
     wrapper = tmp_path / "strict-cc"

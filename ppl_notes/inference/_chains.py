@@ -21,9 +21,7 @@ import multiprocessing
 import os
 import queue
 import signal
-import sys
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from typing import Any
@@ -33,42 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes.inference._native import wait_for_builds
-from ppl_notes.inference._potential import BatchedPotential
+from ppl_notes._pool import die_with_parent, without_main_module
+from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.inference.nuts_sampler import ChainResult, chain_process, drive_lockstep
+from ppl_notes.native.loader import wait_for_builds
 
 _PROGRESS_EVERY = 10
 _progress_queue = None
 _stop_event = None
-
-
-def die_with_parent(parent: int) -> None:
-    """End this worker process when ``parent``, the process that started it, ends.
-
-    A parent killed outright (SIGKILL, a timeout, an out-of-memory kill) cannot stop its
-    pool, and its workers would sample on, unseen, for as long as their chains last.
-    Linux delivers SIGKILL to a child whose parent dies (``PR_SET_PDEATHSIG``); elsewhere
-    a daemon thread watches the parent's pid once a second. ``parent`` is passed in, not
-    read here: a parent that died while this worker was still starting is already gone.
-    """
-    if os.getppid() != parent:
-        os._exit(1)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(1)
-            return
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="ppl-notes-parent-watch").start()
 
 
 def _init_worker(progress_queue, stop_event, parent: int) -> None:
@@ -196,23 +166,6 @@ def run_chains(
     ]
 
 
-@contextlib.contextmanager
-def _without_main_module():
-    """Start workers without re-running the user's script in them.
-
-    ``spawn`` re-imports ``__main__`` in every child, which runs a script without an
-    ``if __name__ == "__main__"`` guard again. The story travels by cloudpickle, so the
-    children need nothing from ``__main__``: while the workers start, an empty module
-    stands in for it.
-    """
-    real = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = real
-
-
 class InterruptedWhileCompiling(KeyboardInterrupt):
     """Ctrl-C before any chain started: nothing to keep."""
 
@@ -226,7 +179,7 @@ def _run_in_processes(payload: bytes, groups: list[list[int]], bars) -> list[dic
                                initializer=_init_worker,
                                initargs=(progress_queue, stop_event, os.getpid()))
     try:
-        with _without_main_module():
+        with without_main_module():
             futures = [pool.submit(_run_chains, payload, group) for group in groups]
         while not all(f.done() for f in futures):
             try:

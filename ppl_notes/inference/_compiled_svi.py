@@ -7,7 +7,7 @@ estimate (Pyro's ``Trace_ELBO`` arithmetic on Pyro's own traces, so the estimato
 unchanged: reparameterised where the guide allows it, score-function terms otherwise)
 and its gradient are captured as one graph of tensor operations with ``make_fx`` -- the
 guide's random draws included, so each call draws fresh noise -- and compiled with
-inductor (:mod:`ppl_notes.inference._compile`). Adam then updates the flat vector with
+inductor (:mod:`ppl_notes.evaluation.compile`). Adam then updates the flat vector with
 the same arithmetic as :class:`torch.optim.Adam`.
 
 References
@@ -28,7 +28,7 @@ import torch
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 
-from ppl_notes.inference._compile import capture, compiler_available
+from ppl_notes.evaluation.compile import capture, compiler_available
 
 
 @dataclass

@@ -9,10 +9,10 @@ Two engines compute the same posterior:
 
 * ``engine="fast"`` (default): the potential and gradient of a batch of chains are
   recorded once as a tape of tensor operations that a C interpreter runs
-  (:mod:`~ppl_notes.inference._tape`: no compilation per story; inductor compiles the
+  (:mod:`~ppl_notes.native.tape`: no compilation per story; inductor compiles the
   few stories it cannot record; the story's hand-marginalised form when it has one) and
   driven by ppl_notes' own NUTS: the tree
-  building in C (:mod:`~ppl_notes.inference._trajectory`, Python where no C compiler
+  building in C (:mod:`~ppl_notes.native.trajectory`, Python where no C compiler
   exists), the chains in lockstep so that one potential call serves them all, groups of
   chains in parallel worker processes; the metric is adapted as Stan does (the draws'
   variance, diagonal or dense, in doubling windows) or as nutpie does (``"fisher"``,
@@ -40,9 +40,10 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
 from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation.compile import compiler_available
+from ppl_notes.evaluation.draws import posterior_of
+from ppl_notes.evaluation.potential import INIT_STRATEGIES, BatchedPotential
 from ppl_notes.inference._chains import run_chains
-from ppl_notes.inference._compile import compiler_available
-from ppl_notes.inference._draws import posterior_of
 from ppl_notes.inference._options import (
     Option,
     choice,
@@ -50,7 +51,6 @@ from ppl_notes.inference._options import (
     positive_int,
     scheduler_option,
 )
-from ppl_notes.inference._potential import INIT_STRATEGIES, BatchedPotential
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.pathfinder import starting_points
 from ppl_notes.relabel import align_chains, components_of
@@ -150,8 +150,9 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
 
 
 def _run_fast(model, data, seed, progress, options):
-    from ppl_notes.inference import _tape, _trajectory
-    from ppl_notes.inference._native import prebuild
+    from ppl_notes.native import tape as _tape
+    from ppl_notes.native import trajectory as _trajectory
+    from ppl_notes.native.loader import prebuild
 
     prebuild(_tape.SOURCE, _trajectory.SOURCE)  # a fresh machine: both compilers at once
     model = model.marginal
@@ -235,13 +236,13 @@ def resolve_compiler(requested: str) -> str:
     ``auto``: the tape where its library was installed or a C compiler exists (its
     potential falls back to inductor for a story it cannot record, or where the build
     fails), else TorchScript. Only the library or the compiler is looked for: a build
-    :func:`~ppl_notes.inference._native.prebuild` started keeps running while the
+    :func:`~ppl_notes.native.loader.prebuild` started keeps running while the
     potential is recorded.
     """
     if requested != "auto":
         return requested
-    from ppl_notes.inference import _tape
-    from ppl_notes.inference._native import available
+    from ppl_notes.native import tape as _tape
+    from ppl_notes.native.loader import available
 
     if available(_tape.SOURCE):
         return "tape"

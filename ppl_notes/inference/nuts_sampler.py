@@ -5,7 +5,7 @@ Stan's ``base_nuts``: multinomial sampling with biased progressive sampling at t
 the tree, the generalised no-U-turn criterion with the extra checks across merged
 subtrees, a divergence when the energy error exceeds 1000. The tree building is written
 twice: here in Python (:class:`NUTS`, generators), and in C
-(:mod:`~ppl_notes.inference._trajectory`), which the driver uses where a C compiler
+(:mod:`~ppl_notes.native.trajectory`), which the driver uses where a C compiler
 exists; both take the same uniforms and make the same decisions. Warmup adapts the step
 size by dual averaging and the metric either as Stan does (the draws' variance, diagonal
 or dense, in doubling windows: :class:`_StanWindows`) or as nutpie does (from draws and
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ppl_notes.inference._trajectory import (
+from ppl_notes.native.trajectory import (
     NativeTransitions,
     SplitMix64,
+    Transition,
     TransitionRequest,
     library,
 )
@@ -69,20 +70,6 @@ class _Subtree:
     num_steps: int
     sum_accept: float
     diverging: bool
-
-
-@dataclass
-class Transition:
-    """One NUTS transition: the new point and its statistics."""
-
-    position: np.ndarray
-    potential: float
-    grad: np.ndarray
-    accept_prob: float
-    num_steps: int
-    tree_depth: int
-    diverging: bool
-    energy: float
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -226,7 +213,7 @@ class NUTS:
         """Build a trajectory from the request's point and momentum; sample a point on it.
 
         A generator returning a :class:`Transition`; its uniforms come from the request's
-        :class:`~ppl_notes.inference._trajectory.SplitMix64` stream, as the C
+        :class:`~ppl_notes.native.trajectory.SplitMix64` stream, as the C
         transition's do.
         """
         self._uniform = SplitMix64(request.seed).random
@@ -803,14 +790,14 @@ def drive_lockstep(processes: list[ChainProcess], potential: BatchPotential,
     """Run chains side by side: one batched potential call serves every chain's request.
 
     A chain asks either for the potential at a position (an array) or for a whole NUTS
-    transition (a :class:`~ppl_notes.inference._trajectory.TransitionRequest`). The
-    transitions run in compiled C (:mod:`~ppl_notes.inference._trajectory`: one call
+    transition (a :class:`~ppl_notes.native.trajectory.TransitionRequest`). The
+    transitions run in compiled C (:mod:`~ppl_notes.native.trajectory`: one call
     advances every chain by a leapfrog step) where it could be built and ``native`` is
     true, else as Python generators; both make the same draws. The chains' trees differ,
     so each asks for its own next position; a chain that has finished keeps its last
     position in the batch (its result is ignored). The cost per call is nearly that of
     one chain where per-operation overhead dominates. A potential whose ``native()``
-    gives a C function (a :class:`~ppl_notes.inference._tape.Tape`'s) is called by the C
+    gives a C function (a :class:`~ppl_notes.native.tape.Tape`'s) is called by the C
     transitions themselves: Python then sees only finished transitions, not each
     leapfrog step.
 

@@ -35,9 +35,9 @@ import torch
 
 from ppl_notes.errors import InferenceError, OptionError
 from ppl_notes.evaluation import facts_of
-from ppl_notes.inference._draws import posterior_of
+from ppl_notes.evaluation.draws import posterior_of
+from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._options import Option, positive_int
-from ppl_notes.inference._potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.lbfgs_paths import LBFGSPath, inverse_hessian, lbfgs_paths
 from ppl_notes.inference.restarts import restart_seed

@@ -43,9 +43,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_notes.errors import InferenceError
-from ppl_notes.inference._draws import posterior_of
+from ppl_notes.evaluation.draws import posterior_of
+from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.inference._options import Option, choice, positive_int
-from ppl_notes.inference._potential import BatchedPotential
 from ppl_notes.inference._result import RunResult
 
 logger = logging.getLogger(__name__)

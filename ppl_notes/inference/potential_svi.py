@@ -4,7 +4,7 @@ r"""SVI for the autoguides on the compiled potential: K restarts in one process,
 unconstrained vector of the continuous latent sites (Pyro's AutoNormal,
 AutoMultivariateNormal and AutoLowRankMultivariateNormal). Their ELBO needs nothing of a
 Pyro trace: only the potential and its gradient at a batch of draws, which
-:class:`~ppl_notes.inference._potential.BatchedPotential` gives from the tape that NUTS
+:class:`~ppl_notes.evaluation.potential.BatchedPotential` gives from the tape that NUTS
 runs (discrete sites summed out exactly, as TraceEnum_ELBO sums them). Stan's ADVI and
 NumPyro's autoguides fit on the compiled log density the same way.
 
@@ -46,9 +46,9 @@ from pyro.nn.module import PyroParam
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
 from ppl_notes.evaluation import facts_of
-from ppl_notes.inference._draws import posterior_of
-from ppl_notes.inference._potential import BatchedPotential, ChunkedPotential
-from ppl_notes.inference._propriety import flat_direction
+from ppl_notes.evaluation.draws import posterior_of
+from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
+from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.fixed_draws import draws_per_fit, moment_matched_normal
 from ppl_notes.inference.gaussian_family import Gaussian

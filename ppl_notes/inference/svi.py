@@ -63,6 +63,9 @@ from ppl_notes._sites import (
 )
 from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
+from ppl_notes.evaluation.draws import posterior_of, sample_guide
+from ppl_notes.evaluation.fingerprint import run_fingerprint
+from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._checkpoint import (
     load_checkpoint,
@@ -71,8 +74,6 @@ from ppl_notes.inference._checkpoint import (
     set_rng_state,
 )
 from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
-from ppl_notes.inference._draws import posterior_of, sample_guide
-from ppl_notes.inference._fingerprint import run_fingerprint
 from ppl_notes.inference._options import (
     Option,
     choice,
@@ -80,7 +81,6 @@ from ppl_notes.inference._options import (
     positive_int,
     scheduler_option,
 )
-from ppl_notes.inference._propriety import flat_direction
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.convergence import (
     ELBO_TOLERANCE,

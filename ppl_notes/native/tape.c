@@ -637,7 +637,7 @@ int tape_run(double *arena, const int64_t *code, int64_t length, const double *p
     return status;
 }
 
-/* The tape as a batched potential for the C NUTS transitions (_trajectory.c's
+/* The tape as a batched potential for the C NUTS transitions (trajectory.c's
    potential_fn): positions in, potentials and gradients out through index lists. */
 typedef struct {
     double *arena;

@@ -8,7 +8,7 @@ evaluation path (:mod:`ppl_notes.evaluation`: Pyro's plates for a batch-aware st
 ``torch.func.vmap`` over the one-draw story, or one chain at a time), with every
 enumerable discrete site summed out exactly. On the batched paths the potential and its
 gradient are recorded once as a tape of tensor operations run by a C interpreter
-(:mod:`~ppl_notes.inference._tape`; no compilation per story), or captured as one graph
+(:mod:`~ppl_notes.native.tape`; no compilation per story), or captured as one graph
 and compiled (inductor, or TorchScript for the plate path); the recorded or compiled
 computation is checked against the eager one at prior draws before it is used.
 """
@@ -32,9 +32,9 @@ from ppl_notes._sites import sample_or_dispersed, unconstrained_value
 from ppl_notes.checks import blame_invalid_parameter
 from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
+from ppl_notes.evaluation.compile import capture, compiler_available
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
-from ppl_notes.inference._compile import capture, compiler_available
-from ppl_notes.inference._fingerprint import data_digests
+from ppl_notes.evaluation.fingerprint import data_digests
 from ppl_notes.story import Model
 
 
@@ -99,7 +99,7 @@ class BatchedPotential:
     compiler : {"tape", "inductor", "torchscript", "none"}
         How the computation is compiled on a batched path: ``"tape"`` records potential
         and gradient once as aten operations and runs them in a C interpreter
-        (:mod:`~ppl_notes.inference._tape`: a fraction of a second to record, no
+        (:mod:`~ppl_notes.native.tape`: a fraction of a second to record, no
         compilation; where the story uses an operation the interpreter lacks, inductor
         compiles it instead); ``"inductor"`` captures
         potential and gradient as one graph of tensor operations (``make_fx``) and
@@ -170,7 +170,7 @@ class BatchedPotential:
 
     def _record_tape(self, example: torch.Tensor):
         """The potential's tape, or None (and the next compiler) where it cannot be made."""
-        from ppl_notes.inference._tape import Tape, Unsupported
+        from ppl_notes.native.tape import Tape, Unsupported
 
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
@@ -370,6 +370,7 @@ class ChunkedPotential:
         self.potential, self.size, self.evaluations = potential, potential.num_chains, 0
 
     def __call__(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Potentials (n,) and gradients (n, d) of ``points`` (n, d)."""
         values, grads = [], []
         for at in range(0, points.shape[0], self.size):
             block = points[at:at + self.size]

@@ -1,10 +1,10 @@
-"""Which instruction of ``_tape.c`` each aten operation of a recording becomes.
+"""Which instruction of ``tape.c`` each aten operation of a recording becomes.
 
 One handler per operation (overload packet): it reads the operation's arguments and
-real outputs from the recorded :class:`~ppl_notes.inference._tape_arena.Step` and emits
-instructions through the translator (:class:`~ppl_notes.inference._tape.Translator`).
+real outputs from the recorded :class:`~ppl_notes.native.arena.Step` and emits
+instructions through the translator (:class:`~ppl_notes.native.tape.Translator`).
 An operation without a handler, or a use of one the interpreter cannot run (indices
-that depend on the point), raises :class:`~ppl_notes.inference._tape_arena.Unsupported`.
+that depend on the point), raises :class:`~ppl_notes.native.arena.Unsupported`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ppl_notes.inference._tape_arena import (
+from ppl_notes.native.arena import (
     I_CHOL,
     I_MATMUL,
     I_SCAN,
@@ -45,7 +45,7 @@ from ppl_notes.inference._tape_arena import (
 )
 
 if TYPE_CHECKING:
-    from ppl_notes.inference._tape import Translator
+    from ppl_notes.native.tape import Translator
 
 
 HANDLERS: dict[str, Callable[[Translator, Step], None]] = {}

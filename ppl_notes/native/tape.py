@@ -12,21 +12,21 @@ one eager evaluation:
 2. **Translate.** Every tensor is a place in one float64 *arena*: its storage gets a
    region, and the tensor is an offset and a stride per dimension there, so views
    (``view``, ``expand``, ``permute``, ``select``...) cost nothing. Each remaining
-   operation becomes an instruction of ``_tape.c``: an elementwise map, a reduction, a
+   operation becomes an instruction of ``tape.c``: an elementwise map, a reduction, a
    scan, a batched matrix product, a Cholesky factorisation, a triangular solve, or a
    gather whose source addresses come from replaying the operation on tensors of
    addresses (indexing, ``cat``, ``flip``, padding: any pure data movement whose
-   indices do not depend on the point). :mod:`~ppl_notes.inference._tape_kernels` says
+   indices do not depend on the point). :mod:`~ppl_notes.native.tape_kernels` says
    which operation becomes which instruction, in the terms of
-   :mod:`~ppl_notes.inference._tape_arena`. Storages no operation derives from the
+   :mod:`~ppl_notes.native.arena`. Storages no operation derives from the
    point (the data, constants, ``zeros_like``) are filled once. Regions are reused once
    the tape has read them for the last time.
 3. **Run.** One C call per batch of points (``tape_run``), with no Python, Pyro or
    autograd in between; the C interpreter is compiled once per machine
-   (:mod:`~ppl_notes.inference._native`).
+   (:mod:`~ppl_notes.native.loader`).
 
 A tape is the computation at the recorded shapes, with every branch the story took
-frozen, exactly like a ``make_fx`` graph: :class:`~ppl_notes.inference._potential.
+frozen, exactly like a ``make_fx`` graph: :class:`~ppl_notes.evaluation.potential.
 BatchedPotential` checks it against the story at prior draws before using it. An
 operation the interpreter does not know raises :class:`Unsupported`, and the caller
 compiles with inductor instead.
@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ppl_notes.inference._native import available, build
-from ppl_notes.inference._tape_arena import (
+from ppl_notes.native.arena import (
     I_GATHER,
     I_MAP,
     I_REDUCE,
@@ -65,11 +64,12 @@ from ppl_notes.inference._tape_arena import (
     position_tensor,
     rounding,
 )
-from ppl_notes.inference._tape_kernels import HANDLERS
+from ppl_notes.native.loader import available, build
+from ppl_notes.native.tape_kernels import HANDLERS
 
 __all__ = ["SOURCE", "Tape", "Unsupported", "library"]
 
-SOURCE = Path(__file__).with_name("_tape.c")
+SOURCE = Path(__file__).with_name("tape.c")
 
 
 @functools.cache
@@ -470,7 +470,7 @@ class Tape:
 
 
 class _TapePotential(ctypes.Structure):
-    """``tape_potential_t`` of ``_tape.c``."""
+    """``tape_potential_t`` of ``tape.c``."""
 
     _fields_ = [("arena", ctypes.c_void_p), ("code", ctypes.c_void_p),
                 ("length", ctypes.c_int64), ("params", ctypes.c_void_p),

@@ -1,8 +1,8 @@
 """The vocabulary of a potential tape: instruction codes, arena buffers and views.
 
-:mod:`~ppl_notes.inference._tape` records and translates a computation,
-:mod:`~ppl_notes.inference._tape_kernels` says which C instruction each aten operation
-becomes; both speak in these terms. The codes are the enums of ``_tape.c``, in order.
+:mod:`~ppl_notes.native.tape` records and translates a computation,
+:mod:`~ppl_notes.native.tape_kernels` says which C instruction each aten operation
+becomes; both speak in these terms. The codes are the enums of ``tape.c``, in order.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# instruction kinds and function codes: the enums of _tape.c, in order
+# instruction kinds and function codes: the enums of tape.c, in order
 I_MAP, I_REDUCE, I_SCAN, I_MATMUL, I_CHOL, I_TRISOLVE, I_GATHER, I_SCATTER = range(1, 9)
 _FUNCTIONS = (
     "CONST COPY ADD SUB MUL DIV AFFINE POW POWT RPOW EXP LOG LOG1P EXPM1 SQRT RSQRT ABS "
@@ -24,7 +24,7 @@ _FUNCTIONS = (
 F = {name: code for code, name in enumerate(_FUNCTIONS)}
 R_SUM, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL = range(9)
 S_CUMSUM, S_CUMPROD, S_LOGCUMSUMEXP = range(3)
-MAX_DIMS = 12  # MAXDIM of _tape.c
+MAX_DIMS = 12  # MAXDIM of tape.c
 
 
 class Unsupported(Exception):
@@ -33,6 +33,8 @@ class Unsupported(Exception):
 
 @dataclass
 class Step:
+    """One recorded aten call: the operation, its arguments and the tensors it returned."""
+
     func: object
     args: tuple
     kwargs: dict
@@ -40,6 +42,7 @@ class Step:
 
 
 def flatten(value):
+    """The leaves of nested lists and tuples, in order."""
     if isinstance(value, list | tuple):
         for item in value:
             yield from flatten(item)
@@ -104,6 +107,8 @@ class AddressTable:
 
 @dataclass
 class Instruction:
+    """One instruction of the C interpreter: its words, and the buffers it reads and writes."""
+
     words: list
     reads: set = field(default_factory=set)
     writes: set = field(default_factory=set)
@@ -120,6 +125,10 @@ def position_tensor(view: View, owner: int) -> torch.Tensor:
 
 
 def rounding(dtype) -> int:
+    """How results of ``dtype`` are rounded: 0 float64, 1 float32, 2 integer, 3 bool.
+
+    Other floating dtypes are not supported.
+    """
     if dtype == torch.float32 or dtype == torch.bfloat16 or dtype == torch.float16:
         if dtype != torch.float32:
             raise Unsupported(f"{dtype} arithmetic")

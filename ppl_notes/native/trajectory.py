@@ -2,7 +2,7 @@
 
 The tree building of :class:`~ppl_notes.inference.nuts_sampler.NUTS` costs tens of
 microseconds of Python per leapfrog step and chain, several times the compiled potential
-of a small story (eight schools: 15 µs for four chains). ``_trajectory.c`` is the same
+of a small story (eight schools: 15 µs for four chains). ``trajectory.c`` is the same
 algorithm as a resumable state machine: one C call advances every chain of the batch by
 a leapfrog step, and Python only evaluates the potential and adapts between transitions.
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_notes.inference._native import build
+from ppl_notes.native.loader import build
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("_trajectory.c")
+SOURCE = Path(__file__).with_name("trajectory.c")
 NEEDS_POTENTIAL = 1
 _MASK = (1 << 64) - 1
 
@@ -72,6 +72,20 @@ class TransitionRequest:
     seed: int
     metric: object
     max_tree_depth: int
+
+
+@dataclass
+class Transition:
+    """One NUTS transition: the new point and its statistics."""
+
+    position: np.ndarray
+    potential: float
+    grad: np.ndarray
+    accept_prob: float
+    num_steps: int
+    tree_depth: int
+    diverging: bool
+    energy: float
 
 
 @functools.cache
@@ -187,7 +201,7 @@ class NativeTransitions:
         """Leapfrog steps with a C potential until a transition finishes.
 
         ``native_potential`` is ``(function, context)``, e.g.
-        :meth:`~ppl_notes.inference._tape.Tape.native`. Returns the chains that
+        :meth:`~ppl_notes.native.tape.Tape.native`. Returns the chains that
         finished, or None where the potential failed (then nothing has moved: evaluate
         ``requests`` and :meth:`resume`).
         """
@@ -204,8 +218,6 @@ class NativeTransitions:
 
     def result(self, chain: int):
         """The finished transition of chain ``chain``."""
-        from ppl_notes.inference.nuts_sampler import Transition
-
         q, grad, stats = np.empty(self.dim), np.empty(self.dim), self._stats
         self.lib.nuts_result(self.states[chain], _address(q), _address(grad), _address(stats))
         return Transition(position=q, potential=float(stats[0]), grad=grad,

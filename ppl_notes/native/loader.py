@@ -1,7 +1,7 @@
 """Load the package's C libraries; build one at first use where the install did not.
 
 ``pip install`` builds the libraries into the package (``setup.py``; the file name holds
-the source's hash and the platform tag: :func:`~ppl_notes.inference._native_build.
+the source's hash and the platform tag: :func:`~ppl_notes.native.build_recipe.
 packaged_name`), and :func:`build` loads that one where it is there. Otherwise the
 library is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``)
 into ``~/.cache/ppl_notes`` (``$PPL_NOTES_CACHE``), named by a hash of everything the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_notes.inference._native_build import FLAGS, VECTORISE, command, packaged_name
+from ppl_notes.native.build_recipe import FLAGS, VECTORISE, command, packaged_name
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 This module imports nothing from the package or torch: ``setup.py`` runs it by path
 when ``pip install`` builds the libraries with the package, and
-:mod:`~ppl_notes.inference._native` when a library is built at first use instead.
+:mod:`~ppl_notes.native.loader` when a library is built at first use instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 #: that refuses the flag builds with FLAGS alone.
 VECTORISE = ("-fvect-cost-model=dynamic",)
 #: The C sources, beside this file.
-SOURCES = ("_tape.c", "_trajectory.c")
+SOURCES = ("tape.c", "trajectory.c")
 
 
 def command(compiler: str, source: Path, target: Path, vectorise: bool = True) -> list[str]:

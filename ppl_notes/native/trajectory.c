@@ -66,7 +66,7 @@ typedef struct {
     double *memory;
 } Chain;
 
-/* -- random numbers: splitmix64, as ppl_notes.inference._trajectory.SplitMix64 -------- */
+/* -- random numbers: splitmix64, as ppl_notes.native.trajectory.SplitMix64 -------- */
 static double uniform(Chain *c) {
     uint64_t z = (c->rng_state += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
