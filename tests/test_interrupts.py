@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ppl_notes
-import ppl_notes.inference._chains as chains_module
+import ppl_notes.mcmc.chains as chains_module
 from ppl_notes import DiagnosticWarning, InferenceError, infer
 from ppl_notes.cli import main
 from ppl_notes.guides.conjugate import normal_mean_guide

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from ppl_notes.inference.nuts_sampler import WarmupSchedule, sample_chain, spd_mean
+from ppl_notes.mcmc.adaptation import WarmupSchedule
+from ppl_notes.mcmc.driver import sample_chain
+from ppl_notes.mcmc.metrics import spd_mean
 
 COVARIANCE = np.array([[1.0, 0.9 * 3.0], [0.9 * 3.0, 9.0]])
 PRECISION = np.linalg.inv(COVARIANCE)
@@ -122,7 +124,8 @@ def test_nutpies_windows_switch_and_restart_the_step_size_where_it_says():
     estimate and at the start of the final window, where dual averaging starts afresh;
     the estimate rests on the last 10-20 draws early (first 30%) and 80-160 after (up to
     240 at the end, where no window starts that could not fill before the final one)."""
-    from ppl_notes.inference.nuts_sampler import _FisherDiagonal, _SwitchingWindows
+    from ppl_notes.mcmc.adaptation import _SwitchingWindows
+    from ppl_notes.mcmc.metrics import _FisherDiagonal
 
     windows = _SwitchingWindows(1000, lambda: _FisherDiagonal(2))
     rng = np.random.default_rng(0)

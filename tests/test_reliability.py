@@ -398,7 +398,7 @@ class _InterruptAfter:
 
 
 def test_ctrl_c_during_nuts_returns_the_draws_every_chain_has(monkeypatch):
-    import ppl_notes.inference._chains as chains_module
+    import ppl_notes.mcmc.chains as chains_module
 
     options = dict(method="nuts", chains=2, warmup=100, draws=200, processes=1, progress=False)
     counter = _InterruptAfter(-1)
@@ -414,7 +414,7 @@ def test_ctrl_c_during_nuts_returns_the_draws_every_chain_has(monkeypatch):
 
 
 def test_ctrl_c_during_nuts_warmup_has_nothing_to_return(monkeypatch):
-    import ppl_notes.inference._chains as chains_module
+    import ppl_notes.mcmc.chains as chains_module
 
     monkeypatch.setattr(chains_module, "BatchedPotential", _InterruptAfter(20))
     with pytest.warns(PartialResultWarning, match="before any chain finished warmup"):

@@ -5,12 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ppl_notes.inference.nuts_sampler import (
-    LowRankMetric,
-    Metric,
-    _python_transition,
-    sample_chain,
-)
+from ppl_notes.mcmc.driver import _python_transition, sample_chain
+from ppl_notes.mcmc.metrics import LowRankMetric, Metric
 from ppl_notes.native.trajectory import (
     NativeTransitions,
     SplitMix64,

@@ -43,7 +43,6 @@ from ppl_notes.evaluation import facts_of
 from ppl_notes.evaluation.compile import compiler_available
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import INIT_STRATEGIES, BatchedPotential
-from ppl_notes.inference._chains import run_chains
 from ppl_notes.inference._options import (
     Option,
     choice,
@@ -53,6 +52,7 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.pathfinder import starting_points
+from ppl_notes.mcmc.chains import run_chains
 from ppl_notes.relabel import align_chains, components_of
 
 OPTIONS = (

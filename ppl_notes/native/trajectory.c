@@ -1,6 +1,6 @@
 /* One NUTS transition as a resumable state machine, for ppl_notes' sampler.
  *
- * This is the tree building of ppl_notes/inference/nuts_sampler.py (Stan's base_nuts:
+ * This is the tree building of ppl_notes/mcmc/kernel.py (Stan's base_nuts:
  * multinomial sampling, biased progressive sampling at the top, the generalised no-U-turn
  * criterion with the extra checks across merged subtrees, divergence at an energy error
  * above 1000) with its recursion unrolled onto an explicit stack, so that the transition

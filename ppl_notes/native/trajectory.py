@@ -1,6 +1,6 @@
 """NUTS transitions in compiled C, for a batch of chains in lockstep.
 
-The tree building of :class:`~ppl_notes.inference.nuts_sampler.NUTS` costs tens of
+The tree building of :class:`~ppl_notes.mcmc.kernel.NUTS` costs tens of
 microseconds of Python per leapfrog step and chain, several times the compiled potential
 of a small story (eight schools: 15 µs for four chains). ``trajectory.c`` is the same
 algorithm as a resumable state machine: one C call advances every chain of the batch by
@@ -60,8 +60,8 @@ class TransitionRequest:
     """What a chain asks of its driver: one NUTS transition from ``q``.
 
     ``p0`` is the momentum already drawn, ``seed`` the transition's :class:`SplitMix64`
-    seed, ``metric`` a :class:`~ppl_notes.inference.nuts_sampler.Metric` or
-    :class:`~ppl_notes.inference.nuts_sampler.LowRankMetric`.
+    seed, ``metric`` a :class:`~ppl_notes.mcmc.metrics.Metric` or
+    :class:`~ppl_notes.mcmc.metrics.LowRankMetric`.
     """
 
     q: np.ndarray

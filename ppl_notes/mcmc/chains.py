@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ppl_notes._pool import die_with_parent, without_main_module
 from ppl_notes.evaluation.potential import BatchedPotential
-from ppl_notes.inference.nuts_sampler import ChainResult, chain_process, drive_lockstep
+from ppl_notes.mcmc.driver import ChainResult, chain_process, drive_lockstep
 from ppl_notes.native.loader import wait_for_builds
 
 _PROGRESS_EVERY = 10
