@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import ppl_notes.inference.fixed_draws as fixed_draws
+    import ppl_notes.vi.fixed_draws as fixed_draws
     from ppl_notes import infer
     from ppl_notes.models.heights import model as heights
     from ppl_notes.plots import plot_marginals

@@ -5,7 +5,7 @@ path, attributes and every variable (name, dims, dtype, shape, bytes) of every n
 they read back from the file. :func:`tree_digest` computes it; a load that finds another
 digest refuses the file. The hash finds damage; anyone can recompute it, so tampering is
 found by the HMAC signature beside it (:mod:`ppl_notes._signing`). A checkpoint hashes its
-serialised payload whole (see :mod:`ppl_notes.inference._checkpoint`).
+serialised payload whole (see :mod:`ppl_notes.vi.checkpoint`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ppl_notes._sites import deterministic_sites, sample_sites
 from ppl_notes.evaluation import facts_of
 
 if TYPE_CHECKING:  # importing ppl_notes.inference here would import this module again
-    from ppl_notes.inference._result import RunResult
+    from ppl_notes._result import RunResult
 
 __all__ = ["PyroConverter", "infer_dims", "to_datatree"]
 

@@ -52,9 +52,9 @@ def _methods(_args) -> int:
 def _run(args) -> int:
     from ppl_notes import infer
     from ppl_notes.errors import OptionError
-    from ppl_notes.inference._data_parallel import launched_by_torchrun
     from ppl_notes.inference.backends import BACKENDS
     from ppl_notes.models import get_story
+    from ppl_notes.vi.data_parallel import launched_by_torchrun
 
     entry = get_story(args.story)
     if args.method not in BACKENDS:

@@ -6,10 +6,10 @@ r"""A verdict on a posterior: whether it can be trusted on its own.
 
   1. *Restarts agree*: the fit was run as ``restarts=K`` (K >= 2) fits from dispersed
      starts, their R-hat is at most 1.01 on every element (Vehtari et al. 2021), and
-     they found one optimum (:mod:`ppl_notes.inference.restarts`). One fit cannot tell
+     they found one optimum (:mod:`ppl_notes.vi.restarts`). One fit cannot tell
      a local optimum from the global one.
   2. *Converged*: every fit was ended by the convergence rule
-     (:mod:`ppl_notes.inference.convergence`), or reached its cap with the ELBO settled
+     (:mod:`ppl_notes.vi.convergence`), or reached its cap with the ELBO settled
      (that rule's test 1: the parameters' agreement is then R-hat's across restarts), and
      the ELBO was not still moving at the end (:func:`ppl_notes.diagnostics.elbo_trend`).
   3. *Pareto k-hat* of the importance ratios :math:`p(x, z)/q(z)` is at most

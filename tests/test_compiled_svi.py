@@ -9,8 +9,8 @@ from scipy import stats
 
 from ppl_notes import infer
 from ppl_notes.guides.conjugate import beta_bernoulli_guide, normal_mean_guide
-from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step, trace_elbo_loss
 from ppl_notes.models.conjugate import beta_bernoulli, normal_mean, normal_mean_posterior
+from ppl_notes.vi.compiled_svi import AdamState, CompiledELBO, adam_step, trace_elbo_loss
 
 
 @pytest.mark.parametrize(("story", "guide"), [(normal_mean, normal_mean_guide),
@@ -57,7 +57,7 @@ def test_compiled_noise_is_standard_normal():
 @pytest.mark.parametrize("engine", ["fast", "pyro"])
 def test_both_engines_reach_the_exact_posterior(engine):
     # the fit is checked to 5% of the closed form: a tolerance ten times the default's
-    # stricter (the default stops with a fifth of an sd left, ppl_notes.inference.convergence)
+    # stricter (the default stops with a fifth of an sd left, ppl_notes.vi.convergence)
     fit = infer(normal_mean, method="svi", guide=normal_mean_guide, steps=3000,
                 learning_rate=0.02, num_particles=8, seed=3, engine=engine, tolerance=0.001,
                 progress=False)

@@ -68,7 +68,7 @@ def test_nuts_recovers_the_beta_bernoulli_posterior():
 
 def test_svi_with_the_exact_family_recovers_the_normal_mean_posterior():
     # the fit is checked to 5% of the closed form: a tolerance ten times the default's
-    # stricter (the default stops with a fifth of an sd left, ppl_notes.inference.convergence)
+    # stricter (the default stops with a fifth of an sd left, ppl_notes.vi.convergence)
     fit = infer(normal_mean, method="svi", guide=normal_mean_guide, steps=3000,
                 learning_rate=0.02, num_particles=8, seed=3, tolerance=0.001, progress=False)
     params = fit.to_arviz()["fitted_params"]
@@ -81,7 +81,7 @@ def test_svi_with_the_exact_family_recovers_the_normal_mean_posterior():
 
 def test_svi_with_the_exact_family_recovers_the_beta_posterior():
     # the fit is checked to 5% of the closed form: a tolerance ten times the default's
-    # stricter (the default stops with a fifth of an sd left, ppl_notes.inference.convergence)
+    # stricter (the default stops with a fifth of an sd left, ppl_notes.vi.convergence)
     fit = infer(beta_bernoulli, method="svi", guide=beta_bernoulli_guide, steps=3000,
                 learning_rate=0.05, num_particles=8, seed=4, tolerance=0.001, progress=False)
     params = fit.to_arviz()["fitted_params"]

@@ -28,8 +28,8 @@ from ppl_notes._integrity import DIGEST_ATTR, SIGNATURE_ATTR, tree_digest
 from ppl_notes._signing import sign
 from ppl_notes.cli import main
 from ppl_notes.guides.conjugate import normal_mean_guide
-from ppl_notes.inference._checkpoint import FORMAT, load_checkpoint
 from ppl_notes.models.conjugate import normal_mean
+from ppl_notes.vi.checkpoint import FORMAT, load_checkpoint
 
 BAIT = "ppl_notes_bait_module"
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from ppl_notes import CheckpointError, DataError, infer, load
 from ppl_notes.guides.conjugate import normal_mean_guide
-from ppl_notes.inference._checkpoint import load_checkpoint
 from ppl_notes.models.conjugate import normal_mean
+from ppl_notes.vi.checkpoint import load_checkpoint
 
 FLIPS = settings(max_examples=150, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -15,7 +15,7 @@ from ppl_notes import DataError, StoryError, calibrate, infer, model
 from ppl_notes._progress import show_progress
 from ppl_notes.cli import main
 from ppl_notes.diagnostics import beyond
-from ppl_notes.inference import gaussian_vi
+from ppl_notes.vi import gaussian_vi
 
 
 @model(observed="y")

@@ -15,8 +15,8 @@ import pytest
 
 from ppl_notes import infer
 from ppl_notes.errors import OptionError
-from ppl_notes.inference.lbfgs_paths import inverse_hessian, lbfgs_paths
 from ppl_notes.models.conjugate import normal_mean, normal_mean_posterior
+from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
 from tests.test_vi_newton import _closed_form, _regression_data, regression
 
 

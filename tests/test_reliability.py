@@ -30,9 +30,9 @@ from ppl_notes import (
     load,
     model,
 )
+from ppl_notes._result import RunResult
 from ppl_notes.guides.conjugate import normal_mean_guide
 from ppl_notes.inference import _require_finite_draws
-from ppl_notes.inference._result import RunResult
 from ppl_notes.models.conjugate import normal_mean
 from ppl_notes.models.eight_schools import centered, load_eight_schools
 
@@ -513,7 +513,7 @@ def test_resuming_with_other_data_story_guide_or_objective_names_what_changed(tm
 
 def _rewrite_checkpoint(source, target, change):
     """A checkpoint whose payload was edited and re-hashed: valid bytes, wrong contents."""
-    from ppl_notes.inference._checkpoint import load_checkpoint, save_checkpoint
+    from ppl_notes.vi.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(source)
     change(state)
@@ -560,7 +560,7 @@ def test_damaged_or_tampered_checkpoints_are_clear_errors(tmp_path):
 
     from ppl_notes._integrity import bytes_digest
     from ppl_notes._signing import sign, signing_key
-    from ppl_notes.inference._checkpoint import FORMAT
+    from ppl_notes.vi.checkpoint import FORMAT
 
     good = tmp_path / "good.ckpt"
     infer(normal_mean, method="svi", steps=20, checkpoint=str(good), progress=False)

@@ -110,7 +110,7 @@ def test_svi_stops_by_itself_when_the_elbo_settles():
     assert fit.info["steps_done"] < 20000
     # What the rule promises is about the ELBO: at the stop its windowed mean is within
     # its noise of the optimum, which for this Gaussian family is log p(x) exactly.
-    from ppl_notes.inference.convergence import convergence_window
+    from ppl_notes.vi.convergence import convergence_window
 
     elbo = fit.history["elbo"].to_numpy()
     window = elbo[-convergence_window(20000):]

@@ -66,7 +66,7 @@ def test_bbvi_reaches_the_exact_posterior():
 
 def test_svi_with_reparameterised_gradients_reaches_the_exact_posterior():
     # the fit is checked to a tenth of an sd: a tolerance ten times the default's
-    # stricter (the default stops with a fifth of an sd left, ppl_notes.inference.convergence)
+    # stricter (the default stops with a fifth of an sd left, ppl_notes.vi.convergence)
     fit = infer(normal_mean, method="svi", guide=normal_mean_guide, estimator="reparam",
                 steps=3000, num_particles=8, learning_rate=0.02, engine="pyro", seed=2,
                 tolerance=0.001, progress=False)

@@ -18,8 +18,8 @@ import torch
 
 from ppl_notes import infer, model
 from ppl_notes.errors import OptionError
-from ppl_notes.inference.fixed_draws import draws_per_fit, moment_matched_normal
-from ppl_notes.inference.gaussian_family import Gaussian, kl_divergence
+from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
+from ppl_notes.vi.gaussian_family import Gaussian, kl_divergence
 
 NOISE, PRIOR = 1.0, 10.0
 

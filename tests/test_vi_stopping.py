@@ -24,9 +24,9 @@ from ppl_notes import infer
 from ppl_notes._dtype import run_dtype
 from ppl_notes.errors import DiagnosticWarning
 from ppl_notes.evaluation import story_dtype
-from ppl_notes.inference.guide_distance import GuideDistance
-from ppl_notes.inference.laplace_start import apply_scales, laplace_start
 from ppl_notes.models.conjugate import normal_mean, normal_mean_posterior
+from ppl_notes.vi.guide_distance import GuideDistance
+from ppl_notes.vi.laplace_start import apply_scales, laplace_start
 
 NOISE = 0.5
 RNG = np.random.default_rng(7)

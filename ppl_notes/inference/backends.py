@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ppl_notes._result import RunResult
 from ppl_notes.inference import bbvi, em, nuts, pathfinder, point, svi
-from ppl_notes.inference._result import RunResult
 
 __all__ = ["Backend", "Runner", "BACKENDS", "backend_of", "methods_with"]
 

@@ -46,13 +46,13 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
+from ppl_notes._result import RunResult
 from ppl_notes._sites import trace_model, unconstrained_value
 from ppl_notes.errors import InferenceError, OptionError, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.evaluation.draws import posterior_of, sample_guide, sum_to_draws
 from ppl_notes.gradients import force_estimator
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
-from ppl_notes.inference._result import RunResult
 
 logger = logging.getLogger(__name__)
 

@@ -37,13 +37,14 @@ import torch
 from pyro.distributions import constraints
 from tqdm.auto import tqdm
 
+from ppl_notes._result import RunResult
 from ppl_notes.errors import InferenceError, OptionError, StoryError
 from ppl_notes.evaluation import run_dtype
 from ppl_notes.evaluation.density import trace_with
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.inference._options import Option, positive_int
-from ppl_notes.inference._result import RunResult
-from ppl_notes.inference.point import maximise, point_result
+from ppl_notes.inference.point import point_result
+from ppl_notes.optim.mode import maximise
 
 OPTIONS = (
     positive_int("iterations", 500, "at most this many E- and M-steps"),

@@ -38,6 +38,7 @@ import torch
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
+from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
 from ppl_notes.evaluation import facts_of
 from ppl_notes.evaluation.compile import compiler_available
@@ -50,7 +51,6 @@ from ppl_notes.inference._options import (
     positive_int,
     scheduler_option,
 )
-from ppl_notes.inference._result import RunResult
 from ppl_notes.inference.pathfinder import starting_points
 from ppl_notes.mcmc.chains import run_chains
 from ppl_notes.relabel import align_chains, components_of

@@ -7,7 +7,7 @@ variational inference", JMLR 23(306), as CmdStan, BlackJAX and pymc-extras ship 
 
 1. ``num_paths`` L-BFGS runs minimise :math:`U` from dispersed starts (a prior draw, or
    uniform in (-2, 2) where the prior cannot be drawn, as Stan starts),
-   in lockstep (:mod:`~ppl_notes.inference.lbfgs_paths`).
+   in lockstep (:mod:`~ppl_notes.vi.lbfgs_paths`).
 2. At every iterate :math:`x_l` of a path the L-BFGS inverse Hessian :math:`H_l` (its last
    ``history`` pairs) gives a Gaussian :math:`q_l = \mathcal N(x_l - H_l\nabla U(x_l), H_l)`,
    a Newton step's mean with the local covariance (the paper's Algorithms 3-4; here
@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppl_notes._result import RunResult
 from ppl_notes.errors import InferenceError, OptionError
 from ppl_notes.evaluation import facts_of
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._options import Option, positive_int
-from ppl_notes.inference._result import RunResult
-from ppl_notes.inference.lbfgs_paths import LBFGSPath, inverse_hessian, lbfgs_paths
-from ppl_notes.inference.restarts import restart_seed
+from ppl_notes.vi.lbfgs_paths import LBFGSPath, inverse_hessian, lbfgs_paths
+from ppl_notes.vi.restarts import restart_seed
 
 __all__ = ["OPTIONS", "run", "best_gaussians", "starting_points", "MAX_DIM"]
 

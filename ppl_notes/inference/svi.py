@@ -7,8 +7,8 @@ r"""Stochastic variational inference: maximise the ELBO over the guide's paramet
 
 * the autoguides (``guide=None``, ``"fullrank"``, ``"meanfield"``, ``"lowrank"``) are
   Gaussians over the unconstrained sites, fitted on the compiled potential NUTS runs by
-  natural-gradient Newton steps on fixed draws (:mod:`~ppl_notes.inference.potential_svi`,
-  :mod:`~ppl_notes.inference.gaussian_vi`), four restarts in lockstep;
+  natural-gradient Newton steps on fixed draws (:mod:`~ppl_notes.vi.potential_svi`,
+  :mod:`~ppl_notes.vi.gaussian_vi`), four restarts in lockstep;
 * a guide function (or ``optimizer="adam"``) is fitted by Adam on Pyro's ELBO:
   reparameterised gradients where the guide allows it, score function otherwise
   (Trace_ELBO), with discrete latent sites that the guide leaves out summed exactly
@@ -54,6 +54,7 @@ from pyro.optim import ExponentialLR
 from tqdm.auto import tqdm
 
 from ppl_notes._pool import stop_requested
+from ppl_notes._result import RunResult
 from ppl_notes._sites import (
     dispersed_value,
     latent_sites,
@@ -67,13 +68,6 @@ from ppl_notes.evaluation.draws import posterior_of, sample_guide
 from ppl_notes.evaluation.fingerprint import run_fingerprint
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.gradients import ESTIMATORS, force_estimator
-from ppl_notes.inference._checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from ppl_notes.inference._compiled_svi import AdamState, CompiledELBO, adam_step
 from ppl_notes.inference._options import (
     Option,
     choice,
@@ -81,17 +75,23 @@ from ppl_notes.inference._options import (
     positive_int,
     scheduler_option,
 )
-from ppl_notes.inference._result import RunResult
-from ppl_notes.inference.convergence import (
+from ppl_notes.relabel import components_of
+from ppl_notes.vi.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ppl_notes.vi.compiled_svi import AdamState, CompiledELBO, adam_step
+from ppl_notes.vi.convergence import (
     ELBO_TOLERANCE,
     ConvergenceMonitor,
     convergence_window,
     elbo_settled,
 )
-from ppl_notes.inference.guide_distance import GuideDistance
-from ppl_notes.inference.laplace_start import LaplaceStart, apply_scales, laplace_start
-from ppl_notes.inference.potential_svi import FAMILY_GUIDES, run_on_potential
-from ppl_notes.relabel import components_of
+from ppl_notes.vi.guide_distance import GuideDistance
+from ppl_notes.vi.laplace_start import LaplaceStart, apply_scales, laplace_start
+from ppl_notes.vi.potential_svi import FAMILY_GUIDES, run_on_potential
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ OPTIONS = (
                    "a window's iterates has moved, as a guide, by at most this KL divergence "
                    "per free parameter from each of the two windows before, and its ELBO rose "
                    "by at most this many nats per free parameter over them (0.01: a fifth of "
-                   "a posterior sd for a mean-field mean; ppl_notes.inference.convergence)"),
+                   "a posterior sd for a mean-field mean; ppl_notes.vi.convergence)"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
     choice("elbo", "auto", "which ELBO; 'auto' picks TraceEnum_ELBO when the story has "
@@ -138,7 +138,7 @@ OPTIONS = (
            "as black-box VI)", ESTIMATORS),
     Option("stl", (bool,), False, "'sticking the landing' (Roeder et al. 2017): drop the "
            "zero-mean score term of the reparameterised gradient, whose variance then "
-           "vanishes as q reaches the posterior (ppl_notes.inference.stl); Trace_ELBO and "
+           "vanishes as q reaches the posterior (ppl_notes.vi.stl); Trace_ELBO and "
            "Pyro's loop only"),
     choice("engine", "auto", "'fast': the Trace_ELBO step compiled as one graph "
            "(torch.compile) with Adam on one flat parameter vector; 'pyro': Pyro's SVI loop "
@@ -155,7 +155,7 @@ OPTIONS = (
            "your key (another user's); it still cannot run code"),
     Option("distributed", (bool,), False, "data-parallel SVI over the processes that "
            "`torchrun --nproc-per-node K` starts: each fits a shard of the data plate and the "
-           "gradients are averaged before every step (ppl_notes.inference._data_parallel); "
+           "gradients are averaged before every step (ppl_notes.vi.data_parallel); "
            "Pyro's loop, no checkpoints"),
     Option("restarts", (int, type(None)), None, "independent fits from dispersed starts, "
            "stacked as the posterior's chains so that R-hat and ESS across them are reported, "
@@ -166,7 +166,7 @@ OPTIONS = (
     choice("optimizer", "auto", "how the guide is fitted: 'newton' (an autoguide's Gaussian "
            "by natural-gradient Newton steps on fixed moment-matched draws, on the compiled "
            "potential: exact on a Gaussian posterior, invariant to linear reparameterisation; "
-           "ppl_notes.inference.gaussian_vi), 'dadvi' (the same fixed-draw objective by "
+           "ppl_notes.vi.gaussian_vi), 'dadvi' (the same fixed-draw objective by "
            "L-BFGS; every autoguide family), 'adam' (Pyro's loop: Adam on stochastic ELBO "
            "gradients, any guide) or 'auto': 'newton' for 'meanfield' and 'fullrank', "
            "'dadvi' for 'lowrank', 'adam' for a guide function or when an option of Pyro's "
@@ -280,7 +280,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     """Fit the guide by SVI, then draw from it. See the module docstring.
 
     ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
-    :mod:`ppl_notes.inference.restarts`, which runs this function once per restart).
+    :mod:`ppl_notes.vi.restarts`, which runs this function once per restart).
     """
     facts = facts_of(model, data)
     if guide is None:
@@ -303,7 +303,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                                 compiler=resolve_compiler("auto"))
     if options["restarts"] > 1 or options["scheduler"] is not None:
         _check_restartable(options)
-        from ppl_notes.inference.restarts import run_restarts
+        from ppl_notes.vi.restarts import run_restarts
 
         return run_restarts(run, model, data, guide=guide, seed=seed, progress=progress,
                             options=options)
@@ -474,7 +474,7 @@ def _check_restartable(options: dict[str, Any]) -> None:
 
 def _data_parallel(facts, data, options):
     from ppl_notes.errors import OptionError
-    from ppl_notes.inference._data_parallel import DataParallel
+    from ppl_notes.vi.data_parallel import DataParallel
 
     if options["checkpoint"] is not None or options["resume"] is not None:
         raise OptionError("method 'svi': distributed=True does not checkpoint (every process "
@@ -612,7 +612,7 @@ class _Loop:
         ``iterate`` = (read, write, distance): read and write the parameters, and the
         guide's KL distance between two of their values and its ELBO at one -- for the
         convergence rule and the average of the last three windows' iterates that a
-        converged run ends with (:mod:`ppl_notes.inference.convergence`).
+        converged run ends with (:mod:`ppl_notes.vi.convergence`).
         """
         steps, every = self.options["steps"], self.options["checkpoint_every"]
         index = self.start
@@ -794,7 +794,7 @@ def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opt
     pyro.set_rng_seed(seed)
     loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
     if options["stl"]:
-        from ppl_notes.inference.stl import STLTrace_ELBO
+        from ppl_notes.vi.stl import STLTrace_ELBO
 
         loss = STLTrace_ELBO
     extra = {"ignore_jit_warnings": True} if jit else {}

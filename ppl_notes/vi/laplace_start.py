@@ -15,7 +15,7 @@ same way):
 with :math:`T` each site's map from the real line onto its support. The full-rank guide
 starts at :math:`\mathcal N(\hat u, H^{-1})`; the mean-field guide at the mean-field
 optimum for that Gaussian, sds :math:`1/\sqrt{H_{ii}}` (its KL(q||p) minimiser). The
-mode is the one of :func:`ppl_notes.inference.point.map_start` (the density of the
+mode is the one of :func:`ppl_notes.optim.mode.map_start` (the density of the
 sites themselves, discrete sites summed out); :math:`H` is taken there by central
 differences of the gradient, :math:`2n` gradient evaluations, in one batch. Where
 :math:`H` is not positive definite the full-rank start falls back to the diagonal, and
@@ -33,6 +33,8 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn.module import PyroParam
+
+from ppl_notes.optim.mode import map_start
 
 __all__ = ["LaplaceStart", "MAX_DIM", "apply_scales", "laplace_start"]
 
@@ -70,12 +72,10 @@ class LaplaceStart:
 
 def laplace_start(model, data: dict[str, Any], seed: int, dispersed: bool,
                   ) -> LaplaceStart | None:
-    """The MAP of :func:`~ppl_notes.inference.point.map_start` and :math:`H` there.
+    """The MAP of :func:`~ppl_notes.optim.mode.map_start` and :math:`H` there.
 
     None where there is no MAP start (the fit then starts from the prior).
     """
-    from ppl_notes.inference.point import map_start
-
     found = map_start(model, data, seed, dispersed=dispersed, jacobian=True)
     if found is None:
         return None

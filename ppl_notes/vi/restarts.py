@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
-from ppl_notes.inference._result import RunResult
 from ppl_notes.relabel import align_chains, components_of
 
 __all__ = ["run_restarts", "restart_seed", "modes_of", "MODE_SEPARATION"]

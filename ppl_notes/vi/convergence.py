@@ -4,7 +4,7 @@ r"""When SVI stops by itself: the convergence rule, and the iterate average it e
 least 100), and each window's iterates are averaged (Polyak & Juditsky 1992):
 :math:`\bar\phi_k`. Adam at a constant rate never stops jittering, but the averages do
 stop moving once the iterates are stationary. How far the *guide* moved is measured as
-a KL divergence per free parameter (:mod:`ppl_notes.inference.guide_distance`), so the
+a KL divergence per free parameter (:mod:`ppl_notes.vi.guide_distance`), so the
 yardstick is the posterior's own width, not the parameters' units or the ELBO's noise:
 
 .. math::
@@ -80,7 +80,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ppl_notes.inference.guide_distance import GuideDistance
+from ppl_notes.vi.guide_distance import GuideDistance
 
 __all__ = ["ELBO_TOLERANCE", "ConvergenceMonitor", "convergence_window", "elbo_settled"]
 
@@ -134,7 +134,7 @@ class ConvergenceMonitor:
     distance : GuideDistance
         ``distance(phi, psi)``: KL(q_phi || q_psi) per free parameter, for two lists of
         parameters, and ``distance.elbo(phi)``: per-draw ELBOs on fixed seeds
-        (:class:`ppl_notes.inference.guide_distance.GuideDistance`).
+        (:class:`ppl_notes.vi.guide_distance.GuideDistance`).
 
     Attributes
     ----------

@@ -8,7 +8,7 @@ gradient at draws :math:`z_m = \mu + L\varepsilon_m`:
           F(\mu, L) = \tfrac1M \textstyle\sum_m U(\mu + L\varepsilon_m) - \log|L|.
 
 Both optimisers here hold the draws :math:`\varepsilon_m` fixed for the whole fit
-(:mod:`~ppl_notes.inference.fixed_draws`: antithetic, with exact first and second
+(:mod:`~ppl_notes.vi.fixed_draws`: antithetic, with exact first and second
 moments), so :math:`F` is a deterministic function that can be driven to convergence,
 and its optimum is exact where the posterior is Gaussian. They evaluate the potential of
 all the fits' draws in one batched call (the tape NUTS uses), with no Pyro trace per step.
@@ -51,7 +51,7 @@ all the fits' draws in one batched call (the tape NUTS uses), with no Pyro trace
     family, the low-rank one included.
 
 Both stop when one step moved the Gaussian by at most ``tolerance**2`` nats of KL
-divergence (closed form, :func:`~ppl_notes.inference.gaussian_family.kl_divergence`):
+divergence (closed form, :func:`~ppl_notes.vi.gaussian_family.kl_divergence`):
 :math:`10^{-4}` by default, a move of the mean by 0.014 sd. A Newton step shortened to
 :math:`\rho` counts as its move over :math:`\rho^2`, the move of the full step.
 """
@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ppl_notes.inference.gaussian_family import Gaussian, kl_divergence
+from ppl_notes.vi.gaussian_family import Gaussian, kl_divergence
 
 __all__ = ["FitTrace", "Potential", "fit_gaussians", "OPTIMIZERS", "FULL_PRECONDITIONER"]
 

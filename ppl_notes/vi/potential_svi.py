@@ -8,12 +8,12 @@ Pyro trace: only the potential and its gradient at a batch of draws, which
 runs (discrete sites summed out exactly, as TraceEnum_ELBO sums them). Stan's ADVI and
 NumPyro's autoguides fit on the compiled log density the same way.
 
-Every restart is a Gaussian of :mod:`~ppl_notes.inference.gaussian_vi`, all of them
+Every restart is a Gaussian of :mod:`~ppl_notes.vi.gaussian_vi`, all of them
 evaluated in one potential call per step, so ``restarts=4`` (the default) costs about
 what one fit costs in Pyro's loop. Restart 0 starts at the prior's median, restart
 :math:`k \ge 1` at a prior draw (a uniform (-2, 2) point where a prior cannot be drawn).
 With ``init="map"`` (the default) each then runs L-BFGS to the mode of the unconstrained
-density (:mod:`~ppl_notes.inference.lbfgs_paths`, all restarts in lockstep, one gradient
+density (:mod:`~ppl_notes.vi.lbfgs_paths`, all restarts in lockstep, one gradient
 per restart and iteration) and starts at :math:`\mathcal N(\hat x, H)` with :math:`H`
 the L-BFGS inverse Hessian there, Pathfinder's Gaussian at the path's end; a few Newton
 steps of many draws each then finish the fit, where from the prior's point they took
@@ -43,19 +43,19 @@ from pyro.infer.autoguide import (
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn.module import PyroParam
 
+from ppl_notes._result import RunResult
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
 from ppl_notes.evaluation import facts_of
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
-from ppl_notes.inference._result import RunResult
-from ppl_notes.inference.fixed_draws import draws_per_fit, moment_matched_normal
-from ppl_notes.inference.gaussian_family import Gaussian
-from ppl_notes.inference.gaussian_vi import FitTrace, fit_gaussians
-from ppl_notes.inference.lbfgs_paths import inverse_hessian, lbfgs_paths
-from ppl_notes.inference.restarts import restart_seed, stack_restarts
 from ppl_notes.relabel import components_of
+from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
+from ppl_notes.vi.gaussian_family import Gaussian
+from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
+from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
+from ppl_notes.vi.restarts import restart_seed, stack_restarts
 
 __all__ = ["run_on_potential", "FAMILY_GUIDES", "INITIAL_SCALE"]
 
@@ -284,7 +284,7 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     -------
     RunResult
         One restart's run, or the restarts stacked as chains
-        (:func:`~ppl_notes.inference.restarts.stack_restarts`).
+        (:func:`~ppl_notes.vi.restarts.stack_restarts`).
     """
     started = time.perf_counter()
     facts = facts_of(model, data)

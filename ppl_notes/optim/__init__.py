@@ -1,0 +1,1 @@
+"""Optimisation on a story's potential: its mode (MAP, MLE), and the lasso's exact zeros."""
