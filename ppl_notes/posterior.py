@@ -361,9 +361,9 @@ class Posterior:
         """The fit's guide: in memory, imported by reference, or an autoguide rebuilt."""
         if self.guide is not None:
             return self.guide
-        from ppl_notes.inference.svi import AUTOGUIDES
+        from ppl_notes.vi.gaussian_family import FAMILY_GUIDES
 
-        families = {name: family for family, name in AUTOGUIDES.values()}
+        families = {name: family for family, name in FAMILY_GUIDES.values()}
         name = str(self.tree.attrs.get("guide", ""))
         if name not in families:
             raise OptionError(

@@ -203,12 +203,13 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_is_named_before_inference(case, monkeypatch):
-    from ppl_notes.inference import nuts, svi
+    from ppl_notes.inference import nuts
+    from ppl_notes.vi import pyro_loop
 
     def started(*args, **kwargs):
         raise AssertionError(f"{case}: inference started before the mistake was named")
 
-    monkeypatch.setattr(svi._Loop, "run", started)
+    monkeypatch.setattr(pyro_loop._Loop, "run", started)
     monkeypatch.setattr(nuts, "_run_fast", started)
     monkeypatch.setattr(nuts, "_run_pyro", started)
     story, data, kwargs, error, words = BAD_INPUT[case]
@@ -428,16 +429,16 @@ def test_ctrl_c_during_nuts_warmup_has_nothing_to_return(monkeypatch):
 
 def _interrupt_loop_at(monkeypatch, step):
     """Ctrl-C between two steps of the SVI loop (whatever the engine compiles)."""
-    from ppl_notes.inference import svi
+    from ppl_notes.vi import pyro_loop
 
-    original = svi._Loop._one
+    original = pyro_loop._Loop._one
 
     def one(step_fn, index):
         if index == step:
             raise KeyboardInterrupt
         return original(step_fn, index)
 
-    monkeypatch.setattr(svi._Loop, "_one", staticmethod(one))
+    monkeypatch.setattr(pyro_loop._Loop, "_one", staticmethod(one))
 
 
 @pytest.mark.parametrize("engine", ["pyro", "fast"])

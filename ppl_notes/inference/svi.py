@@ -27,45 +27,26 @@ Inference. Kingma, D. P. & Welling, M. (2014). Auto-Encoding Variational Bayes.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import time
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import (
-    JitTrace_ELBO,
-    JitTraceEnum_ELBO,
-    JitTraceMeanField_ELBO,
-    Trace_ELBO,
-    TraceEnum_ELBO,
-    TraceMeanField_ELBO,
     config_enumerate,
 )
-from pyro.optim import ExponentialLR
-from tqdm.auto import tqdm
 
-from ppl_notes._pool import stop_requested
 from ppl_notes._result import RunResult
 from ppl_notes._sites import (
     dispersed_value,
-    latent_sites,
-    strip_independent,
-    trace_model,
     unconstrained_value,
 )
-from ppl_notes.errors import CheckpointError, InferenceError, PartialResultWarning, StoryError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.evaluation.draws import posterior_of, sample_guide
-from ppl_notes.evaluation.fingerprint import run_fingerprint
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.gradients import ESTIMATORS, force_estimator
 from ppl_notes.inference._options import (
@@ -76,29 +57,26 @@ from ppl_notes.inference._options import (
     scheduler_option,
 )
 from ppl_notes.relabel import components_of
-from ppl_notes.vi.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from ppl_notes.vi.compiled_svi import AdamState, CompiledELBO, adam_step
+from ppl_notes.vi.compiled_svi import CompiledELBO
 from ppl_notes.vi.convergence import (
     ELBO_TOLERANCE,
-    ConvergenceMonitor,
     convergence_window,
     elbo_settled,
 )
-from ppl_notes.vi.guide_distance import GuideDistance
+from ppl_notes.vi.guide_checks import guide_site_names, refuse_moving_supports, vectorizable
 from ppl_notes.vi.laplace_start import LaplaceStart, apply_scales, laplace_start
 from ppl_notes.vi.potential_svi import FAMILY_GUIDES, run_on_potential
+from ppl_notes.vi.pyro_loop import (
+    ELBOS,
+    STEPS_FOR_JIT,
+    choose_elbo,
+    optimise_compiled,
+    pyro_loop,
+    run_identity,
+)
 
 logger = logging.getLogger(__name__)
 
-
-#: Pyro's JitTrace_ELBO traces the story and guide before the first step (seconds for a
-#: small story, minutes for one with hundreds of sites); shorter runs stay uncompiled.
-_STEPS_FOR_JIT = 500
 
 OPTIONS = (
     positive_int("steps", 2000, "optimisation steps"),
@@ -182,28 +160,27 @@ OPTIONS = (
                      "run in lockstep in this process"),
     Option("jit", (bool, str), "auto", "engine='pyro' only: compile the ELBO with "
            "TorchScript (Pyro's JitTrace* ELBOs); 'auto' compiles runs of at least "
-           f"{_STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
+           f"{STEPS_FOR_JIT} steps (tracing a story of hundreds of sites takes minutes, which "
            "a short run does not repay); a story or guide that cannot be traced runs "
            "uncompiled, with a warning", lambda v: v in (True, False, "auto"),
            "True, False or 'auto'"),
 )
 
+
 #: The guides named by a string: ``guide="meanfield"`` (the default), ``"fullrank"`` or
 #: ``"lowrank"``
 AUTOGUIDES = FAMILY_GUIDES
+
 
 #: Options only Pyro's loop (optimizer='adam') has: set to anything but their default,
 #: they make optimizer='auto' choose it
 PYRO_LOOP_OPTIONS = ("checkpoint", "resume", "resume_trusted", "distributed", "stl",
                      "estimator", "elbo", "engine", "jit", "num_particles", "learning_rate",
                      "learning_rate_decay")
+
+
 #: Restarts when ``restarts=None``: on the potential, and in Pyro's loop
 DEFAULT_RESTARTS = {"potential": 4, "adam": 1}
-
-_ELBOS = {"Trace_ELBO": Trace_ELBO, "TraceEnum_ELBO": TraceEnum_ELBO,
-          "TraceMeanField_ELBO": TraceMeanField_ELBO}
-_JIT_ELBOS = {"Trace_ELBO": JitTrace_ELBO, "TraceEnum_ELBO": JitTraceEnum_ELBO,
-              "TraceMeanField_ELBO": JitTraceMeanField_ELBO}
 
 
 #: The default guide is full-rank up to this many unconstrained elements, mean-field above
@@ -269,12 +246,6 @@ def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None,
     return requested
 
 
-def _choose_elbo(requested: str, enumerated: list[str]) -> str:
-    if requested == "auto":
-        return "TraceEnum_ELBO" if enumerated else "Trace_ELBO"
-    return requested
-
-
 def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any], restart: int = 0) -> RunResult:
     """Fit the guide by SVI, then draw from it. See the module docstring.
@@ -290,7 +261,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if restart == 0 and isinstance(guide, str) and optimizer == "adam":
         # the potential maps each draw with the supports of that draw; Pyro's autoguides
         # map with the supports they saw when built
-        _refuse_moving_supports(model, data, guide)  # before any worker
+        refuse_moving_supports(model, data, guide)  # before any worker
     if options["restarts"] is None:
         restarts = DEFAULT_RESTARTS["adam" if optimizer == "adam" else "potential"]
         options = {**options, "restarts": restarts}
@@ -327,8 +298,8 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         apply_scales(guide, start, data)
         start_gradients = 0 if start is None else start.gradients
         pyro.set_rng_seed(seed)
-    guide_sites = _guide_sites(guide, data)
-    if vectorize and not _vectorizable(guide, data, plate_nesting):
+    guide_sites = guide_site_names(guide, data)
+    if vectorize and not vectorizable(guide, data, plate_nesting):
         # A value with a dim more than its site's batch (a joint Normal split into sites
         # inside a plate) would broadcast the story's log densities across particles:
         # particle i's prior and likelihood evaluated at particle j's values, P x P terms
@@ -337,7 +308,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                     "particles run one after another", guide_name, options["num_particles"])
         vectorize = False
     enumerated = [d for d in discrete if d not in guide_sites]
-    elbo_name = _choose_elbo(options["elbo"], enumerated)
+    elbo_name = choose_elbo(options["elbo"], enumerated)
     story = config_enumerate(model) if enumerated else model
     marginal = bool(enumerated) and elbo_name == "TraceEnum_ELBO" and model.marginal is not model
     if marginal:
@@ -346,7 +317,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
                         vectorize_particles=vectorize)
     engine = _choose_engine(options["engine"], options["steps"], model, data)
-    jit = options["jit"] if options["jit"] != "auto" else options["steps"] >= _STEPS_FOR_JIT
+    jit = options["jit"] if options["jit"] != "auto" else options["steps"] >= STEPS_FOR_JIT
     if engine == "fast" and elbo_name != "Trace_ELBO":
         logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
         engine = "pyro"
@@ -370,25 +341,25 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         story, fit_guide = parallel.scaled(story), parallel.scaled(fit_guide)
         fit_data, loop_seed = parallel.shard, seed + parallel.rank
     if options["estimator"] == "reparam":
-        _guide_sites(fit_guide, data)  # names a site without rsample before any step
+        guide_site_names(fit_guide, data)  # names a site without rsample before any step
     if engine == "fast":
         try:
-            compiled = CompiledELBO(story, fit_guide, data, _ELBOS[elbo_name](**elbo_options))
+            compiled = CompiledELBO(story, fit_guide, data, ELBOS[elbo_name](**elbo_options))
         except Exception as error:  # noqa: BLE001 - any capture failure: say so, use Pyro's loop
             logger.warning("SVI: the ELBO step of %r could not be compiled (%s: %s); using "
                            "Pyro's SVI loop", model.name, type(error).__name__, error)
             engine = "pyro"
             pyro.clear_param_store()
-    identity = _identity(model, guide, guide_name, data, seed, engine, options)
+    identity = run_identity(model, guide, guide_name, data, seed, engine, options)
     loop_started = time.perf_counter()
     if engine == "fast":
         pyro.set_rng_seed(seed)
         loop_started = time.perf_counter()
-        history = _optimise_compiled(compiled, story, fit_guide, data, seed, plate_nesting,
+        history = optimise_compiled(compiled, story, fit_guide, data, seed, plate_nesting,
                                      options, progress, identity)
         jit = False
     else:
-        history = _pyro_loop(story, fit_guide, fit_data, loop_seed, elbo_name, elbo_options,
+        history = pyro_loop(story, fit_guide, fit_data, loop_seed, elbo_name, elbo_options,
                              jit, model.name, options, progress and (parallel is None
                                                                       or parallel.rank == 0),
                              identity, parallel)
@@ -480,480 +451,3 @@ def _data_parallel(facts, data, options):
         raise OptionError("method 'svi': distributed=True does not checkpoint (every process "
                           "would write the same file); leave checkpoint and resume unset")
     return DataParallel(facts, data)
-
-
-def _guide_sites(guide, data) -> list[str]:
-    with pyro.poutine.seed(rng_seed=0), torch.no_grad():
-        trace = poutine.trace(guide).get_trace(**data)
-    return list(latent_sites(trace))
-
-
-def _support_bounds(support) -> list:
-    """A constraint's bounds (``Interval(0, 1 - alpha1)``'s 0 and 1 - alpha1), unwrapped."""
-    support = strip_independent(support)
-    return [getattr(support, name) for name in ("lower_bound", "upper_bound")
-            if hasattr(support, name)]
-
-
-def moving_supports(model, data: dict[str, Any], latent) -> dict[str, tuple]:
-    """The latent sites whose support depends on other latent sites, with two examples.
-
-    The story is traced at two prior draws; a site whose support's bounds differ between
-    them (GARCH's ``beta1 ~ Uniform(0, 1 - alpha1)``) is returned as ``{name: (support
-    in one draw, support in the other)}``.
-    """
-    try:
-        first, second = (trace_model(model, data, seed) for seed in (11, 12))
-    except Exception:  # noqa: BLE001 - a story that fails at a prior draw: no evidence here
-        return {}
-    moving = {}
-    for name in latent:
-        if name not in first.nodes or name not in second.nodes:
-            continue
-        a, b = first.nodes[name]["fn"].support, second.nodes[name]["fn"].support
-        bounds_a, bounds_b = _support_bounds(a), _support_bounds(b)
-        if len(bounds_a) != len(bounds_b) or any(
-                not torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-                for x, y in zip(bounds_a, bounds_b, strict=True)):
-            moving[name] = (a, b)
-    return moving
-
-
-def _refuse_moving_supports(model, data: dict[str, Any], family: str) -> None:
-    """An autoguide cannot follow a support that moves: say so before any step.
-
-    Only the sites the autoguide fits count (enumerated discrete sites are hidden from it).
-    """
-    facts = facts_of(model, data)
-    fitted = [n for n in facts.latent if n not in facts.discrete and n not in facts.unenumerable]
-    moving = moving_supports(model, data, fitted)
-    if not moving:
-        return
-    name, (a, b) = next(iter(moving.items()))
-    raise StoryError(
-        f"site {name!r}: its support depends on other latent sites ({a} at one prior draw, "
-        f"{b} at another), and the {family!r} autoguide maps {name!r} into the support it "
-        f"sees when it is built, so later draws leave the moving bound and the fit fails "
-        f"mid-way. Reparameterise the story ({name} = bound * u with u on a fixed "
-        f"interval, plus the log-Jacobian as a pyro.factor), or pass a guide that draws "
-        f"{name!r} inside the bound its own draws of the other sites give. NUTS and the "
-        f"default optimizer='newton' take such stories as they are")
-
-
-def _vectorizable(guide, data, plate_nesting: int, particles: int = 3) -> bool:
-    """Whether the guide's draws can be vectorised over particles.
-
-    Every latent value drawn under a particle plate must have the particle dim where
-    Pyro puts it (``-(plate_nesting + 1)`` left of the event dims) and no dim left of
-    it, as ``vectorize_particles`` needs.
-    """
-    dim = -(plate_nesting + 1)
-    try:
-        with (poutine.seed(rng_seed=0), torch.no_grad(),
-              pyro.plate("_particles", particles, dim=dim)):
-            trace = poutine.trace(guide).get_trace(**data)
-    except (RuntimeError, ValueError, IndexError):
-        return False
-    for site in latent_sites(trace).values():
-        value = site["value"]
-        batch = value.shape[:value.dim() - site["fn"].event_dim]
-        if len(batch) > -dim or (len(batch) == -dim and batch[0] not in (1, particles)):
-            return False
-    return True
-
-
-class _NonFinite(Exception):
-    """A step whose loss or gradients are not finite (raised before any update)."""
-
-    def __init__(self, loss: float, parameters: list[str]) -> None:
-        super().__init__(loss, parameters)
-        self.loss, self.parameters = loss, parameters
-
-
-class _Loop:
-    """The optimisation loop both engines share: steps, progress bar, ELBO history, stops.
-
-    ``step(i) -> loss`` runs one step and raises :class:`_NonFinite` *before* updating
-    anything when the loss or a gradient is not finite, so the parameters keep their last
-    finite values. ``state()`` returns what a checkpoint needs to continue the run.
-    Ctrl-C (KeyboardInterrupt) ends the loop early: the history so far is kept and the
-    run is marked interrupted (and checkpointed, when asked).
-    """
-
-    def __init__(self, options: dict[str, Any], progress: bool, identity: dict[str, Any]):
-        self.options, self.progress, self.identity = options, progress, identity
-        self.elbo = np.full(options["steps"], np.nan)
-        self.start = 0
-        self.interrupted_at: int | None = None
-        self.converged_at: int | None = None
-        self.monitor: ConvergenceMonitor | None = None
-
-    def resume_from(self, checkpoint: dict[str, Any]) -> None:
-        """Continue after the steps a checkpoint holds (its ELBO history included)."""
-        done = np.asarray(checkpoint["elbo"], dtype=float)
-        if len(done) > self.options["steps"]:
-            raise CheckpointError(f"the checkpoint holds {len(done)} steps, more than "
-                                  f"steps={self.options['steps']}")
-        self.elbo[:len(done)] = done
-        self.start = len(done)
-
-    def _checkpoint(self, state: Callable[[], dict], done: int) -> None:
-        path = self.options["checkpoint"]
-        if path is not None:
-            save_checkpoint(path, {**self.identity, **state(),
-                                   "elbo": torch.as_tensor(self.elbo[:done])})
-
-    def run(self, step: Callable[[int], float], state: Callable[[], dict],
-            iterate: tuple[Callable[[], list[torch.Tensor]],
-                           Callable[[list[torch.Tensor]], None], GuideDistance]
-            | None = None) -> pd.DataFrame:
-        """Run the steps, and return the ELBO history.
-
-        ``iterate`` = (read, write, distance): read and write the parameters, and the
-        guide's KL distance between two of their values and its ELBO at one -- for the
-        convergence rule and the average of the last three windows' iterates that a
-        converged run ends with (:mod:`ppl_notes.vi.convergence`).
-        """
-        steps, every = self.options["steps"], self.options["checkpoint_every"]
-        index = self.start
-        monitor = (ConvergenceMonitor(steps, self.options["tolerance"], *iterate)
-                   if self.options["stop"] == "converged" and iterate is not None else None)
-        self.monitor = monitor
-        with (tqdm(total=steps, initial=self.start, desc="SVI", disable=not self.progress) as bar,
-              warnings.catch_warnings()):
-            # Pyro's "Encountered NaN: loss" (warn_explicit, so no module filter catches
-            # it): a non-finite loss or gradient is an InferenceError here, said once.
-            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            try:
-                for index in range(self.start, steps):
-                    if index % 50 == 0 and stop_requested():  # Ctrl-C in the main process
-                        raise KeyboardInterrupt
-                    loss = self._one(step, index)
-                    self.elbo[index] = -loss
-                    if monitor is not None and monitor.observe(index + 1, self.elbo):
-                        self.converged_at = index + 1
-                        bar.update(index + 1 - bar.n)
-                        break
-                    if (index + 1) % every == 0 and index + 1 < steps:
-                        self._checkpoint(state, index + 1)
-                    if index % 50 == 0 or index == steps - 1:
-                        bar.set_postfix(elbo=f"{-loss:.4g}", refresh=False)
-                        bar.update(index + 1 - bar.n)
-            except KeyboardInterrupt:
-                self.interrupted_at = index
-                self._checkpoint(state, index)
-                warnings.warn(
-                    f"SVI interrupted at step {index} of {steps}: the posterior is the guide "
-                    f"as it was then (partial=True)"
-                    + (f"; resume with resume={self.options['checkpoint']!r}"
-                       if self.options["checkpoint"] else ""),
-                    PartialResultWarning, stacklevel=2)
-        done = (self.interrupted_at if self.interrupted_at is not None
-                else self.converged_at if self.converged_at is not None else steps)
-        self._checkpoint(state, done)
-        return pd.DataFrame({"elbo": self.elbo[:done]},
-                            index=pd.RangeIndex(done, name="step"))
-
-    @property
-    def stopped(self) -> str:
-        """Why the run ended: ``converged``, ``steps`` (the cap) or ``interrupted``."""
-        if self.interrupted_at is not None:
-            return "interrupted"
-        return "converged" if self.converged_at is not None else "steps"
-
-    @staticmethod
-    def _one(step: Callable[[int], float], index: int) -> float:
-        try:
-            return step(index)
-        except _NonFinite as fault:
-            which = (f"the gradients of {fault.parameters} are not finite" if fault.parameters
-                     else "its gradient is not finite")
-            if index == 0:  # before any update: no step size is to blame
-                raise InferenceError(
-                    f"SVI: at step 0, before any update, the ELBO is {-fault.loss:.6g} and "
-                    f"{which}: the story's or the guide's log density is not finite at the "
-                    "guide's starting point. Check the story (a parameter outside its "
-                    "domain, log or sqrt of a negative) and the guide's initial values") \
-                    from None
-            raise InferenceError(
-                f"SVI: at step {index} the ELBO is {-fault.loss:.6g} and {which}. The "
-                "parameters keep their last finite values (pyro.get_param_store()). Lower "
-                "the learning rate, start the guide's scales smaller, or check the story's "
-                "priors and the guide's initial values") from None
-        except ValueError as error:  # Pyro's validation: a parameter left its support
-            reason = str(error).splitlines()[0]
-            if index == 0:
-                raise InferenceError(
-                    f"SVI: at step 0, before any update, the story or guide is invalid at "
-                    f"the guide's starting point ({reason}); check the story's distributions "
-                    "and the guide's initial values") from error
-            raise InferenceError(
-                f"SVI: at step {index} the guide's or story's parameters became invalid "
-                f"({reason}); lower the learning rate or check the guide's initial values"
-            ) from error
-
-
-def _check_resumable(path: str, checkpoint: dict[str, Any],
-                     identity: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another run, naming what differs (story, guide, data...)."""
-    for key, value in identity.items():
-        stored = checkpoint.get(key)
-        if stored == value:
-            continue
-        if key == "data" and isinstance(stored, dict):
-            changed = sorted(k for k in set(stored) | set(value) if stored.get(k) != value.get(k))
-            raise CheckpointError(
-                f"checkpoint {path!r} was written for other data: argument(s) {changed} "
-                "differ from this run's; resume with the data it was fitted to, or start "
-                "afresh without resume=")
-        if key in ("story", "guide"):
-            raise CheckpointError(
-                f"checkpoint {path!r} was written by another {key}: it records "
-                f"{str(stored).split(' ')[0]!r} with other code than this run's "
-                f"{str(value).split(' ')[0]!r}; start afresh without resume=")
-        if key == "options" and isinstance(stored, str):
-            before, now = json.loads(stored), json.loads(value)
-            changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
-                       if before.get(k) != now.get(k)}
-            raise CheckpointError(
-                f"checkpoint {path!r} was written with other options, which change the "
-                "objective: " + ", ".join(f"{k}={a!r} there, {b!r} here"
-                                          for k, (a, b) in changed.items()))
-        raise CheckpointError(
-            f"checkpoint {path!r} was written by another run: its {key} is {stored!r}, "
-            f"this run's is {value!r}")
-
-
-@contextlib.contextmanager
-def _restoring(path: str):
-    """Turn a malformed entry found while restoring a checkpoint into a named error."""
-    try:
-        yield
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint {path!r} cannot be restored: "
-                              f"{type(error).__name__}: {error}") from error
-
-
-def _checked_state(path: str, checkpoint: dict[str, Any],
-                   shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """The checkpoint's entries, each present and of this run's shape, or a named error."""
-    missing = [k for k in shapes if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} lacks {missing}: it cannot continue "
-                              "this run")
-    for key, shape in shapes.items():
-        found = checkpoint[key]
-        if shape is None:
-            continue
-        if isinstance(shape, dict):  # a dict of named tensors (the guide's parameters)
-            names = sorted(set(shape) ^ set(found)) if isinstance(found, dict) else sorted(shape)
-            if names:
-                raise CheckpointError(f"checkpoint {path!r}: its {key} and this run's differ "
-                                      f"in {names}")
-            for name, size in shape.items():
-                if tuple(found[name].shape) != size:
-                    raise CheckpointError(
-                        f"checkpoint {path!r}: parameter {name!r} has shape "
-                        f"{tuple(found[name].shape)} there and {size} in this run")
-        elif not isinstance(found, torch.Tensor) or tuple(found.shape) != shape:
-            raise CheckpointError(
-                f"checkpoint {path!r}: {key!r} has shape "
-                f"{tuple(getattr(found, 'shape', ()))} there and {shape} in this run")
-    return checkpoint
-
-
-def _identity(model, guide, guide_name, data, seed, engine, options) -> dict[str, Any]:
-    """What must match between a checkpoint and the run that resumes it."""
-    same = {k: v for k, v in options.items()
-            if k not in ("steps", "checkpoint", "checkpoint_every", "resume", "resume_trusted",
-                         "num_draws")}
-    return {**run_fingerprint(model, guide, str(guide_name), data), "seed": seed,
-            "engine": engine, "options": json.dumps(same, sort_keys=True, default=str)}
-
-
-def _pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, options,
-               progress, identity, parallel=None) -> pd.DataFrame:
-    """Pyro's ELBO (optionally TorchScript-compiled) with torch's Adam, step by step.
-
-    The step is Pyro's ``SVI.step`` written out so that non-finite gradients are caught
-    before the update and the optimizer's state can be checkpointed.
-    """
-    if jit:
-        try:
-            trial = _JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trial.loss(story, guide, **data)  # traces now: a failure shows before any step
-        except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
-            logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
-                           "uncompiled", name, type(error).__name__, error)
-            jit = False
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    loss = (_JIT_ELBOS if jit else _ELBOS)[elbo_name]
-    if options["stl"]:
-        from ppl_notes.vi.stl import STLTrace_ELBO
-
-        loss = STLTrace_ELBO
-    extra = {"ignore_jit_warnings": True} if jit else {}
-    elbo = loss(**extra, **elbo_options)
-    optimizer = _decaying_adam(options)
-    loop = _Loop(options, progress, identity)
-    store = pyro.get_param_store()
-    if options["resume"] is not None:
-        checkpoint = load_checkpoint(options["resume"], options["resume_trusted"])
-        _check_resumable(options["resume"], checkpoint, identity)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            elbo.loss_and_grads(story, guide, **data)  # creates (and compiles) everything
-        for value in store._params.values():
-            value.grad = None
-        _checked_state(options["resume"], checkpoint, {
-            "params": {k: tuple(v.shape) for k, v in store._params.items()},
-            "optimizer": None, "rng": None, "elbo": None})
-        with torch.no_grad():
-            for key, value in checkpoint["params"].items():
-                store._params[key].copy_(value)
-        with _restoring(options["resume"]):
-            optimizer.set_state(checkpoint["optimizer"])
-            set_rng_state(checkpoint["rng"])
-            loop.resume_from(checkpoint)
-
-    if parallel is not None:  # create the parameters, then start every process at rank 0's
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            elbo.loss_and_grads(story, guide, **data)
-        for value in store._params.values():
-            value.grad = None
-        parallel.share_parameters(dict(store._params))
-
-    def step(_index: int) -> float:
-        with poutine.trace(param_only=True) as capture:
-            value = elbo.loss_and_grads(story, guide, **data)
-        params = {key: site["value"].unconstrained() for key, site in capture.trace.nodes.items()}
-        if parallel is not None:
-            value = parallel.average(value, [params[key] for key in sorted(params)])
-        bad = [key for key, p in params.items()
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        if not math.isfinite(value) or bad:
-            pyro.infer.util.zero_grads(set(params.values()))
-            raise _NonFinite(value, bad)
-        optimizer(set(params.values()))
-        pyro.infer.util.zero_grads(set(params.values()))
-        optimizer.step()  # the learning rate's decay, one factor per step
-        return value
-
-    def state() -> dict[str, Any]:
-        return {"params": {k: v.detach().clone() for k, v in store._params.items()},
-                "optimizer": optimizer.get_state(), "rng": rng_state()}
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="pyro")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # Pyro's JitTrace_ELBO uses torch.jit.trace, which torch now calls deprecated
-        warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated",
-                                category=FutureWarning)
-        def read() -> list[torch.Tensor]:  # the store fills on the first step
-            return list(store._params.values())
-
-        def write(values: list[torch.Tensor]) -> None:
-            with torch.no_grad():
-                for parameter, value in zip(read(), values, strict=True):
-                    parameter.copy_(value)
-
-        distance = GuideDistance(
-            guide, data, write, read,
-            loss=_one_draw_loss(story, guide, data, elbo_name, elbo_options["max_plate_nesting"]),
-            reduce=None if parallel is None else parallel.mean_of, seed=seed)
-        history = loop.run(step, state, (read, write, distance))
-    history.attrs["jit"] = jit
-    _note_stop(history, loop)
-    return history
-
-
-def _one_draw_loss(story, guide, data: dict[str, Any], elbo_name: str,
-                   plate_nesting: int) -> Callable[[], float]:
-    """Minus a one-draw estimate of the run's ELBO at the parameters now (not compiled)."""
-    estimate = _ELBOS[elbo_name](num_particles=1, max_plate_nesting=plate_nesting)
-    return lambda: estimate.loss(story, guide, **data)
-
-
-def _note_stop(history: pd.DataFrame, loop: _Loop) -> None:
-    """Record how the loop ended in the history's attributes."""
-    history.attrs["interrupted_at"] = loop.interrupted_at
-    history.attrs["stopped"] = loop.stopped
-    history.attrs["guide_moves"] = [] if loop.monitor is None else loop.monitor.moves
-
-
-def _decay_per_step(options: dict[str, Any]) -> float:
-    """The factor by which the learning rate shrinks each step."""
-    return options["learning_rate_decay"] ** (1.0 / options["steps"])
-
-
-def _decaying_adam(options: dict[str, Any]) -> ExponentialLR:
-    """Torch's Adam with the rate decaying exponentially to ``learning_rate_decay`` of itself.
-
-    Robbins & Monro (1951): a decreasing step lets the stochastic iterates settle instead
-    of jittering around the optimum at a scale set by a constant rate.
-    """
-    return ExponentialLR({"optimizer": torch.optim.Adam,
-                          "optim_args": {"lr": options["learning_rate"]},
-                          "gamma": _decay_per_step(options)})
-
-
-def _optimise_compiled(compiled: CompiledELBO, story, guide, data: dict[str, Any], seed: int,
-                       plate_nesting: int, options: dict[str, Any], progress: bool,
-                       identity: dict[str, Any]) -> pd.DataFrame:
-    """Adam on the flat parameter vector, one compiled ELBO call per step."""
-    learning_rate, decay = options["learning_rate"], _decay_per_step(options)
-    flat = compiled.initial.clone()
-    state_ = AdamState(0, torch.zeros_like(flat), torch.zeros_like(flat))
-    loop = _Loop(options, progress, identity)
-    if options["resume"] is not None:
-        checkpoint = load_checkpoint(options["resume"], options["resume_trusted"])
-        _check_resumable(options["resume"], checkpoint, identity)
-        size = tuple(flat.shape)
-        _checked_state(options["resume"], checkpoint, {
-            "flat": size, "first_moment": size, "second_moment": size, "adam_step": None,
-            "rng": None, "elbo": None})
-        flat = checkpoint["flat"].clone()
-        with _restoring(options["resume"]):
-            state_ = AdamState(int(checkpoint["adam_step"]), checkpoint["first_moment"].clone(),
-                               checkpoint["second_moment"].clone())
-            set_rng_state(checkpoint["rng"])
-            loop.resume_from(checkpoint)
-
-    def step(index: int) -> float:
-        nonlocal flat
-        loss, grad = compiled(flat)
-        value = float(loss)
-        finite = torch.isfinite(grad)
-        if not math.isfinite(value) or not bool(finite.all()):
-            raise _NonFinite(value, compiled.names_where(~finite))
-        flat = adam_step(flat, grad, state_, learning_rate * decay**index)
-        return value
-
-    def state() -> dict[str, Any]:
-        return {"flat": flat.detach().clone(), "adam_step": state_.step,
-                "first_moment": state_.first_moment.clone(),
-                "second_moment": state_.second_moment.clone(), "rng": rng_state()}
-
-    def write(values: list[torch.Tensor]) -> None:
-        nonlocal flat
-        flat = values[0]
-
-    def read() -> list[torch.Tensor]:
-        return [flat]
-
-    distance = GuideDistance(guide, data, lambda values: compiled.write_back(values[0]), read,
-                             loss=_one_draw_loss(story, guide, data, "Trace_ELBO",
-                                                 plate_nesting),
-                             seed=seed)
-    try:
-        history = loop.run(step, state, (read, write, distance))
-    finally:
-        compiled.write_back(flat)  # the last finite state stays in the param store
-    _note_stop(history, loop)
-    return history

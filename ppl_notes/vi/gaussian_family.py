@@ -23,8 +23,19 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pyro.infer.autoguide import (
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 
-__all__ = ["Gaussian", "FAMILIES", "kl_divergence"]
+__all__ = ["Gaussian", "FAMILIES", "FAMILY_GUIDES", "kl_divergence"]
+
+#: family -> (the Pyro autoguide it is, that autoguide's name): a fit on the potential is
+#: handed back as the autoguide with the same Gaussian
+FAMILY_GUIDES = {"meanfield": (AutoNormal, "AutoNormal"),
+                 "fullrank": (AutoMultivariateNormal, "AutoMultivariateNormal"),
+                 "lowrank": (AutoLowRankMultivariateNormal, "AutoLowRankMultivariateNormal")}
 
 FAMILIES = ("meanfield", "fullrank", "lowrank")
 

@@ -36,7 +36,6 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import (
-    AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
 )
@@ -52,17 +51,13 @@ from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.relabel import components_of
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
-from ppl_notes.vi.gaussian_family import Gaussian
+from ppl_notes.vi.gaussian_family import FAMILY_GUIDES, Gaussian
 from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
 from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
 from ppl_notes.vi.restarts import restart_seed, stack_restarts
 
 __all__ = ["run_on_potential", "FAMILY_GUIDES", "INITIAL_SCALE"]
 
-#: family -> (Pyro autoguide class, its name)
-FAMILY_GUIDES = {"meanfield": (AutoNormal, "AutoNormal"),
-                 "fullrank": (AutoMultivariateNormal, "AutoMultivariateNormal"),
-                 "lowrank": (AutoLowRankMultivariateNormal, "AutoLowRankMultivariateNormal")}
 #: The starting Gaussians' sd in every unconstrained direction (Pyro's init_scale)
 INITIAL_SCALE = 0.1
 
