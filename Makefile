@@ -24,6 +24,7 @@ compare: env  ## the main job: SVI and NUTS on Galton's heights, side by side
 
 test: env  ## the whole test suite (what CI runs)
 	$(BIN)/ruff check ppl_notes tests benchmarks
+	$(BIN)/lint-imports  # the layers of docs/architecture.md, and no import cycles (pyproject.toml)
 	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=25  # both cores (pytest-xdist); fits are shared within a worker, the Dask cluster within its group
 
 bench: env  ## speed against plain Pyro and NumPyro (run by hand)

@@ -132,8 +132,6 @@ def aligned_to(posterior, reference):
     order = permutation_to(means[0], pivot[0], scale)
     if order == tuple(range(len(order))):
         return posterior, []
-    from ppl_notes.posterior import Posterior
-
     tree = posterior.tree.copy(deep=True)
     dataset = tree["posterior"].to_dataset()
     inverse = np.argsort(order)
@@ -146,5 +144,6 @@ def aligned_to(posterior, reference):
         if name in dataset:
             dataset[name] = dataset[name].copy(data=inverse[dataset[name].values])
     tree["posterior"] = tree["posterior"].__class__(dataset)
-    return (Posterior(tree, model=posterior.model, guide=posterior.guide, data=posterior.data),
+    return (type(posterior)(tree, model=posterior.model, guide=posterior.guide,
+                            data=posterior.data),
             [f"components {list(order)} -> {list(range(len(order)))}"])

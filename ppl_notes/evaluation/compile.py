@@ -20,10 +20,29 @@ from collections.abc import Callable
 import pyro
 import torch
 
+from ppl_notes.native import tape
+from ppl_notes.native.loader import available
+
 
 def compiler_available() -> bool:
     """Whether inductor's CPU backend can build kernels here (needs a C++ compiler)."""
     return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def resolve_compiler(requested: str) -> str:
+    """The compiler ``requested`` stands for.
+
+    ``auto``: the tape where its library was installed or a C compiler exists (its
+    potential falls back to inductor for a story it cannot record, or where the build
+    fails), else TorchScript. Only the library or the compiler is looked for: a build
+    :func:`~ppl_notes.native.loader.prebuild` started keeps running while the
+    potential is recorded.
+    """
+    if requested != "auto":
+        return requested
+    if available(tape.SOURCE):
+        return "tape"
+    return "inductor" if compiler_available() else "torchscript"
 
 
 def capture(function: Callable, *example_inputs: torch.Tensor, compile: bool = True):

@@ -5,23 +5,11 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 
-from ppl_notes.models.vae import PIXELS, mlp_parameters, vae
+from ppl_notes.models.vae import PIXELS, encode, mlp_parameters, vae
 from ppl_notes.story import guide as _guide
 
 __all__ = ["encoder", "encode"]
-
-
-def encode(layers, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder: pixels ``(..., 64)`` to the code's mean and sd ``(..., d)`` each."""
-    h = pixels
-    for weight, bias in layers[:-1]:
-        h = F.softplus(h @ weight + bias)
-    weight, bias = layers[-1]
-    out = h @ weight + bias
-    loc, raw_scale = out.chunk(2, dim=-1)
-    return loc, F.softplus(raw_scale) + 1e-3
 
 
 @_guide(vae, name="encoder")

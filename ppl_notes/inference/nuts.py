@@ -41,7 +41,7 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
 from ppl_notes.evaluation import facts_of
-from ppl_notes.evaluation.compile import compiler_available
+from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import INIT_STRATEGIES, BatchedPotential
 from ppl_notes.inference._options import (
@@ -228,25 +228,6 @@ def _processes(model, data, options) -> int | None:
     facts = facts_of(model, data)
     observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return None if observed >= _OBSERVED_VALUES_FOR_PROCESSES else 1
-
-
-def resolve_compiler(requested: str) -> str:
-    """The compiler ``requested`` stands for.
-
-    ``auto``: the tape where its library was installed or a C compiler exists (its
-    potential falls back to inductor for a story it cannot record, or where the build
-    fails), else TorchScript. Only the library or the compiler is looked for: a build
-    :func:`~ppl_notes.native.loader.prebuild` started keeps running while the
-    potential is recorded.
-    """
-    if requested != "auto":
-        return requested
-    from ppl_notes.native import tape as _tape
-    from ppl_notes.native.loader import available
-
-    if available(_tape.SOURCE):
-        return "tape"
-    return "inductor" if compiler_available() else "torchscript"
 
 
 def _run_pyro(model, data, seed, progress, options):

@@ -36,6 +36,7 @@ import torch
 from ppl_notes._result import RunResult
 from ppl_notes.errors import InferenceError, OptionError
 from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._options import Option, positive_int
@@ -64,8 +65,6 @@ OPTIONS = (
 
 
 def _compiler() -> str:
-    from ppl_notes.inference.nuts import resolve_compiler
-
     return resolve_compiler("auto")
 
 

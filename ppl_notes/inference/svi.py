@@ -46,6 +46,7 @@ from ppl_notes._sites import (
     unconstrained_value,
 )
 from ppl_notes.evaluation import choose_path, facts_of
+from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of, sample_guide
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.gradients import ESTIMATORS, force_estimator
@@ -267,8 +268,6 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options = {**options, "restarts": restarts}
     options = {**options, "optimizer": optimizer}
     if optimizer != "adam":
-        from ppl_notes.inference.nuts import resolve_compiler
-
         return run_on_potential(model, data, family=guide, seed=seed,
                                 progress=progress, options=options,
                                 compiler=resolve_compiler("auto"))

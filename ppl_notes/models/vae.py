@@ -94,6 +94,17 @@ def vae(pixels=None, num_digits=None, latent_dim=2, hidden=128):
         pyro.sample("pixels", dist.Bernoulli(logits=decode(layers, z)).to_event(1), obs=pixels)
 
 
+def encode(layers, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder: pixels ``(..., 64)`` to the code's mean and sd ``(..., d)`` each."""
+    h = pixels
+    for weight, bias in layers[:-1]:
+        h = F.softplus(h @ weight + bias)
+    weight, bias = layers[-1]
+    out = h @ weight + bias
+    loc, raw_scale = out.chunk(2, dim=-1)
+    return loc, F.softplus(raw_scale) + 1e-3
+
+
 def _fitted_layers(posterior, prefix: str) -> list[tuple]:
     params = posterior.to_arviz()["fitted_params"]
     count = sum(1 for name in params.data_vars if str(name).startswith(f"{prefix}_w"))
@@ -103,8 +114,6 @@ def _fitted_layers(posterior, prefix: str) -> list[tuple]:
 
 def reconstruct(posterior, pixels) -> np.ndarray:
     """Pixel probabilities of each image decoded from its encoder's mean code."""
-    from ppl_notes.guides.vae import encode
-
     pixels = torch.as_tensor(np.asarray(pixels, dtype=float))
     loc, _ = encode(_fitted_layers(posterior, "encoder"), pixels)
     with torch.no_grad():
