@@ -1,4 +1,4 @@
-"""Data-parallel SVI (inference._data_parallel): 2 processes under torchrun, each with half
+"""Data-parallel SVI (ppl_notes.vi.data_parallel): 2 processes under torchrun, each with half
 of the data plate and the gradients averaged, fit what one process fits on all of it.
 
 The single-process fit to match uses 2 particles per step: K processes with one draw

@@ -1,6 +1,6 @@
 /* An interpreter of recorded aten tapes: the potential and its gradient, in C.
  *
- * ppl_notes/inference/_tape.py records one evaluation of a story's potential and
+ * ppl_notes/native/tape.py records one evaluation of a story's potential and
  * gradient as the sequence of aten operations it ran, and translates it into the
  * instruction stream this file executes. Every tensor lives in one float64 arena:
  * an operand is an arena offset with a stride per dimension, so views cost nothing
@@ -612,7 +612,7 @@ static const int64_t *run_gather(double *arena, const int64_t *w, const double *
 }
 
 /* Run a tape; 0, -1 where a Cholesky factorisation failed, -2 at an unknown instruction
-   (_tape.py's CHOLESKY_FAILED and UNKNOWN_INSTRUCTION). */
+   (tape.py's CHOLESKY_FAILED and UNKNOWN_INSTRUCTION). */
 int tape_run(double *arena, const int64_t *code, int64_t length, const double *params) {
     const int64_t *w = code, *end = code + length;
     int status = 0;

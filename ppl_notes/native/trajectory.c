@@ -10,7 +10,7 @@
  * order, so given the same momentum and seed they build the same trajectory
  * (tests/test_trajectory.py).
  *
- * The caller (ppl_notes/inference/_trajectory.py) owns every buffer: nothing here
+ * The caller (ppl_notes/native/trajectory.py) owns every buffer: nothing here
  * allocates after nuts_new.
  */
 #include <math.h>
