@@ -54,11 +54,14 @@ def _init_worker(progress_queue, stop_event, parent: int) -> None:
 
 
 def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
-                stop_event=None) -> list[dict[str, Any]]:
+                stop_event=None, job: dict | None = None) -> list[dict[str, Any]]:
     """Run a group of chains in lockstep against one batched potential.
 
     Progress messages go to ``progress_queue`` and the chains stop when ``stop_event``
     is set (checked with each progress message); both default to this worker's own.
+    ``job``, in this process, is the payload unpickled already: the story and data
+    themselves, whose facts and evaluation path this ``infer()`` has worked out (a copy
+    would work them out again: 12 more runs of the story).
     """
     progress_queue = progress_queue if progress_queue is not None else _progress_queue
     stop_event = stop_event if stop_event is not None else _stop_event
@@ -67,7 +70,7 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
         if progress_queue is not None:
             progress_queue.put((chain, what))
 
-    job = cloudpickle.loads(payload)
+    job = cloudpickle.loads(payload) if job is None else job
     for chain in chains:
         _say(chain, "compiling")
     potential = BatchedPotential(job["model"], job["data"], len(chains),
@@ -152,7 +155,7 @@ def run_chains(
             global _progress_queue
             _progress_queue = bars  # in this process: messages go straight to the bars
             try:
-                outputs = _run_chains(payload, groups[0])
+                outputs = _run_chains(payload, groups[0], job=job)
             finally:
                 _progress_queue = None
         else:
