@@ -1,4 +1,4 @@
-"""Inductor's FX graph cache serves the graphs ppl_notes captures (see ppl_notes.evaluation.compile)."""
+"""Inductor's FX graph cache serves the graphs ppl_notes captures (evaluation.compile)."""
 
 import numpy as np
 import pyro
