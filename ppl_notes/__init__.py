@@ -37,7 +37,7 @@ _LAZY = {
     "compare_models": "cross_validation", "loo": "cross_validation",
     "Decision": "decisions", "decide": "decisions",
     "Estimate": "evidence", "exact_posterior": "exact", "gradient_variance": "gradients",
-    "infer": "inference", "Posterior": "posterior", "load": "posterior",
+    "infer": "inference", "Posterior": "posterior", "load": "result_files",
     "write_report": "report", "Verdict": "verdict",
     "Guide": "story", "Model": "story", "check_pairing": "story", "guide": "story",
     "model": "story",
@@ -52,8 +52,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from ppl_notes.exact import exact_posterior
     from ppl_notes.gradients import gradient_variance
     from ppl_notes.inference import infer
-    from ppl_notes.posterior import Posterior, load
+    from ppl_notes.posterior import Posterior
     from ppl_notes.report import write_report
+    from ppl_notes.result_files import load
     from ppl_notes.story import Guide, Model, check_pairing, guide, model
     from ppl_notes.verdict import Verdict
 

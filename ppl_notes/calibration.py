@@ -48,6 +48,7 @@ from ppl_notes._cluster import check_scheduler, client_for, completed
 from ppl_notes._pool import run_in_processes
 from ppl_notes._progress import show_progress
 from ppl_notes._signing import cache_root, sign, signing_key, verify
+from ppl_notes.data_preparation import to_tensor
 from ppl_notes.errors import (
     CheckpointError,
     OptionError,
@@ -193,7 +194,7 @@ def calibrate(model, method: str = "nuts", replicates: int = 200, *, scheduler=N
     check_scheduler(scheduler, "calibrate")
     if method == "nuts":
         options = {**_NUTS_DEFAULTS, **options}
-    covariates = ({key: model._to_tensor(key, value) for key, value in data.items()}
+    covariates = ({key: to_tensor(model, key, value) for key, value in data.items()}
                   if data is not None else model._default_covariates())
     _simulated(model, _replicate_seed(seed, 0), covariates, 0)  # before any worker starts
     parameters = _parameters(model, covariates)

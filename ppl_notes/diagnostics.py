@@ -33,10 +33,9 @@ import numpy as np
 
 from ppl_notes._elements import element_draws
 from ppl_notes.errors import DiagnosticWarning
-from ppl_notes.psis import psis_log_weights
+from ppl_notes.psis import importance_ess_share, importance_khat, psis_weights
 
-__all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend",
-           "importance_khat", "warn_about"]
+__all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend", "warn_about"]
 
 #: R-hat, ESS and BFMI need this many draws in each chain (split chains, autocorrelation).
 MIN_DRAWS_PER_CHAIN = 4
@@ -178,49 +177,6 @@ def importance_gap(posterior) -> tuple[str, float, float]:
             if abs(math.log(ratio)) > abs(math.log(worst_ratio)):
                 ratio_at, worst_ratio = label, ratio
     return shift_at, worst_shift, ratio_at, worst_ratio
-
-
-def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
-    r"""Pareto :math:`\hat k` of the ratios :math:`p(x, z_s)/q(z_s)`, :math:`z_s \sim q`.
-
-    ArviZ's PSIS fit (Vehtari et al. 2024; :mod:`ppl_notes.psis`) to the largest ratios;
-    Yao et al. (2018) read it as a diagnostic of the approximation itself. ``nan`` with
-    too few draws to fit a tail (fewer than about 30).
-    """
-    try:
-        return psis_weights(log_p, log_q)[1]
-    except ValueError:  # too few draws for a tail fit (ArviZ needs >= 5 in the tail)
-        return float("nan")
-
-
-def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, float]:
-    r"""Pareto-smoothed importance weights of draws from q for p, and their :math:`\hat k`.
-
-    Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto Smoothed Importance Sampling"
-    (JMLR): the largest ratios :math:`p/q` are replaced by quantiles of a generalised
-    Pareto fit to them, which bounds the estimator's variance; ArviZ's algorithm, in
-    NumPy (:mod:`ppl_notes.psis`).
-
-    Returns
-    -------
-    (weights, khat)
-        Normalised weights (summing to 1), one per draw, and the tail's shape estimate.
-    """
-    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    # ArviZ's algorithm in NumPy (ppl_notes.psis): importing arviz_stats costs 1.5 s
-    log_weights, khat = psis_log_weights(log_ratio)
-    weights = np.exp(log_weights - log_weights.max())
-    return weights / weights.sum(), float(khat)
-
-
-def importance_ess_share(log_p: np.ndarray, log_q: np.ndarray) -> float:
-    r"""The effective sample size of the raw weights :math:`p/q`, as a share of the draws.
-
-    :math:`(\sum w)^2 / (S \sum w^2)` (Kong 1992): 1 when q is p up to a constant.
-    """
-    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
-    weights = np.exp(log_ratio - log_ratio.max())
-    return float(weights.sum() ** 2 / (len(weights) * (weights**2).sum()))
 
 
 def diagnostics(posterior) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Posterior: the result of every method, backed by one ArviZ ``xarray.DataTree``.
 
 The DataTree is the single source of truth: ``to_arviz()`` returns it, ``save`` writes
-it to netCDF (no pickle) and :func:`load` reads it back, so a loaded result is equal to
-the saved one. The story, guide and data stay attached in memory for methods that need
-to run the model again.
+it to netCDF (no pickle) and :func:`ppl_notes.result_files.load` reads it back, so a
+loaded result is equal to the saved one. The story, guide and data stay attached in
+memory for methods that need to run the model again.
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import xarray as xr
 
 from ppl_notes._elements import CI_PROB
 from ppl_notes._integrity import DIGEST_ATTR, SIGNATURE_ATTR, tree_digest
-from ppl_notes._signing import sign, signing_key, verify
-from ppl_notes.errors import DataError, OptionError, UntrustedFileError
-from ppl_notes.evidence import Estimate
+from ppl_notes._signing import sign, signing_key
+from ppl_notes._sites import unconstrained_value
+from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN, diagnostics, findings
+from ppl_notes.errors import OptionError
+from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
+from ppl_notes.evidence import Estimate, elbo_estimate, importance_estimate, kl_gap_estimate
+from ppl_notes.prediction import predict, story_of
+from ppl_notes.predictive import _data_of, posterior_predictive
+from ppl_notes.psis import psis_weights
+from ppl_notes.verdict import check
+from ppl_notes.vi.gaussian_family import FAMILY_GUIDES
 
-__all__ = ["Posterior", "load", "shipped_story"]
+__all__ = ["Posterior"]
 
 
 class Posterior:
@@ -181,11 +189,7 @@ class Posterior:
         works on a loaded result in a fresh process.
         """
         if new_data is None:
-            from ppl_notes.predictive import posterior_predictive
-
             return posterior_predictive(self, num_draws=num_draws, seed=seed)
-        from ppl_notes.prediction import predict
-
         return predict(self, new_data, num_draws=num_draws, seed=seed)
 
     def diagnostics(self) -> dict[str, Any]:
@@ -193,8 +197,6 @@ class Posterior:
 
         See :func:`ppl_notes.diagnostics.diagnostics`.
         """
-        from ppl_notes.diagnostics import diagnostics
-
         return diagnostics(self)
 
     def findings(self) -> list:
@@ -202,8 +204,6 @@ class Posterior:
 
         Each names a parameter and a next step; see :mod:`ppl_notes.diagnostics`.
         """
-        from ppl_notes.diagnostics import findings
-
         return findings(self)
 
     def check(self, calibration=None):
@@ -212,8 +212,6 @@ class Posterior:
         Combines k-hat, R-hat across restarts, convergence and, when given, a calibration
         (VSBC); see :mod:`ppl_notes.verdict` for the rules and their references.
         """
-        from ppl_notes.verdict import check
-
         return check(self, calibration)
 
     def to_arviz(self) -> xr.DataTree:
@@ -240,8 +238,6 @@ class Posterior:
         out; name them in ``var_names`` to include them. Variational draws are
         independent, so their table has no MCMC diagnostics (R-hat, ESS).
         """
-        from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN
-
         too_few = (self.tree["posterior"].sizes["draw"] < MIN_DRAWS_PER_CHAIN
                    if self.has_chains else self.num_draws < 2)
         if len(self.sample_dims) == 1 or too_few:  # no R-hat or ESS from independent or
@@ -265,7 +261,7 @@ class Posterior:
         r"""Draws of q reweighted towards the posterior by PSIS, then resampled.
 
         Each draw :math:`z_s \sim q` gets its Pareto-smoothed importance weight
-        :math:`w_s \propto p(x, z_s)/q(z_s)` (:func:`ppl_notes.diagnostics.psis_weights`;
+        :math:`w_s \propto p(x, z_s)/q(z_s)` (:func:`ppl_notes.psis.psis_weights`;
         Vehtari et al. 2024), and ``num_draws`` draws (default: as many as there are) are
         resampled with those weights (systematic resampling), so that summaries, plots
         and ``compare`` use them as they are; restarts are reweighted each by its own q
@@ -273,8 +269,6 @@ class Posterior:
         over restarts; trust the result only below 0.7, Yao et al. 2018) and the weights' effective
         sample size :math:`1/\sum_s w_s^2`, which bounds what the resampled draws hold.
         """
-        from ppl_notes.diagnostics import psis_weights
-
         if not self.is_variational:
             raise OptionError("importance_resampled reweights draws of a fitted q by p/q; "
                               f"this posterior is from {self.method!r}, without log q")
@@ -336,10 +330,6 @@ class Posterior:
                 "num_samples draws afresh from one fitted guide, and this fit has "
                 f"{len(self.info['restarts'])} restarts (each a guide of its own): call "
                 "without num_samples to use the stored draws of every restart")
-        from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
-        from ppl_notes.prediction import story_of
-        from ppl_notes.predictive import _data_of
-
         model = story_of(self)
         guide = self._guide_function(model)
         data = self.data if self.data is not None else _data_of(self)
@@ -361,8 +351,6 @@ class Posterior:
         """The fit's guide: in memory, imported by reference, or an autoguide rebuilt."""
         if self.guide is not None:
             return self.guide
-        from ppl_notes.vi.gaussian_family import FAMILY_GUIDES
-
         families = {name: family for family, name in FAMILY_GUIDES.values()}
         name = str(self.tree.attrs.get("guide", ""))
         if name not in families:
@@ -371,8 +359,6 @@ class Posterior:
                 "does not carry (it holds values, never code): load it with "
                 "ppl_notes.load(path, model=..., guide=...), or call without num_samples "
                 "to use the stored draws")
-        from ppl_notes._sites import unconstrained_value
-
         return families[name](pyro.poutine.block(model, hide=self.discrete_sites),
                               init_loc_fn=unconstrained_value)
 
@@ -390,8 +376,6 @@ class Posterior:
         seed : int
             Seeds fresh draws.
         """
-        from ppl_notes.evidence import elbo_estimate, importance_estimate
-
         estimators = {"elbo": elbo_estimate, "importance": importance_estimate}
         if how not in estimators:
             raise OptionError(f"how must be one of {sorted(estimators)}, got {how!r}")
@@ -403,8 +387,6 @@ class Posterior:
         Notes §2.f: :math:`\log p(x) = \mathrm{KL} + \mathrm{ELBO}`; both estimates use
         the same draws (see :mod:`ppl_notes.evidence`).
         """
-        from ppl_notes.evidence import kl_gap_estimate
-
         return kl_gap_estimate(*self.log_weights(num_samples, seed))
 
     def save(self, path: str | os.PathLike, key: bytes | str | os.PathLike | None = None
@@ -428,105 +410,3 @@ class Posterior:
             handle.attrs[SIGNATURE_ATTR] = sign(digest, signing_key(key))
         os.replace(temporary, path)
         return path
-
-
-def load(path: str | os.PathLike, model=None, guide=None, *, trusted: bool = False,
-         key: bytes | str | os.PathLike | None = None) -> Posterior:
-    """Read a result written by :meth:`Posterior.save`; nothing in the file is run.
-
-    A result file is data: it names its story and guide, but nothing named in it is
-    imported or called. The story is ``model``, or, for a story ppl_notes ships, the one
-    its own registry (:data:`ppl_notes.models.STORIES`) holds under the stored name and
-    reference (a comparison of strings, never an import path taken from the file). A
-    guide function is ``guide``; an autoguide is rebuilt from the story when fresh draws
-    are asked for.
-
-    Parameters
-    ----------
-    path : path
-        The file.
-    model : Model, optional
-        The story, for predictions and fresh draws (a story of the user's own).
-    guide : callable, optional
-        The guide function of an SVI fit, for fresh draws (autoguides need none).
-    trusted : bool
-        Read a file that is not signed with this user's key (a colleague's result). Its
-        values are then only as good as its author; it still cannot run code.
-    key : bytes or path, optional
-        The signing key (default: this user's, ``$PPL_NOTES_CACHE/signing.key``).
-
-    Raises
-    ------
-    DataError
-        For a missing file, one that is not a ppl_notes result, or one whose content no
-        longer matches the hash written with it (damage).
-    UntrustedFileError
-        For a file whose signature does not verify under the key: unsigned, signed by
-        someone else, or changed and re-hashed since (unless ``trusted=True``).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"no saved result at {str(path)!r}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # xarray's remarks on undecodable attributes
-            with xr.open_datatree(path, engine="h5netcdf") as opened:
-                tree = opened.load()
-                stored = tree.attrs.get(DIGEST_ATTR)
-                signature = tree.attrs.get(SIGNATURE_ATTR)
-                digest = tree_digest(tree)
-    except Exception as error:  # noqa: BLE001 - h5py and xarray raise many kinds on damage
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{str(path)!r} is not a ppl_notes result, or it is damaged: "
-                        f"{reason}") from error
-    if "method" not in tree.attrs:
-        raise DataError(f"{str(path)!r} is not a ppl_notes result (no 'method' attribute)")
-    if stored is None:
-        raise DataError(f"{str(path)!r} has no content hash ({DIGEST_ATTR}): it was not "
-                        "written by Posterior.save, or its hash was removed")
-    if str(stored) != digest:
-        raise DataError(f"{str(path)!r} is damaged: its content no longer matches the hash "
-                        "written with it (a byte changed after saving); refit or restore it")
-    if not trusted and not verify(digest, _text(signature), signing_key(key)):
-        why = ("is not signed" if signature is None else
-               "is signed with another key than yours (a colleague's result, or one "
-               "changed and re-hashed after it was signed)")
-        raise UntrustedFileError(
-            f"{str(path)!r} {why}. A result file holds only values and cannot run code; "
-            "if you trust whoever wrote it, read it with ppl_notes.load(path, "
-            "trusted=True) (ppl-notes ... --trusted), and save it again to sign it "
-            "with your key")
-    for node in tree.subtree:
-        if node is tree:
-            continue
-        # netCDF stores a one-element list attribute as a scalar: restore ArviZ's lists.
-        if "sample_dims" in node.attrs:
-            node.attrs["sample_dims"] = [str(d) for d in np.atleast_1d(node.attrs["sample_dims"])]
-    del tree.attrs[DIGEST_ATTR]
-    tree.attrs.pop(SIGNATURE_ATTR, None)
-    story = model if model is not None else shipped_story(tree.attrs)
-    return Posterior(tree, model=story, guide=guide)
-
-
-def _text(value) -> str | None:
-    """An attribute as text (netCDF may hand back bytes), or None."""
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    return value if isinstance(value, str) else None
-
-
-def shipped_story(attrs: dict):
-    """The shipped story a result names, from ppl_notes' own registry, or None.
-
-    The stored name and ``module:attribute`` are compared, as strings, with the registry's
-    entries; only an entry's own module, written in ppl_notes, is ever imported.
-    """
-    from ppl_notes.models import STORIES
-
-    reference, name = str(attrs.get("model_path", "")), str(attrs.get("model", ""))
-    for entry in STORIES.values():
-        if f"{entry.module}:{entry.model}" == reference:
-            story = entry.load_model()
-            if story.name == name:
-                return story
-    return None

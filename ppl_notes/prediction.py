@@ -33,7 +33,9 @@ import pyro.poutine as poutine
 import torch
 import xarray as xr
 
+from ppl_notes._callables import story_signature
 from ppl_notes._sites import is_enumerable, sample_sites
+from ppl_notes.data_preparation import to_tensor
 from ppl_notes.errors import DataError, OptionError, StoryError
 
 __all__ = ["predict"]
@@ -150,7 +152,6 @@ def _new_data(model, new_data, fitted: Mapping[str, np.ndarray] | None = None
     """``new_data`` prepared as ``infer`` prepares data, and checked against ``fitted``."""
     import inspect
 
-    from ppl_notes.story import story_signature
 
     if isinstance(new_data, pd.DataFrame):
         new_data = {column: new_data[column].to_numpy() for column in new_data.columns}
@@ -163,7 +164,7 @@ def _new_data(model, new_data, fitted: Mapping[str, np.ndarray] | None = None
         if key not in model.parameters:
             raise DataError(f"predict: story {model.name!r} has no argument {key!r}; its "
                             f"keyword arguments are {list(model.parameters)}")
-        data[key] = model._to_tensor(key, value)
+        data[key] = to_tensor(model, key, value)
         if key in fitted and torch.is_tensor(data[key]):
             data[key] = _like_fitted(model.name, key, data[key], fitted[key])
     signature = story_signature(model.fn).parameters

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["psis_log_weights", "gpd_fit"]
+__all__ = ["psis_log_weights", "gpd_fit", "psis_weights", "importance_khat",
+           "importance_ess_share"]
 
 #: Columns smoothed at once: bounds the (grid x tail x columns) array of the fit (~60 MB).
 _COLUMNS_AT_ONCE = 512
@@ -125,3 +126,44 @@ def _smooth_columns(log_ratios: np.ndarray, r_eff: float) -> tuple[np.ndarray, n
     columns = np.broadcast_to(np.arange(values.shape[1]), tail_rows.shape)
     values[tail_rows, columns] = np.where(np.isfinite(khat), smoothed, draws_tail)
     return values - _logsumexp(values), khat
+
+
+def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
+    r"""Pareto :math:`\hat k` of the ratios :math:`p(x, z_s)/q(z_s)`, :math:`z_s \sim q`.
+
+    ArviZ's PSIS fit (Vehtari et al. 2024; :func:`psis_log_weights`) to the largest ratios;
+    Yao et al. (2018) read it as a diagnostic of the approximation itself. ``nan`` with
+    too few draws to fit a tail (fewer than about 30).
+    """
+    try:
+        return psis_weights(log_p, log_q)[1]
+    except ValueError:  # too few draws for a tail fit (ArviZ needs >= 5 in the tail)
+        return float("nan")
+
+
+def psis_weights(log_p: np.ndarray, log_q: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Pareto-smoothed importance weights of draws from q for p, and their :math:`\hat k`.
+
+    Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto Smoothed Importance Sampling"
+    (JMLR): the largest ratios :math:`p/q` are replaced by quantiles of a generalised
+    Pareto fit to them, which bounds the estimator's variance (:func:`psis_log_weights`).
+
+    Returns
+    -------
+    (weights, khat)
+        Normalised weights (summing to 1), one per draw, and the tail's shape estimate.
+    """
+    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    log_weights, khat = psis_log_weights(log_ratio)
+    weights = np.exp(log_weights - log_weights.max())
+    return weights / weights.sum(), float(khat)
+
+
+def importance_ess_share(log_p: np.ndarray, log_q: np.ndarray) -> float:
+    r"""The effective sample size of the raw weights :math:`p/q`, as a share of the draws.
+
+    :math:`(\sum w)^2 / (S \sum w^2)` (Kong 1992): 1 when q is p up to a constant.
+    """
+    log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    weights = np.exp(log_ratio - log_ratio.max())
+    return float(weights.sum() ** 2 / (len(weights) * (weights**2).sum()))

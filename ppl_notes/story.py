@@ -28,6 +28,11 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ppl_notes._callables import (
+    callable_name,
+    reduce_by_reference,
+    story_signature,
+)
 from ppl_notes._constants import constants_dtype, module_as_float64
 from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import (
@@ -38,6 +43,7 @@ from ppl_notes._sites import (
     trace_model,
 )
 from ppl_notes.checks import check_data, check_pairing
+from ppl_notes.data_preparation import observed_from_data, prepare_data
 from ppl_notes.errors import DataError, StoryError
 
 logger = logging.getLogger(__name__)
@@ -192,23 +198,7 @@ class Model:
         if data is None:
             raise DataError(f"infer({probe.name}): a model given without @ppl_notes.model "
                             "has no default data; pass data={argument: values}")
-        prepared = probe.prepare_data(data)
-        try:
-            trace = trace_model(probe, prepared)
-        except (ValueError, RuntimeError, IndexError, TypeError) as error:
-            raise DataError(f"story {probe.name!r} cannot run on this data: {error}") \
-                from error
-        observed = {}
-        for name, site in sample_sites(trace).items():
-            if site["is_observed"] and not site["infer"].get("_deterministic"):
-                argument = _argument_holding(site["value"], prepared)
-                if argument is not None:
-                    observed[name] = argument
-        if not observed:
-            raise StoryError(
-                f"story {probe.name!r}: no sample site takes obs= from the data arguments "
-                f"{list(prepared)}; pass the observations as an argument (obs=y), or "
-                "declare them with @ppl_notes.model(observed=...)")
+        observed = observed_from_data(probe, probe.prepare_data(data))
         return cls(fn, observed=observed), observed
 
     def __call__(self, *args, **kwargs):
@@ -219,7 +209,7 @@ class Model:
         return f"<Model {self.name!r} observing {list(self.observed)}>"
 
     def __reduce__(self):
-        return _reduce_by_reference(self)
+        return reduce_by_reference(self)
 
     @property
     def marginal(self) -> Model:
@@ -331,58 +321,7 @@ class Model:
             For a key the story does not have, an empty, non-numeric or non-finite
             array, or an observed site without data.
         """
-        raw = self.default_data() if data is None else data
-        if isinstance(raw, pd.DataFrame):
-            if raw.empty:
-                raise DataError(f"story {self.name!r}: the data frame has no rows")
-            raw = {column: raw[column].to_numpy() for column in raw.columns}
-        elif not isinstance(raw, Mapping):
-            raise DataError(
-                f"story {self.name!r}: data must be a dict or a pandas DataFrame, "
-                f"not {type(raw).__name__}"
-            )
-        if drop_incomplete:
-            raw = self._drop_incomplete_rows(raw)
-        prepared = {}
-        for key, value in raw.items():
-            if key not in self.parameters:
-                raise DataError(
-                    f"story {self.name!r} has no site or argument {key!r} to take data; "
-                    f"its keyword arguments are {list(self.parameters)} "
-                    f"(observed sites: {list(self.observed)})"
-                )
-            prepared[key] = self._to_tensor(key, value)
-        for site, argument in self.observed_arguments.items():
-            if argument is not None and prepared.get(argument) is None:
-                raise DataError(
-                    f"story {self.name!r}: observed site {site!r} has no data; pass "
-                    f"data={{{argument!r}: ...}} or leave data=None for the default data"
-                )
-        return prepared
-
-    def _drop_incomplete_rows(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                  for k, v in raw.items() if v is not None and not np.isscalar(v)}
-        numeric = {k: a for k, a in arrays.items()
-                   if a.ndim >= 1 and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)}
-        lengths = {len(numeric[k]) for k in self.observed_arguments.values() if k in numeric}
-        if len(lengths) != 1:
-            raise DataError(
-                f"story {self.name!r}: drop_incomplete needs observed data with one shared "
-                f"number of rows; got lengths {sorted(lengths) or 'none'}")
-        rows = lengths.pop()
-        keep = np.ones(rows, dtype=bool)
-        for array in numeric.values():
-            if len(array) == rows:
-                keep &= np.isfinite(array.astype(float).reshape(rows, -1)).all(axis=1)
-        if not keep.any():
-            raise DataError(f"story {self.name!r}: every one of the {rows} rows has a NaN "
-                            "or infinite value; nothing is left after dropping them")
-        if not keep.all():
-            logger.info("story %r: dropped %d of %d rows with NaN or infinite values",
-                        self.name, rows - int(keep.sum()), rows)
-        return {k: (np.asarray(v)[keep] if k in numeric and len(numeric[k]) == rows else v)
-                for k, v in raw.items()}
+        return prepare_data(self, data, drop_incomplete)
 
     def check_data(self, data: dict[str, Any]):
         """Run the story once on prepared data and name whatever does not fit.
@@ -390,37 +329,6 @@ class Model:
         See :func:`ppl_notes.checks.check_data`; returns the run (a Pyro trace).
         """
         return check_data(self, data)
-
-    def _to_tensor(self, key: str, value: Any) -> Any:
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, torch.Tensor):
-            array = value.detach().cpu().numpy()
-        else:
-            try:
-                array = np.asarray(value)
-            except (ValueError, TypeError) as error:
-                raise DataError(
-                    f"story {self.name!r}: data for {key!r} is not a rectangular array of "
-                    f"numbers ({error})") from error
-        numeric = np.issubdtype(array.dtype, np.number) or array.dtype == bool
-        if array.dtype == object or not numeric:
-            raise DataError(
-                f"story {self.name!r}: data for {key!r} must be numeric, got dtype "
-                f"{array.dtype}"
-            )
-        if array.size == 0:
-            raise DataError(f"story {self.name!r}: data for {key!r} is empty")
-        bad = ~np.isfinite(array.astype(float))
-        if bad.any():
-            where = np.argwhere(bad)[:5].tolist()
-            raise DataError(
-                f"story {self.name!r}: data for {key!r} has {int(bad.sum())} NaN or "
-                f"infinite value(s), first at index {where}; remove or impute them"
-            )
-        if array.dtype == bool and key not in self.observed_arguments.values():
-            return torch.as_tensor(array)  # a mask (poutine.mask takes booleans)
-        return torch.as_tensor(array.astype(float), dtype=self.dtype)
 
     def coords(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """Coordinate values for named dims, computed from the data."""
@@ -546,7 +454,7 @@ class Guide:
         return f"<Guide {self.name!r} for {self.model.name!r}>"
 
     def __reduce__(self):
-        return _reduce_by_reference(self)
+        return reduce_by_reference(self)
 
 
 def model(
@@ -590,60 +498,3 @@ def guide(story: Model, *, name: str | None = None) -> Callable[[Callable], Guid
         return Guide(function, story, name=name)
 
     return wrap
-
-
-def _argument_holding(value, data: Mapping[str, Any]) -> str | None:
-    """The data argument that ``value`` is: the same tensor, or the same numbers."""
-    if not torch.is_tensor(value):
-        return None
-    for key, candidate in data.items():
-        if candidate is value:
-            return key
-    for key, candidate in data.items():
-        if (torch.is_tensor(candidate) and candidate.numel() == value.numel()
-                and torch.equal(candidate.reshape(-1).to(value.dtype), value.reshape(-1))):
-            return key
-    return None
-
-
-def story_signature(fn: Callable) -> inspect.Signature:
-    """The arguments a story takes: a ``PyroModule``'s are those of its ``forward``."""
-    if isinstance(fn, torch.nn.Module):
-        return inspect.signature(fn.forward)
-    return inspect.signature(fn)
-
-
-def callable_name(fn: Callable) -> str:
-    """A story's or guide's name from its callable.
-
-    A function's name (``lambda`` for a lambda), the wrapped function's for a
-    ``functools.partial``, and the class's for a ``PyroModule`` or any other callable
-    object (``BayesianRegression``), as Pyro's tutorials write them.
-    """
-    if isinstance(fn, functools.partial):
-        return callable_name(fn.func)
-    name = None if isinstance(fn, torch.nn.Module) else getattr(fn, "__name__", None)
-    if isinstance(name, str):
-        return "lambda" if name == "<lambda>" else name
-    return type(fn).__name__
-
-
-def _reduce_by_reference(obj):
-    """Pickle a module-level story or guide by its import path, any other by value.
-
-    Worker processes then import it rather than receive a copy. A story defined in
-    ``__main__`` (a script, a notebook) or in no importable module travels by value:
-    cloudpickle copies its function.
-    """
-    module = inspect.getmodule(obj.fn)
-    importable = module is not None and module.__name__ != "__main__" and getattr(
-        module, "__spec__", None) is not None
-    if importable and getattr(module, obj.name, None) is obj:
-        return (_import_attribute, (module.__name__, obj.name))
-    return object.__reduce__(obj)
-
-
-def _import_attribute(module_name: str, attribute: str):
-    import importlib
-
-    return getattr(importlib.import_module(module_name), attribute)

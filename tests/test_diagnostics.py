@@ -131,7 +131,7 @@ def test_importance_khat_tracks_the_tail_of_p_over_q():
     q is narrower, and the ratios are bounded (k < 0) when q is wider. Averaged over 20
     replicates of 4000 draws; PSIS's estimate is biased low for heavy tails at this size
     (measured: 0.76 for a true 0.91), hence the tolerance of 0.2."""
-    from ppl_notes.diagnostics import importance_khat
+    from ppl_notes.psis import importance_khat
 
     rng = np.random.default_rng(7)
     for q_sd, truth in ((0.3, 0.91), (0.8, 0.36)):

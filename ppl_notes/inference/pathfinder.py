@@ -169,7 +169,7 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
     chains start in the typical set, as Stan's and BlackJAX's Pathfinder initialisation
     does); the gradient evaluations spent come back with them.
     """
-    from ppl_notes.diagnostics import psis_weights
+    from ppl_notes.psis import psis_weights
 
     _, evaluate, _, _, flat, log_p, log_q, finite, _ = _pathfinder(model, data, seed,
                                                                    NUTS_START)
@@ -184,7 +184,7 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
 def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any]) -> RunResult:
     """Multi-path Pathfinder (module docstring)."""
-    from ppl_notes.diagnostics import importance_ess_share, psis_weights
+    from ppl_notes.psis import importance_ess_share, psis_weights
 
     started = time.perf_counter()
     facts = facts_of(model, data)

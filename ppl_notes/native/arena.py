@@ -7,6 +7,7 @@ becomes; both speak in these terms. The codes are the enums of ``tape.c``, in or
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,3 +177,67 @@ def coalesce(sizes, strides_list):
             dims.append(dims.pop(longest))
     return merged_sizes, merged
 
+
+def addresses(view: View) -> np.ndarray:
+    """The arena addresses of a view's elements (its buffer has its base)."""
+    return position_tensor(view, 0).numpy() - 1 + view.buffer.base
+
+
+def allocate(translator, outputs: set) -> int:
+    """Give every buffer of a :class:`~ppl_notes.native.tape.Translator` a base.
+
+    Work buffers share space once their last reader ran (best fit); the arena's size.
+    """
+    end = 0
+    translator.empty.base = 0
+    permanent = [b for b in [*translator.buffers.values(), *translator.pristine.values()]
+                 if b.kind != "work" or b in outputs]
+    for buffer in permanent:
+        buffer.base, end = end, end + buffer.size
+    for i, instruction in enumerate(translator.instructions):
+        for buffer in instruction.reads | instruction.writes:
+            if buffer.kind == "work" and buffer not in outputs:
+                if buffer.first < 0:
+                    buffer.first = i
+                buffer.last = i
+    starts: dict[int, list] = {}
+    ends: dict[int, list] = {}
+    for buffer in translator.buffers.values():
+        if buffer.kind == "work" and buffer not in outputs:
+            if buffer.first < 0:  # written by nobody the tape runs: never read either
+                buffer.base = 0
+                continue
+            starts.setdefault(buffer.first, []).append(buffer)
+            ends.setdefault(buffer.last, []).append(buffer)
+    free: list[tuple[int, int]] = []  # (size, base), sorted: the best fit by bisection
+    for i in range(len(translator.instructions)):
+        for buffer in starts.get(i, []):
+            k = bisect.bisect_left(free, (buffer.size, -1))
+            if k < len(free):
+                size, base = free.pop(k)
+                buffer.base = base
+                if size > buffer.size:
+                    bisect.insort(free, (size - buffer.size, base + buffer.size))
+            else:
+                buffer.base, end = end, end + buffer.size
+        for buffer in ends.get(i, []):
+            bisect.insort(free, (buffer.size, buffer.base))
+    return max(end, 1)
+
+
+def resolve(instructions: list[Instruction]) -> list[int]:
+    """The instructions as the C interpreter reads them: every address made absolute."""
+    code: list[int] = []
+    for instruction in instructions:
+        for word in instruction.words:
+            if isinstance(word, Address):
+                code.append(word.buffer.base + word.offset)
+            elif isinstance(word, AddressTable):
+                bases = np.array([b.base for b in word.buffers], dtype=np.int64)
+                addresses = np.where(word.offsets >= 0, bases[word.owners] + word.offsets + 1, 0)
+                if instruction.words[0] == I_SCATTER:
+                    addresses = addresses - 1
+                code.extend(addresses.tolist())
+            else:
+                code.append(int(word))
+    return code

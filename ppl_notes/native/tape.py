@@ -34,7 +34,6 @@ compiles with inductor instead.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import functools
 import numbers
@@ -49,7 +48,6 @@ from ppl_notes.native.arena import (
     I_GATHER,
     I_MAP,
     I_REDUCE,
-    I_SCATTER,
     MAX_DIMS,
     Address,
     AddressTable,
@@ -59,9 +57,12 @@ from ppl_notes.native.arena import (
     Step,
     Unsupported,
     View,
+    addresses,
+    allocate,
     coalesce,
     flatten,
     position_tensor,
+    resolve,
     rounding,
 )
 from ppl_notes.native.loader import available, build
@@ -412,7 +413,7 @@ class Tape:
     def _assemble(self, translator: Translator, value: torch.Tensor,
                   grad: torch.Tensor) -> None:
         outputs = [translator.view(value), translator.view(grad)]
-        size = _allocate(translator, {v.buffer for v in outputs})
+        size = allocate(translator, {v.buffer for v in outputs})
         arena = np.zeros(size)
         for buffer in [*translator.buffers.values(), *translator.pristine.values()]:
             if buffer.kind in ("static", "pristine") and buffer.tensor is not None:
@@ -421,11 +422,11 @@ class Tape:
                 arena[buffer.base:buffer.base + buffer.size] = \
                     content.detach().double().numpy()[:buffer.size]
         self.arena = arena
-        self.code = np.array(_resolve(translator.instructions), dtype=np.int64)
+        self.code = np.array(resolve(translator.instructions), dtype=np.int64)
         self.params = np.array([*translator.params, 0.0, 0.0], dtype=np.float64)
         self._input = slice(translator.input.base, translator.input.base + translator.input.size)
-        self._value_index = _indices(outputs[0])
-        self._grad_index = _indices(outputs[1])
+        self._value_index = addresses(outputs[0])
+        self._grad_index = addresses(outputs[1])
         self._args = (self.arena.ctypes.data, self.code.ctypes.data, int(self.code.size),
                       self.params.ctypes.data)
         self._value_flat = np.ascontiguousarray(self._value_index.reshape(-1))
@@ -477,64 +478,3 @@ class _TapePotential(ctypes.Structure):
                 ("input", ctypes.c_int64), ("size", ctypes.c_int64),
                 ("value_index", ctypes.c_void_p), ("grad_index", ctypes.c_void_p),
                 ("values", ctypes.c_int64), ("grads", ctypes.c_int64)]
-
-
-def _indices(view: View) -> np.ndarray:
-    """The arena addresses of a view's elements (its buffer has its base)."""
-    return position_tensor(view, 0).numpy() - 1 + view.buffer.base
-
-
-def _allocate(translator: Translator, outputs: set) -> int:
-    """Give every buffer a base; work buffers share space once their last reader ran."""
-    end = 0
-    translator.empty.base = 0
-    permanent = [b for b in [*translator.buffers.values(), *translator.pristine.values()]
-                 if b.kind != "work" or b in outputs]
-    for buffer in permanent:
-        buffer.base, end = end, end + buffer.size
-    for i, instruction in enumerate(translator.instructions):
-        for buffer in instruction.reads | instruction.writes:
-            if buffer.kind == "work" and buffer not in outputs:
-                if buffer.first < 0:
-                    buffer.first = i
-                buffer.last = i
-    starts: dict[int, list] = {}
-    ends: dict[int, list] = {}
-    for buffer in translator.buffers.values():
-        if buffer.kind == "work" and buffer not in outputs:
-            if buffer.first < 0:  # written by nobody the tape runs: never read either
-                buffer.base = 0
-                continue
-            starts.setdefault(buffer.first, []).append(buffer)
-            ends.setdefault(buffer.last, []).append(buffer)
-    free: list[tuple[int, int]] = []  # (size, base), sorted: the best fit by bisection
-    for i in range(len(translator.instructions)):
-        for buffer in starts.get(i, []):
-            k = bisect.bisect_left(free, (buffer.size, -1))
-            if k < len(free):
-                size, base = free.pop(k)
-                buffer.base = base
-                if size > buffer.size:
-                    bisect.insort(free, (size - buffer.size, base + buffer.size))
-            else:
-                buffer.base, end = end, end + buffer.size
-        for buffer in ends.get(i, []):
-            bisect.insort(free, (buffer.size, buffer.base))
-    return max(end, 1)
-
-
-def _resolve(instructions: list[Instruction]) -> list[int]:
-    code: list[int] = []
-    for instruction in instructions:
-        for word in instruction.words:
-            if isinstance(word, Address):
-                code.append(word.buffer.base + word.offset)
-            elif isinstance(word, AddressTable):
-                bases = np.array([b.base for b in word.buffers], dtype=np.int64)
-                addresses = np.where(word.offsets >= 0, bases[word.owners] + word.offsets + 1, 0)
-                if instruction.words[0] == I_SCATTER:
-                    addresses = addresses - 1
-                code.extend(addresses.tolist())
-            else:
-                code.append(int(word))
-    return code
