@@ -48,14 +48,18 @@ from ppl_notes._cluster import check_scheduler, client_for, completed
 from ppl_notes._pool import run_in_processes
 from ppl_notes._progress import show_progress
 from ppl_notes._signing import cache_root, sign, signing_key, verify
+from ppl_notes._sites import sample_sites
 from ppl_notes.data_preparation import to_tensor
 from ppl_notes.errors import (
     CheckpointError,
     OptionError,
     PartialResultWarning,
+    PPLNotesError,
+    StoryError,
     UntrustedFileError,
 )
 from ppl_notes.evaluation.fingerprint import code_digest, data_digests
+from ppl_notes.inference import infer
 from ppl_notes.inference.backends import methods_with
 
 __all__ = ["Calibration", "calibrate"]
@@ -238,7 +242,6 @@ def _one_replicate(payload: bytes, replicate: int) -> dict[str, Any]:
     """Simulate, fit, rank: one replicate's record."""
     import cloudpickle
 
-    from ppl_notes.inference import infer
 
     key = hashlib.sha256(payload).digest()
     if key not in _jobs:
@@ -301,8 +304,6 @@ def _thinned(draws: np.ndarray) -> np.ndarray:
 
 def _simulated(model, seed: int, covariates: dict, replicate: int) -> dict:
     """A replicate's parameters and data drawn from the story, or a StoryError saying so."""
-    from ppl_notes.errors import PPLNotesError, StoryError
-
     try:
         return model.simulate(seed=seed, **covariates)
     except PPLNotesError:
@@ -323,8 +324,6 @@ def _parameters(model, covariates) -> dict[str, tuple[int, ...]]:
     None): a story without default data takes its sizes from its fixed plates or from
     the covariates given.
     """
-    from ppl_notes._sites import sample_sites
-
     observed = set(model.observed_arguments)
     latent = {name: tuple(site["value"].shape)
               for name, site in sample_sites(model.forward_trace(0, **covariates)).items()

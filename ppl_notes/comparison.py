@@ -33,6 +33,7 @@ from scipy import stats
 from ppl_notes._elements import CI_PROB, element_draws
 from ppl_notes.diagnostics import continuous_sites, diagnostics, findings
 from ppl_notes.errors import DiagnosticWarning, OptionError, StoryError
+from ppl_notes.posterior import Posterior
 from ppl_notes.relabel import aligned_to
 from ppl_notes.verdict import verdict_of
 
@@ -47,8 +48,6 @@ def labelled(posteriors: Sequence[Any]) -> dict[str, Any]:
     A posterior's label is its method and guide (``svi (fullrank)``, ``nuts``); a second
     posterior with the same label gets `` #2``.
     """
-    from ppl_notes.posterior import Posterior
-
     if len(posteriors) == 1 and isinstance(posteriors[0], Mapping):
         items = list(posteriors[0].items())
     else:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ppl_notes.errors import DataError
+from ppl_notes.posterior import Posterior
 
 __all__ = ["Decision", "decide"]
 
@@ -103,7 +104,6 @@ def _loss_table(loss, actions) -> pd.DataFrame:
 
 
 def _probabilities(source, table: pd.DataFrame, site: str | None) -> np.ndarray:
-    from ppl_notes.posterior import Posterior
 
     states = list(table.columns)
     if isinstance(source, Posterior):

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ppl_notes import chain_diagnostics as chains
 from ppl_notes._elements import element_draws
 from ppl_notes.errors import DiagnosticWarning
 from ppl_notes.psis import importance_ess_share, importance_khat, psis_weights
@@ -231,7 +232,6 @@ def diagnostics(posterior) -> dict[str, Any]:
 
 
 def _mcmc_numbers(posterior) -> dict[str, Any]:
-    from ppl_notes import chain_diagnostics as chains  # arviz_stats' numbers, without its import
 
     tree, sites = posterior.tree, continuous_sites(posterior)
     numbers: dict[str, Any] = {}

@@ -16,6 +16,7 @@ import torch
 
 from ppl_notes._sites import is_enumerable, latent_sites, trace_model
 from ppl_notes.errors import StoryError
+from ppl_notes.inference.em import EnumeratedStory, responsibilities
 
 __all__ = ["exact_posterior"]
 
@@ -60,7 +61,6 @@ def exact_posterior(model, data: Mapping | None = None, site: str | None = None)
     if site not in latent:
         raise StoryError(f"story {model.name!r} has no discrete latent site {site!r}; it has "
                          f"{list(latent)}")
-    from ppl_notes.inference.em import EnumeratedStory, responsibilities
 
     story = EnumeratedStory(model, prepared)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-from ppl_notes.comparison import as_samples, labelled
+from ppl_notes.comparison import _reference_label, as_samples, labelled
 from ppl_notes.diagnostics import continuous_sites
 from ppl_notes.errors import OptionError
 
@@ -89,8 +89,6 @@ def plot_forest(*posteriors, var_names=None, reference=None):
     reference as in :func:`ppl_notes.compare`; without one, all posteriors pooled), so
     parameters of any scale share one axis and a shift of 0.1 reads as 0.1 posterior sd.
     """
-    from ppl_notes.comparison import _reference_label
-
     fits = labelled(posteriors)
     trees, sites = _samples((fits,), var_names)
     ref = _reference_label(fits, reference)

@@ -34,9 +34,12 @@ import torch
 import xarray as xr
 
 from ppl_notes._callables import story_signature
+from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import is_enumerable, sample_sites
+from ppl_notes.arviz_io import infer_dims
 from ppl_notes.data_preparation import to_tensor
 from ppl_notes.errors import DataError, OptionError, StoryError
+from ppl_notes.predictive import _dtype, _thinned_indices
 
 __all__ = ["predict"]
 
@@ -66,9 +69,6 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
     """
     from arviz_base import dict_to_dataset
 
-    from ppl_notes._dtype import run_dtype
-    from ppl_notes.arviz_io import infer_dims
-    from ppl_notes.predictive import _dtype, _thinned_indices
 
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
         raise OptionError(f"num_draws must be an integer >= 1, got {num_draws!r}")

@@ -18,6 +18,7 @@ import torch
 import xarray as xr
 from arviz_base import dict_to_dataset
 
+from ppl_notes._sites import sample_sites, trace_model
 from ppl_notes.arviz_io import infer_dims
 from ppl_notes.errors import OptionError
 
@@ -99,7 +100,6 @@ def posterior_predictive(posterior, num_draws: int = 500, seed: int = 0) -> xr.D
 
 
 def _sample_site_names(model, data) -> set[str]:
-    from ppl_notes._sites import sample_sites, trace_model
 
     return {n for n, s in sample_sites(trace_model(model, data, 0)).items() if not s["is_observed"]}
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ppl_notes.diagnostics import beyond
+from ppl_notes.diagnostics import beyond, diagnostics, findings
 
 __all__ = ["Verdict", "check", "KHAT_RELIABLE"]
 
@@ -111,8 +111,6 @@ def check(posterior, calibration=None) -> Verdict:
     calibration : Calibration, optional
         A VSBC of the same story and method (:func:`ppl_notes.calibrate`).
     """
-    from ppl_notes.diagnostics import diagnostics, findings
-
     numbers = diagnostics(posterior)
     return verdict_of(posterior, numbers, findings(posterior, numbers), calibration)
 

@@ -35,6 +35,7 @@ from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, 
 from ppl_notes.evaluation.compile import capture, compiler_available
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.evaluation.fingerprint import data_digests
+from ppl_notes.native.tape import Tape, Unsupported
 from ppl_notes.story import Model
 
 
@@ -170,8 +171,6 @@ class BatchedPotential:
 
     def _record_tape(self, example: torch.Tensor):
         """The potential's tape, or None (and the next compiler) where it cannot be made."""
-        from ppl_notes.native.tape import Tape, Unsupported
-
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ppl_notes._cluster import check_scheduler
 from ppl_notes.errors import OptionError, OptionTypeError
 
 
@@ -113,7 +114,6 @@ def _check(method: str, option: Option, value: Any) -> None:
 def scheduler_option(where: str) -> Option:
     """The ``scheduler`` option: where independent fits run (``where`` says what runs)."""
     def is_scheduler(value) -> bool:
-        from ppl_notes._cluster import check_scheduler
 
         try:
             check_scheduler(value, "")

@@ -39,7 +39,7 @@ from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppl_notes._result import RunResult
-from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
+from ppl_notes.errors import DiagnosticWarning, OptionError, PartialResultWarning
 from ppl_notes.evaluation import facts_of
 from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
@@ -53,6 +53,9 @@ from ppl_notes.inference._options import (
 )
 from ppl_notes.inference.pathfinder import starting_points
 from ppl_notes.mcmc.chains import run_chains
+from ppl_notes.native import tape as _tape
+from ppl_notes.native import trajectory as _trajectory
+from ppl_notes.native.loader import prebuild
 from ppl_notes.relabel import align_chains, components_of
 
 OPTIONS = (
@@ -99,7 +102,6 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     """Sample the posterior with NUTS. See the module docstring."""
     started = time.perf_counter()
     if options["scheduler"] is not None and options["engine"] != "fast":
-        from ppl_notes.errors import OptionError
 
         raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
                           "own engine on a cluster; engine='pyro' runs on this machine only")
@@ -150,9 +152,6 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
 
 
 def _run_fast(model, data, seed, progress, options):
-    from ppl_notes.native import tape as _tape
-    from ppl_notes.native import trajectory as _trajectory
-    from ppl_notes.native.loader import prebuild
 
     prebuild(_tape.SOURCE, _trajectory.SOURCE)  # a fresh machine: both compilers at once
     model = model.marginal
@@ -233,7 +232,6 @@ def _processes(model, data, options) -> int | None:
 def _run_pyro(model, data, seed, progress, options):
     potential = BatchedPotential(model, data, 1, compiler="none")
     if options["init"] == "pathfinder":
-        from ppl_notes.errors import OptionError
 
         raise OptionError("method 'nuts': init='pathfinder' starts ppl_notes' own engine; "
                           "engine='pyro' takes init='median' or 'sample'")

@@ -40,6 +40,7 @@ from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.inference._options import Option, positive_int
+from ppl_notes.psis import importance_ess_share, psis_weights
 from ppl_notes.vi.lbfgs_paths import LBFGSPath, inverse_hessian, lbfgs_paths
 from ppl_notes.vi.restarts import restart_seed
 
@@ -169,8 +170,6 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
     chains start in the typical set, as Stan's and BlackJAX's Pathfinder initialisation
     does); the gradient evaluations spent come back with them.
     """
-    from ppl_notes.psis import psis_weights
-
     _, evaluate, _, _, flat, log_p, log_q, finite, _ = _pathfinder(model, data, seed,
                                                                    NUTS_START)
     kept = np.flatnonzero(finite)
@@ -184,8 +183,6 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
 def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         options: dict[str, Any]) -> RunResult:
     """Multi-path Pathfinder (module docstring)."""
-    from ppl_notes.psis import importance_ess_share, psis_weights
-
     started = time.perf_counter()
     facts = facts_of(model, data)
     potential, evaluate, paths, best, flat, log_p, log_q, finite, lbfgs_evaluations = \

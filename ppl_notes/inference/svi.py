@@ -45,6 +45,7 @@ from ppl_notes._sites import (
     dispersed_value,
     unconstrained_value,
 )
+from ppl_notes.errors import OptionError
 from ppl_notes.evaluation import choose_path, facts_of
 from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of, sample_guide
@@ -64,6 +65,7 @@ from ppl_notes.vi.convergence import (
     convergence_window,
     elbo_settled,
 )
+from ppl_notes.vi.data_parallel import DataParallel
 from ppl_notes.vi.guide_checks import guide_site_names, refuse_moving_supports, vectorizable
 from ppl_notes.vi.laplace_start import LaplaceStart, apply_scales, laplace_start
 from ppl_notes.vi.potential_svi import FAMILY_GUIDES, run_on_potential
@@ -75,6 +77,7 @@ from ppl_notes.vi.pyro_loop import (
     pyro_loop,
     run_identity,
 )
+from ppl_notes.vi.restarts import run_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +217,6 @@ def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None,
         For 'newton' or 'dadvi' with a guide function, 'newton' with the low-rank family,
         or either with an option only Pyro's loop has.
     """
-    from ppl_notes.errors import OptionError
-
     requested = options.get("optimizer", "auto")
     autoguide = guide is None or isinstance(guide, str)
     defaults = {option.name: option.default for option in OPTIONS}
@@ -273,7 +274,6 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
                                 compiler=resolve_compiler("auto"))
     if options["restarts"] > 1 or options["scheduler"] is not None:
         _check_restartable(options)
-        from ppl_notes.vi.restarts import run_restarts
 
         return run_restarts(run, model, data, guide=guide, seed=seed, progress=progress,
                             options=options)
@@ -328,7 +328,6 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         engine = "pyro"
     if options["stl"]:
         if elbo_name != "Trace_ELBO":
-            from ppl_notes.errors import OptionError
 
             raise OptionError(f"method 'svi': stl=True changes Trace_ELBO's gradient, and this "
                               f"run uses {elbo_name}; pass elbo='Trace_ELBO' or leave stl")
@@ -431,7 +430,6 @@ def _autoguide_start(start: LaplaceStart | None, restart: int):
 
 
 def _check_restartable(options: dict[str, Any]) -> None:
-    from ppl_notes.errors import OptionError
 
     for name in ("checkpoint", "resume"):
         if options[name] is not None:
@@ -443,8 +441,6 @@ def _check_restartable(options: dict[str, Any]) -> None:
 
 
 def _data_parallel(facts, data, options):
-    from ppl_notes.errors import OptionError
-    from ppl_notes.vi.data_parallel import DataParallel
 
     if options["checkpoint"] is not None or options["resume"] is not None:
         raise OptionError("method 'svi': distributed=True does not checkpoint (every process "

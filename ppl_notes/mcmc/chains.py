@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ppl_notes._cluster import client_for
 from ppl_notes._pool import die_with_parent, without_main_module
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.mcmc.driver import ChainResult, chain_process, drive_lockstep
@@ -232,7 +233,6 @@ def _run_on_cluster(payload: bytes, chains: list[int], bars, scheduler) -> list[
 
     import distributed
 
-    from ppl_notes._cluster import client_for
 
     with client_for(scheduler, "infer") as client:
         name = f"nuts-{uuid.uuid4().hex[:8]}"

@@ -20,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ppl_notes.errors import DataError
 from ppl_notes.story import model as _model
 
 __all__ = ["gaussian", "meanfield_sd_ratio"]
@@ -41,7 +42,6 @@ def gaussian(rho=0.9):
     A bivariate Normal with unit variances and correlation rho (no data).
     """
     if not -1.0 < float(rho) < 1.0:
-        from ppl_notes.errors import DataError
 
         raise DataError(f"story 'correlated_gaussian': rho must lie in (-1, 1), got {rho}")
     zero = torch.tensor(0.0, dtype=torch.float64)

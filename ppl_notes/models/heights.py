@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
-from ppl_notes.data import load_galton_heights
+from ppl_notes.data import load_galton_frame, load_galton_heights
 from ppl_notes.distributions import NormalMixture, OrderedNormal
 from ppl_notes.story import model as _model
 
@@ -163,7 +163,6 @@ def report(posterior, height_cm: float = 180.0) -> dict[str, float]:
         height_cm, posterior.draws("alpha"), posterior.draws("mu"), posterior.draws("sigma"))
     result = {f"P(taller component | height={height_cm:g} cm)": float(probabilities[:, -1].mean())}
     if "gender" in posterior.tree["posterior"].data_vars and _is_galton(posterior):
-        from ppl_notes.data import load_galton_frame
 
         recorded_male = load_galton_frame()["gender"].eq("male").to_numpy()
         taller = posterior.draws("gender").mean(0) > 0.5 * (posterior.draws("alpha").shape[-1] - 1)

@@ -25,6 +25,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ppl_notes.errors import OptionError
 from ppl_notes.story import model as _model
 
 __all__ = ["linear", "logistic", "load_diabetes", "load_breast_cancer"]
@@ -63,7 +64,6 @@ def _feature_coords(data):
 
 def _weights(x, prior: str, weight_scale: float):
     if prior not in _PRIORS:
-        from ppl_notes.errors import OptionError
 
         raise OptionError(f"prior must be one of {sorted(_PRIORS)}, got {prior!r}")
     zero, scale = torch.zeros((), dtype=x.dtype), torch.as_tensor(weight_scale, dtype=x.dtype)

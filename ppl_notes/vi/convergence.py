@@ -80,6 +80,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ppl_notes.diagnostics import window_change
 from ppl_notes.vi.guide_distance import GuideDistance
 
 __all__ = ["ELBO_TOLERANCE", "ConvergenceMonitor", "convergence_window", "elbo_settled"]
@@ -110,8 +111,6 @@ def elbo_settled(elbo: np.ndarray, window: int, tolerance: float) -> bool:
     :math:`|\bar L_k - \bar L_{k-1}| + 2s \le` ``tolerance``. Reported with a fit
     (``info["elbo_settled"]``); no longer what stops it (module docstring).
     """
-    from ppl_notes.diagnostics import window_change
-
     change, standard_error = window_change(elbo, window)
     if not (np.isfinite(change) and np.isfinite(standard_error)):
         return False

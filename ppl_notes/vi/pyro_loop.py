@@ -56,6 +56,7 @@ from ppl_notes.vi.convergence import (
     ConvergenceMonitor,
 )
 from ppl_notes.vi.guide_distance import GuideDistance
+from ppl_notes.vi.stl import STLTrace_ELBO
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,6 @@ def pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opti
     pyro.set_rng_seed(seed)
     loss = (JIT_ELBOS if jit else ELBOS)[elbo_name]
     if options["stl"]:
-        from ppl_notes.vi.stl import STLTrace_ELBO
 
         loss = STLTrace_ELBO
     extra = {"ignore_jit_warnings": True} if jit else {}

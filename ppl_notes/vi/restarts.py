@@ -34,8 +34,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ppl_notes._cluster import client_for, completed
+from ppl_notes._dtype import run_dtype
+from ppl_notes._pool import run_in_processes, set_stop_event
 from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
+from ppl_notes.evaluation import facts_of, story_dtype
 from ppl_notes.relabel import align_chains, components_of
 
 __all__ = ["run_restarts", "restart_seed", "modes_of", "MODE_SEPARATION"]
@@ -93,7 +97,6 @@ def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, 
                 if results[restart].partial:  # Ctrl-C reached this restart's loop
                     break
         else:
-            from ppl_notes._pool import run_in_processes
 
             run_in_processes(_one_restart, job, [(r,) for r in range(count)], keep,
                              processes=options["processes"], on_interrupt="stop")
@@ -109,7 +112,6 @@ def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, 
         warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back, {cut} of "
                       "them stopped early with the guide they had (partial=True)",
                       PartialResultWarning, stacklevel=4)
-    from ppl_notes.evaluation import facts_of
 
     combined = stack_restarts(done, sorted(results), options,
                               components_of(facts_of(model, data)), model.name)
@@ -123,8 +125,6 @@ def _one_restart(payload: bytes, restart: int,
     """Fit restart ``restart`` of the job (in this process or a worker)."""
     import cloudpickle
 
-    from ppl_notes._dtype import run_dtype
-    from ppl_notes.evaluation import story_dtype
 
     job = cloudpickle.loads(payload)
     with run_dtype(story_dtype(job["model"])):
@@ -140,7 +140,6 @@ def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[in
     import distributed
     import torch
 
-    from ppl_notes._pool import set_stop_event
 
     torch.set_num_threads(1)
     set_stop_event(distributed.Event(name))
@@ -153,7 +152,6 @@ def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[in
 def _on_cluster(job: bytes, count: int, keep, scheduler, story: str) -> None:
     import distributed
 
-    from ppl_notes._cluster import client_for, completed
 
     with client_for(scheduler, "infer") as client:
         name = f"restarts-{story}-{uuid.uuid4().hex[:8]}"
