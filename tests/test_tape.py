@@ -318,3 +318,33 @@ def test_the_python_codes_are_the_enums_of_the_c_interpreter():
     reductions = re.search(r"enum \{ R_SUM = 0,(.*?)\};", source).group(1)
     assert len(reductions.split(",")) + 1 == arena.R_ALL + 1
     assert f"#define MAXDIM {arena.MAX_DIMS}" in source
+
+
+def test_an_address_outside_the_arena_is_a_translator_bug_named_before_c_runs():
+    """The interpreter does not check bounds: views and resolved addresses are checked
+    when the tape is made, so a translator bug is a TapeError, never a stray write."""
+    from ppl_notes.native.arena import Address, Buffer, Instruction, TapeError, View, resolve
+
+    buffer = Buffer(0, 6, torch.float64, "work")
+    View(buffer, 2, (2, 2), (2, 1))  # elements 2..5: inside
+    with pytest.raises(TapeError, match="reaches elements 2..6 of a buffer of 6"):
+        View(buffer, 2, (2, 3), (2, 1))
+    with pytest.raises(TapeError, match="reaches elements -1"):
+        View(buffer, 1, (3,), (-1,))
+    View(buffer, 9, (0, 4), (1, 1))  # empty: nothing is reached
+    buffer.base = 4
+    with pytest.raises(TapeError, match="outside the arena of 8 elements"):
+        resolve([Instruction([1, Address(buffer, 5)])], size=8)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: logits far out in both tails
+def test_bernoulli_logits_runs_on_the_tape_as_eager_torch(scale):
+    """Pyro's Bernoulli(logits=...) calls binary_cross_entropy_with_logits: one kernel."""
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    weights = torch.tensor([[0.3, -1.2, 2.0, 0.7]], dtype=torch.float64)
+
+    def log_density(x):
+        logits = x * weights
+        return pyro.distributions.Bernoulli(logits=logits).log_prob(y).sum(-1)
+
+    assert_tape_matches(log_density, scale=scale)  # recording raises Unsupported without it

@@ -20,7 +20,7 @@ _FUNCTIONS = (
     "SIGN SIGMOID TANH LGAMMA DIGAMMA ERF ERFC RECIP SIN COS SIGMOID_BW TANH_BW SOFTPLUS "
     "SOFTPLUS_BW LOGSIGMOID LOGSIGMOID_BW XLOGY LT LE GT GE EQ NE AND OR NOT WHERE "
     "MASKED_FILL CLAMP MAXIMUM MINIMUM FLOOR XLOG1PY ATAN LOG2 EXP2 SQUARE CEIL ROUND TRUNC "
-    "LOGADDEXP POLYGAMMA"
+    "LOGADDEXP POLYGAMMA BCE_LOGITS"
 ).split()
 F = {name: code for code, name in enumerate(_FUNCTIONS)}
 R_SUM, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL = range(9)
@@ -30,6 +30,17 @@ MAX_DIMS = 12  # MAXDIM of tape.c
 
 class Unsupported(Exception):
     """The tape meets an operation (or a use of one) the C interpreter cannot run."""
+
+
+class TapeError(Exception):
+    """A translator bug: an unknown instruction, or an address outside the arena.
+
+    The C interpreter does not check what it reads: every address it will use is checked
+    here, in Python, when the tape is made (:class:`View`, :func:`resolve`), so that a bug
+    of the translator is named, not a read or write outside the arena. Not a
+    ``RuntimeError``: the potential turns those (a story's own failure at a point) into
+    an infinite potential, and this one must not be hidden that way.
+    """
 
 
 @dataclass
@@ -75,6 +86,20 @@ class View:
     offset: int
     sizes: tuple[int, ...]
     strides: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        """Every element the view reaches lies inside its buffer, or :class:`TapeError`."""
+        if any(size == 0 for size in self.sizes):
+            return  # no element is ever read or written
+        reach = [(size - 1) * stride for size, stride in zip(self.sizes, self.strides,
+                                                               strict=True)]
+        low = self.offset + sum(r for r in reach if r < 0)
+        high = self.offset + sum(r for r in reach if r > 0)
+        if low < 0 or high >= self.buffer.size:
+            raise TapeError(
+                f"a view reaches elements {low}..{high} of a buffer of {self.buffer.size} "
+                f"(offset {self.offset}, sizes {self.sizes}, strides {self.strides}): a "
+                "translator bug, caught before the interpreter reads outside its arena")
 
     def broadcast(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
         """Strides that read this tensor broadcast to ``sizes``."""
@@ -225,16 +250,28 @@ def allocate(translator, outputs: set) -> int:
     return max(end, 1)
 
 
-def resolve(instructions: list[Instruction]) -> list[int]:
-    """The instructions as the C interpreter reads them: every address made absolute."""
+def resolve(instructions: list[Instruction], size: int) -> list[int]:
+    """The instructions as the C interpreter reads them: every address made absolute.
+
+    Each address is checked to lie in the arena of ``size`` elements (:class:`TapeError`
+    otherwise): with the views' own check, nothing the interpreter is given can reach
+    outside it.
+    """
     code: list[int] = []
     for instruction in instructions:
         for word in instruction.words:
             if isinstance(word, Address):
-                code.append(word.buffer.base + word.offset)
+                address = word.buffer.base + word.offset
+                if not 0 <= address < size:
+                    raise TapeError(f"address {address} outside the arena of {size} elements "
+                                    "(a translator bug)")
+                code.append(address)
             elif isinstance(word, AddressTable):
                 bases = np.array([b.base for b in word.buffers], dtype=np.int64)
                 addresses = np.where(word.offsets >= 0, bases[word.owners] + word.offsets + 1, 0)
+                if addresses.size and (addresses.min() < 0 or addresses.max() > size):
+                    raise TapeError(f"a gather or scatter table reaches outside the arena of "
+                                    f"{size} elements (a translator bug)")
                 if instruction.words[0] == I_SCATTER:
                     addresses = addresses - 1
                 code.extend(addresses.tolist())

@@ -34,7 +34,7 @@ enum {
     F_SOFTPLUS, F_SOFTPLUS_BW, F_LOGSIGMOID, F_LOGSIGMOID_BW, F_XLOGY, F_LT, F_LE, F_GT,
     F_GE, F_EQ, F_NE, F_AND, F_OR, F_NOT, F_WHERE, F_MASKED_FILL, F_CLAMP, F_MAXIMUM,
     F_MINIMUM, F_FLOOR, F_XLOG1PY, F_ATAN, F_LOG2, F_EXP2, F_SQUARE, F_CEIL, F_ROUND,
-    F_TRUNC, F_LOGADDEXP, F_POLYGAMMA
+    F_TRUNC, F_LOGADDEXP, F_POLYGAMMA, F_BCE_LOGITS
 };
 
 enum { R_SUM = 0, R_PROD, R_MAX, R_MIN, R_LOGSUMEXP, R_ARGMAX, R_ARGMIN, R_ANY, R_ALL };
@@ -164,7 +164,8 @@ static double logaddexp(double a, double b) {
     X(F_LOG2, log2(a)) \
     X(F_EXP2, exp2(a)) \
     X(F_SQUARE, a * a) \
-    X(F_LOGADDEXP, logaddexp(a, b))
+    X(F_LOGADDEXP, logaddexp(a, b)) \
+    X(F_BCE_LOGITS, (1 - b) * a - ((a < 0 ? a : 0) - log1p(exp(-fabs(a)))))
 
 /* out[i] = fn(a[i], b[i], c[i]) over an ndim-dimensional strided index space. */
 static const int64_t *run_map(double *arena, const int64_t *w, const double *params) {

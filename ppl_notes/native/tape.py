@@ -55,6 +55,7 @@ from ppl_notes.native.arena import (
     F,
     Instruction,
     Step,
+    TapeError,
     Unsupported,
     View,
     addresses,
@@ -68,7 +69,7 @@ from ppl_notes.native.arena import (
 from ppl_notes.native.loader import available, build
 from ppl_notes.native.tape_kernels import HANDLERS
 
-__all__ = ["SOURCE", "Tape", "Unsupported", "library"]
+__all__ = ["SOURCE", "Tape", "TapeError", "Unsupported", "library"]
 
 SOURCE = Path(__file__).with_name("tape.c")
 
@@ -367,14 +368,6 @@ def _replace(value, replacements: dict):
 CHOLESKY_FAILED, UNKNOWN_INSTRUCTION = -1, -2
 
 
-class TapeError(Exception):
-    """The tape interpreter met an instruction it does not know: a translator bug.
-
-    Not a ``RuntimeError``: the potential turns those (a story's own failure at a point)
-    into an infinite potential, and this one must not be hidden that way.
-    """
-
-
 class Tape:
     """A recorded potential: ``tape(points) -> (values, grads)`` in one C call.
 
@@ -422,7 +415,7 @@ class Tape:
                 arena[buffer.base:buffer.base + buffer.size] = \
                     content.detach().double().numpy()[:buffer.size]
         self.arena = arena
-        self.code = np.array(resolve(translator.instructions), dtype=np.int64)
+        self.code = np.array(resolve(translator.instructions, size), dtype=np.int64)
         self.params = np.array([*translator.params, 0.0, 0.0], dtype=np.float64)
         self._input = slice(translator.input.base, translator.input.base + translator.input.size)
         self._value_index = addresses(outputs[0])

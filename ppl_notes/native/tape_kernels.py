@@ -247,6 +247,20 @@ def _log_sigmoid_forward(t: Translator, step: Step) -> None:
         t.map("CONST", _out(t, step, 1), [], params=(0.0,), dtype=step.outputs[1].dtype)
 
 
+@_handles("binary_cross_entropy_with_logits")
+def _bce_with_logits(t: Translator, step: Step) -> None:
+    """A Bernoulli's -log p(y | logits x), elementwise: (1 - y) x - log sigmoid(x).
+
+    Pyro's ``Bernoulli(logits=...)`` and ``Binomial`` call it without weights or a
+    reduction; its gradient reaches the tape as sigmoid, sub and mul.
+    """
+    weight, pos_weight = _arg(step, 2, "weight"), _arg(step, 3, "pos_weight")
+    if weight is not None or pos_weight is not None or _arg(step, 4, "reduction", 1) != 0:
+        raise Unsupported("binary_cross_entropy_with_logits with weights or a reduction")
+    t.map("BCE_LOGITS", _out(t, step), [t.operand(step.args[0]), t.operand(step.args[1])],
+          dtype=step.outputs[0].dtype)
+
+
 @_handles("polygamma")
 def _polygamma(t: Translator, step: Step) -> None:
     order, source = step.args[:2]
