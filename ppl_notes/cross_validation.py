@@ -33,7 +33,7 @@ import xarray as xr
 from arviz_stats.utils import ELPDDataLOO, get_log_likelihood
 
 from ppl_notes.errors import OptionError
-from ppl_notes.psis import psis_log_weights
+from ppl_notes.psis import logsumexp, psis_log_weights
 
 __all__ = ["loo", "compare_models"]
 
@@ -109,8 +109,8 @@ def _loo(posterior, tree, pointwise, var_name):
         correction = (correction - correction.max()).reshape((-1,) + (1,) * (draws.ndim - 1))
     log_weights, pareto_k = psis_log_weights(-draws + correction, r_eff)
     pareto_k = np.reshape(pareto_k, draws.shape[1:])
-    elpd_i = _logsumexp(log_weights + draws)
-    p_loo_i = _logsumexp(draws) - np.log(len(draws)) - elpd_i
+    elpd_i = logsumexp(log_weights + draws)
+    p_loo_i = logsumexp(draws) - np.log(len(draws)) - elpd_i
     template = log_likelihood.isel({d: 0 for d in _SAMPLE_DIMS}, drop=True)
     elpd_i, p_loo_i = template.copy(data=elpd_i), template.copy(data=p_loo_i)
     pareto_k = template.copy(data=pareto_k)
@@ -140,33 +140,3 @@ def _relative_ess(tree: xr.DataTree, num_draws: int) -> float:
         return 1.0
     ess = posterior.azstats.ess(method="mean")
     return float(np.hstack([ess[v].values.ravel() for v in ess.data_vars]).mean() / num_draws)
-
-
-def _logsumexp(values: np.ndarray) -> np.ndarray:
-    """log(sum(exp(values))) over the first axis (the draws)."""
-    top = np.max(values, axis=0)
-    return top + np.log(np.sum(np.exp(values - top), axis=0))
-
-
-def compare_models(posteriors: Mapping[str, object], method: str = "stacking",
-                   var_name: str | None = None) -> pd.DataFrame:
-    """Rank stories fitted to the same data by their PSIS-LOO elpd (ArviZ's ``compare``).
-
-    Parameters
-    ----------
-    posteriors : mapping of str to Posterior
-        One posterior per story, all of the same observations.
-    method : {"stacking", "BB-pseudo-BMA", "pseudo-BMA"}
-        How ArviZ weighs the stories.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ArviZ's table: ``rank``, ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``,
-        ``dse``, ``warning``.
-    """
-    if not isinstance(posteriors, Mapping) or len(posteriors) < 2:
-        raise OptionError("compare_models takes a dict {name: posterior} of two or more "
-                          "stories fitted to the same data")
-    return arviz_stats.compare({name: loo(p, var_name=var_name) for name, p in posteriors.items()},
-                               method=method)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["psis_log_weights", "gpd_fit", "psis_weights", "importance_khat",
-           "importance_ess_share"]
+           "importance_ess_share", "logsumexp"]
 
 #: Columns smoothed at once: bounds the (grid x tail x columns) array of the fit (~60 MB).
 _COLUMNS_AT_ONCE = 512
 
 
-def _logsumexp(values: np.ndarray, axis: int = 0) -> np.ndarray:
+def logsumexp(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """log(sum(exp(values))) along ``axis`` (the draws), stable; scipy's without its import."""
     top = np.max(values, axis=axis, keepdims=True)
     return np.squeeze(top, axis) + np.log(np.sum(np.exp(values - top), axis=axis))
 
@@ -59,7 +60,7 @@ def _gpd_fit_columns(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b = grid[:, None] / (prior_bs * first_quartile) + 1 / excess[-1]  # (grid, column)
         k = np.mean(np.log1p(-b[:, None, :] * excess[None]), axis=1)
         profile = n * (np.log(-b / k) - k - 1)
-        weights = np.exp(profile - _logsumexp(profile))
+        weights = np.exp(profile - logsumexp(profile))
         weights = np.where(weights >= 10 * np.finfo(float).eps, weights, 0.0)
         total = weights.sum(axis=0)
         weights /= np.where(total > 0, total, 1.0)  # none kept: b_post = 0, as with none left
@@ -125,7 +126,7 @@ def _smooth_columns(log_ratios: np.ndarray, r_eff: float) -> tuple[np.ndarray, n
     tail_rows = order[n - tail:]
     columns = np.broadcast_to(np.arange(values.shape[1]), tail_rows.shape)
     values[tail_rows, columns] = np.where(np.isfinite(khat), smoothed, draws_tail)
-    return values - _logsumexp(values), khat
+    return values - logsumexp(values), khat
 
 
 def importance_khat(log_p: np.ndarray, log_q: np.ndarray) -> float:
