@@ -140,3 +140,27 @@ def _relative_ess(tree: xr.DataTree, num_draws: int) -> float:
         return 1.0
     ess = posterior.azstats.ess(method="mean")
     return float(np.hstack([ess[v].values.ravel() for v in ess.data_vars]).mean() / num_draws)
+
+
+def compare_models(posteriors: Mapping[str, object], method: str = "stacking",
+                   var_name: str | None = None) -> pd.DataFrame:
+    """Rank stories fitted to the same data by their PSIS-LOO elpd (ArviZ's ``compare``).
+
+    Parameters
+    ----------
+    posteriors : mapping of str to Posterior
+        One posterior per story, all of the same observations.
+    method : {"stacking", "BB-pseudo-BMA", "pseudo-BMA"}
+        How ArviZ weighs the stories.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ArviZ's table: ``rank``, ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``,
+        ``dse``, ``warning``.
+    """
+    if not isinstance(posteriors, Mapping) or len(posteriors) < 2:
+        raise OptionError("compare_models takes a dict {name: posterior} of two or more "
+                          "stories fitted to the same data")
+    return arviz_stats.compare({name: loo(p, var_name=var_name) for name, p in posteriors.items()},
+                               method=method)
