@@ -24,6 +24,9 @@ class RunResult:
     log_likelihood: dict[str, np.ndarray] = field(default_factory=dict)
     history: pd.DataFrame | None = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    #: a variational fit's proposals of the importance step (ppl_notes.vi.importance):
+    #: ``log_p`` and ``log_q`` at each draw of q, their last dim ``proposal``
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0

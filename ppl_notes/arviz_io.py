@@ -130,6 +130,13 @@ class PyroConverter:
             variables[name] = (dims, value)
         return xr.Dataset(variables)
 
+    def importance_to_xarray(self):
+        """The proposals of a variational fit's importance step: log p and log q of each."""
+        if not self.run.importance:
+            return None
+        dims = [*self.run.sample_dims[:-1], "proposal"]
+        return xr.Dataset({k: (dims, np.asarray(v)) for k, v in self.run.importance.items()})
+
     def to_datatree(self) -> xr.DataTree:
         """Assemble every available group."""
         groups = {
@@ -140,6 +147,7 @@ class PyroConverter:
             "constant_data": self.constant_data_to_xarray(),
             "history": self.history_to_xarray(),
             "fitted_params": self.fitted_params_to_xarray(),
+            "importance": self.importance_to_xarray(),
         }
         tree = xr.DataTree.from_dict({k: v for k, v in groups.items() if v is not None})
         tree.attrs.update({k: _attr(v) for k, v in self.attrs.items()})

@@ -103,6 +103,8 @@ def _loo(posterior, tree, pointwise, var_name):
     draws = log_likelihood.values.reshape(-1, *log_likelihood.shape[2:])
     if posterior.is_mcmc:
         r_eff, correction = _relative_ess(layout, len(draws)), 0.0
+    elif posterior.importance_corrected:  # resampled towards p already: posterior draws
+        r_eff, correction = _resampled_relative_ess(posterior), 0.0
     else:  # loo_approximate_posterior's correction of q's draws towards p: p/q
         stats = layout["sample_stats"]
         r_eff, correction = 1.0, (stats["log_p"] - stats["log_q"]).values.reshape(-1)
@@ -126,8 +128,20 @@ def _loo(posterior, tree, pointwise, var_name):
         elpd=elpd, se=se, p=p_loo, n_samples=len(draws), n_data_points=int(template.size),
         scale="log", warning=too_large, good_k=good_k,
         elpd_i=elpd_i if pointwise else None, pareto_k=pareto_k if pointwise else None,
-        approx_posterior=not posterior.is_mcmc,
+        approx_posterior=not (posterior.is_mcmc or posterior.importance_corrected),
         log_weights=log_likelihood.copy(data=log_weights.reshape(log_likelihood.shape)))
+
+
+def _resampled_relative_ess(posterior) -> float:
+    r"""r_eff of draws resampled from proposals (the importance step).
+
+    :math:`S` draws kept from weights whose ESS is :math:`E` hold about
+    :math:`1/(1/S + 1/E)` independent draws, per restart.
+    """
+    importance = posterior.info["importance"]
+    kept = posterior.tree["posterior"].sizes["draw" if posterior.has_chains else "sample"]
+    held = sum(1 / (1 / kept + 1 / max(e, 1e-12)) for e in importance["ess"])
+    return float(held / (kept * len(importance["ess"])))
 
 
 def _relative_ess(tree: xr.DataTree, num_draws: int) -> float:

@@ -207,11 +207,8 @@ def diagnostics(posterior) -> dict[str, Any]:
         numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
     if posterior.is_variational and posterior.num_draws > 1:
-        stats_ = posterior.tree["sample_stats"]
-        log_p, log_q = stats_["log_p"].values, stats_["log_q"].values
-        pairs = list(zip(log_p, log_q, strict=True)) if posterior.has_chains else [(log_p,
-                                                                                   log_q)]
-        finite = np.isfinite(log_p) & np.isfinite(log_q)
+        pairs = posterior.q_log_weights()  # the importance step's proposals, if it drew any
+        finite = np.concatenate([np.isfinite(p) & np.isfinite(q) for p, q in pairs])
         numbers["nonfinite_log_p_share"] = float(1 - finite.mean())
         # restarts: each its own q (pooling p/q_r would mix their normalising constants);
         # draws where the log density is not finite are a finding of their own, below
@@ -219,7 +216,8 @@ def diagnostics(posterior) -> dict[str, Any]:
                  for p, q in pairs]
         numbers["khat"] = max(importance_khat(p, q) for p, q in pairs)
         numbers["importance_ess_share"] = min(importance_ess_share(p, q) for p, q in pairs)
-        if math.isfinite(numbers["khat"]) and numbers["khat"] <= THRESHOLDS["khat"]:
+        if (math.isfinite(numbers["khat"]) and numbers["khat"] <= THRESHOLDS["khat"]
+                and not posterior.importance_corrected):  # corrected: the draws are weighted
             mean_at, shift, sd_at, ratio = importance_gap(posterior)
             numbers["importance_mean_gap"] = (mean_at, shift)
             numbers["importance_sd_ratio"] = (sd_at, ratio)

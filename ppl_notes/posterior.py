@@ -31,7 +31,7 @@ from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
 from ppl_notes.evidence import Estimate, elbo_estimate, importance_estimate, kl_gap_estimate
 from ppl_notes.prediction import predict, story_of
 from ppl_notes.predictive import _data_of, posterior_predictive
-from ppl_notes.psis import psis_weights
+from ppl_notes.psis import psis_weights, systematic_resample
 from ppl_notes.verdict import check
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES
 
@@ -166,6 +166,32 @@ class Posterior:
                 and "log_q" in self.tree["sample_stats"].data_vars)
 
     @property
+    def importance_corrected(self) -> bool:
+        """Whether the draws were resampled from q's proposals by their importance weights.
+
+        The default SVI does it where the weights can be trusted
+        (:mod:`ppl_notes.vi.importance`); the draws are then the posterior's, and the
+        proposals' log p and log q are in the ``importance`` group.
+        """
+        return bool((self.info.get("importance") or {}).get("applied", False))
+
+    def q_log_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each restart's ``(log p, log q)`` at draws of its q, for importance weights.
+
+        The proposals of the importance step where the fit kept them (the draws kept
+        may be resampled, and so no longer draws of q), else the stored draws.
+        """
+        if not self.is_variational:
+            raise OptionError(f"importance weights need draws of a fitted q; this posterior "
+                              f"is from {self.method!r}")
+        group = (self.tree["importance"] if "importance" in self.tree.children
+                 else self.tree["sample_stats"])
+        log_p, log_q = group["log_p"].values, group["log_q"].values
+        if log_p.ndim == 1:
+            return [(log_p, log_q)]
+        return list(zip(log_p, log_q, strict=True))
+
+    @property
     def discrete_sites(self) -> list[str]:
         """Latent sites with discrete support, drawn per posterior draw."""
         return json.loads(self.tree.attrs.get("discrete_sites", "[]"))
@@ -268,10 +294,15 @@ class Posterior:
         and kept in equal shares. ``info["psis"]`` holds :math:`\hat k` (the largest
         over restarts; trust the result only below 0.7, Yao et al. 2018) and the weights' effective
         sample size :math:`1/\sum_s w_s^2`, which bounds what the resampled draws hold.
+        A fit whose draws the default SVI's importance step resampled already
+        (:attr:`importance_corrected`, from more proposals than it keeps) is returned
+        as it is.
         """
         if not self.is_variational:
             raise OptionError("importance_resampled reweights draws of a fitted q by p/q; "
                               f"this posterior is from {self.method!r}, without log q")
+        if self.importance_corrected:
+            return self  # resampled already, from more proposals than it keeps
         stats = self.tree["sample_stats"]
         log_p, log_q = stats["log_p"].values, stats["log_q"].values
         if self.has_chains:  # restarts: each reweighted by its own p/q, then equal shares
@@ -281,9 +312,7 @@ class Posterior:
         else:
             weights, khat = psis_weights(log_p, log_q)
         size = self.num_draws if num_draws is None else int(num_draws)
-        rng = np.random.default_rng(seed)
-        points = (rng.random() + np.arange(size)) / size
-        chosen = np.minimum(np.searchsorted(np.cumsum(weights), points), len(weights) - 1)
+        chosen = systematic_resample(weights, size, np.random.default_rng(seed))
         groups = {}
         for name in ("posterior", "sample_stats", "log_likelihood"):
             if name not in self.tree.children:
@@ -323,8 +352,8 @@ class Posterior:
                 f"log q); this one is from {self.method!r}. For MCMC, fit a guide with "
                 "method='svi' and compare it with ppl_notes.compare")
         if num_samples is None:
-            stats = self.tree["sample_stats"]
-            return stats["log_p"].values.reshape(-1), stats["log_q"].values.reshape(-1)
+            pairs = self.q_log_weights()
+            return (np.concatenate([p for p, _ in pairs]), np.concatenate([q for _, q in pairs]))
         if "restarts" in self.info:
             raise OptionError(
                 "num_samples draws afresh from one fitted guide, and this fit has "

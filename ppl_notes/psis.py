@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["psis_log_weights", "gpd_fit", "psis_weights", "importance_khat",
-           "importance_ess_share", "logsumexp"]
+           "importance_ess_share", "logsumexp", "systematic_resample"]
 
 #: Columns smoothed at once: bounds the (grid x tail x columns) array of the fit (~60 MB).
 _COLUMNS_AT_ONCE = 512
@@ -168,3 +168,15 @@ def importance_ess_share(log_p: np.ndarray, log_q: np.ndarray) -> float:
     log_ratio = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
     weights = np.exp(log_ratio - log_ratio.max())
     return float(weights.sum() ** 2 / (len(weights) * (weights**2).sum()))
+
+
+def systematic_resample(weights: np.ndarray, size: int, rng: np.random.Generator
+                        ) -> np.ndarray:
+    """``size`` indices drawn in proportion to normalised ``weights``, systematically.
+
+    One uniform offset, then evenly spaced points on the cumulative weights (Kitagawa
+    1996): each index is drawn within one of its expected count, a lower variance than
+    multinomial resampling.
+    """
+    points = (rng.random() + np.arange(size)) / size
+    return np.minimum(np.searchsorted(np.cumsum(weights), points), len(weights) - 1)

@@ -19,6 +19,10 @@ r"""A verdict on a posterior: whether it can be trusted on its own.
      puts the ratio's tail above 0.5 long before 0.7. Where the raw weights' effective
      sample size is at least 95% of the draws, q is the posterior up to a constant and
      k-hat (a tail fit to near-equal ratios) is not asked.
+     Where the draws were resampled by the importance step
+     (:mod:`ppl_notes.vi.importance`), they are the weighted posterior: the test is
+     then that the weights can be trusted (k-hat of the proposals at most 0.7, Vehtari
+     et al. 2024, and their effective sample size at least 400), and test 5 is not run.
   4. *VSBC*, when a calibration of the same story and method is given
      (:func:`ppl_notes.calibrate`), is calibrated.
   5. *q agrees with its own importance weights*: where k-hat <= 0.7, q's raw means and
@@ -54,6 +58,10 @@ __all__ = ["Verdict", "check", "KHAT_RELIABLE"]
 
 #: The largest Pareto k-hat of p/q that passes (Yao et al. 2018)
 KHAT_RELIABLE = 0.5
+#: Draws resampled by the importance step: the largest k-hat of its weights that passes
+#: (Vehtari et al. 2024, the limit of usable Pareto-smoothed estimates), and the least
+#: effective sample size of its weights, summed over restarts (MCMC's ESS threshold)
+KHAT_CORRECTED, ESS_CORRECTED = 0.7, 400
 #: The largest R-hat across restarts that passes
 RHAT_RELIABLE = 1.01
 #: The importance weights' ESS share above which k-hat is not asked (the weights are
@@ -175,7 +183,9 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
         failed.append("the fit did not meet its convergence rule")
     khat = numbers.get("khat", math.nan)
     share = numbers.get("importance_ess_share", 0.0)
-    if share >= ESS_SHARE_RELIABLE:
+    if posterior.importance_corrected:
+        _corrected(posterior, khat, failed, passed)
+    elif share >= ESS_SHARE_RELIABLE:
         # near-uniform weights: q is p up to a constant where q puts its draws, and a tail
         # fit to near-equal ratios is noise (k-hat of 2.35 measured at an ESS share of
         # 0.999 on the conjugate Beta)
@@ -205,6 +215,29 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
     counted = {"khat", "r_hat"}  # said above, with the stricter thresholds
     failed += [f.message for f in found if f.check not in counted]
     return failed, passed
+
+
+def _corrected(posterior, khat: float, failed: list[str], passed: list[str]) -> None:
+    """Test 3 for draws resampled by the importance step (:mod:`ppl_notes.vi.importance`).
+
+    The draws are the weighted posterior, not q's, so what must hold is that the
+    Pareto-smoothed weights can be trusted: k-hat at most ``KHAT_CORRECTED`` in every
+    restart (Vehtari et al. 2024: below it the smoothed estimates converge at the usual
+    Monte Carlo rate), and enough effective draws behind the kept ones (the weights'
+    ESS, summed over restarts, at least the ESS MCMC must reach). Test 5 does not apply.
+    """
+    importance = posterior.info["importance"]
+    ess = float(sum(importance["ess"]))
+    if not math.isfinite(khat) or khat > KHAT_CORRECTED:
+        failed.append(f"the draws were resampled by importance weights whose Pareto k-hat "
+                      f"is {beyond(khat, KHAT_CORRECTED)} (> {KHAT_CORRECTED})")
+    elif ess < ESS_CORRECTED:
+        failed.append(f"the draws were resampled by importance weights with an effective "
+                      f"sample size of {ess:.0f} (< {ESS_CORRECTED}): raise num_draws")
+    else:
+        passed.append(f"the draws are q's proposals resampled by Pareto-smoothed importance "
+                      f"weights (k-hat {khat:.2f} <= {KHAT_CORRECTED}, their ESS {ess:.0f} "
+                      f">= {ESS_CORRECTED})")
 
 
 def _pathfinder(numbers, found) -> tuple[list[str], list[str]]:

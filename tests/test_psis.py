@@ -64,24 +64,33 @@ def _loo_tree(rng, chains=4, draws=500, observations=60):
         "observed_data": xr.Dataset({"y": (("obs",), y)})})
 
 
-@pytest.mark.parametrize("kind", ["mcmc", "variational"])
+@pytest.mark.parametrize("kind", ["mcmc", "variational", "resampled"])
 def test_loo_equals_arviz_stats(kind):
-    """ppl_notes.loo's own vectorised PSIS-LOO against arviz_stats' loops."""
+    """ppl_notes.loo's own vectorised PSIS-LOO against arviz_stats' loops.
+
+    ``resampled``: draws the importance step resampled towards p are posterior draws:
+    plain PSIS-LOO, with r_eff from the weights' ESS (1/(1/S + 1/E) per restart).
+    """
     import arviz_stats
 
     from ppl_notes.cross_validation import _loo
 
     tree = _loo_tree(np.random.default_rng(4))
 
-    class Fit:  # the two flags _loo reads, and the tree
-        is_mcmc, is_variational = kind == "mcmc", kind == "variational"
+    class Fit:  # the flags _loo reads, and the tree
+        is_mcmc, is_variational = kind == "mcmc", kind != "mcmc"
+        has_chains, importance_corrected = True, kind == "resampled"
         sample_dims = ["chain", "draw"]
+        info = {"importance": {"ess": [1000.0, 2000.0, 500.0, 4000.0]}}
 
     fit = Fit()
     fit.tree = tree
     ours = _loo(fit, tree, True, None)
     if kind == "mcmc":
         theirs = arviz_stats.loo(tree, pointwise=True)
+    elif kind == "resampled":
+        r_eff = np.mean([1 / (1 / 500 + 1 / e) for e in Fit.info["importance"]["ess"]]) / 500
+        theirs = arviz_stats.loo(tree, pointwise=True, reff=r_eff)
     else:
         stats = tree["sample_stats"]
         theirs = arviz_stats.loo_approximate_posterior(tree, stats["log_p"], stats["log_q"],

@@ -232,13 +232,25 @@ class BatchedPotential:
         density :math:`q(u)` on the unconstrained space is
         :math:`q(u) / |\det J_T(u)|` on the sites' own scale.
         """
+        pieces = self._in_chunks(flat_draws, density=False)
+        return ({n: torch.cat([p.constrained[n] for p in pieces]) for n in pieces[0].constrained},
+                torch.cat([p.total for p in pieces]))
+
+    def unconstrained_log_density(self, flat_draws: np.ndarray | torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` at many points, without gradients.
+
+        The density of the unconstrained point itself (the negated potential), from one
+        run of the story per chunk: its ratio to a density :math:`q(u)` on the same space
+        is an importance ratio (:mod:`ppl_notes.vi.importance`).
+        """
+        return torch.cat([p.total for p in self._in_chunks(flat_draws, density=True)])
+
+    def _in_chunks(self, flat_draws: np.ndarray | torch.Tensor, density: bool) -> list:
         flat = torch.as_tensor(flat_draws, dtype=torch.float64)
         chunk = draws_per_batch(self.model, self.data, self.facts, flat.shape[0])
         with torch.no_grad():
-            pieces = [self._evaluate(flat[i:i + chunk], density=False)
-                      for i in range(0, flat.shape[0], chunk)]
-        return ({n: torch.cat([p.constrained[n] for p in pieces]) for n in pieces[0].constrained},
-                torch.cat([p.total for p in pieces]))
+            return [self._evaluate(flat[i:i + chunk], density=density)
+                    for i in range(0, flat.shape[0], chunk)]
 
     # -- the potential ----------------------------------------------------------------
     def _evaluate(self, flat: torch.Tensor, jacobian: bool = True, priors: bool = True,

@@ -16,7 +16,10 @@ r"""Stochastic variational inference: maximise the ELBO over the guide's paramet
 
 After fitting, ``num_draws`` draws from the guide become the posterior; each draw carries
 log p(x, θ) and log q(θ) (``sample_stats``), which the Pareto k-hat diagnostic and LOO
-for VI need.
+for VI need. On the potential, an importance step follows (``importance``;
+:mod:`~ppl_notes.vi.importance`): where the draws' weights p/q are not near uniform and
+can be trusted, the draws kept are resampled by them from more proposals, and the
+proposals' log p and log q are kept in the result's ``importance`` group.
 
 References
 ----------
@@ -108,7 +111,15 @@ OPTIONS = (
                    "per free parameter from each of the two windows before, and its ELBO rose "
                    "by at most this many nats per free parameter over them (0.01: a fifth of "
                    "a posterior sd for a mean-field mean; ppl_notes.vi.convergence)"),
-    positive_int("num_draws", 1000, "posterior draws taken from the fitted guide"),
+    positive_int("num_draws", 1000, "posterior draws taken from the fitted guide (per "
+                 "restart)"),
+    choice("importance", "auto", "'psis': draw 4 x num_draws proposals from each restart's "
+           "q, and where their Pareto-smoothed weights p/q can be trusted (k-hat <= 0.7) and "
+           "are not near uniform, keep num_draws resampled by those weights: draws of the "
+           "posterior itself, not of q (as Pathfinder does; ppl_notes.vi.importance; "
+           "info['importance'] says what was done). 'none': q's own draws. 'auto': 'psis' "
+           "for the autoguides on the potential, 'none' in Pyro's loop (optimizer='adam')",
+           ("auto", "psis", "none")),
     positive_int("num_particles", 1, "Monte Carlo samples per ELBO estimate"),
     choice("elbo", "auto", "which ELBO; 'auto' picks TraceEnum_ELBO when the story has "
            "discrete sites the guide leaves to enumeration, else Trace_ELBO",
@@ -268,7 +279,14 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         restarts = DEFAULT_RESTARTS["adam" if optimizer == "adam" else "potential"]
         options = {**options, "restarts": restarts}
     options = {**options, "optimizer": optimizer}
+    if options["importance"] == "psis" and optimizer == "adam":
+        raise OptionError("method 'svi': importance='psis' resamples draws of the autoguides "
+                          "fitted on the story's potential (optimizer 'newton' or 'dadvi'); "
+                          "Pyro's loop (optimizer='adam') keeps q's own draws: leave "
+                          "importance unset, or call posterior.importance_resampled()")
     if optimizer != "adam":
+        options = {**options, "importance": "none" if options["importance"] == "none"
+                   else "psis"}
         return run_on_potential(model, data, family=guide, seed=seed,
                                 progress=progress, options=options,
                                 compiler=resolve_compiler("auto"))

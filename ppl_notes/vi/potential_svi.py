@@ -53,6 +53,7 @@ from ppl_notes.relabel import components_of
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES, Gaussian
 from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
+from ppl_notes.vi.importance import Correction, correction_of, proposals_needed, weighed
 from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
 from ppl_notes.vi.restarts import restart_seed, stack_restarts
 
@@ -178,8 +179,23 @@ def _guide_parameters(model, data, facts, family: str, q: Gaussian, potential
     return {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
 
 
-def _draws(qs: list[Gaussian], potential, count: int, seeds: list[int]):
-    r"""``count`` draws of each ``q`` on the sites' supports, and their :math:`\log q`.
+#: Offsets the seeds of the importance step's further proposals from those of q's own draws
+EXTRA_SEED = 7919
+
+
+def _proposals(qs: list[Gaussian], count: int, seeds: list[int]) -> list[torch.Tensor]:
+    """``count`` draws of each ``q`` in the unconstrained space, each restart's own seed."""
+    points = []
+    for q, seed in zip(qs, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        width = q.dim + (q.factor.shape[1] if q.family == "lowrank" else 0)
+        points.append(q.draw(torch.randn(count, width, generator=generator,
+                                         dtype=torch.float64)))
+    return points
+
+
+def _draws(qs: list[Gaussian], potential, points: list[torch.Tensor]):
+    r"""Each restart's unconstrained ``points`` on the sites' supports, with densities.
 
     Every restart's draws go through the story in one pass (a story with a Python loop
     pays its per-call cost once, as NUTS's draws do), which maps them to the supports,
@@ -189,43 +205,78 @@ def _draws(qs: list[Gaussian], potential, count: int, seeds: list[int]):
 
     Returns
     -------
-    (dict of Tensor, list of numpy.ndarray)
-        The constrained draws, restarts one after another, and each restart's
-        :math:`\log q(\theta)`.
+    (dict of Tensor, list of numpy.ndarray, list of numpy.ndarray)
+        The constrained draws, restarts one after another; each restart's
+        :math:`\log q(u)` and :math:`\log|\det J_T(u)|`.
     """
-    points = []
-    for q, seed in zip(qs, seeds, strict=True):
-        generator = torch.Generator().manual_seed(seed)
-        width = q.dim + (q.factor.shape[1] if q.family == "lowrank" else 0)
-        points.append(q.draw(torch.randn(count, width, generator=generator,
-                                         dtype=torch.float64)))
+    count = points[0].shape[0]
     constrained, log_jacobian = potential.constrain_with_jacobian(torch.cat(points))
-    log_q = [(q.log_prob(p) - log_jacobian[r * count:(r + 1) * count]).numpy()
-             for r, (q, p) in enumerate(zip(qs, points, strict=True))]
-    return constrained, log_q
+    log_q = [q.log_prob(p).numpy() for q, p in zip(qs, points, strict=True)]
+    return constrained, log_q, [log_jacobian[r * count:(r + 1) * count].numpy()
+                                for r in range(len(qs))]
+
+
+def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: int,
+              options: dict[str, Any]) -> dict[str, Any]:
+    r"""The kept ``points`` of every restart in one pass: values, posterior, densities.
+
+    The discrete sites are recovered and the pointwise log-likelihood computed for all
+    restarts' draws at once. ``log_p`` and ``log_q`` are each restart's on the sites'
+    own scale (``sample_stats``); ``log_p_u`` is :math:`\log p(x, T(u)) + \log|J|`,
+    the unconstrained density that the importance weights compare with ``log_q_u``.
+    """
+    size = points[0].shape[0]
+    joined, log_q_u, log_jacobian = _draws(qs, potential, points)
+    posterior, evaluation = posterior_of(model, data, joined,
+                                         recover_discrete=options["recover_discrete"],
+                                         seed=seed, order=facts.latent)
+    parts = [slice(r * size, (r + 1) * size) for r in range(len(qs))]
+    log_p = [evaluation.log_joint[part] for part in parts]
+    return {"values": [{k: v[part] for k, v in joined.items()} for part in parts],
+            "posterior": [{k: v[part] for k, v in posterior.items()} for part in parts],
+            "log_likelihood": [{k: v[part] for k, v in evaluation.log_likelihood.items()}
+                               for part in parts],
+            "log_p": log_p, "log_q": [q - j for q, j in zip(log_q_u, log_jacobian,
+                                                            strict=True)],
+            "log_p_u": [p + j for p, j in zip(log_p, log_jacobian, strict=True)],
+            "log_q_u": log_q_u}
 
 
 def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seeds: list[int],
-                     options: dict[str, Any]) -> list[tuple]:
-    """Every restart's draws, evaluated in one pass.
+                     options: dict[str, Any]) -> tuple[list[tuple], Correction | None]:
+    """Every restart's draws, evaluated in one pass, after the importance step.
 
-    The discrete sites are recovered and the pointwise log-likelihood computed for all
-    restarts' draws at once; returns ``[(values, posterior, log p, log q,
-    log-likelihood)]`` per restart.
+    With ``importance="psis"``, q's own draws decide whether more proposals are drawn
+    and the draws resampled from them (:mod:`ppl_notes.vi.importance`). Returns
+    ``[(values, posterior, log p, log q, log-likelihood, proposals)]`` per restart
+    (``proposals``: their unconstrained ``log_p`` and ``log_q``), and the correction
+    (None without the importance step).
     """
-    size = options["num_draws"]
-    joined, log_q = _draws([t.q for t in traces], potential, size, [s + 1 for s in seeds])
-    posterior, evaluation = posterior_of(model, data, joined,
-                                         recover_discrete=options["recover_discrete"],
-                                         seed=seeds[0] + 2, order=facts.latent)
-    out = []
-    for r, log_q_restart in enumerate(log_q):
-        part = slice(r * size, (r + 1) * size)
-        out.append(({k: v[part] for k, v in joined.items()},
-                    {k: v[part] for k, v in posterior.items()}, evaluation.log_joint[part],
-                    log_q_restart,
-                    {k: v[part] for k, v in evaluation.log_likelihood.items()}))
-    return out
+    size, qs = options["num_draws"], [t.q for t in traces]
+    points = _proposals(qs, size, [s + 1 for s in seeds])
+    found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, options)
+    correction, proposals = None, [{} for _ in qs]
+    if options["importance"] == "psis":
+        log_p, log_q = found["log_p_u"], found["log_q_u"]
+        correction = weighed(log_p, log_q, size)
+        count, correction.reason = proposals_needed(correction, size)
+        if count > size:
+            more = _proposals(qs, count - size, [s + EXTRA_SEED for s in seeds])
+            extra = potential.unconstrained_log_density(torch.cat(more)).numpy()
+            log_p = [np.concatenate([p, extra[r * (count - size):(r + 1) * (count - size)]])
+                     for r, p in enumerate(log_p)]
+            log_q = [np.concatenate([q_r, q.log_prob(m).numpy()])
+                     for q_r, q, m in zip(log_q, qs, more, strict=True)]
+            correction = correction_of(log_p, log_q, size, seeds[0] + 3)
+            if correction.applied:
+                kept = [torch.cat([p, m])[torch.as_tensor(c)]
+                        for p, m, c in zip(points, more, correction.chosen, strict=True)]
+                found = _evaluate(model, data, facts, qs, potential, kept, seeds[0] + 2,
+                                  options)
+        proposals = [{"log_p": p, "log_q": q} for p, q in zip(log_p, log_q, strict=True)]
+    keys = ("values", "posterior", "log_p", "log_q", "log_likelihood")
+    return ([tuple(found[k][r] for k in keys) + (proposals[r],) for r in range(len(qs))],
+            correction)
 
 
 def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
@@ -239,14 +290,14 @@ def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
     enumerated = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     _, guide_name = FAMILY_GUIDES[family]
     params = _guide_parameters(model, data, facts, family, trace.q, potential)
-    _, posterior, log_p, log_q, log_likelihood = evaluated
+    _, posterior, log_p, log_q, log_likelihood, proposals = evaluated
     history = pd.DataFrame({"elbo": np.asarray(trace.elbo, dtype=float)},
                            index=pd.RangeIndex(len(trace.elbo), name="step"))
     return RunResult(
         method="svi", sample_dims=("sample",), posterior=posterior,
         sample_stats={"log_p": log_p, "log_q": log_q},
         log_likelihood=log_likelihood, history=history, params=params,
-        options=options,
+        options=options, importance=proposals,
         info={"elbo": "TraceEnum_ELBO" if enumerated else "Trace_ELBO", "guide": guide_name,
               "family": family, "enumerated": enumerated, "marginal_story": False,
               "engine": "potential", "optimizer": options["optimizer"], "jit": False,
@@ -310,14 +361,16 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     for trace in traces:
         trace.evaluations += start_gradients // count
     fit_seconds = time.perf_counter() - fitted_at
-    evaluated = _evaluated_draws(model, data, facts, traces, potential, seeds, options)
+    evaluated, correction = _evaluated_draws(model, data, facts, traces, potential, seeds,
+                                             options)
     flat = flat_direction(model, data, facts, evaluated[0][0], potential.path)
     results = [_restart_result(model, data, facts, family, trace, potential, drawn, options,
                                start_gradients // count, flat)
                for trace, drawn in zip(traces, evaluated, strict=True)]
     for r, result in enumerate(results):
         result.info.update(restart=r, draws_per_fit=per_fit, compiler=potential.compiler,
-                           fit_seconds=fit_seconds)
+                           fit_seconds=fit_seconds,
+                           importance=None if correction is None else correction.summary())
     if any(trace.stopped == "interrupted" for trace in traces):
         warnings.warn("SVI interrupted: the Gaussians are those of the last kept step "
                       "(partial=True)", PartialResultWarning, stacklevel=4)

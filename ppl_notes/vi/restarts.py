@@ -213,7 +213,8 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
     return RunResult(
         method=results[0].method, sample_dims=("chain", "draw"), posterior=posterior,
         sample_stats=stacked("sample_stats"), log_likelihood=stacked("log_likelihood"),
-        history=history, params=stacked("params"), options=options, info=info,
+        history=history, params=stacked("params"), importance=stacked("importance"),
+        options=options, info=info,
         partial=any(r.partial for r in results))
 
 
