@@ -5,6 +5,8 @@ points other than the one recorded, and the two must agree to rounding (float64 
 a different order and another libm: 1e-9 relative).
 """
 
+import math
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -202,6 +204,56 @@ def test_float32_arithmetic_rounds_like_torch():
 
 
 @pytest.mark.parametrize("function", [
+    lambda x: (torch.softmax(x, -1) * torch.arange(1.0, 5.0, dtype=x.dtype)).sum(-1),
+    lambda x: (torch.softmax(30 * x, -1) * torch.arange(1.0, 5.0, dtype=x.dtype)).sum(-1),
+    lambda x: (torch.nn.functional.log_softmax(x, -1) * torch.linspace(-1, 2, 4,
+                                                                     dtype=x.dtype)).sum(-1),
+    lambda x: torch.nn.functional.log_softmax(20 * x.reshape(-1, 2, 2), 1)[:, 0, 1],
+    lambda x: (torch.softmax(x.reshape(-1, 2, 2), 1) ** 2).sum((1, 2)),
+], ids=["softmax", "softmax_steep", "log_softmax", "log_softmax_dim1", "softmax_squared"])
+def test_softmax_runs_as_its_definition_on_the_tape(function):
+    """No kernel needed: recorded as max-shift, exp, sum and divide (native.decompositions),
+    and its backward as the softmax Jacobian's product, equal to eager torch."""
+    tape = assert_tape_matches(function)
+    assert tape.instructions > 0
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_cholesky_solve_runs_as_two_triangular_solves(upper):
+    """A point-dependent SPD matrix per row, solved against a point-dependent vector."""
+    base = torch.tensor([[2.0, 0.3, 0.1, 0.0], [0.3, 1.5, 0.2, 0.1],
+                         [0.1, 0.2, 1.0, 0.3], [0.0, 0.1, 0.3, 1.2]], dtype=torch.float64)
+
+    def function(x):
+        matrix = base + torch.diag_embed(torch.exp(x))  # (batch, 4, 4)
+        factor = torch.linalg.cholesky(matrix, upper=upper)
+        solved = torch.cholesky_solve(torch.sin(x).unsqueeze(-1), factor, upper=upper)
+        return (torch.sin(x) * solved.squeeze(-1)).sum(-1)
+
+    assert_tape_matches(function)
+
+
+_PLACES = torch.tensor([[2, 0, 3, 1]])
+_GROUPS = torch.tensor([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("function", [
+    lambda x: (torch.zeros_like(x).scatter(1, _PLACES.expand(x.shape[0], 4), torch.sin(x))
+               * torch.arange(1.0, 5.0, dtype=x.dtype)).sum(-1),
+    lambda x: (torch.sin(x).scatter(1, torch.tensor([[1, 3]]).expand(x.shape[0], 2), 2.5)
+               * torch.cos(x)).sum(-1),
+    lambda x: (torch.zeros(x.shape[0], 2, dtype=x.dtype).scatter_add(
+        1, _GROUPS.expand(x.shape[0], 4), torch.exp(x)) ** 2).sum(-1),
+    lambda x: (x[:, :2].scatter_add(1, _GROUPS.expand(x.shape[0], 4), torch.exp(x))
+               ** 2).sum(-1),
+], ids=["scatter_src", "scatter_value", "scatter_add_into_zeros", "scatter_add_into_point"])
+def test_scatter_with_fixed_indices(function):
+    """scatter moves data (replayed on addresses); scatter_add accumulates group sums,
+    as a hierarchical story sums its members per group."""
+    assert_tape_matches(function)
+
+
+@pytest.mark.parametrize("function", [
     lambda x: torch.sort(x, -1).values.sum(-1),
     lambda x: x.sum(-1) * float(x[0, 0].item()),
     lambda x: torch.nn.functional.gelu(x).sum(-1),
@@ -260,6 +312,28 @@ def mixture(height=None):
         pyro.sample("height", dist.Normal(locs[z], scale), obs=height)
 
 
+@model(observed={"y": "y"})
+def softmax_simplex(y=None):
+    """Category weights as a softmax of free logits, as users write a simplex without a
+    Dirichlet; Categorical(probs=...) normalises them again."""
+    logits = pyro.sample("logits", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("draws", len(y)):
+        pyro.sample("y", dist.Categorical(probs=torch.softmax(logits, -1)), obs=y)
+
+
+@model(observed={"y": "y"})
+def gp_cholesky_solve(x, y=None):
+    """A GP regression's marginal likelihood written out with ``torch.cholesky_solve``."""
+    length = pyro.sample("length", dist.LogNormal(0.0, 1.0))
+    noise = pyro.sample("noise", dist.HalfNormal(1.0))
+    kernel = torch.exp(-0.5 * (x.unsqueeze(-1) - x.unsqueeze(-2)) ** 2 / length**2)
+    covariance = kernel + (noise**2 + 1e-6) * torch.eye(len(x))
+    factor = torch.linalg.cholesky(covariance)
+    quadratic = (y.unsqueeze(-1) * torch.cholesky_solve(y.unsqueeze(-1), factor)).sum((-2, -1))
+    log_det = 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
+    pyro.factor("y", -0.5 * (quadratic + log_det + len(x) * math.log(2 * math.pi)))
+
+
 def _logistic_data():
     generator = torch.Generator().manual_seed(0)
     X = torch.randn(40, 3, generator=generator)
@@ -270,7 +344,10 @@ def _logistic_data():
 @pytest.mark.parametrize("story, data", [
     (logistic, _logistic_data()),
     (mixture, {"height": torch.tensor([158.0, 171.0, 180.0, 162.0, 176.5, 169.0])}),
-], ids=["logistic", "mixture"])
+    (softmax_simplex, {"y": torch.tensor([0, 2, 2, 1, 2, 0, 2])}),
+    (gp_cholesky_solve, {"x": torch.linspace(0.0, 3.0, 7),
+                         "y": torch.tensor([0.1, 0.7, 0.9, 0.4, -0.3, -0.8, -0.5])}),
+], ids=["logistic", "mixture", "softmax_simplex", "gp_cholesky_solve"])
 def test_user_stories_run_on_their_tape(story, data):
     data = story.prepare_data(data)
     taped = BatchedPotential(story.marginal, data, 4, compiler="tape")

@@ -66,6 +66,7 @@ from ppl_notes.native.arena import (
     resolve,
     rounding,
 )
+from ppl_notes.native.decompositions import DECOMPOSITIONS
 from ppl_notes.native.loader import available, build
 from ppl_notes.native.tape_kernels import HANDLERS
 
@@ -101,6 +102,10 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        decomposition = DECOMPOSITIONS.get(func)
+        if decomposition is not None:  # recorded as the operations it is made of
+            with self:
+                return decomposition(*args, **kwargs)
         if func._schema.is_mutable:
             for argument, value in zip(func._schema.arguments, args, strict=False):
                 if (argument.alias_info is not None and argument.alias_info.is_write

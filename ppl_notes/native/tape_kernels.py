@@ -473,6 +473,36 @@ def _index_put(t: Translator, step: Step) -> None:
     _scatter_add(t, out, targets, values)
 
 
+@_handles("scatter")
+def _scatter(t: Translator, step: Step) -> None:
+    """``scatter`` without a reduction: data movement, replayed on addresses.
+
+    The value overload (``scatter(dim, index, value)``) is replayed with 0, which reads
+    as ``fill``, and the scattered elements then get the value.
+    """
+    if "reduce" in step.kwargs or len(step.args) > 4:
+        raise Unsupported(f"{step.func} with a reduction")
+    source = step.args[3] if len(step.args) > 3 else step.kwargs.get(
+        "src", step.kwargs.get("value"))
+    if isinstance(source, torch.Tensor):
+        t.gather_replay(step, [0, 2])
+        return
+    replay = dataclasses.replace(step, args=(*step.args[:3], 0), kwargs={})
+    t.gather_replay(replay, [0], float(source))
+
+
+@_handles("scatter_add")
+def _scatter_add_op(t: Translator, step: Step) -> None:
+    """``out = self``, then ``out[index[i]] += src[i]`` along ``dim``; repeats accumulate."""
+    source, dim, index, values = step.args[:4]
+    if t.is_variable(index) or values.shape != index.shape:
+        raise Unsupported(f"{step.func} with indices that depend on the point, or a src "
+                          "larger than its index")
+    out = _out(t, step)
+    t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
+    _scatter_add(t, out, position_tensor(out, 0).gather(dim, index), values)
+
+
 @_handles("index_add")
 def _index_add(t: Translator, step: Step) -> None:
     source, dim, index, values = step.args[:4]
