@@ -15,6 +15,7 @@ from ppl_notes import infer, load, model
 from ppl_notes.errors import OptionError
 from ppl_notes.vi.importance import (
     ESS_SHARE_EXACT,
+    EXTENSION_BUDGET,
     correction_of,
     proposals_needed,
     weighed,
@@ -39,6 +40,9 @@ def test_resampling_a_too_wide_q_gives_the_target_sd():
     first = weighed([p[:1000] for p in log_p], [q[:1000] for q in log_q], 1000)
     count, why = proposals_needed(first, 1000)
     assert why == "" and 2000 < count <= 4000  # ESS share ~0.6: about 2/0.6 per draw
+    # a story with 10^4 observed values may spend 10^6 / 10^4 more proposals per restart
+    assert proposals_needed(first, 1000, observed_values=10_000) == (
+        1000 + EXTENSION_BUDGET // 10_000, "")
     found = correction_of(log_p, log_q, 1000, seed=1)
     assert found.applied, found.reason
     assert max(found.khat) <= 0.7

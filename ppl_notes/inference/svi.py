@@ -113,7 +113,7 @@ OPTIONS = (
                    "a posterior sd for a mean-field mean; ppl_notes.vi.convergence)"),
     positive_int("num_draws", 1000, "posterior draws taken from the fitted guide (per "
                  "restart)"),
-    choice("importance", "auto", "'psis': draw 4 x num_draws proposals from each restart's "
+    choice("importance", "auto", "'psis': draw up to 4 x num_draws proposals from each restart's "
            "q, and where their Pareto-smoothed weights p/q can be trusted (k-hat <= 0.7) and "
            "are not near uniform, keep num_draws resampled by those weights: draws of the "
            "posterior itself, not of q (as Pathfinder does; ppl_notes.vi.importance; "

@@ -259,7 +259,8 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
     if options["importance"] == "psis":
         log_p, log_q = found["log_p_u"], found["log_q_u"]
         correction = weighed(log_p, log_q, size)
-        count, correction.reason = proposals_needed(correction, size)
+        observed = sum(int(np.prod(facts.value_shapes[n], dtype=int)) for n in facts.observed)
+        count, correction.reason = proposals_needed(correction, size, observed)
         if count > size:
             more = _proposals(qs, count - size, [s + EXTRA_SEED for s in seeds])
             extra = potential.unconstrained_log_density(torch.cat(more)).numpy()
