@@ -207,9 +207,10 @@ def diagnostics(posterior) -> dict[str, Any]:
         numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
     if posterior.is_variational and posterior.num_draws > 1:
-        pairs = posterior.q_log_weights()  # the importance step's proposals, if it drew any
-        finite = np.concatenate([np.isfinite(p) & np.isfinite(q) for p, q in pairs])
+        stats_ = posterior.tree["sample_stats"]  # of the draws the fit holds
+        finite = np.isfinite(stats_["log_p"].values) & np.isfinite(stats_["log_q"].values)
         numbers["nonfinite_log_p_share"] = float(1 - finite.mean())
+        pairs = posterior.q_log_weights()  # the importance step's proposals, if it drew any
         # restarts: each its own q (pooling p/q_r would mix their normalising constants);
         # draws where the log density is not finite are a finding of their own, below
         pairs = [(p[np.isfinite(p) & np.isfinite(q)], q[np.isfinite(p) & np.isfinite(q)])
