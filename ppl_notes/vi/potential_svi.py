@@ -362,6 +362,8 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
     for trace in traces:
         trace.evaluations += start_gradients // count
     fit_seconds = time.perf_counter() - fitted_at
+    if any(trace.stopped == "interrupted" for trace in traces):
+        options = {**options, "importance": "none"}  # return what it has, at once
     evaluated, correction = _evaluated_draws(model, data, facts, traces, potential, seeds,
                                              options)
     flat = flat_direction(model, data, facts, evaluated[0][0], potential.path)
