@@ -43,6 +43,8 @@ def test_resampling_a_too_wide_q_gives_the_target_sd():
     # a story with 10^4 observed values may spend 10^6 / 10^4 more proposals per restart
     assert proposals_needed(first, 1000, observed_values=10_000) == (
         1000 + EXTENSION_BUDGET // 10_000, "")
+    count, why = proposals_needed(first, 1000, observed_values=2 * EXTENSION_BUDGET)
+    assert count == 0 and "observed values exceed" in why
     found = correction_of(log_p, log_q, 1000, seed=1)
     assert found.applied, found.reason
     assert max(found.khat) <= 0.7
@@ -134,3 +136,32 @@ def test_importance_psis_is_refused_in_pyros_loop_by_name():
     with pytest.raises(OptionError, match="importance='psis'"):
         infer(normal_mean, None, method="svi", optimizer="adam", importance="psis",
               progress=False)
+
+
+def test_q_own_draws_and_further_proposals_are_weighed_by_one_density(monkeypatch):
+    """The weights of q's own draws come from the evaluation that also gives the
+    posterior (log p(x, theta) + log|J|), those of further proposals from the potential
+    (a story's hand-marginalised form where it has one): they must be one density, or the
+    resampling would favour one set. A mixture with its component summed out by Pyro's
+    enumeration and by hand."""
+    import torch
+
+    import ppl_notes.vi.potential_svi as potential_svi
+    from ppl_notes.models.heights import model as heights
+
+    differences = []
+    evaluate = potential_svi._evaluate
+
+    def compared(model, data, facts, qs, potential, points, seed, options):
+        found = evaluate(model, data, facts, qs, potential, points, seed, options)
+        direct = potential.unconstrained_log_density(torch.cat(points)).numpy()
+        differences.append(np.max(np.abs(direct - np.concatenate(found["log_p_u"]))
+                                  / np.abs(direct)))
+        return found
+
+    monkeypatch.setattr(potential_svi, "_evaluate", compared)
+    data = heights.prepare_data(None)
+    data = {**data, "height": data["height"][:120]}
+    fit = infer(heights, data, method="svi", progress=False, num_draws=300, steps=30)
+    assert fit.info["importance"] is not None and differences
+    assert max(differences) < 1e-12

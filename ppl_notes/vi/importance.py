@@ -171,6 +171,10 @@ def proposals_needed(first: Correction, num_draws: int, observed_values: int = 1
         return 0, (f"not applied: Pareto k-hat of p/q at q's draws is {worst:.2f} (>= "
                    f"{KHAT_NO_MEAN}: the ratios' fitted tail has no finite mean, which no "
                    "number of proposals mends); the draws are q's own")
+    if observed_values > EXTENSION_BUDGET:
+        return 0, (f"not applied: {observed_values} observed values exceed what the step "
+                   f"evaluates for further proposals ({EXTENSION_BUDGET} per restart); the "
+                   "draws are q's own")
     wanted = math.ceil(ESS_PER_DRAW * num_draws / max(share, 1e-12))
     affordable = num_draws + EXTENSION_BUDGET // max(observed_values, 1)
     return int(min(max(wanted, num_draws), PROPOSALS_PER_DRAW * num_draws, affordable)), ""
