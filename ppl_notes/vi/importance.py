@@ -20,8 +20,11 @@ et al. 2022). Each restart is weighed by its own :math:`p/q`:
 3. over all proposals, the weights are trusted where every restart's :math:`\hat k \le`
    ``KHAT_USABLE`` (0.7: Vehtari et al. 2024, below which the smoothed estimates converge
    at the usual Monte Carlo rate for a few thousand draws); then ``num_draws`` per
-   restart are kept by systematic resampling (Kitagawa 1996), in random order so that a
-   restart's draws have no runs of repeats for R-hat and ESS to see. Else the draws are
+   restart are kept by systematic resampling (Kitagawa 1996), in the proposals' own
+   order: the proposals are independent, and a draw kept twice then sits next to itself,
+   so that ArviZ's ESS reads repeats as the autocorrelation they are, not as new draws
+   (eight schools' tau: ESS 2374 in order, 4049 shuffled, where 4 restarts of 1000 draws
+   kept from weights with ESS 1773-2369 hold about 2700). Else the draws are
    q's own.
 
 Measured (``benchmarks/vi_verdicts.py``, 5 seeds): eight schools' worst sd ratio goes from
@@ -195,8 +198,7 @@ def correction_of(log_p: list[np.ndarray], log_q: list[np.ndarray], num_draws: i
                         "cannot be trusted; the draws are q's own")
         return found
     rng = np.random.default_rng(seed)
-    found.chosen = [rng.permutation(systematic_resample(w, num_draws, rng))
-                    for w in found.weights]
+    found.chosen = [systematic_resample(w, num_draws, rng) for w in found.weights]
     found.applied = True
     found.reason = (f"applied: {num_draws} draws per restart resampled from "
                     f"{found.proposals} proposals by their Pareto-smoothed weights (k-hat <= "
