@@ -36,8 +36,8 @@ elif {engine!r} == "pyro":
     torch.set_default_dtype(torch.float64)
     data = case.story.prepare_data(case.data)
     case.story.check_data(data)
-    from ppl_notes.evaluation import facts_of
-    facts = facts_of(case.story, data)
+    from ppl_notes.evaluation import story_facts
+    facts = story_facts(case.story, data)
     kernel = NUTS(case.story, max_plate_nesting=facts.plate_nesting)
     mcmc = MCMC(kernel, num_samples=100, warmup_steps=100, disable_progbar=True)
     t = time.perf_counter()

@@ -19,7 +19,7 @@ import xarray as xr
 from arviz_base import dict_to_dataset
 
 from ppl_notes._sites import deterministic_sites, sample_sites
-from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation import StoryFacts
 
 if TYPE_CHECKING:  # importing ppl_notes.inference here would import this module again
     from ppl_notes._result import RunResult
@@ -27,13 +27,13 @@ if TYPE_CHECKING:  # importing ppl_notes.inference here would import this module
 __all__ = ["PyroConverter", "infer_dims", "to_datatree"]
 
 
-def infer_dims(model, data: Mapping[str, Any]) -> dict[str, list[str]]:
+def infer_dims(model, trace) -> dict[str, list[str]]:
     """Dim names of each site: its plates' names (outermost first), then event dims.
 
     Event dims come from the story's ``dims`` declaration or a site's
     ``infer={"event_dims": [...]}``; undeclared ones are left to ArviZ's defaults.
+    ``trace`` is any run of the story on the data (its plates and sites are read).
     """
-    trace = facts_of(model, data).trace
     declared = getattr(model, "dims", {})
     dims = {}
     for name, site in {**sample_sites(trace), **deterministic_sites(trace)}.items():
@@ -61,14 +61,18 @@ class PyroConverter:
         The prepared data the run used.
     attrs : dict
         Provenance stored on the root node (method, options, timings, versions...).
+    facts : StoryFacts
+        The story's facts on ``data`` (those of the run's context).
     """
 
-    def __init__(self, run: RunResult, model, data: Mapping[str, Any], attrs: dict[str, Any]):
+    def __init__(self, run: RunResult, model, data: Mapping[str, Any], attrs: dict[str, Any],
+                 facts: StoryFacts):
         self.run = run
         self.model = model
         self.data = data
         self.attrs = attrs
-        self.dims = infer_dims(model, data)
+        self.facts = facts
+        self.dims = infer_dims(model, facts.trace)
         self.coords = {k: np.asarray(v) for k, v in model.coords(data).items()}
 
     def _dataset(self, values: Mapping[str, np.ndarray], sample_dims, skip_event_dims=False):
@@ -98,7 +102,7 @@ class PyroConverter:
 
     def observed_data_to_xarray(self):
         """The data of the observed sites (as the story observed them)."""
-        facts = facts_of(self.model, self.data)
+        facts = self.facts
         observed = {k: _numpy(facts.trace.nodes[k]["value"]) for k in facts.likelihood}
         return self._dataset(observed, [])
 
@@ -154,9 +158,10 @@ class PyroConverter:
         return tree
 
 
-def to_datatree(run: RunResult, model, data: Mapping[str, Any], attrs: dict[str, Any]):
+def to_datatree(run: RunResult, model, data: Mapping[str, Any], attrs: dict[str, Any],
+                facts: StoryFacts):
     """Convert one run to a DataTree (see :class:`PyroConverter`)."""
-    return PyroConverter(run, model, data, attrs).to_datatree()
+    return PyroConverter(run, model, data, attrs, facts).to_datatree()
 
 
 def _numpy(value) -> np.ndarray:

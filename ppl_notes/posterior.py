@@ -27,6 +27,7 @@ from ppl_notes._signing import sign, signing_key
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN, diagnostics, findings
 from ppl_notes.errors import OptionError
+from ppl_notes.evaluation import StoryFacts, story_facts
 from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
 from ppl_notes.evidence import Estimate, elbo_estimate, importance_estimate, kl_gap_estimate
 from ppl_notes.prediction import predict, story_of
@@ -49,13 +50,18 @@ class Posterior:
         The story and guide that produced them.
     data : dict, optional
         The prepared data the run used.
+    facts : StoryFacts, optional
+        The story's facts on ``data``, as the run read them (read again at most once,
+        where a method needs them and none were given).
     """
 
-    def __init__(self, tree: xr.DataTree, model=None, guide=None, data=None) -> None:
+    def __init__(self, tree: xr.DataTree, model=None, guide=None, data=None,
+                 facts: StoryFacts | None = None) -> None:
         self.tree = tree
         self.model = model
         self.guide = guide
         self.data = data
+        self._facts = facts
 
     @classmethod
     def from_draws(cls, draws: dict[str, Any], *, method: str = "reference",
@@ -332,7 +338,8 @@ class Posterior:
                                       "draws": len(weights)}}
         tree.attrs.update(sample_dims=json.dumps(["sample"]), info=json.dumps(info, default=str),
                           guide=f"{self.tree.attrs.get('guide', '')} + PSIS")
-        return Posterior(tree, model=self.model, guide=self.guide, data=self.data)
+        return Posterior(tree, model=self.model, guide=self.guide, data=self.data,
+                         facts=self._facts)
 
     @property
     def num_draws(self) -> int:
@@ -373,8 +380,18 @@ class Posterior:
             nesting = model.max_plate_nesting(data)
             draws, log_q = sample_guide(guide, data, num_samples, nesting, seed)
             draws = {k: v for k, v in draws.items() if k not in enumerated}
-            evaluation = evaluate_draws(model, data, draws, recover_discrete=False)
+            evaluation = evaluate_draws(model, data, draws, self._facts_on(model, data),
+                                        recover_discrete=False)
         return evaluation.log_joint, log_q
+
+    def _facts_on(self, model, data) -> StoryFacts:
+        """The facts of ``model`` on ``data``: the run's own, or read (once per posterior)."""
+        if self._facts is None or model is not self.model or data is not self.data:
+            facts = story_facts(model, data)
+            if model is self.model and data is self.data:
+                self._facts = facts
+            return facts
+        return self._facts
 
     def _guide_function(self, model):
         """The fit's guide: in memory, imported by reference, or an autoguide rebuilt."""

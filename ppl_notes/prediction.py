@@ -115,7 +115,7 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
                           "site is either a global parameter or given")
     arrays = {name: np.stack(values).reshape(shape + values[0].shape)
               for name, values in rows.items()}
-    dims = {k: v for k, v in infer_dims(model, data).items() if k in arrays}
+    dims = {k: v for k, v in infer_dims(model, first).items() if k in arrays}
     result = dict_to_dataset(arrays, dims=dims, sample_dims=list(posterior.sample_dims),
                              inference_library=None, check_conventions=False)
     posterior.tree["predictions"] = xr.DataTree(result)

@@ -93,7 +93,7 @@ def posterior_predictive(posterior, num_draws: int = 500, seed: int = 0) -> xr.D
               for name, values in replicated.items()}
     result = dict_to_dataset(arrays, coords={k: np.asarray(v) for k, v in
                                              model.coords(data).items()},
-                             dims=infer_dims(model, data), sample_dims=list(posterior.sample_dims),
+                             dims=infer_dims(model, trace), sample_dims=list(posterior.sample_dims),
                              inference_library=None, check_conventions=False)
     posterior.tree["posterior_predictive"] = xr.DataTree(result)
     return result

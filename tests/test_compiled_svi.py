@@ -69,13 +69,15 @@ def test_both_engines_reach_the_exact_posterior(engine):
 
 
 def test_auto_engine_compiles_only_long_runs():
+    from ppl_notes.evaluation import story_facts
     from ppl_notes.inference.svi import _choose_engine
     from ppl_notes.models import heights
 
     galton = heights.model.prepare_data(None)  # 934 heights
-    assert _choose_engine("auto", 2000, heights.model, galton) == "pyro"
-    assert _choose_engine("auto", 20_000, heights.model, galton) == "fast"
-    assert _choose_engine("fast", 10, heights.model, galton) == "fast"
+    facts = story_facts(heights.model, galton)
+    assert _choose_engine("auto", 2000, facts) == "pyro"
+    assert _choose_engine("auto", 20_000, facts) == "fast"
+    assert _choose_engine("fast", 10, facts) == "fast"
 
 
 @pytest.mark.parametrize("engine", ["fast", "pyro"])

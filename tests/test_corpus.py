@@ -196,7 +196,7 @@ def test_deterministic_sites_are_their_functions_of_the_draws():
 
 def test_each_story_is_evaluated_as_its_author_wrote_it():
     """Batch-aware stories keep Pyro's plates; the rest get vmap, never a wrong batch."""
-    from ppl_notes.evaluation import choose_path, facts_of
+    from ppl_notes.evaluation import choose_path, story_facts
 
     paths = {}
     for name in ("linear_regression_matmul", "gmm_locs_assignment", "normal_mean_float32",
@@ -204,7 +204,7 @@ def test_each_story_is_evaluated_as_its_author_wrote_it():
         story = CASES[name].story
         data = story.prepare_data(CASES[name].data)
         story.check_data(data)
-        paths[name] = choose_path(story, data, facts_of(story, data))
+        paths[name] = choose_path(story, data, story_facts(story, data))
     assert paths == {"linear_regression_matmul": "vmap", "gmm_locs_assignment": "vmap",
                      "normal_mean_float32": "plate", "change_point_global_discrete": "vmap"}
 

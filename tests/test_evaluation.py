@@ -13,7 +13,7 @@ from pyro.distributions.transforms import biject_to
 
 from ppl_notes import guide, infer, model
 from ppl_notes.errors import ModelGuideMismatchError
-from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of
+from ppl_notes.evaluation import check_points, choose_path, evaluate, story_facts
 from ppl_notes.models import heights
 
 
@@ -55,7 +55,7 @@ def test_paths_are_chosen_by_what_the_story_does():
     }
     for expected, (story, data) in cases.items():
         prepared = _prepared(story, data)
-        facts = facts_of(story, prepared)
+        facts = story_facts(story, prepared)
         assert choose_path(story, prepared, facts) == expected, facts.path_reason
 
 
@@ -63,7 +63,7 @@ def test_paths_are_chosen_by_what_the_story_does():
 def test_batched_paths_equal_the_one_draw_story_on_heights(path):
     story = heights.model
     data = _prepared(story, None)
-    facts = facts_of(story, data)
+    facts = story_facts(story, data)
     points = check_points(story, data, facts, count=5, seed=3)
     with torch.no_grad():
         one = evaluate(story, data, facts, points, unconstrained=True, path="loop")

@@ -672,7 +672,7 @@ def test_recovered_discrete_draws_are_compact_and_their_cost_is_said(caplog, mon
         fit = infer(heights, data, method="nuts", chains=1, warmup=150, draws=100, thin=2,
                     progress=False)
     assert fit["gender"].dtype == np.int8 and fit["gender"].shape == (1, 50, people)
-    assert _draws.discrete_cost(heights, fit.data, 50) == fit["gender"].nbytes
+    assert _draws.discrete_cost(fit._facts, 50) == fit["gender"].nbytes
     assert "recover_discrete=False skips it" in caplog.text and "thin=" in caplog.text
     skipped = infer(heights, data, method="svi", steps=20, recover_discrete=False,
                     progress=False)

@@ -1,4 +1,4 @@
-"""The evaluation layer: a story's facts, worked out once, and its log density at draws.
+"""The evaluation layer: a story's facts (read once per run, passed down), its log density.
 
 Every back end evaluates stories through this package: the NUTS potential, the point
 estimates and EM, the evaluation of posterior draws after any method, the ArviZ
@@ -8,10 +8,11 @@ batched numbers equal the one-draw story's, so that a story is run with the mean
 author gave it.
 """
 
+from ppl_notes.evaluation.context import RunContext
 from ppl_notes.evaluation.density import PATHS, Evaluation, evaluate
-from ppl_notes.evaluation.facts import StoryFacts, facts_of, story_dtype
+from ppl_notes.evaluation.facts import StoryFacts, story_dtype, story_facts
 from ppl_notes.evaluation.handlers import run_dtype
 from ppl_notes.evaluation.paths import check_points, choose_path
 
-__all__ = ["PATHS", "Evaluation", "StoryFacts", "check_points", "choose_path", "evaluate",
-           "facts_of", "run_dtype", "story_dtype"]
+__all__ = ["PATHS", "Evaluation", "RunContext", "StoryFacts", "check_points", "choose_path",
+           "evaluate", "run_dtype", "story_dtype", "story_facts"]

@@ -70,7 +70,7 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
     model, data
         The story and its prepared data.
     facts : StoryFacts
-        The story's facts (:func:`~ppl_notes.evaluation.facts.facts_of`).
+        The story's facts (:func:`~ppl_notes.evaluation.facts.story_facts`).
     values : dict of Tensor
         The continuous latent sites, draws first: constrained, or on the unconstrained
         space when ``unconstrained`` (then the log-Jacobian is part of the total).

@@ -22,7 +22,7 @@ import torch
 from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
-from ppl_notes.evaluation import choose_path, evaluate, facts_of, run_dtype
+from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
 from ppl_notes.evaluation.density import draws_per_batch
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
@@ -62,6 +62,7 @@ def evaluate_draws(
     model,
     data: Mapping[str, Any],
     draws: Mapping[str, torch.Tensor],
+    facts: StoryFacts,
     *,
     recover_discrete: bool = True,
     seed: int = 0,
@@ -76,6 +77,8 @@ def evaluate_draws(
         Prepared data (tensors).
     draws : dict of Tensor
         The continuous latent sites, each with one leading draw dimension.
+    facts : StoryFacts
+        The story's facts on ``data`` (:func:`~ppl_notes.evaluation.facts.story_facts`).
     recover_discrete : bool
         Draw the discrete sites from p(z | x, theta) for every draw (``infer_discrete``).
     seed : int
@@ -85,7 +88,6 @@ def evaluate_draws(
     -------
     DrawEvaluation
     """
-    facts = facts_of(model, data)
     path = choose_path(model, data, facts)
     num_draws = next(iter(draws.values())).shape[0]
     chunk = draws_per_batch(model, data, facts, num_draws)
@@ -116,33 +118,32 @@ def _compact(values: np.ndarray) -> np.ndarray:
 DISCRETE_BYTES_TO_MENTION = 256 * 2**20
 
 
-def discrete_cost(model, data: Mapping[str, Any], num_draws: int) -> int:
+def discrete_cost(facts: StoryFacts, num_draws: int) -> int:
     """Bytes the recovered discrete draws take (one byte per element and draw, as int8)."""
-    facts = facts_of(model, data)
     return num_draws * sum(int(np.prod(facts.value_shapes[n])) for n in facts.discrete)
 
 
-def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor], *,
-                 recover_discrete: bool, seed: int, order=None
+def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor],
+                 facts: StoryFacts, *, recover_discrete: bool, seed: int, order=None
                  ) -> tuple[dict[str, np.ndarray], DrawEvaluation]:
     """Every method's posterior from draws of its continuous (or guide) sites.
 
     The draws are evaluated (:func:`evaluate_draws`); the result holds the latent sites
-    in the story's order (``order``, traced when not given) with the recovered discrete
+    in the story's order (``order``; ``facts.latent`` when not given) with the recovered discrete
     sites among them, then the deterministic sites; arrays keep the leading draw dim.
     """
     if recover_discrete:
-        cost = discrete_cost(model, data, next(iter(draws.values())).shape[0])
+        cost = discrete_cost(facts, next(iter(draws.values())).shape[0])
         if cost > DISCRETE_BYTES_TO_MENTION:
             logger.warning(
                 "recovering the discrete sites of story %r for every draw takes %.2f GB; "
                 "recover_discrete=False skips it, and fewer draws (num_draws= for VI, thin= "
                 "for NUTS) thin it", getattr(model, "name", model), cost / 1e9)
-    evaluation = evaluate_draws(model, data, draws, recover_discrete=recover_discrete,
+    evaluation = evaluate_draws(model, data, draws, facts, recover_discrete=recover_discrete,
                                 seed=seed)
     values = {k: v.detach().cpu().numpy() for k, v in draws.items()}
     values.update(evaluation.discrete)
-    order = facts_of(model, data).latent if order is None else order
+    order = facts.latent if order is None else order
     posterior = {n: values[n] for n in order if n in values}
     posterior.update(evaluation.deterministic)
     return posterior, evaluation

@@ -4,14 +4,13 @@ The checks, the back ends and the ArviZ converter all need the same things about
 on its data: its sites (latent continuous, latent discrete, observed, deterministic),
 their shapes and supports, the plates, the deepest plate nesting (where enumeration
 starts), whether a pointwise log-likelihood exists, and how a batch of draws can be
-evaluated (the *path*, see :mod:`ppl_notes.evaluation.paths`). :func:`facts_of` traces the
-story once and keeps the answer for the (story, data) pair while both are in use.
+evaluated (the *path*, see :mod:`ppl_notes.evaluation.paths`). :func:`story_facts` reads
+them from one run of the story; nothing is cached behind the caller's back: ``infer()``
+reads them once and passes them down (:class:`~ppl_notes.evaluation.context.RunContext`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from ppl_notes._sites import (
 )
 from ppl_notes.evaluation.handlers import run_dtype
 
-__all__ = ["StoryFacts", "facts_of", "story_dtype"]
+__all__ = ["StoryFacts", "story_facts", "story_dtype"]
 
 
 @dataclass
@@ -130,8 +129,14 @@ def _pointwise(sites, discrete, observed, likelihood) -> tuple[str | None, bool]
     return None, True
 
 
-def compute_facts(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
-    """Read the facts of ``model`` on ``data`` from ``trace`` (traced when not given)."""
+def story_facts(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
+    """The facts of ``model`` on ``data``, read from ``trace`` (one run of it when not given).
+
+    Nothing is remembered between calls: ``infer()`` works them out once, from the run
+    that checked the data, and hands them down in its
+    :class:`~ppl_notes.evaluation.context.RunContext`; a :class:`~ppl_notes.Posterior`
+    keeps those of its own fit.
+    """
     dtype = story_dtype(model)
     with run_dtype(dtype), torch.no_grad():
         trace = trace_model(model, data, 0) if trace is None else trace
@@ -174,30 +179,3 @@ def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
             if full is not None and frame.size is not None and frame.size < full:
                 found[frame.name] = (int(frame.size), int(full))
     return found
-
-
-_CACHE_SIZE = 16
-_cache: OrderedDict[tuple[int, int], tuple[Any, Any, StoryFacts]] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def facts_of(model, data: Mapping[str, Any], trace=None) -> StoryFacts:
-    """The facts of ``model`` on ``data``, traced once per (story, data) pair.
-
-    The pair is remembered by identity (the last few pairs, holding references so that
-    an identity cannot be reused while remembered): one ``infer()`` call prepares its
-    data once and every step of it then shares one :class:`StoryFacts`. ``trace``, a run
-    of the story on ``data`` made already (``Model.check_data``'s), saves tracing again.
-    """
-    key = (id(model), id(data))
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None and hit[0] is model and hit[1] is data:
-            _cache.move_to_end(key)
-            return hit[2]
-    facts = compute_facts(model, data, trace)
-    with _cache_lock:
-        _cache[key] = (model, data, facts)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return facts

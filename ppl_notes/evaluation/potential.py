@@ -31,7 +31,14 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from ppl_notes._sites import sample_or_dispersed, unconstrained_value
 from ppl_notes.checks import blame_invalid_parameter
 from ppl_notes.errors import InferenceError
-from ppl_notes.evaluation import check_points, choose_path, evaluate, facts_of, run_dtype
+from ppl_notes.evaluation import (
+    StoryFacts,
+    check_points,
+    choose_path,
+    evaluate,
+    run_dtype,
+    story_facts,
+)
 from ppl_notes.evaluation.compile import capture, compiler_available
 from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.evaluation.fingerprint import data_digests
@@ -109,12 +116,16 @@ class BatchedPotential:
         path only) and differentiates it with autograd; ``"none"`` runs Pyro every call.
         The one-chain-at-a-time path is never compiled: a story that needs it branches
         on values, which a captured graph would freeze.
+    facts : StoryFacts, optional
+        The story's facts on ``data``, where the caller has them (its
+        :class:`~ppl_notes.evaluation.context.RunContext`'s); read from one run of the
+        story otherwise. The evaluation path is decided on them, once.
     """
 
     def __init__(self, model, data: Mapping[str, Any], num_chains: int,
-                 compiler: str = "torchscript"):
+                 compiler: str = "torchscript", facts: StoryFacts | None = None):
         self.model, self.data, self.num_chains = model, data, num_chains
-        self.facts = facts_of(model, data)
+        self.facts = story_facts(model, data) if facts is None else facts
         self.path = choose_path(model, data, self.facts)
         self.names = list(self.facts.continuous)
         self.shapes = {n: self.facts.unconstrained_shapes[n] for n in self.names}

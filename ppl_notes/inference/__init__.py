@@ -25,7 +25,7 @@ from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
-from ppl_notes.evaluation import facts_of, story_dtype
+from ppl_notes.evaluation import RunContext, story_dtype, story_facts
 from ppl_notes.inference._options import validate
 from ppl_notes.inference.backends import BACKENDS, methods_with
 from ppl_notes.posterior import Posterior
@@ -139,7 +139,7 @@ def infer(
         with run_dtype(story_dtype(model)):
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
-    facts = facts_of(model, prepared, trace=first_run)
+    facts = story_facts(model, prepared, trace=first_run)
     if facts.subsampled and not backend.minibatch:
         plate, (size, full) = next(iter(facts.subsampled.items()))
         raise OptionError(
@@ -150,9 +150,10 @@ def infer(
             "them")
     if guide is None or isinstance(guide, str):
         _require_continuous_and_enumerable(model, facts, method)
-    with run_dtype(story_dtype(model)):
-        run = backend.run(model, prepared, guide=guide, seed=seed, progress=progress,
-                          options=checked)
+    context = RunContext(model, prepared, guide=guide, seed=seed, progress=progress,
+                         options=checked, known_facts=facts)
+    with run_dtype(context.dtype):
+        run = backend.run(context)
     _require_finite_draws(run, model)
     if observed_found is not None:
         run.info["observed_from_data"] = observed_found
@@ -176,9 +177,9 @@ def infer(
         "partial": bool(run.partial),
         "versions": json.dumps(library_versions()),
     }
-    tree = to_datatree(run, model, prepared, attrs)
+    tree = to_datatree(run, model, prepared, attrs, facts)
     posterior = Posterior(tree, model=model, guide=None if isinstance(guide, str) else guide,
-                          data=prepared)
+                          data=prepared, facts=facts)
     warn_about(posterior)
     return posterior
 

@@ -11,24 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ppl_notes._result import RunResult
+from ppl_notes.evaluation import RunContext
 from ppl_notes.inference import bbvi, em, nuts, pathfinder, point, svi
 
 __all__ = ["Backend", "Runner", "BACKENDS", "backend_of", "methods_with"]
 
 
 class Runner(Protocol):
-    """What a back end's ``run`` is: prepared data and checked options in, a RunResult out.
+    """What a back end's ``run`` is: a run context in, a RunResult out.
 
-    ``guide`` is a guide function, a family name (``"fullrank"``) or None; ``options``
-    holds every option of the method, each checked and defaulted by ``infer()``.
+    The :class:`~ppl_notes.evaluation.context.RunContext` holds the story, its prepared
+    data and facts, the guide (a function, a family name such as ``"fullrank"``, or
+    None), the seed, and every option of the method, each checked and defaulted by
+    ``infer()``.
     """
 
-    def __call__(self, model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-                 options: dict[str, Any]) -> RunResult:
-        """Fit ``model`` to ``data``."""
+    def __call__(self, context: RunContext) -> RunResult:
+        """Fit ``context.model`` to ``context.data``."""
 
 
 @dataclass(frozen=True)

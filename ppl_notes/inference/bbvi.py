@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ppl_notes._result import RunResult
 from ppl_notes._sites import trace_model, unconstrained_value
 from ppl_notes.errors import InferenceError, OptionError, StoryError
-from ppl_notes.evaluation import choose_path, facts_of
+from ppl_notes.evaluation import RunContext, choose_path
 from ppl_notes.evaluation.draws import posterior_of, sample_guide, sum_to_draws
 from ppl_notes.gradients import force_estimator
 from ppl_notes.inference._options import Option, choice, positive_float, positive_int
@@ -128,14 +128,15 @@ class ScoreFunctionGradient:
         return float((log_p - log_q.detach()).mean()), grads
 
 
-def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any]) -> RunResult:
+def run(context: RunContext) -> RunResult:
     """Algorithm 1 with a Robbins–Monro schedule; see the module docstring."""
     started = time.perf_counter()
+    model, data, guide, seed = context.model, context.data, context.guide, context.seed
+    options, progress = context.options, context.progress
     _check(options)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    facts = facts_of(model, data)
+    facts = context.facts
     plate_nesting = facts.plate_nesting
     latent = {n: facts.trace.nodes[n] for n in facts.latent}
     if choose_path(model, data, facts) != "plate":
@@ -167,7 +168,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     draws, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                 tuple(n for n in latent if n in guide_trace.nodes))
     enumerated = [n for n in latent if n not in guide_trace.nodes]
-    posterior, evaluation = posterior_of(model, data, draws, order=latent, seed=seed + 2,
+    posterior, evaluation = posterior_of(model, data, draws, facts, order=latent, seed=seed + 2,
                                          recover_discrete=options["recover_discrete"])
     converged = bool(history.attrs["converged"])
     if not converged:

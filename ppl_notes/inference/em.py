@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ppl_notes._result import RunResult
 from ppl_notes.errors import InferenceError, OptionError, StoryError
-from ppl_notes.evaluation import run_dtype
+from ppl_notes.evaluation import RunContext, StoryFacts, run_dtype
 from ppl_notes.evaluation.density import trace_with
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.inference._options import Option, positive_int
@@ -73,9 +73,9 @@ class EnumeratedStory:
     ``(joint values of z, *plates)``, and for each discrete site the dims it occupies.
     """
 
-    def __init__(self, model, data: Mapping[str, Any]) -> None:
+    def __init__(self, model, data: Mapping[str, Any], facts: StoryFacts | None = None) -> None:
         self.model, self.data = model, data
-        self.sites = BatchedPotential(model, data, 1, compiler="none")
+        self.sites = BatchedPotential(model, data, 1, compiler="none", facts=facts)
         facts = self.sites.facts
         if not facts.discrete:
             raise StoryError(
@@ -167,11 +167,12 @@ def _collapsed(story: EnumeratedStory, values: Mapping[str, torch.Tensor],
     return None
 
 
-def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any]) -> RunResult:
+def run(context: RunContext) -> RunResult:
     """EM from the chosen start until the objective stops rising."""
     started = time.perf_counter()
-    story = EnumeratedStory(model, data)
+    model, data, seed, options = context.model, context.data, context.seed, context.options
+    progress = context.progress
+    story = EnumeratedStory(model, data, context.facts)
     priors = options["priors"]
     observed = torch.cat([story.layout.trace.nodes[n]["value"].reshape(-1).double()
                           for n in story.layout.likelihood])

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 import pyro
@@ -40,7 +39,7 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, OptionError, PartialResultWarning
-from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation import RunContext, StoryFacts
 from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import INIT_STRATEGIES, BatchedPotential
@@ -97,19 +96,18 @@ OPTIONS = (
 )
 
 
-def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any]) -> RunResult:
+def run(context: RunContext) -> RunResult:
     """Sample the posterior with NUTS. See the module docstring."""
     started = time.perf_counter()
+    model, data, seed, options = context.model, context.data, context.seed, context.options
     if options["scheduler"] is not None and options["engine"] != "fast":
 
         raise OptionError("method 'nuts': option 'scheduler' runs the chains of ppl_notes' "
                           "own engine on a cluster; engine='pyro' runs on this machine only")
     if options["engine"] == "fast":
-        flat, stats, potential, compiler, warmup_steps, started_by = _run_fast(
-            model, data, seed, progress, options)
+        flat, stats, potential, compiler, warmup_steps, started_by = _run_fast(context)
     else:
-        flat, stats, potential = _run_pyro(model, data, seed, progress, options)
+        flat, stats, potential = _run_pyro(context)
         compiler, warmup_steps, started_by = "none", None, {}
     chains = flat.shape[0]  # fewer than asked where Ctrl-C stopped Pyro's chains early
     partial = flat.shape[1] < options["draws"] or chains < options["chains"]
@@ -118,10 +116,11 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     draws = flat.shape[1]
     flat_draws, evaluation = posterior_of(model, data,
                                           potential.constrain(flat.reshape(chains * draws, -1)),
+                                          context.facts,
                                           recover_discrete=options["recover_discrete"],
                                           seed=seed + 1)
     posterior = {n: _chains_first(v, chains, draws).copy() for n, v in flat_draws.items()}
-    components = components_of(facts_of(model, data))
+    components = components_of(context.facts)
     relabelled = align_chains(posterior, components)
     if relabelled:
         warnings.warn(f"NUTS on {model.name!r}: the chains found the mixture with permuted "
@@ -151,24 +150,24 @@ def _chains_first(array: np.ndarray, chains: int, draws: int) -> np.ndarray:
     return array.reshape((chains, draws) + array.shape[1:])
 
 
-def _run_fast(model, data, seed, progress, options):
-
+def _run_fast(context: RunContext):
     prebuild(_tape.SOURCE, _trajectory.SOURCE)  # a fresh machine: both compilers at once
-    model = model.marginal
-    potential = BatchedPotential(model, data, 1, compiler="none")
+    data, seed, options = context.data, context.seed, context.options
+    model, facts = context.marginal()
+    potential = BatchedPotential(model, data, 1, compiler="none", facts=facts)
     compiler = resolve_compiler(options["compiler"])
     dense = options["mass_matrix"] == "dense"
     init, started_by = options["init"], {}
     if init == "pathfinder":
-        init, spent = starting_points(model, data, options["chains"], seed)
+        init, spent = starting_points(model, data, options["chains"], seed, facts)
         started_by = {"pathfinder_gradients": spent}
     results = run_chains(
         model, data, chains=options["chains"], warmup=options["warmup"],
         draws=options["draws"], target_accept=options["target_accept"],
         max_tree_depth=options["max_tree_depth"], seed=seed, init=init,
         compiler=compiler,
-        dense_mass=dense, progress=progress, processes=_processes(model, data, options),
-        scheduler=options["scheduler"],
+        dense_mass=dense, progress=context.progress, processes=_processes(facts, options),
+        scheduler=options["scheduler"], facts=facts,
         adaptation=_ADAPTATION[options["mass_matrix"]],
     )
     flats = [r.positions for r in results]
@@ -221,16 +220,17 @@ def _common_length(flats: list[np.ndarray], stats: dict[str, list[np.ndarray]],
 _OBSERVED_VALUES_FOR_PROCESSES = 20_000
 
 
-def _processes(model, data, options) -> int | None:
+def _processes(facts: StoryFacts, options) -> int | None:
     if options["processes"] is not None:
         return options["processes"]
-    facts = facts_of(model, data)
     observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return None if observed >= _OBSERVED_VALUES_FOR_PROCESSES else 1
 
 
-def _run_pyro(model, data, seed, progress, options):
-    potential = BatchedPotential(model, data, 1, compiler="none")
+def _run_pyro(context: RunContext):
+    model, data, seed, options = context.model, context.data, context.seed, context.options
+    progress = context.progress
+    potential = BatchedPotential(model, data, 1, compiler="none", facts=context.facts)
     if options["init"] == "pathfinder":
 
         raise OptionError("method 'nuts': init='pathfinder' starts ppl_notes' own engine; "

@@ -35,7 +35,7 @@ import torch
 
 from ppl_notes._result import RunResult
 from ppl_notes.errors import InferenceError, OptionError
-from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation import RunContext, StoryFacts
 from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
@@ -130,14 +130,14 @@ def _pooled_draws(evaluate: ChunkedPotential, best: list[dict], per_path: int,
     return np.concatenate(draws), np.concatenate(log_p), np.concatenate(log_q)
 
 
-def _pathfinder(model, data, seed: int, options: dict[str, Any]):
-    """The multi-path run, steps 1-3 of the module docstring.
+def _pathfinder(model, data, seed: int, options: dict[str, Any], facts: StoryFacts):
+    """The multi-path run, steps 1-3 of the module docstring (``facts``: the story's).
 
     Returns ``(potential, evaluator, paths, best, flat, log p, log q, finite mask, lbfgs
     evaluations)``.
     """
     paths_count = options["num_paths"]
-    potential = BatchedPotential(model, data, paths_count, compiler=_compiler())
+    potential = BatchedPotential(model, data, paths_count, compiler=_compiler(), facts=facts)
     if potential.dim > MAX_DIM:
         raise OptionError(f"method 'pathfinder': story {model.name!r} has {potential.dim} "
                           f"unconstrained elements; Pathfinder's dense covariances are "
@@ -163,7 +163,8 @@ NUTS_START = {"num_paths": 4, "draws_per_path": 100, "num_elbo_draws": 25, "hist
               "max_iterations": 1000, "tolerance": 1e-8}
 
 
-def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int]:
+def starting_points(model, data, count: int, seed: int, facts: StoryFacts
+                    ) -> tuple[np.ndarray, int]:
     """NUTS's ``init="pathfinder"``: ``count`` points drawn by multi-path Pathfinder.
 
     The points are resampled from the pooled draws by their Pareto-smoothed weights (the
@@ -171,7 +172,7 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
     does); the gradient evaluations spent come back with them.
     """
     _, evaluate, _, _, flat, log_p, log_q, finite, _ = _pathfinder(model, data, seed,
-                                                                   NUTS_START)
+                                                                   NUTS_START, facts)
     kept = np.flatnonzero(finite)
     weights, _ = psis_weights(log_p[finite], log_q[finite])
     rng = np.random.default_rng(seed)
@@ -180,13 +181,13 @@ def starting_points(model, data, count: int, seed: int) -> tuple[np.ndarray, int
     return flat[chosen], evaluate.evaluations
 
 
-def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any]) -> RunResult:
+def run(context: RunContext) -> RunResult:
     """Multi-path Pathfinder (module docstring)."""
     started = time.perf_counter()
-    facts = facts_of(model, data)
+    model, data, seed, options = context.model, context.data, context.seed, context.options
+    facts = context.facts
     potential, evaluate, paths, best, flat, log_p, log_q, finite, lbfgs_evaluations = \
-        _pathfinder(model, data, seed, options)
+        _pathfinder(model, data, seed, options, facts)
     weights, khat = psis_weights(log_p[finite], log_q[finite])
     ess_share = importance_ess_share(log_p[finite], log_q[finite])
     kept = np.flatnonzero(finite)
@@ -197,7 +198,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     else:
         chosen = kept
     constrained = potential.constrain(flat[chosen])
-    posterior, evaluation = posterior_of(model, data, constrained,
+    posterior, evaluation = posterior_of(model, data, constrained, facts,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seed + 2, order=facts.latent)
     return RunResult(

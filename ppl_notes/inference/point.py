@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import numpy as np
 
 from ppl_notes._result import RunResult
+from ppl_notes.evaluation import RunContext
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.inference._options import Option, choice, positive_int
@@ -58,11 +58,12 @@ OPTIONS = (
 )
 
 
-def _run(model, data, *, seed: int, progress: bool, options: dict[str, Any],
-         priors: bool) -> RunResult:
+def _run(context: RunContext, priors: bool) -> RunResult:
     started = time.perf_counter()
+    model, data, seed, options = context.model, context.data, context.seed, context.options
+    progress = context.progress
     method = "map" if priors else "mle"
-    objective = PointObjective(model, data, priors)
+    objective = PointObjective(model, data, priors, facts=context.facts)
     start = objective.sites.initial_points(options["init"], [seed])[0]
     label = "MAP" if priors else "MLE"
     hint = ("Use method='map' (the priors keep it bounded) or check the data" if not priors
@@ -84,7 +85,7 @@ def point_result(method, model, data, sites: BatchedPotential, flat, history, fa
     ``history``'s first column is the objective (a log density) at each step.
     """
     posterior, evaluation = posterior_of(model, data, sites.constrain(flat.reshape(1, -1)),
-                                         recover_discrete=options["recover_discrete"],
+                                         sites.facts, recover_discrete=options["recover_discrete"],
                                          seed=seed + 1)
     return RunResult(
         method=method, sample_dims=("sample",), posterior=posterior,
@@ -94,13 +95,11 @@ def point_result(method, model, data, sites: BatchedPotential, flat, history, fa
         seconds=time.perf_counter() - started)
 
 
-def run_map(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-            options: dict[str, Any]) -> RunResult:
+def run_map(context: RunContext) -> RunResult:
     """The posterior mode of the continuous latent sites (discrete ones summed out)."""
-    return _run(model, data, seed=seed, progress=progress, options=options, priors=True)
+    return _run(context, priors=True)
 
 
-def run_mle(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-            options: dict[str, Any]) -> RunResult:
+def run_mle(context: RunContext) -> RunResult:
     """The maximum-likelihood estimate: the same search with the priors dropped."""
-    return _run(model, data, seed=seed, progress=progress, options=options, priors=False)
+    return _run(context, priors=False)

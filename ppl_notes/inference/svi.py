@@ -49,7 +49,7 @@ from ppl_notes._sites import (
     unconstrained_value,
 )
 from ppl_notes.errors import OptionError
-from ppl_notes.evaluation import choose_path, facts_of
+from ppl_notes.evaluation import RunContext, StoryFacts, choose_path
 from ppl_notes.evaluation.compile import resolve_compiler
 from ppl_notes.evaluation.draws import posterior_of, sample_guide
 from ppl_notes.evaluation.propriety import flat_direction
@@ -259,14 +259,15 @@ def resolve_optimizer(guide, options: dict[str, Any], story_defaults=None,
     return requested
 
 
-def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
-        options: dict[str, Any], restart: int = 0) -> RunResult:
+def run(context: RunContext) -> RunResult:
     """Fit the guide by SVI, then draw from it. See the module docstring.
 
-    ``restart`` > 0 starts an autoguide from a dispersed point (a restart of
+    ``context.restart`` > 0 starts an autoguide from a dispersed point (a restart of
     :mod:`ppl_notes.vi.restarts`, which runs this function once per restart).
     """
-    facts = facts_of(model, data)
+    model, data, guide, seed = context.model, context.data, context.guide, context.seed
+    options, progress, restart = context.options, context.progress, context.restart
+    facts = context.facts
     if guide is None:
         guide = default_family(facts)
     optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}),
@@ -274,7 +275,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if restart == 0 and isinstance(guide, str) and optimizer == "adam":
         # the potential maps each draw with the supports of that draw; Pyro's autoguides
         # map with the supports they saw when built
-        refuse_moving_supports(model, data, guide)  # before any worker
+        refuse_moving_supports(model, data, guide, facts)  # before any worker
     if options["restarts"] is None:
         restarts = DEFAULT_RESTARTS["adam" if optimizer == "adam" else "potential"]
         options = {**options, "restarts": restarts}
@@ -287,18 +288,15 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     if optimizer != "adam":
         options = {**options, "importance": "none" if options["importance"] == "none"
                    else "psis"}
-        return run_on_potential(model, data, family=guide, seed=seed,
-                                progress=progress, options=options,
+        return run_on_potential(context.replace(guide=guide, options=options),
                                 compiler=resolve_compiler("auto"))
     if options["restarts"] > 1 or options["scheduler"] is not None:
         _check_restartable(options)
 
-        return run_restarts(run, model, data, guide=guide, seed=seed, progress=progress,
-                            options=options)
+        return run_restarts(run, context.replace(guide=guide, options=options))
     started = time.perf_counter()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    facts = facts_of(model, data)
     plate_nesting = facts.plate_nesting
     latent = facts.latent
     discrete = [n for n in latent if n in facts.discrete or n in facts.unenumerable]
@@ -308,7 +306,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     start_gradients = 0
     if guide is None or isinstance(guide, str):
         family, guide_name = AUTOGUIDES[guide or "meanfield"]
-        start = (laplace_start(model, data, seed, dispersed=restart > 0)
+        start = (laplace_start(model, data, seed, dispersed=restart > 0, facts=facts)
                  if options["init"] == "map" else None)
         guide = family(poutine.block(model, hide=discrete),
                        init_loc_fn=_autoguide_start(start, restart))
@@ -333,7 +331,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
         story, elbo_name = model.marginal, "Trace_ELBO"
     elbo_options = dict(num_particles=options["num_particles"], max_plate_nesting=plate_nesting,
                         vectorize_particles=vectorize)
-    engine = _choose_engine(options["engine"], options["steps"], model, data)
+    engine = _choose_engine(options["engine"], options["steps"], facts)
     jit = options["jit"] if options["jit"] != "auto" else options["steps"] >= STEPS_FOR_JIT
     if engine == "fast" and elbo_name != "Trace_ELBO":
         logger.info("SVI: the fast engine compiles Trace_ELBO; %s runs in Pyro's loop", elbo_name)
@@ -385,7 +383,7 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
     values, log_q = sample_guide(guide, data, options["num_draws"], plate_nesting, seed + 1,
                                  tuple(guide_sites), dtype=facts.dtype)
     posterior, evaluation = posterior_of(
-        model, data, {k: v for k, v in values.items() if k not in enumerated},
+        model, data, {k: v for k, v in values.items() if k not in enumerated}, facts,
         recover_discrete=options["recover_discrete"], seed=seed + 2, order=latent)
     return RunResult(
         method="svi",
@@ -426,10 +424,9 @@ def run(model, data: dict[str, Any], *, guide, seed: int, progress: bool,
 _WORK_FOR_FAST_ENGINE = 10_000_000
 
 
-def _choose_engine(requested: str, steps: int, model, data) -> str:
+def _choose_engine(requested: str, steps: int, facts: StoryFacts) -> str:
     if requested != "auto":
         return requested
-    facts = facts_of(model, data)
     observed = sum(int(np.prod(facts.value_shapes[name])) for name in facts.likelihood)
     return "fast" if steps * observed >= _WORK_FOR_FAST_ENGINE else "pyro"
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ppl_notes._cluster import client_for
 from ppl_notes._pool import die_with_parent, without_main_module
+from ppl_notes.evaluation import StoryFacts
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.mcmc.driver import ChainResult, chain_process, drive_lockstep
 from ppl_notes.native.loader import wait_for_builds
@@ -60,9 +61,9 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
 
     Progress messages go to ``progress_queue`` and the chains stop when ``stop_event``
     is set (checked with each progress message); both default to this worker's own.
-    ``job``, in this process, is the payload unpickled already: the story and data
-    themselves, whose facts and evaluation path this ``infer()`` has worked out (a copy
-    would work them out again: 12 more runs of the story).
+    ``job``, in this process, is the payload unpickled already, with the story's facts
+    (``job["facts"]``: those of this ``infer()``, its evaluation path decided; a worker
+    reads them again from its copy of the data, 12 more runs of the story).
     """
     progress_queue = progress_queue if progress_queue is not None else _progress_queue
     stop_event = stop_event if stop_event is not None else _stop_event
@@ -75,7 +76,7 @@ def _run_chains(payload: bytes, chains: list[int], progress_queue=None,
     for chain in chains:
         _say(chain, "compiling")
     potential = BatchedPotential(job["model"], job["data"], len(chains),
-                                 compiler=job["compiler"])
+                                 compiler=job["compiler"], facts=job.get("facts"))
     if isinstance(job["init"], str):
         initial = potential.initial_points(job["init"], [job["seed"] * 1000 + c for c in chains])
     else:  # one point per chain, given (Pathfinder's draws)
@@ -132,11 +133,13 @@ def run_chains(
     adaptation: str = "welford",
     processes: int | None = None,
     scheduler=None,
+    facts: StoryFacts | None = None,
 ) -> list[ChainResult]:
     """Sample ``chains`` chains; results come back ordered by chain.
 
     ``scheduler`` (an address or a ``distributed.Client``) runs the groups of chains on
-    a Dask cluster's workers instead of this machine's processes.
+    a Dask cluster's workers instead of this machine's processes. ``facts``, the story's
+    on ``data``, serve the chains run in this process (workers read their own).
     """
     job = dict(model=model, data=data, warmup=warmup, draws=draws, target_accept=target_accept,
                max_tree_depth=max_tree_depth, seed=seed, init=init, compiler=compiler,
@@ -156,7 +159,7 @@ def run_chains(
             global _progress_queue
             _progress_queue = bars  # in this process: messages go straight to the bars
             try:
-                outputs = _run_chains(payload, groups[0], job=job)
+                outputs = _run_chains(payload, groups[0], job={**job, "facts": facts})
             finally:
                 _progress_queue = None
         else:

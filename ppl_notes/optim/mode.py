@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_notes.errors import InferenceError
+from ppl_notes.evaluation import StoryFacts
 from ppl_notes.evaluation.potential import BatchedPotential
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,14 @@ class PointObjective:
     ``biject_to``; the Jacobian of that map is not added, so the optimum is the mode of
     the density of :math:`\theta` itself. ``jacobian=True`` adds it: the mode of the
     density of the unconstrained coordinates, where a Gaussian over them (an autoguide)
-    is centred (:mod:`ppl_notes.vi.laplace_start`).
+    is centred (:mod:`ppl_notes.vi.laplace_start`). ``facts``: the story's, where the
+    caller has them (read otherwise).
     """
 
-    def __init__(self, model, data, priors: bool, jacobian: bool = False) -> None:
+    def __init__(self, model, data, priors: bool, jacobian: bool = False,
+                 facts: StoryFacts | None = None) -> None:
         self.model, self.data, self.priors, self.jacobian = model, data, priors, jacobian
-        self.sites = BatchedPotential(model, data, 1, compiler="none")
+        self.sites = BatchedPotential(model, data, 1, compiler="none", facts=facts)
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The objective at ``flat`` (shape ``(dim,)``), differentiable."""
@@ -94,7 +97,7 @@ def maximise(objective: Callable[[torch.Tensor], torch.Tensor], start, steps: in
 
 
 def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: int = 200,
-              jacobian: bool = False):
+              jacobian: bool = False, facts: StoryFacts | None = None):
     """A quick posterior mode to start a variational fit from, or None where there is none.
 
     L-BFGS from the prior median (``dispersed=False``) or from a prior draw (a restart;
@@ -104,7 +107,8 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: in
     without an M-step. None when the search fails or does not converge in ``steps``
     iterations (an unbounded density, e.g. a centred hierarchy's scale going to 0): the
     fit then starts where it would have without it. ``jacobian=True``: the mode of the
-    unconstrained coordinates' density instead (:class:`PointObjective`).
+    unconstrained coordinates' density instead (:class:`PointObjective`). ``facts``: the
+    story's, where the caller has them.
 
     Returns
     -------
@@ -113,7 +117,7 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: in
         unconstrained vector, and the gradient evaluations the search took.
     """
     try:
-        objective = PointObjective(model, data, priors=True, jacobian=jacobian)
+        objective = PointObjective(model, data, priors=True, jacobian=jacobian, facts=facts)
         start = objective.sites.initial_points("sample" if dispersed else "median", [seed])[0]
         flat, _, facts = maximise(objective, start, steps, 1e-6, False, "MAP start")
     except (InferenceError, ValueError, RuntimeError) as error:

@@ -14,7 +14,7 @@ import torch
 
 from ppl_notes._sites import latent_sites, strip_independent, trace_model
 from ppl_notes.errors import StoryError
-from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation import StoryFacts
 
 
 def guide_site_names(guide, data) -> list[str]:
@@ -55,12 +55,12 @@ def moving_supports(model, data: dict[str, Any], latent) -> dict[str, tuple]:
     return moving
 
 
-def refuse_moving_supports(model, data: dict[str, Any], family: str) -> None:
+def refuse_moving_supports(model, data: dict[str, Any], family: str, facts: StoryFacts
+                           ) -> None:
     """An autoguide cannot follow a support that moves: say so before any step.
 
     Only the sites the autoguide fits count (enumerated discrete sites are hidden from it).
     """
-    facts = facts_of(model, data)
     fitted = [n for n in facts.latent if n not in facts.discrete and n not in facts.unenumerable]
     moving = moving_supports(model, data, fitted)
     if not moving:

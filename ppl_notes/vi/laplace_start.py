@@ -34,6 +34,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn.module import PyroParam
 
+from ppl_notes.evaluation import StoryFacts
 from ppl_notes.optim.mode import map_start
 
 __all__ = ["LaplaceStart", "MAX_DIM", "apply_scales", "laplace_start"]
@@ -71,12 +72,13 @@ class LaplaceStart:
 
 
 def laplace_start(model, data: dict[str, Any], seed: int, dispersed: bool,
-                  ) -> LaplaceStart | None:
+                  facts: StoryFacts | None = None) -> LaplaceStart | None:
     """The MAP of :func:`~ppl_notes.optim.mode.map_start` and :math:`H` there.
 
-    None where there is no MAP start (the fit then starts from the prior).
+    None where there is no MAP start (the fit then starts from the prior). ``facts``: the
+    story's, where the caller has them.
     """
-    found = map_start(model, data, seed, dispersed=dispersed, jacobian=True)
+    found = map_start(model, data, seed, dispersed=dispersed, jacobian=True, facts=facts)
     if found is None:
         return None
     values, sites, flat, evaluations = found

@@ -45,7 +45,7 @@ from pyro.nn.module import PyroParam
 from ppl_notes._result import RunResult
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
-from ppl_notes.evaluation import facts_of
+from ppl_notes.evaluation import RunContext
 from ppl_notes.evaluation.draws import posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
@@ -227,7 +227,7 @@ def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: i
     """
     size = points[0].shape[0]
     joined, log_q_u, log_jacobian = _draws(qs, potential, points)
-    posterior, evaluation = posterior_of(model, data, joined,
+    posterior, evaluation = posterior_of(model, data, joined, facts,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seed, order=facts.latent)
     parts = [slice(r * size, (r + 1) * size) for r in range(len(qs))]
@@ -314,16 +314,15 @@ def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
         partial=trace.stopped == "interrupted")
 
 
-def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, progress: bool,
-                     options: dict[str, Any], compiler: str) -> RunResult:
+def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     """Fit ``options["restarts"]`` Gaussians of ``family`` on the story's potential.
 
     Parameters
     ----------
-    model, data, seed, progress, options
-        As :func:`ppl_notes.inference.svi.run` receives them (``optimizer`` is
-        ``"newton"`` or ``"dadvi"``).
-    family : {"meanfield", "fullrank", "lowrank"}
+    context : RunContext
+        As :func:`ppl_notes.inference.svi.run` receives it, with ``guide`` the family
+        (``"meanfield"``, ``"fullrank"`` or ``"lowrank"``) and the option ``optimizer``
+        ``"newton"`` or ``"dadvi"``.
     compiler : str
         The potential's compiler (:class:`BatchedPotential`).
 
@@ -334,14 +333,15 @@ def run_on_potential(model, data: dict[str, Any], *, family: str, seed: int, pro
         (:func:`~ppl_notes.vi.restarts.stack_restarts`).
     """
     started = time.perf_counter()
-    facts = facts_of(model, data)
+    model, data, family, seed = context.model, context.data, context.guide, context.seed
+    options, facts = context.options, context.facts
     count = options["restarts"]
     dim = sum(int(np.prod(facts.unconstrained_shapes[n], dtype=int)) for n in facts.continuous)
     per_fit = draws_per_fit(dim)
     # one recording for the batch of restarts: the draws go through it in chunks; a story's
     # hand-marginalised form where it has one (the same density, as NUTS uses it)
-    potential = BatchedPotential(getattr(model, "marginal", model), data, count,
-                                 compiler=compiler)
+    marginal, marginal_facts = context.marginal()
+    potential = BatchedPotential(marginal, data, count, compiler=compiler, facts=marginal_facts)
     chunked = ChunkedPotential(potential)
     seeds = [restart_seed(seed, r) for r in range(count)]
     points = [potential.initial_points("median" if r == 0 else "sample", [s])[0]

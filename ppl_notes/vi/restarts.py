@@ -39,7 +39,7 @@ from ppl_notes._dtype import run_dtype
 from ppl_notes._pool import run_in_processes, set_stop_event
 from ppl_notes._result import RunResult
 from ppl_notes.errors import DiagnosticWarning, PartialResultWarning
-from ppl_notes.evaluation import facts_of, story_dtype
+from ppl_notes.evaluation import RunContext
 from ppl_notes.relabel import align_chains, components_of
 
 __all__ = ["run_restarts", "restart_seed", "modes_of", "MODE_SEPARATION"]
@@ -56,27 +56,27 @@ def restart_seed(seed: int, restart: int) -> int:
     return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0] % 2**31)
 
 
-def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, guide,
-                 seed: int, progress: bool, options: dict[str, Any]) -> RunResult:
-    """Run ``options["restarts"]`` fits of ``fit`` and stack them as chains.
+def run_restarts(fit: Callable[[RunContext], RunResult], context: RunContext) -> RunResult:
+    """Run ``context.options["restarts"]`` fits of ``fit`` and stack them as chains.
 
     Parameters
     ----------
     fit : callable
-        A back end's run function, ``fit(model, data, guide=, seed=, progress=,
-        options=, restart=)``, which fits one restart (pickled by reference for worker
-        processes).
-    model, data, guide, seed, progress, options
-        As :func:`ppl_notes.infer` passes them to a back end; ``options`` holds
-        ``restarts``, ``processes`` and ``scheduler``.
+        A back end's run function, ``fit(context)``, which fits restart
+        ``context.restart`` (pickled by reference for worker processes).
+    context : RunContext
+        As :func:`ppl_notes.infer` passes it to a back end; its options hold
+        ``restarts``, ``processes`` and ``scheduler``. Restarts in this process share its
+        facts; a worker reads them from its own copy of the data.
     """
     import cloudpickle
 
     started = time.perf_counter()
+    options, model, progress = context.options, context.model, context.progress
     count = options["restarts"]
-    single = {**options, "restarts": 1, "scheduler": None, "processes": None}
-    job = cloudpickle.dumps({"fit": fit, "model": model, "data": data, "guide": guide,
-                             "seed": seed, "options": single})
+    single = context.replace(options={**options, "restarts": 1, "scheduler": None,
+                                      "processes": None})
+    job = cloudpickle.dumps({"fit": fit, "context": single})
     results: dict[int, RunResult] = {}
     interrupted = False
     from tqdm.auto import tqdm
@@ -93,7 +93,7 @@ def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, 
             _on_cluster(job, count, keep, options["scheduler"], model.name)
         elif count == 1 or options["processes"] == 1:
             for restart in range(count):
-                keep(_one_restart(job, restart, progress=progress))
+                keep(_fit_restart(fit, single, restart, progress=progress))
                 if results[restart].partial:  # Ctrl-C reached this restart's loop
                     break
         else:
@@ -114,25 +114,30 @@ def run_restarts(fit: Callable[..., RunResult], model, data: dict[str, Any], *, 
                       PartialResultWarning, stacklevel=4)
 
     combined = stack_restarts(done, sorted(results), options,
-                              components_of(facts_of(model, data)), model.name)
+                              components_of(context.facts), model.name)
     combined.partial = combined.partial or interrupted or len(done) < count
     combined.seconds = time.perf_counter() - started
     return combined
 
 
+def _fit_restart(fit: Callable[[RunContext], RunResult], context: RunContext, restart: int,
+                 progress: bool = False) -> tuple[int, RunResult]:
+    """Fit restart ``restart`` of ``context`` with ``fit``."""
+    with run_dtype(context.dtype):
+        result = fit(context.replace(seed=restart_seed(context.seed, restart), restart=restart,
+                                     progress=progress))
+    result.info["restart"] = restart
+    return restart, result
+
+
 def _one_restart(payload: bytes, restart: int,
                  progress: bool = False) -> tuple[int, RunResult]:
-    """Fit restart ``restart`` of the job (in this process or a worker)."""
+    """Fit restart ``restart`` of the pickled job (in a worker)."""
     import cloudpickle
 
 
     job = cloudpickle.loads(payload)
-    with run_dtype(story_dtype(job["model"])):
-        result = job["fit"](job["model"], job["data"], guide=job["guide"],
-                             seed=restart_seed(job["seed"], restart), progress=progress,
-                             options=job["options"], restart=restart)
-    result.info["restart"] = restart
-    return restart, result
+    return _fit_restart(job["fit"], job["context"], restart, progress)
 
 
 def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[int, RunResult]:
