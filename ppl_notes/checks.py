@@ -35,8 +35,8 @@ from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
 if TYPE_CHECKING:
     from ppl_notes.story import Model
 
-__all__ = ["check_data", "check_pairing", "blame_invalid_parameter", "invalid_parameter",
-           "PROBE_DRAWS"]
+__all__ = ["check_data", "check_pairing", "observed_data_arguments", "blame_invalid_parameter",
+           "invalid_parameter", "PROBE_DRAWS"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def check_data(model, data: dict[str, Any]):
     if not sites:
         raise StoryError(f"story {model.name!r} has no pyro.sample sites: a story draws "
                          "its latent values and observations with pyro.sample")
+    arguments = {**model.observed_arguments, **observed_data_arguments(model, data, trace)}
     for name in model.observed:
         site = sites.get(name)
         if site is None or not site["is_observed"]:
@@ -94,9 +95,6 @@ def check_data(model, data: dict[str, Any]):
             raise StoryError(
                 f"story {model.name!r} declares {name!r} observed but never calls "
                 f"pyro.sample({name!r}, ..., obs={argument})")
-        if model.observed_arguments.get(name) is None:
-            model.observed_arguments[name] = next(
-                (k for k, v in data.items() if v is site["value"]), None)
         expected = tuple(site["fn"].batch_shape + site["fn"].event_shape)
         got = tuple(site["value"].shape)
         if got != expected:
@@ -104,8 +102,26 @@ def check_data(model, data: dict[str, Any]):
             raise DataError(
                 f"story {model.name!r}: data for observed site {name!r} has shape {got}, "
                 f"but its distribution inside plates {plates} gives shape {expected}")
-        _check_support(model, name, site)
+        _check_support(model, name, site, arguments.get(name))
     return trace
+
+
+def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, str]:
+    """The data argument of each observed site declared by its name alone, found in a run.
+
+    For ``pyro.sample("obs", ..., obs=y)`` declared ``observed="obs"``: the argument of
+    ``data`` whose value is the site's value (the same tensor) in ``trace``, a run of
+    the story on ``data`` (:func:`check_data`'s).
+    """
+    sites = sample_sites(trace)
+    found = {}
+    for name, argument in model.observed_arguments.items():
+        site = sites.get(name)
+        if argument is None and site is not None and site["is_observed"]:
+            match = next((k for k, v in data.items() if v is site["value"]), None)
+            if match is not None:
+                found[name] = match
+    return found
 
 
 def _probe_prior_draws(model, data: Mapping[str, Any]) -> None:
@@ -186,12 +202,13 @@ def blame_invalid_parameter(model, error: Exception, data: Mapping[str, Any]) ->
         "LogNormal, Beta) or constrain the transform (or, where data enter the "
         "parameter, check those data)") from error
 
-def _check_support(model, name: str, site: dict) -> None:
+def _check_support(model, name: str, site: dict, argument: str | None) -> None:
     """Name the first observed element outside its distribution's support.
 
     Pyro only checks the support when a log density is taken, during inference,
     where the failure reads as a bad step size. Masked elements are checked too, as
-    Pyro validates every element before masking.
+    Pyro validates every element before masking. ``argument``, the keyword argument
+    holding the site's data, is named where it is not the site's own name.
     """
     fn = site["fn"]
     support = strip_independent(fn.support)  # element by element
@@ -208,7 +225,6 @@ def _check_support(model, name: str, site: dict) -> None:
     where = tuple(int(i) for i in outside.nonzero()[0])
     value = site["value"][where] if where else site["value"]
     shown = value.tolist() if value.numel() > 1 else value.item()
-    argument = model.observed_arguments.get(name)
     label = f" (argument {argument!r})" if argument and argument != name else ""
     base = getattr(fn, "base_dist", fn)
     raise DataError(

@@ -20,12 +20,10 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyro
-import pyro.poutine as poutine
 import torch
 
 from ppl_notes._callables import (
@@ -34,25 +32,27 @@ from ppl_notes._callables import (
     story_signature,
 )
 from ppl_notes._constants import constants_dtype, module_as_float64
-from ppl_notes._dtype import run_dtype
 from ppl_notes._sites import (
-    distribution_name,
     guess_max_plate_nesting,
-    sample_sites,
-    support_name,
     trace_model,
 )
-from ppl_notes.checks import check_data, check_pairing
+from ppl_notes.checks import check_data, check_pairing, observed_data_arguments
 from ppl_notes.data_preparation import observed_from_data, prepare_data
 from ppl_notes.errors import DataError, StoryError
+from ppl_notes.generation import StoryViews
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Model", "Guide", "model", "guide", "check_pairing"]
 
 
-class Model:
+@dataclass(frozen=True, init=False, eq=False, repr=False)
+class Model(StoryViews):
     """A generative story: a Pyro model with a name, observed sites and default data.
+
+    A story is frozen: each field is written once, when it is made (:meth:`configure`,
+    :attr:`marginal` and :meth:`observing` make new ones), so a fit can never change
+    the story another fit runs.
 
     Parameters
     ----------
@@ -97,6 +97,8 @@ class Model:
         gives none, as ``"module:attribute"`` (imported on first use, so a story and its
         guides can live in modules that import each other), e.g.
         ``"ppl_notes.guides.heights:fullrank"``.
+    dtype_reason : str, optional
+        Why the dtype is what it is (kept by :meth:`configure` and :attr:`marginal`).
     m_step : callable, optional
         The closed-form maximum-likelihood M-step of EM:
         ``m_step(data, responsibilities) -> {site: value}``, where ``data`` are the
@@ -104,6 +106,24 @@ class Model:
         site to its E-step posterior q(z_i = k) = p(z_i = k | x_i, theta),
         shape ``(K, *plate shape)``. ``method="em"`` uses gradient steps without it.
     """
+
+    fn: Callable
+    observed: tuple[str, ...]
+    #: site -> the keyword argument holding its data (None where only a run can tell:
+    #: :meth:`observing` makes the story with it found)
+    observed_arguments: dict[str, str | None]
+    name: str
+    dims: dict[str, list[str]]
+    fixed: dict[str, Any]
+    dtype: torch.dtype
+    dtype_reason: str
+    m_step: Callable | None
+    defaults: dict[str, dict[str, Any]]
+    parameters: tuple[str, ...]
+    _default_data: Any
+    _coords: Any
+    _marginal_fn: Any
+    _guide_reference: str | None
 
     def __init__(
         self,
@@ -120,52 +140,55 @@ class Model:
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
         m_step: Callable | None = None,
         guide: str | None = None,
+        dtype_reason: str | None = None,
     ) -> None:
-        self.fn = fn
+        write = functools.partial(object.__setattr__, self)  # each field once, here
         if guide is not None and (not isinstance(guide, str) or (
                 ":" not in guide and guide not in ("meanfield", "fullrank", "lowrank"))):
             raise StoryError(f"guide= takes a reference 'module:attribute' or an autoguide's "
                              f"name ('meanfield', 'fullrank', 'lowrank'), got {guide!r}")
-        self._guide_reference = guide
         if isinstance(observed, str):
             observed = (observed,)
         if not isinstance(observed, Mapping):
             observed = {site: site for site in observed}
-        self.observed = tuple(observed)
-        self._default_data = data
-        self.dims = dict(dims or {})
-        self._coords = coords
-        self.name = name or callable_name(fn)
-        self.fixed = dict(fixed or {})
         if dtype is None:
-            dtype, self.dtype_reason = constants_dtype(fn)
+            dtype, dtype_reason = constants_dtype(fn)
             if isinstance(fn, torch.nn.Module) and dtype == torch.float32:
-                self.fn = fn = module_as_float64(fn)
-                dtype, self.dtype_reason = torch.float64, (
+                fn = module_as_float64(fn)
+                dtype, dtype_reason = torch.float64, (
                     "float64: a copy of the module, its float32 weights and priors cast")
-        else:
-            self.dtype_reason = "given to @model"
-        self.dtype = dtype
-        self._marginal_fn = marginal
-        self.m_step = m_step
-        self._covariates_cache: dict[str, Any] | None = None
-        self.defaults = {method: dict(options) for method, options in (defaults or {}).items()}
-        self.parameters = tuple(story_signature(fn).parameters)
-        if inspect.isfunction(fn):
-            functools.update_wrapper(self, fn)
-        else:  # a PyroModule, a partial, a callable object: its doc, not its attributes
-            self.__doc__ = getattr(fn, "__doc__", None)
-        #: site -> the keyword argument holding its data (None until found by a run)
-        self.observed_arguments: dict[str, str | None] = {
-            site: (argument if argument in self.parameters else None)
-            for site, argument in observed.items()}
+        parameters = tuple(story_signature(fn).parameters)
+        name = name or callable_name(fn)
         for site, argument in observed.items():
-            if argument != site and argument not in self.parameters:
+            if argument != site and argument not in parameters:
                 raise StoryError(
-                    f"story {self.name!r}: observed site {site!r} takes its data from "
+                    f"story {name!r}: observed site {site!r} takes its data from "
                     f"{argument!r}, which is not a keyword argument of the function; its "
-                    f"arguments are {list(self.parameters)}"
+                    f"arguments are {list(parameters)}"
                 )
+        write("fn", fn)
+        write("observed", tuple(observed))
+        write("observed_arguments", {site: (argument if argument in parameters else None)
+                                     for site, argument in observed.items()})
+        write("name", name)
+        write("dims", dict(dims or {}))
+        write("fixed", dict(fixed or {}))
+        write("dtype", dtype)
+        write("dtype_reason", dtype_reason or "given to @model")
+        write("m_step", m_step)
+        write("defaults", {method: dict(options) for method, options in (defaults or {}).items()})
+        write("parameters", parameters)
+        write("_default_data", data)
+        write("_coords", coords)
+        write("_marginal_fn", marginal)
+        write("_guide_reference", guide)
+        if inspect.isfunction(fn):  # functools.update_wrapper, written once
+            for attribute in functools.WRAPPER_ASSIGNMENTS:
+                if hasattr(fn, attribute):
+                    write(attribute, getattr(fn, attribute))
+            write("__wrapped__", fn)
+        else:  # a PyroModule, a partial, a callable object: its doc, not its attributes
+            write("__doc__", getattr(fn, "__doc__", None))
         for key in self.fixed:
             self._check_argument(key, "fixed argument")
 
@@ -211,16 +234,36 @@ class Model:
     def __reduce__(self):
         return reduce_by_reference(self)
 
-    @property
+    @functools.cached_property
     def marginal(self) -> Model:
-        """The story with discrete sites summed out by hand, or the story itself."""
+        """The story with discrete sites summed out by hand, or the story itself.
+
+        One object per story, so that its compiled potential is recorded once.
+        """
         if self._marginal_fn is None:
             return self
-        marginal = Model(self._marginal_fn, observed=self._observed_spec(),
-                         data=self._default_data, dims=self.dims, coords=self._coords,
-                         name=f"{self.name} (marginal)", fixed=self.fixed, dtype=self.dtype)
-        marginal.dtype_reason = self.dtype_reason
-        return marginal
+        return self._copy(fn=self._marginal_fn, name=f"{self.name} (marginal)",
+                          marginal=None, defaults=None, m_step=None, guide=None)
+
+    def observing(self, trace, data: Mapping[str, Any]) -> Model:
+        """The story with the data argument of each observed site found in ``trace``.
+
+        A site declared observed by its name alone (``observed="obs"`` for
+        ``pyro.sample("obs", ..., obs=y)``) takes its data from an argument only a run can
+        tell: ``trace``, a run on ``data``. Returns the story itself where nothing was
+        left to find, else a new one that knows.
+        """
+        found = observed_data_arguments(self, data, trace)
+        return self._copy(observed={**self._observed_spec(), **found}) if found else self
+
+    def _copy(self, **changes: Any) -> Model:
+        spec = dict(fn=self.fn, observed=self._observed_spec(), data=self._default_data,
+                    dims=self.dims, coords=self._coords, name=self.name, fixed=self.fixed,
+                    dtype=self.dtype, marginal=self._marginal_fn, defaults=self.defaults,
+                    m_step=self.m_step, guide=self._guide_reference,
+                    dtype_reason=self.dtype_reason)
+        spec.update(changes)
+        return Model(spec.pop("fn"), **spec)
 
     @property
     def recommended_guide(self) -> Guide | None:
@@ -256,22 +299,7 @@ class Model:
         """
         for key in fixed:
             self._check_argument(key, "argument")
-        configured = Model(
-            self.fn,
-            observed=self._observed_spec(),
-            data=self._default_data,
-            dims=self.dims,
-            coords=self._coords,
-            name=self.name,
-            fixed={**self.fixed, **fixed},
-            dtype=self.dtype,
-            marginal=self._marginal_fn,
-            defaults=self.defaults,
-            m_step=self.m_step,
-            guide=self._guide_reference,
-        )
-        configured.dtype_reason = self.dtype_reason
-        return configured
+        return self._copy(fixed={**self.fixed, **fixed})
 
     def _observed_spec(self) -> dict[str, str]:
         return {site: argument or site for site, argument in self.observed_arguments.items()}
@@ -342,84 +370,6 @@ class Model:
     def trace(self, data: Mapping[str, Any] | None = None, seed: int = 0):
         """One run of the story on ``data`` (default data when omitted), as a Pyro trace."""
         return trace_model(self, self.prepare_data(data), seed)
-
-    def sites(self, data: Mapping | None = None) -> pd.DataFrame:
-        """A table of the story's sample sites.
-
-        Columns: ``name``, ``kind`` (latent/observed), ``distribution``, ``support``,
-        ``shape`` (of one value), ``plates``, ``discrete``.
-        """
-        trace = self.trace(data)
-        rows = []
-        for name, site in sample_sites(trace).items():
-            rows.append(
-                {
-                    "name": name,
-                    "kind": "observed" if site["is_observed"] else "latent",
-                    "distribution": distribution_name(site["fn"]),
-                    "support": support_name(site["fn"].support),
-                    "shape": tuple(site["value"].shape),
-                    "plates": tuple(f.name for f in site["cond_indep_stack"]),
-                    "discrete": bool(site["fn"].support.is_discrete),
-                }
-            )
-        return pd.DataFrame(rows, columns=["name", "kind", "distribution", "support", "shape",
-                                           "plates", "discrete"])
-
-    # -- generation (notes §2.a) -------------------------------------------------
-    def simulate(self, seed: int = 0, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Run the story forwards once: draw latent values, then a data set from them.
-
-        Keyword arguments are passed to the story (e.g. ``num_people=500``). Covariates
-        of the default data (arguments that are not observed sites, such as each
-        school's standard error) are used unless given. Observed sites are left free, so
-        this is the notes' *generation* direction.
-
-        Returns
-        -------
-        dict
-            Every sample site's value, latent and observed.
-        """
-        trace = self.forward_trace(seed, **kwargs)
-        return {name: site["value"].detach() for name, site in sample_sites(trace).items()}
-
-    def forward_trace(self, seed: int = 0, **kwargs: Any):
-        """The Pyro trace of one run forwards: :meth:`simulate`'s, every site whole."""
-        covariates = self._default_covariates()
-        free = {argument: None for argument in self.observed_arguments.values() if argument}
-        with pyro.poutine.seed(rng_seed=seed), run_dtype(self.dtype):
-            return poutine.trace(self).get_trace(**{**covariates, **free, **kwargs})
-
-    def _default_covariates(self) -> dict[str, Any]:
-        if self._default_data is None:
-            return {}
-        if self._covariates_cache is None:
-            defaults = self.prepare_data(None)
-            self._covariates_cache = {k: v for k, v in defaults.items()
-                                      if k not in self.observed_arguments.values()}
-        return dict(self._covariates_cache)
-
-    def prior_predictive(
-        self, num_samples: int = 500, seed: int = 0, **kwargs: Any
-    ) -> dict[str, np.ndarray]:
-        """Draw ``num_samples`` data sets from the prior story.
-
-        Returns
-        -------
-        dict of numpy arrays
-            Each site's draws, with a leading sample dimension.
-        """
-        draws = [self.simulate(seed=seed + i, **kwargs) for i in range(num_samples)]
-        return {name: np.stack([d[name].numpy() for d in draws]) for name in draws[0]}
-
-    def render(self, data: Mapping | None = None):
-        """Draw the story's graph (needs the ``graphviz`` package and binary)."""
-        try:
-            import graphviz  # noqa: F401
-        except ImportError as error:  # pragma: no cover - optional dependency
-            raise ImportError("Model.render needs the 'graphviz' package") from error
-        prepared = self.prepare_data(data)
-        return pyro.render_model(self, model_kwargs=prepared, render_distributions=True)
 
 
 class Guide:

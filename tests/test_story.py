@@ -190,3 +190,26 @@ def test_support_names_cover_common_constraints():
     assert support_name(constraints.independent(constraints.real, 1)) == "real"
     assert supports_compatible(constraints.nonnegative, constraints.positive)
     assert not supports_compatible(constraints.simplex, constraints.real)
+
+
+def test_a_story_is_frozen_and_a_fit_never_changes_it():
+    """A Model's fields are written once. The data argument of a site declared observed
+    by its name alone is found by the fit's first run, on a new story the fit keeps:
+    the user's story is the same after the fit as before it (issue 29)."""
+    import dataclasses
+
+    @model(observed="x")
+    def story(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", 3):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        story.name = "another"
+    assert story.observed_arguments == {"x": None}
+    fit = infer(story, {"y": [1.0, 2.0, 3.0]}, method="map", progress=False)
+    assert story.observed_arguments == {"x": None}
+    assert fit.model.observed_arguments == {"x": "y"} and fit.model.fn is story.fn
+    assert "constant_data" not in fit.tree.children  # y is the observed data
+    assert fit.draws("mu")[0] == pytest.approx(6.0 / 3.01, rel=1e-4)  # sum y / (n + 1/10^2)
+    assert heights.model.marginal is heights.model.marginal  # recorded once per story

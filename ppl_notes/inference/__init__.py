@@ -118,6 +118,7 @@ def infer(
         raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
     first_run = model.check_data(prepared)
+    model = model.observing(first_run, prepared)  # an observed site's data argument
     if guide is None and backend.guide_families:
         guide = model.recommended_guide  # the story's own, where it names one
     if isinstance(guide, str):
