@@ -16,7 +16,8 @@ one eager evaluation:
    scan, a batched matrix product, a Cholesky factorisation, a triangular solve, or a
    gather whose source addresses come from replaying the operation on tensors of
    addresses (indexing, ``cat``, ``flip``, padding: any pure data movement whose
-   indices do not depend on the point). :mod:`~ppl_notes.native.tape_kernels` says
+   indices do not depend on the point). :mod:`~ppl_notes.native.tape_kernels` (the
+   arithmetic) and :mod:`~ppl_notes.native.tape_movement` (data movement) say
    which operation becomes which instruction, in the terms of
    :mod:`~ppl_notes.native.arena`. Storages no operation derives from the
    point (the data, constants, ``zeros_like``) are filled once. Regions are reused once
@@ -68,11 +69,14 @@ from ppl_notes.native.arena import (
 )
 from ppl_notes.native.decompositions import DECOMPOSITIONS
 from ppl_notes.native.loader import available, build
-from ppl_notes.native.tape_kernels import HANDLERS
+from ppl_notes.native.tape_kernels import HANDLERS as ARITHMETIC
+from ppl_notes.native.tape_movement import HANDLERS as MOVEMENT
 
 __all__ = ["SOURCE", "Tape", "TapeError", "Unsupported", "library"]
 
 SOURCE = Path(__file__).with_name("tape.c")
+#: aten operation -> the handler that translates it (arithmetic, then data movement)
+HANDLERS = {**ARITHMETIC, **MOVEMENT}
 
 
 @functools.cache
