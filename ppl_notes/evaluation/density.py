@@ -48,16 +48,19 @@ PATHS = ("plate", "vmap", "loop")
 
 
 class Evaluation(NamedTuple):
-    """Per draw (leading dim): log density and the story's values at the draw.
+    r"""Per draw (leading dim): log density and the story's values at the draw.
 
     ``pointwise`` is the log-likelihood of each declared observation, ``deterministic``
-    the ``pyro.deterministic`` sites, ``constrained`` the latent sites on their supports.
+    the ``pyro.deterministic`` sites, ``constrained`` the latent sites on their supports,
+    ``log_jacobian`` :math:`\log|\det J_T(u)|` of the map to them (zero for values
+    given on their supports), whether or not ``total`` includes it.
     """
 
     total: torch.Tensor
     pointwise: dict[str, torch.Tensor]
     deterministic: dict[str, torch.Tensor]
     constrained: dict[str, torch.Tensor]
+    log_jacobian: torch.Tensor
 
 
 def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
@@ -113,10 +116,12 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
                 torch.stack([p.total for p in pieces]),
                 *({k: torch.stack([getattr(p, part)[k] for p in pieces])
                    for k in getattr(pieces[0], part)}
-                  for part in ("pointwise", "deterministic", "constrained")))
+                  for part in ("pointwise", "deterministic", "constrained")),
+                torch.stack([p.log_jacobian for p in pieces]))
         else:
             raise ValueError(f"unknown evaluation path {path!r}; the paths are {PATHS}")
-    return result._replace(total=result.total.double())
+    return result._replace(total=result.total.double(),
+                           log_jacobian=result.log_jacobian.double())
 
 
 def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=None,
@@ -151,15 +156,16 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     """One draw (no draw dim): the story as its author wrote it."""
     trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained,
                                              density=density)
-    log_det = log_det if jacobian else {}
     zero = torch.zeros((), dtype=facts.dtype)
+    log_jacobian = sum((d.sum() for d in log_det.values()), zero)
+    log_det = log_det if jacobian else {}
     deterministic = {n: trace.nodes[n]["value"].reshape(facts.value_shapes[n])
                      for n in facts.deterministic}
     constrained = {n: constrained[n].reshape(facts.value_shapes[n]) for n in facts.continuous
                    if n in constrained}
     if not density:
         return Evaluation(sum((d.sum() for d in log_det.values()), zero), {}, deterministic,
-                          constrained)
+                          constrained, log_jacobian)
     if facts.discrete:
         total = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
         if not priors:
@@ -171,7 +177,7 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     total = total + sum((d.sum() for d in log_det.values()), zero)
     pointwise = _pointwise(trace, facts, vectorized=False)
     pointwise = {n: v.reshape(facts.batch_shapes[n]) for n, v in pointwise.items()}
-    return Evaluation(total, pointwise, deterministic, constrained)
+    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian)
 
 
 def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:
@@ -202,6 +208,9 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
 
     trace, constrained, log_det = trace_with(model, data, facts, shaped, unconstrained,
                                              -(nesting + 2), outer, density)
+    log_jacobian = torch.zeros(num, dtype=facts.dtype)
+    for term in log_det.values():
+        log_jacobian = log_jacobian + _per_draw(term, num).reshape(num, -1).sum(-1)
     log_det = log_det if jacobian else {}
     if facts.discrete and not facts.local_discrete:
         raise ValueError("the plate path sums out only local discrete sites")
@@ -211,9 +220,8 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
                    for n in facts.continuous if n in constrained}
     total = torch.zeros(num, dtype=facts.dtype)
     if not density:
-        for term in log_det.values():
-            total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
-        return Evaluation(total, {}, deterministic, constrained)
+        return Evaluation(log_jacobian if log_det else total, {}, deterministic, constrained,
+                          log_jacobian)
     terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
     pointwise = _pointwise(trace, facts, vectorized=True)
     if facts.discrete:
@@ -224,7 +232,7 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
     for term in terms + list(log_det.values()):
         total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
     pointwise = {n: _per_draw(v, num, facts.batch_shapes[n]) for n, v in pointwise.items()}
-    return Evaluation(total, pointwise, deterministic, constrained)
+    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian)
 
 
 #: The most tensor elements one batch of draws may create (about 160 MB of float64).

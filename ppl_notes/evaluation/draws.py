@@ -10,6 +10,7 @@ checked to keep the story's meaning, one at a time otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,13 +40,20 @@ class DrawEvaluation:
     log_likelihood: dict[str, np.ndarray] = field(default_factory=dict)
     log_joint: np.ndarray | None = None
     log_likelihood_note: str | None = None
+    #: for unconstrained draws: the sites on their supports, and log|det J| of the map
+    constrained: dict[str, np.ndarray] = field(default_factory=dict)
+    log_jacobian: np.ndarray | None = None
 
     @classmethod
     def concatenate(cls, pieces: list[DrawEvaluation], note: str | None = None):
         """Join evaluations of consecutive chunks of draws.
 
-        ``note`` says why no pointwise log-likelihood exists, where it does not.
+        ``note`` says why no pointwise log-likelihood exists, where it does not. One
+        chunk is returned as it is (a copy of 4000 draws' pointwise log-likelihood at
+        1192 values costs 0.05 s).
         """
+        if len(pieces) == 1:
+            return dataclasses.replace(pieces[0], log_likelihood_note=note)
         return cls(
             discrete={k: np.concatenate([p.discrete[k] for p in pieces])
                       for k in pieces[0].discrete},
@@ -55,6 +63,10 @@ class DrawEvaluation:
                             for k in pieces[0].log_likelihood},
             log_joint=np.concatenate([p.log_joint for p in pieces]),
             log_likelihood_note=note,
+            constrained={k: np.concatenate([p.constrained[k] for p in pieces])
+                         for k in pieces[0].constrained},
+            log_jacobian=None if pieces[0].log_jacobian is None else np.concatenate(
+                [p.log_jacobian for p in pieces]),
         )
 
 
@@ -66,8 +78,9 @@ def evaluate_draws(
     *,
     recover_discrete: bool = True,
     seed: int = 0,
+    unconstrained: bool = False,
 ) -> DrawEvaluation:
-    """Discrete posterior draws, pointwise log-likelihood and log joint for each draw.
+    r"""Discrete posterior draws, pointwise log-likelihood and log joint for each draw.
 
     Parameters
     ----------
@@ -83,10 +96,15 @@ def evaluate_draws(
         Draw the discrete sites from p(z | x, theta) for every draw (``infer_discrete``).
     seed : int
         Seed for the discrete draws.
+    unconstrained : bool
+        The draws are on the unconstrained space (a sampler's or a Gaussian's): the same
+        run of the story maps them to their supports and gives the log-Jacobian
+        (``constrained``, ``log_jacobian``), with no run of its own.
 
     Returns
     -------
     DrawEvaluation
+        ``log_joint`` is :math:`\log p(x, \theta)` on the sites' own scale either way.
     """
     path = choose_path(model, data, facts)
     num_draws = next(iter(draws.values())).shape[0]
@@ -95,7 +113,8 @@ def evaluate_draws(
     with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
         for start in range(0, num_draws, chunk):
             values = {k: v[start : start + chunk] for k, v in draws.items()}
-            pieces.append(_evaluate_chunk(model, data, values, facts, path, recover_discrete))
+            pieces.append(_evaluate_chunk(model, data, values, facts, path, recover_discrete,
+                                          unconstrained))
     return DrawEvaluation.concatenate(pieces, facts.pointwise_note)
 
 
@@ -124,13 +143,14 @@ def discrete_cost(facts: StoryFacts, num_draws: int) -> int:
 
 
 def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor],
-                 facts: StoryFacts, *, recover_discrete: bool, seed: int, order=None
-                 ) -> tuple[dict[str, np.ndarray], DrawEvaluation]:
+                 facts: StoryFacts, *, recover_discrete: bool, seed: int, order=None,
+                 unconstrained: bool = False) -> tuple[dict[str, np.ndarray], DrawEvaluation]:
     """Every method's posterior from draws of its continuous (or guide) sites.
 
-    The draws are evaluated (:func:`evaluate_draws`); the result holds the latent sites
-    in the story's order (``order``; ``facts.latent`` when not given) with the recovered discrete
-    sites among them, then the deterministic sites; arrays keep the leading draw dim.
+    The draws are evaluated (:func:`evaluate_draws`; ``unconstrained`` draws are mapped
+    to their supports by the same run); the result holds the latent sites in the story's
+    order (``order``; ``facts.latent`` when not given) with the recovered discrete sites
+    among them, then the deterministic sites; arrays keep the leading draw dim.
     """
     if recover_discrete:
         cost = discrete_cost(facts, next(iter(draws.values())).shape[0])
@@ -140,8 +160,9 @@ def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tenso
                 "recover_discrete=False skips it, and fewer draws (num_draws= for VI, thin= "
                 "for NUTS) thin it", getattr(model, "name", model), cost / 1e9)
     evaluation = evaluate_draws(model, data, draws, facts, recover_discrete=recover_discrete,
-                                seed=seed)
-    values = {k: v.detach().cpu().numpy() for k, v in draws.items()}
+                                seed=seed, unconstrained=unconstrained)
+    values = (dict(evaluation.constrained) if unconstrained else
+              {k: v.detach().cpu().numpy() for k, v in draws.items()})
     values.update(evaluation.discrete)
     order = facts.latent if order is None else order
     posterior = {n: values[n] for n in order if n in values}
@@ -149,12 +170,18 @@ def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tenso
     return posterior, evaluation
 
 
-def _evaluate_chunk(model, data, values, facts, path, recover_discrete) -> DrawEvaluation:
-    evaluation = evaluate(model, data, facts, values, unconstrained=False, path=path)
+def _evaluate_chunk(model, data, values, facts, path, recover_discrete,
+                    unconstrained=False) -> DrawEvaluation:
+    evaluation = evaluate(model, data, facts, values, unconstrained=unconstrained, path=path,
+                          jacobian=False)
     result = DrawEvaluation(
         deterministic={k: v.detach().cpu().numpy() for k, v in evaluation.deterministic.items()},
         log_likelihood={k: v.detach().cpu().numpy() for k, v in evaluation.pointwise.items()},
         log_joint=evaluation.total.detach().double().cpu().numpy())
+    if unconstrained:
+        values = {n: evaluation.constrained[n].detach() for n in values}
+        result.constrained = {n: v.cpu().numpy() for n, v in values.items()}
+        result.log_jacobian = evaluation.log_jacobian.detach().double().cpu().numpy()
     if facts.discrete and recover_discrete:
         result.discrete = {n: _compact(v) for n, v in
                            _recover_discrete(model, data, facts, values, path).items()}

@@ -114,11 +114,11 @@ def run(context: RunContext) -> RunResult:
     thin = options["thin"]
     flat, stats = flat[:, ::thin], {k: v[:, ::thin] for k, v in stats.items()}
     draws = flat.shape[1]
-    flat_draws, evaluation = posterior_of(model, data,
-                                          potential.constrain(flat.reshape(chains * draws, -1)),
+    unconstrained = torch.as_tensor(flat.reshape(chains * draws, -1), dtype=torch.float64)
+    flat_draws, evaluation = posterior_of(model, data, potential.unflatten(unconstrained),
                                           context.facts,
                                           recover_discrete=options["recover_discrete"],
-                                          seed=seed + 1)
+                                          seed=seed + 1, unconstrained=True)
     posterior = {n: _chains_first(v, chains, draws).copy() for n, v in flat_draws.items()}
     components = components_of(context.facts)
     relabelled = align_chains(posterior, components)

@@ -197,8 +197,8 @@ def run(context: RunContext) -> RunResult:
                                  p=weights)]
     else:
         chosen = kept
-    constrained = potential.constrain(flat[chosen])
-    posterior, evaluation = posterior_of(model, data, constrained, facts,
+    kept_draws = potential.unflatten(torch.as_tensor(flat[chosen], dtype=torch.float64))
+    posterior, evaluation = posterior_of(model, data, kept_draws, facts, unconstrained=True,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seed + 2, order=facts.latent)
     return RunResult(

@@ -194,43 +194,28 @@ def _proposals(qs: list[Gaussian], count: int, seeds: list[int]) -> list[torch.T
     return points
 
 
-def _draws(qs: list[Gaussian], potential, points: list[torch.Tensor]):
-    r"""Each restart's unconstrained ``points`` on the sites' supports, with densities.
-
-    Every restart's draws go through the story in one pass (a story with a Python loop
-    pays its per-call cost once, as NUTS's draws do), which maps them to the supports,
-    honouring a support that moves with another site (GARCH's), and gives the
-    log-Jacobian: on the sites' own scale :math:`\log q(\theta) = \log q(u) -
-    \log|\det J_T(u)|`.
-
-    Returns
-    -------
-    (dict of Tensor, list of numpy.ndarray, list of numpy.ndarray)
-        The constrained draws, restarts one after another; each restart's
-        :math:`\log q(u)` and :math:`\log|\det J_T(u)|`.
-    """
-    count = points[0].shape[0]
-    constrained, log_jacobian = potential.constrain_with_jacobian(torch.cat(points))
-    log_q = [q.log_prob(p).numpy() for q, p in zip(qs, points, strict=True)]
-    return constrained, log_q, [log_jacobian[r * count:(r + 1) * count].numpy()
-                                for r in range(len(qs))]
-
-
 def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: int,
               options: dict[str, Any]) -> dict[str, Any]:
     r"""The kept ``points`` of every restart in one pass: values, posterior, densities.
 
-    The discrete sites are recovered and the pointwise log-likelihood computed for all
-    restarts' draws at once. ``log_p`` and ``log_q`` are each restart's on the sites'
-    own scale (``sample_stats``); ``log_p_u`` is :math:`\log p(x, T(u)) + \log|J|`,
-    the unconstrained density that the importance weights compare with ``log_q_u``.
+    Every restart's draws go through the story in one pass (a story with a Python loop
+    pays its per-call cost once, as NUTS's draws do), which maps them to the supports,
+    honouring a support that moves with another site (GARCH's), gives the log-Jacobian,
+    recovers the discrete sites and computes the pointwise log-likelihood. ``log_p`` and
+    ``log_q`` are each restart's on the sites' own scale (``sample_stats``:
+    :math:`\log q(\theta) = \log q(u) - \log|\det J_T(u)|`); ``log_p_u`` is
+    :math:`\log p(x, T(u)) + \log|J|`, the unconstrained density that the importance
+    weights compare with ``log_q_u``.
     """
     size = points[0].shape[0]
-    joined, log_q_u, log_jacobian = _draws(qs, potential, points)
-    posterior, evaluation = posterior_of(model, data, joined, facts,
+    joined = potential.unflatten(torch.cat(points))
+    posterior, evaluation = posterior_of(model, data, joined, facts, unconstrained=True,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seed, order=facts.latent)
     parts = [slice(r * size, (r + 1) * size) for r in range(len(qs))]
+    log_q_u = [q.log_prob(p).numpy() for q, p in zip(qs, points, strict=True)]
+    log_jacobian = [evaluation.log_jacobian[part] for part in parts]
+    joined = {n: torch.from_numpy(v) for n, v in evaluation.constrained.items()}
     log_p = [evaluation.log_joint[part] for part in parts]
     return {"values": [{k: v[part] for k, v in joined.items()} for part in parts],
             "posterior": [{k: v[part] for k, v in posterior.items()} for part in parts],
