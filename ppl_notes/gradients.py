@@ -32,6 +32,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from ppl_notes.errors import OptionError, StoryError
+from ppl_notes.vi.compiled_svi import trace_elbo_loss
 
 __all__ = ["ESTIMATORS", "force_estimator", "gradient_variance"]
 
@@ -156,8 +157,6 @@ def gradient_variance(model, guide, data: Mapping | None = None, *, estimator: s
     >>> from ppl_notes.guides.conjugate import normal_mean_guide
     >>> table = gradient_variance(normal_mean, normal_mean_guide, num_samples=200)
     """
-    from ppl_notes.vi.compiled_svi import trace_elbo_loss
-
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise OptionError(f"num_samples must be an integer >= 2, got {num_samples!r}")
     prepared = model.prepare_data(data)

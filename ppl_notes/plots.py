@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from ppl_notes.comparison import _reference_label, as_samples, labelled
+from ppl_notes.cross_validation import loo
 from ppl_notes.diagnostics import continuous_sites
 from ppl_notes.errors import OptionError
 
@@ -189,8 +190,6 @@ def plot_loo_khat(posterior, result=None):
     One scatter, not one artist per point: 0.1 s for the 934 heights, where ArviZ's
     ``plot_khat`` took 2.9 s.
     """
-    from ppl_notes.cross_validation import loo
-
     if result is None:
         result = loo(posterior, pointwise=True, warn=False)
     khat = np.asarray(result.pareto_k.values, dtype=float).reshape(-1)

@@ -26,6 +26,7 @@ import pandas as pd
 from ppl_notes import plots
 from ppl_notes._versions import library_versions
 from ppl_notes.comparison import compare, labelled
+from ppl_notes.cross_validation import loo
 
 __all__ = ["write_report"]
 
@@ -123,8 +124,6 @@ def _pointwise_observations(posterior) -> int:
 
 def _loo_results(fits: dict) -> dict:
     """Each fit's PSIS-LOO with its pointwise k-hat (the table and the k-hat figure)."""
-    from ppl_notes.cross_validation import loo
-
     return {label: loo(posterior, pointwise=True, warn=False)
             for label, posterior in fits.items()
             if "log_likelihood" in posterior.tree.children and posterior.num_draws >= 2}

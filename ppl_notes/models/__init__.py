@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from ppl_notes.errors import StoryError
+
 __all__ = ["STORIES", "StoryEntry", "get_story"]
 
 
@@ -60,8 +62,6 @@ STORIES = {
 
 def get_story(name: str) -> StoryEntry:
     """The registry entry of story ``name``."""
-    from ppl_notes.errors import StoryError
-
     if name not in STORIES:
         raise StoryError(f"unknown story {name!r}; the stories are {sorted(STORIES)}")
     return STORIES[name]
