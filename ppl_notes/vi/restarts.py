@@ -66,8 +66,10 @@ def run_restarts(fit: Callable[[RunContext], RunResult], context: RunContext) ->
         ``context.restart`` (pickled by reference for worker processes).
     context : RunContext
         As :func:`ppl_notes.infer` passes it to a back end; its options hold
-        ``restarts``, ``processes`` and ``scheduler``. Restarts in this process share its
-        facts; a worker reads them from its own copy of the data.
+        ``restarts``, ``processes`` and ``scheduler``. Every restart fits its own copy of
+        the story, data and guide (a guide that is a ``PyroModule`` keeps its trained
+        weights in itself); restarts in this process share the context's facts, and a
+        worker reads them from its copy of the data.
     """
     import cloudpickle
 
@@ -93,7 +95,7 @@ def run_restarts(fit: Callable[[RunContext], RunResult], context: RunContext) ->
             _on_cluster(job, count, keep, options["scheduler"], model.name)
         elif count == 1 or options["processes"] == 1:
             for restart in range(count):
-                keep(_fit_restart(fit, single, restart, progress=progress))
+                keep(_one_restart(job, restart, progress=progress, facts_from=single))
                 if results[restart].partial:  # Ctrl-C reached this restart's loop
                     break
         else:
@@ -130,14 +132,21 @@ def _fit_restart(fit: Callable[[RunContext], RunResult], context: RunContext, re
     return restart, result
 
 
-def _one_restart(payload: bytes, restart: int,
-                 progress: bool = False) -> tuple[int, RunResult]:
-    """Fit restart ``restart`` of the pickled job (in a worker)."""
+def _one_restart(payload: bytes, restart: int, progress: bool = False,
+                 facts_from: RunContext | None = None) -> tuple[int, RunResult]:
+    """Fit restart ``restart`` of the pickled job (in this process or a worker).
+
+    ``facts_from``, in this process, is the caller's context: its facts serve the copy.
+    """
     import cloudpickle
 
 
     job = cloudpickle.loads(payload)
-    return _fit_restart(job["fit"], job["context"], restart, progress)
+    context = job["context"]
+    if facts_from is not None:
+        context = context.replace(known_facts=facts_from.facts,
+                                  known_marginal=facts_from.known_marginal)
+    return _fit_restart(job["fit"], context, restart, progress)
 
 
 def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[int, RunResult]:
