@@ -233,19 +233,8 @@ class BatchedPotential:
         flat = torch.as_tensor(flat_draws, dtype=torch.float64)
         if flat.requires_grad:
             return self._evaluate(flat, density=False).constrained
-        return self.constrain_with_jacobian(flat)[0]
-
-    def constrain_with_jacobian(self, flat_draws: np.ndarray | torch.Tensor
-                                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        r"""The draws on their supports (:meth:`constrain`) and :math:`\log|\det J_T(u)|`.
-
-        Both come from one run of the story per chunk, without its log probabilities: a
-        density :math:`q(u)` on the unconstrained space is
-        :math:`q(u) / |\det J_T(u)|` on the sites' own scale.
-        """
-        pieces = self._in_chunks(flat_draws, density=False)
-        return ({n: torch.cat([p.constrained[n] for p in pieces]) for n in pieces[0].constrained},
-                torch.cat([p.total for p in pieces]))
+        pieces = self._in_chunks(flat, density=False)
+        return {n: torch.cat([p.constrained[n] for p in pieces]) for n in pieces[0].constrained}
 
     def unconstrained_log_density(self, flat_draws: np.ndarray | torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` at many points, without gradients.

@@ -122,16 +122,6 @@ def run_restarts(fit: Callable[[RunContext], RunResult], context: RunContext) ->
     return combined
 
 
-def _fit_restart(fit: Callable[[RunContext], RunResult], context: RunContext, restart: int,
-                 progress: bool = False) -> tuple[int, RunResult]:
-    """Fit restart ``restart`` of ``context`` with ``fit``."""
-    with run_dtype(context.dtype):
-        result = fit(context.replace(seed=restart_seed(context.seed, restart), restart=restart,
-                                     progress=progress))
-    result.info["restart"] = restart
-    return restart, result
-
-
 def _one_restart(payload: bytes, restart: int, progress: bool = False,
                  facts_from: RunContext | None = None) -> tuple[int, RunResult]:
     """Fit restart ``restart`` of the pickled job (in this process or a worker).
@@ -146,7 +136,11 @@ def _one_restart(payload: bytes, restart: int, progress: bool = False,
     if facts_from is not None:
         context = context.replace(known_facts=facts_from.facts,
                                   known_marginal=facts_from.known_marginal)
-    return _fit_restart(job["fit"], context, restart, progress)
+    with run_dtype(context.dtype):
+        result = job["fit"](context.replace(seed=restart_seed(context.seed, restart),
+                                            restart=restart, progress=progress))
+    result.info["restart"] = restart
+    return restart, result
 
 
 def _one_restart_on_cluster(payload: bytes, restart: int, name: str) -> tuple[int, RunResult]:
