@@ -142,6 +142,15 @@ def discrete_cost(facts: StoryFacts, num_draws: int) -> int:
     return num_draws * sum(int(np.prod(facts.value_shapes[n])) for n in facts.discrete)
 
 
+def _mention_discrete_cost(model, facts: StoryFacts, num_draws: int) -> None:
+    cost = discrete_cost(facts, num_draws)
+    if cost > DISCRETE_BYTES_TO_MENTION:
+        logger.warning(
+            "recovering the discrete sites of story %r for every draw takes %.2f GB; "
+            "recover_discrete=False skips it, and fewer draws (num_draws= for VI, thin= "
+            "for NUTS) thin it", getattr(model, "name", model), cost / 1e9)
+
+
 def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tensor],
                  facts: StoryFacts, *, recover_discrete: bool, seed: int, order=None,
                  unconstrained: bool = False) -> tuple[dict[str, np.ndarray], DrawEvaluation]:
@@ -153,21 +162,48 @@ def posterior_of(model, data: Mapping[str, Any], draws: Mapping[str, torch.Tenso
     among them, then the deterministic sites; arrays keep the leading draw dim.
     """
     if recover_discrete:
-        cost = discrete_cost(facts, next(iter(draws.values())).shape[0])
-        if cost > DISCRETE_BYTES_TO_MENTION:
-            logger.warning(
-                "recovering the discrete sites of story %r for every draw takes %.2f GB; "
-                "recover_discrete=False skips it, and fewer draws (num_draws= for VI, thin= "
-                "for NUTS) thin it", getattr(model, "name", model), cost / 1e9)
+        _mention_discrete_cost(model, facts, next(iter(draws.values())).shape[0])
     evaluation = evaluate_draws(model, data, draws, facts, recover_discrete=recover_discrete,
                                 seed=seed, unconstrained=unconstrained)
     values = (dict(evaluation.constrained) if unconstrained else
               {k: v.detach().cpu().numpy() for k, v in draws.items()})
     values.update(evaluation.discrete)
+    return in_story_order(values, evaluation.deterministic, facts, order), evaluation
+
+
+def in_story_order(latent: Mapping[str, np.ndarray], deterministic: Mapping[str, np.ndarray],
+                   facts: StoryFacts, order=None) -> dict[str, np.ndarray]:
+    """A posterior's variables as the tree holds them.
+
+    The latent sites in the story's order (``order``; ``facts.latent`` when not given),
+    then the deterministic sites.
+    """
     order = facts.latent if order is None else order
-    posterior = {n: values[n] for n in order if n in values}
-    posterior.update(evaluation.deterministic)
-    return posterior, evaluation
+    ordered = {n: latent[n] for n in order if n in latent}
+    ordered.update(deterministic)
+    return ordered
+
+
+def discrete_draws(model, data: Mapping[str, Any], values: Mapping[str, torch.Tensor],
+                   facts: StoryFacts, *, seed: int) -> dict[str, np.ndarray]:
+    """The discrete sites drawn from p(z | x, theta) at draws of the continuous ones.
+
+    ``values`` are on the sites' own scale, draws first. The same draws, in the same
+    chunks and from the same ``seed``, as :func:`evaluate_draws` gives with
+    ``recover_discrete=True`` (the evaluation itself draws nothing): a method that first
+    decides which draws it keeps (VI's importance step) recovers them once, for those.
+    """
+    path = choose_path(model, data, facts)
+    num_draws = next(iter(values.values())).shape[0]
+    _mention_discrete_cost(model, facts, num_draws)
+    chunk = draws_per_batch(model, data, facts, num_draws)
+    pieces = []
+    with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
+        for start in range(0, num_draws, chunk):
+            part = {k: v[start:start + chunk] for k, v in values.items()}
+            pieces.append({n: _compact(v) for n, v in
+                           _recover_discrete(model, data, facts, part, path).items()})
+    return {n: np.concatenate([p[n] for p in pieces]) for n in pieces[0]} if pieces else {}
 
 
 def _evaluate_chunk(model, data, values, facts, path, recover_discrete,

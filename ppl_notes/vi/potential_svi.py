@@ -46,7 +46,7 @@ from ppl_notes._result import RunResult
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
 from ppl_notes.evaluation import RunContext
-from ppl_notes.evaluation.draws import posterior_of
+from ppl_notes.evaluation.draws import discrete_draws, in_story_order, posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.relabel import components_of
@@ -132,8 +132,12 @@ def _shrunk_until_finite(potential, q: Gaussian, draws: torch.Tensor) -> Gaussia
 
 
 def _write_guide(guide, q: Gaussian, names: list[str], sizes: list[int], data) -> None:
-    """Set a Pyro autoguide's parameters to the Gaussian ``q`` (flat order ``names``)."""
-    guide._setup_prototype(**data)
+    """Set a Pyro autoguide's parameters to the Gaussian ``q`` (flat order ``names``).
+
+    The guide's prototype is set up first (one run of the story), where it is not yet.
+    """
+    if guide.prototype_trace is None:
+        guide._setup_prototype(**data)
     dtype = torch.get_default_dtype()
     offsets, at = {}, 0
     for name, size in zip(names, sizes, strict=True):
@@ -166,17 +170,25 @@ def _write_guide(guide, q: Gaussian, names: list[str], sizes: list[int], data) -
     guide.cov_factor = torch.nn.Parameter((q.factor[index] / scale[:, None]).to(dtype))
 
 
-def _guide_parameters(model, data, facts, family: str, q: Gaussian, potential
-                      ) -> dict[str, np.ndarray]:
-    """``q`` as the parameters of the Pyro autoguide of ``family`` (its param store names)."""
+def _guide_parameters(model, data, facts, family: str, qs: list[Gaussian], potential
+                      ) -> list[dict[str, np.ndarray]]:
+    """Each ``q`` as the parameters of the Pyro autoguide of ``family``.
+
+    Keyed by their param store names. One guide, whose prototype runs the story once,
+    serves every restart.
+    """
     discrete = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     guide_class, _ = FAMILY_GUIDES[family]
-    pyro.clear_param_store()
     guide = guide_class(poutine.block(model, hide=discrete), init_loc_fn=unconstrained_value)
-    _write_guide(guide, q, potential.names, potential.sizes, data)
-    with torch.no_grad(), poutine.seed(rng_seed=0), poutine.block():
-        guide(**data)  # the module's parameters enter the param store when it runs
-    return {k: v.detach().cpu().numpy().copy() for k, v in pyro.get_param_store().items()}
+    params = []
+    for q in qs:
+        pyro.clear_param_store()
+        _write_guide(guide, q, potential.names, potential.sizes, data)
+        with torch.no_grad(), poutine.seed(rng_seed=0), poutine.block():
+            guide(**data)  # the module's parameters enter the param store when it runs
+        params.append({k: v.detach().cpu().numpy().copy()
+                       for k, v in pyro.get_param_store().items()})
+    return params
 
 
 #: Offsets the seeds of the importance step's further proposals from those of q's own draws
@@ -227,6 +239,20 @@ def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: i
             "log_q_u": log_q_u}
 
 
+def _add_discrete(model, data, facts, found: dict[str, Any], seed: int) -> None:
+    """Recover the discrete sites of every restart's kept draws into their posteriors."""
+    values = {n: torch.cat([v[n] for v in found["values"]]) for n in found["values"][0]}
+    drawn = discrete_draws(model, data, values, facts, seed=seed)
+    at = 0
+    for r, posterior in enumerate(found["posterior"]):
+        size = len(next(iter(posterior.values())))
+        latent = {k: v for k, v in posterior.items() if k not in facts.deterministic}
+        latent.update({n: v[at:at + size] for n, v in drawn.items()})
+        deterministic = {k: v for k, v in posterior.items() if k in facts.deterministic}
+        found["posterior"][r] = in_story_order(latent, deterministic, facts)
+        at += size
+
+
 def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seeds: list[int],
                      options: dict[str, Any]) -> tuple[list[tuple], Correction | None]:
     """Every restart's draws, evaluated in one pass, after the importance step.
@@ -239,7 +265,11 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
     """
     size, qs = options["num_draws"], [t.q for t in traces]
     points = _proposals(qs, size, [s + 1 for s in seeds])
-    found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, options)
+    # the discrete sites are recovered once, for the draws finally kept
+    deferred = (options["importance"] == "psis" and options["recover_discrete"]
+                and bool(facts.discrete))
+    evaluating = {**options, "recover_discrete": False} if deferred else options
+    found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, evaluating)
     correction, proposals = None, [{} for _ in qs]
     if options["importance"] == "psis":
         log_p, log_q = found["log_p_u"], found["log_q_u"]
@@ -258,14 +288,16 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
                 kept = [torch.cat([p, m])[torch.as_tensor(c)]
                         for p, m, c in zip(points, more, correction.chosen, strict=True)]
                 found = _evaluate(model, data, facts, qs, potential, kept, seeds[0] + 2,
-                                  options)
+                                  evaluating)
         proposals = [{"log_p": p, "log_q": q} for p, q in zip(log_p, log_q, strict=True)]
+    if deferred:
+        _add_discrete(model, data, facts, found, seeds[0] + 2)
     keys = ("values", "posterior", "log_p", "log_q", "log_likelihood")
     return ([tuple(found[k][r] for k in keys) + (proposals[r],) for r in range(len(qs))],
             correction)
 
 
-def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
+def _restart_result(facts, family: str, trace: FitTrace, params: dict[str, np.ndarray],
                     evaluated: tuple, options: dict[str, Any], start_gradients: int = 0,
                     flat: dict[str, Any] | None = None) -> RunResult:
     """One restart's RunResult: its evaluated draws, and its autoguide's parameters.
@@ -275,7 +307,6 @@ def _restart_result(model, data, facts, family: str, trace: FitTrace, potential,
     """
     enumerated = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     _, guide_name = FAMILY_GUIDES[family]
-    params = _guide_parameters(model, data, facts, family, trace.q, potential)
     _, posterior, log_p, log_q, log_likelihood, proposals = evaluated
     history = pd.DataFrame({"elbo": np.asarray(trace.elbo, dtype=float)},
                            index=pd.RangeIndex(len(trace.elbo), name="step"))
@@ -352,9 +383,10 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     evaluated, correction = _evaluated_draws(model, data, facts, traces, potential, seeds,
                                              options)
     flat = flat_direction(model, data, facts, evaluated[0][0], potential.path)
-    results = [_restart_result(model, data, facts, family, trace, potential, drawn, options,
+    params = _guide_parameters(model, data, facts, family, [t.q for t in traces], potential)
+    results = [_restart_result(facts, family, trace, guide, drawn, options,
                                start_gradients // count, flat)
-               for trace, drawn in zip(traces, evaluated, strict=True)]
+               for trace, guide, drawn in zip(traces, params, evaluated, strict=True)]
     for r, result in enumerate(results):
         result.info.update(restart=r, draws_per_fit=per_fit, compiler=potential.compiler,
                            fit_seconds=fit_seconds,
