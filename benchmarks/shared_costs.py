@@ -30,7 +30,9 @@ def main(argv=None) -> int:
     import torch
 
     from ppl_notes import infer
+    from ppl_notes.checks import check_data_runs
     from ppl_notes.evaluation import choose_path, story_facts
+    from ppl_notes.evaluation.paths import keep_check_points
     from ppl_notes.evaluation.draws import posterior_of
     from ppl_notes.evaluation.potential import BatchedPotential
     from tests.corpus.cases import CASES
@@ -53,9 +55,10 @@ def main(argv=None) -> int:
         svi = time.perf_counter() - started
         data = story.prepare_data(case.data)
         marks = [time.perf_counter()]
-        first = story.check_data(data)
+        first, prior_runs = check_data_runs(story, data)
         marks.append(time.perf_counter())
         facts = story_facts(story, data, trace=first)
+        keep_check_points(facts, prior_runs)
         choose_path(story, data, facts)
         marks.append(time.perf_counter())
         marginal = story.marginal

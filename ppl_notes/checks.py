@@ -35,8 +35,8 @@ from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
 if TYPE_CHECKING:
     from ppl_notes.story import Model
 
-__all__ = ["check_data", "check_pairing", "observed_data_arguments", "blame_invalid_parameter",
-           "invalid_parameter", "PROBE_DRAWS"]
+__all__ = ["check_data", "check_data_runs", "check_pairing", "observed_data_arguments",
+           "blame_invalid_parameter", "invalid_parameter", "PROBE_DRAWS"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,14 @@ _MIXED_DTYPES = re.compile(r"(same dtype|dtype.*(Double|Float).*(Double|Float)|e
 def check_data(model, data: dict[str, Any]):
     """Run the story once on prepared data and name whatever does not fit.
 
+    :func:`check_data_runs`, returning its first run only.
+    """
+    return check_data_runs(model, data)[0]
+
+
+def check_data_runs(model, data: dict[str, Any]):
+    """Run the story once on prepared data and name whatever does not fit.
+
     Integer-valued covariates that the story uses as indices (``locs[group]``) become
     ``torch.long`` in ``data``; an observed site whose data argument was not named is
     matched to it here.
@@ -70,8 +78,10 @@ def check_data(model, data: dict[str, Any]):
 
     Returns
     -------
-    pyro.poutine.Trace
-        The run, from which the story's facts are read.
+    (pyro.poutine.Trace, list of pyro.poutine.Trace)
+        The run, from which the story's facts are read, and the runs at
+        :data:`PROBE_DRAWS` more prior draws that did not raise (the path choice's
+        prior points are taken from them: :func:`~ppl_notes.evaluation.paths.keep_check_points`).
     """
     try:
         trace = _trace_with_index_covariates(model, data)
@@ -82,7 +92,7 @@ def check_data(model, data: dict[str, Any]):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise DataError(f"story {model.name!r} cannot run on this data: {reason}. The "
                         f"data's shapes: {shapes}") from error
-    _probe_prior_draws(model, data)
+    probes = _probe_prior_draws(model, data)
     sites = sample_sites(trace)
     if not sites:
         raise StoryError(f"story {model.name!r} has no pyro.sample sites: a story draws "
@@ -103,7 +113,7 @@ def check_data(model, data: dict[str, Any]):
                 f"story {model.name!r}: data for observed site {name!r} has shape {got}, "
                 f"but its distribution inside plates {plates} gives shape {expected}")
         _check_support(model, name, site, arguments.get(name))
-    return trace
+    return trace, probes
 
 
 def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, str]:
@@ -124,21 +134,24 @@ def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, 
     return found
 
 
-def _probe_prior_draws(model, data: Mapping[str, Any]) -> None:
+def _probe_prior_draws(model, data: Mapping[str, Any]) -> list:
     """Run the story at a few more prior draws, to name an invalid parameter.
 
     Some prior draws can give a distribution an invalid parameter (a Normal prior on a
     scale: half its draws are negative), and one run can miss it (seed 0 drew a
     positive scale); with :data:`PROBE_DRAWS` more, a parameter invalid on half the
     prior is missed once in 256 stories. Errors that are not an invalid parameter
-    are left to the methods, which reject such points.
+    are left to the methods, which reject such points. Returns the runs that did not
+    raise.
     """
+    runs = []
     with torch.no_grad(), run_dtype(model.dtype):
         for seed in range(1, PROBE_DRAWS + 1):
             try:
-                trace_model(model, data, seed)
+                runs.append(trace_model(model, data, seed))
             except (ValueError, RuntimeError) as error:
                 blame_invalid_parameter(model, error, data)
+    return runs
 
 def _blame_mixed_dtypes(model, error: Exception) -> None:
     """A story that mixes float32 and float64 tensors: a StoryError naming both.

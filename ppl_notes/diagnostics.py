@@ -236,13 +236,16 @@ def _mcmc_numbers(posterior) -> dict[str, Any]:
     numbers: dict[str, Any] = {}
     if sites:
         draws = element_draws(tree["posterior"], sites, ["chain", "draw"], flatten=False)
-        if posterior.tree["posterior"].sizes["chain"] > 1:
-            numbers["max_r_hat"] = _worst({k: chains.rhat(v) for k, v in draws.items()},
-                                          largest=True)
-        numbers["min_ess_bulk"] = _worst({k: chains.ess_bulk(v) for k, v in draws.items()},
-                                         largest=False)
-        numbers["min_ess_tail"] = _worst({k: chains.ess_tail(v) for k, v in draws.items()},
-                                         largest=False)
+        labels, stacked = list(draws), np.stack(list(draws.values()))
+
+        def worst(values: np.ndarray, largest: bool) -> tuple[str, float]:
+            return _worst(dict(zip(labels, values.tolist(), strict=True)), largest)
+
+        checked = chains.checks_of_elements(stacked)
+        if "rhat" in checked:
+            numbers["max_r_hat"] = worst(checked["rhat"], largest=True)
+        numbers["min_ess_bulk"] = worst(checked["ess_bulk"], largest=False)
+        numbers["min_ess_tail"] = worst(checked["ess_tail"], largest=False)
     sample_stats = tree["sample_stats"] if "sample_stats" in tree.children else None
     if sample_stats is not None and "diverging" in sample_stats.data_vars:
         diverging = sample_stats["diverging"].values.astype(bool)

@@ -78,3 +78,22 @@ def test_average_ranks_equal_scipy():
     values = np.round(np.random.default_rng(2).normal(size=(3, 40)), 1)
     np.testing.assert_array_equal(chains.average_ranks(values),
                                   rankdata(values, method="average").reshape(values.shape))
+
+
+def test_every_element_at_once_equals_each_alone():
+    """The batched forms are the scalar ones, element by element (NaN rows stay NaN)."""
+    same_shape = [CASES[n][:, :200] for n in ("ar1", "stuck", "ties", "scale")]
+    with_nan = CASES["ar1"][:, :200].copy()
+    with_nan[2, 7] = np.nan
+    draws = np.stack(same_shape + [with_nan, np.ones((4, 200))])
+    np.testing.assert_allclose(chains.rhat_of_elements(draws),
+                               [chains.rhat(d) for d in draws], rtol=1e-12)
+    np.testing.assert_allclose(chains.ess_bulk_of_elements(draws),
+                               [chains.ess_bulk(d) for d in draws], rtol=1e-12)
+    np.testing.assert_allclose(chains.ess_tail_of_elements(draws, (0.05, 0.95)),
+                               [chains.ess_tail(d, (0.05, 0.95)) for d in draws], rtol=1e-12)
+    assert np.isnan(chains.rhat_of_elements(draws)[4])
+    together = chains.checks_of_elements(draws, (0.05, 0.95))
+    np.testing.assert_allclose(together["rhat"], chains.rhat_of_elements(draws), rtol=1e-12)
+    np.testing.assert_allclose(together["ess_bulk"], chains.ess_bulk_of_elements(draws),
+                               rtol=1e-12)

@@ -23,7 +23,7 @@ from ppl_notes.evaluation.density import Evaluation, evaluate
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import run_dtype
 
-__all__ = ["choose_path", "check_points"]
+__all__ = ["choose_path", "check_points", "keep_check_points"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +46,43 @@ def check_points(model, data: Mapping[str, Any], facts: StoryFacts, count: int =
     return dict(facts.check_points[count, seed])
 
 
-def _prior_points(model, data, facts: StoryFacts, count: int, seed: int):
-    points: list[dict[str, torch.Tensor]] = []
-    attempt = 0
+def keep_check_points(facts: StoryFacts, runs: list) -> None:
+    """Take the prior check points from runs of the story made already (the data checks').
+
+    ``runs`` are traces of the story at prior draws (:func:`ppl_notes.checks.check_data_runs`
+    makes seven): their first :data:`CHECK_POINTS` with a finite unconstrained image serve
+    as :func:`check_points` ``(seed=0)``, so that the path choice and the compiled
+    potential's check run the story no more to draw them. Fewer usable runs: nothing is
+    kept, and the points are drawn when first asked for.
+    """
     with run_dtype(facts.dtype), torch.no_grad():
-        while len(points) < count and attempt < 10 * count:
-            trace = trace_model(model, data, seed + 7919 * attempt)
-            attempt += 1
-            point = {}
-            for name in facts.continuous:
-                site = trace.nodes[name]
-                point[name] = biject_to(site["fn"].support).inv(site["value"])
-            if all(bool(torch.isfinite(v).all()) for v in point.values()):
-                points.append(point)
-    if not points:
+        points = _points_of(runs, facts, CHECK_POINTS)
+    if points and len(next(iter(points.values()))) == CHECK_POINTS:
+        facts.check_points.setdefault((CHECK_POINTS, 0), points)
+
+
+def _points_of(runs, facts: StoryFacts, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` runs' continuous sites, unconstrained, where all are finite."""
+    points = [p for trace in runs if (p := _unconstrained(trace, facts)) is not None][:count]
+    if not points or not facts.continuous:
         return {}
     return {n: torch.stack([p[n] for p in points]) for n in facts.continuous}
+
+
+def _unconstrained(trace, facts: StoryFacts) -> dict[str, torch.Tensor] | None:
+    point = {n: biject_to(trace.nodes[n]["fn"].support).inv(trace.nodes[n]["value"])
+             for n in facts.continuous}
+    return point if all(bool(torch.isfinite(v).all()) for v in point.values()) else None
+
+
+def _prior_points(model, data, facts: StoryFacts, count: int, seed: int):
+    runs, found, attempt = [], 0, 0
+    with run_dtype(facts.dtype), torch.no_grad():
+        while found < count and attempt < 10 * count:
+            runs.append(trace_model(model, data, seed + 7919 * attempt))
+            attempt += 1
+            found += _unconstrained(runs[-1], facts) is not None
+        return _points_of(runs, facts, count)
 
 
 def _agree(got: Evaluation, reference: Evaluation) -> bool:

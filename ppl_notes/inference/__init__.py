@@ -23,9 +23,11 @@ from ppl_notes._progress import show_progress
 from ppl_notes._sites import distribution_name
 from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
+from ppl_notes.checks import check_data_runs
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.evaluation import RunContext, story_dtype, story_facts
+from ppl_notes.evaluation.paths import keep_check_points
 from ppl_notes.inference._options import validate
 from ppl_notes.inference.backends import BACKENDS, methods_with
 from ppl_notes.posterior import Posterior
@@ -117,7 +119,7 @@ def infer(
     if not isinstance(drop_incomplete, bool):
         raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
-    first_run = model.check_data(prepared)
+    first_run, prior_runs = check_data_runs(model, prepared)
     model = model.observing(first_run, prepared)  # an observed site's data argument
     if guide is None and backend.guide_families:
         guide = model.recommended_guide  # the story's own, where it names one
@@ -141,6 +143,7 @@ def infer(
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
     facts = story_facts(model, prepared, trace=first_run)
+    keep_check_points(facts, prior_runs)  # the path choice's prior points: no runs of its own
     if facts.subsampled and not backend.minibatch:
         plate, (size, full) = next(iter(facts.subsampled.items()))
         raise OptionError(
