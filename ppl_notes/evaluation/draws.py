@@ -24,7 +24,7 @@ from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
 from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
-from ppl_notes.evaluation.density import draws_per_batch
+from ppl_notes.evaluation.density import draws_per_batch, trace_with
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,10 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
     num = next(iter(values.values())).shape[0]
     nesting = facts.plate_nesting
     with run_dtype(facts.dtype), pyro.validation_enabled(False):
+        if path == "plate" and facts.local_discrete:
+            local = _local_discrete(model, data, facts, values)
+            if local is not None:
+                return local
         if path == "plate":
             shaped = {n: v.to(facts.dtype).reshape(
                 (num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
@@ -263,6 +267,52 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
                             getattr(model, "name", model), type(error).__name__, error)
         pieces = [one({k: v[i] for k, v in values.items()}) for i in range(num)]
     return {n: torch.stack([p[n] for p in pieces]).numpy() for n in facts.discrete}
+
+
+def _local_discrete(model, data, facts, values) -> dict[str, np.ndarray] | None:
+    r"""Discrete sites local to each observation, drawn from their exact conditional.
+
+    Where every discrete site sits in the plates of the one observed site
+    (``facts.local_discrete``: a mixture's component per observation), the observations
+    are independent given the continuous sites, and
+    :math:`p(z_i \mid x, \theta) \propto p(z_i \mid \theta)\, p(x_i \mid z_i, \theta)`
+    is one softmax per observation over its enumerated values: the factor the pointwise
+    log-likelihood sums out (``logsumexp``) is sampled from instead. One enumerated run
+    of the story over the draws does it, where Pyro's ``infer_discrete`` (forward filter,
+    backward sample) runs it twice and contracts generically: on Galton's heights (4000
+    draws, 934 people) 1.1 s became 0.45 s. None where a site has an event shape (a
+    one-hot value), which ``infer_discrete`` handles.
+    """
+    num = next(iter(values.values())).shape[0]
+    nesting = facts.plate_nesting
+    shaped = {n: v.to(facts.dtype).reshape(
+        (num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
+        for n, v in values.items()}
+
+    def outer(story):
+        def in_plate(**kwargs):
+            with pyro.plate("_draws", num, dim=-(nesting + 1)):
+                return story(**kwargs)
+        return in_plate
+
+    trace, _, _ = trace_with(model, data, facts, shaped, False, -(nesting + 2), outer)
+    if any(trace.nodes[n]["fn"].event_shape for n in facts.discrete):
+        return None
+    factor = sum(trace.nodes[n]["log_prob"] for n in facts.discrete + facts.observed)
+    enum_shape = factor.shape[:factor.dim() - nesting - 1]
+    rest = factor.shape[len(enum_shape):]
+    # inverse CDF over the few enumerated values: one uniform per observation and draw
+    cumulative = torch.softmax(factor.reshape((-1,) + rest), dim=0).cumsum(0)
+    uniform = torch.rand(rest, dtype=cumulative.dtype) * cumulative[-1]
+    chosen = (cumulative < uniform).sum(0, keepdim=True).clamp(max=cumulative.shape[0] - 1)
+    drawn = {}
+    for name in facts.discrete:
+        value = trace.nodes[name]["value"]  # enumerated: its values along its own dim
+        value = value.reshape((1,) * (factor.dim() - value.dim()) + value.shape)
+        options = value.expand(factor.shape).reshape((-1,) + rest)
+        picked = options.gather(0, chosen).squeeze(0)
+        drawn[name] = picked.reshape((num,) + facts.value_shapes[name]).numpy()
+    return drawn
 
 
 def sum_to_draws(log_prob: torch.Tensor, num: int) -> torch.Tensor:
