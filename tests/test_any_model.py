@@ -14,11 +14,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule, PyroSample
+from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch import nn
+from torch.distributions import constraints
 
 from ppl_notes import infer, model
 from ppl_notes.errors import OptionError, StoryError
+from ppl_notes.vi.restarts import restart_seed
 from tests.corpus import truth
 
 NOISE = 0.5
@@ -225,3 +227,32 @@ def test_svi_on_a_story_with_a_python_loop_runs_on_the_potential():
         reference = np.asarray(nuts.draws(site), dtype=float)
         shift = abs(np.asarray(svi.draws(site), dtype=float).mean() - reference.mean())
         assert shift < 0.2 * reference.std(), site
+
+
+class MeanGuide(PyroModule):
+    """A guide written as a PyroModule: its parameters live in the module itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = PyroParam(torch.zeros(3))
+        self.scale = PyroParam(torch.ones(3), constraint=constraints.positive)
+
+    def forward(self, x, y=None):
+        pyro.sample("w", dist.Normal(self.loc, self.scale).to_event(1))
+
+
+def test_restarts_each_fit_their_own_copy_of_a_pyro_module_guide():
+    """Restart 1 of two is the lone fit at restart 1's seed, and the user's module is
+    left as it was: no restart goes on from another's weights. The module's parameters
+    are float32 (torch's default) and the story float64: it runs as a float64 copy."""
+    users = MeanGuide()
+    options = {"method": "svi", "optimizer": "adam", "steps": 150, "progress": False}
+    both = infer(regression, {"x": X, "y": Y}, guide=users, restarts=2, **options)
+    lone = infer(regression, {"x": X, "y": Y}, guide=MeanGuide(), restarts=1,
+                 seed=restart_seed(0, 1), **options)
+    np.testing.assert_array_equal(both.tree["posterior"]["w"].values[1],
+                                  lone.tree["posterior"]["w"].values)
+    fitted = both.tree["fitted_params"]["loc"].values
+    assert not np.array_equal(fitted[0], fitted[1])  # two fits, from two seeds
+    assert torch.equal(users.loc.detach(), torch.zeros(3))  # the user's module untouched
+    assert len(np.unique(lone.draws("w")[..., 0])) == lone.draws("w")[..., 0].size

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyro
+import torch
 
+from ppl_notes._constants import constants_dtype, module_as_float64
 from ppl_notes._dtype import run_dtype
 from ppl_notes._progress import show_progress
 from ppl_notes._sites import distribution_name
@@ -138,6 +140,7 @@ def infer(
                 f"guide {guide.name!r} was written for story {guide.model.name!r}, "
                 f"not {model.name!r}"
             )
+        guide = _guide_in_dtype(guide, story_dtype(model))
         pyro.clear_param_store()
         with run_dtype(story_dtype(model)):
             check_pairing(model, guide, prepared)
@@ -225,6 +228,22 @@ def _require_continuous_and_enumerable(model: Model, facts, method: str) -> None
             f"{name!r} (score-function gradients), or write the story with {name!r} summed "
             "out by hand and pass it as marginal=..."
         )
+
+
+def _guide_in_dtype(guide, dtype: torch.dtype):
+    """A float64 copy of a guide written as a float32 ``PyroModule``, for a float64 story.
+
+    Its ``PyroParam``s are made in torch's default float32 when the user builds it, and
+    meet the story's float64 values in ``x @ w``; the story's own module is copied into
+    float64 for the same reason (:func:`~ppl_notes._constants.module_as_float64`). The
+    user's module is left as it is.
+    """
+    module = guide.fn if isinstance(guide, Guide) else guide
+    if (dtype != torch.float64 or not isinstance(module, torch.nn.Module)
+            or constants_dtype(module)[0] != torch.float32):
+        return guide
+    copied = module_as_float64(module)
+    return Guide(copied, guide.model, guide.name) if isinstance(guide, Guide) else copied
 
 
 def _reference(thing) -> str:
