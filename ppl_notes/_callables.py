@@ -6,6 +6,7 @@ A story may be a function, a lambda, a ``functools.partial``, a callable object 
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -57,14 +58,50 @@ def reduce_by_reference(obj):
 
     Worker processes then import it rather than receive a copy. A story defined in
     ``__main__`` (a script, a notebook) or in no importable module travels by value:
-    cloudpickle copies its function.
+    cloudpickle copies its function. The module attribute may carry the story's own name
+    or its function's (``heights.model`` is the story named ``"heights"``). A copy of a
+    module-level story (``Model.observing`` makes one for a fit) travels by value with
+    its function by reference: the function's own name in its module is the decorated
+    story, not the function, so that plain ``pickle`` could not find it.
     """
     module = inspect.getmodule(obj.fn)
     importable = module is not None and module.__name__ != "__main__" and getattr(
         module, "__spec__", None) is not None
-    if importable and getattr(module, obj.name, None) is obj:
-        return (_import_attribute, (module.__name__, obj.name))
-    return object.__reduce__(obj)
+    if importable:
+        for attribute in dict.fromkeys((obj.name, getattr(obj.fn, "__name__", None))):
+            if attribute and getattr(module, attribute, None) is obj:
+                return (_import_attribute, (module.__name__, attribute))
+    state = dict(vars(obj))
+    reference = _decorated_function(state.get("fn"))
+    if reference is not None:
+        state["fn"] = reference
+    return (copyreg.__newobj__, (type(obj),), state)
+
+
+class _FunctionOf:
+    """Pickles as "the ``fn`` of the story at ``module.attribute``" (see below)."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def __reduce__(self):
+        return (_function_of, (self.module, self.attribute))
+
+
+def _decorated_function(fn) -> _FunctionOf | None:
+    """A reference to ``fn`` where its name in its module is a story wrapping it."""
+    module = inspect.getmodule(fn)
+    name = getattr(fn, "__qualname__", "")
+    if module is None or module.__name__ == "__main__" or not name or "." in name:
+        return None
+    holder = getattr(module, name, None)
+    if holder is not fn and getattr(holder, "fn", None) is fn:
+        return _FunctionOf(module.__name__, name)
+    return None
+
+
+def _function_of(module_name: str, attribute: str):
+    return _import_attribute(module_name, attribute).fn
 
 
 def _import_attribute(module_name: str, attribute: str):

@@ -213,3 +213,18 @@ def test_a_story_is_frozen_and_a_fit_never_changes_it():
     assert "constant_data" not in fit.tree.children  # y is the observed data
     assert fit.draws("mu")[0] == pytest.approx(6.0 / 3.01, rel=1e-4)  # sum y / (n + 1/10^2)
     assert heights.model.marginal is heights.model.marginal  # recorded once per story
+
+
+def test_a_fit_of_a_shipped_story_pickles_with_plain_pickle():
+    """A fit holds a copy of its story (``Model.observing``); the story's function is
+    ``heights.model``'s own, whose name in its module is the decorated story. Plain
+    ``pickle`` (joblib, multiprocessing) finds it by reference, and the copy comes back
+    with the very function."""
+    import pickle
+
+    story = heights.model
+    fit = infer(story, method="svi", progress=False, restarts=1, num_draws=50)
+    assert pickle.loads(pickle.dumps(story)) is story
+    again = pickle.loads(pickle.dumps(fit))
+    assert again.model.fn is story.fn and again.model.name == "heights"
+    np.testing.assert_array_equal(again.draws("mu"), fit.draws("mu"))
