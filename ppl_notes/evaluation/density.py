@@ -151,6 +151,31 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
     return trace, constrained, log_det
 
 
+def in_draw_plate(facts, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Draws ``(num, *value shape)`` shaped for a plate over them left of the story's plates."""
+    num = next(iter(values.values())).shape[0]
+    return {n: v.reshape((num,) + (1,) * (facts.plate_nesting - facts.batch_ndim[n])
+                         + tuple(v.shape[1:])) for n, v in values.items()}
+
+
+def trace_in_draw_plate(model, data, facts, values, unconstrained, density=True):
+    """:func:`trace_with` for every draw at once.
+
+    The draws sit in a plate ``_draws`` left of the story's plates, and the discrete
+    sites are enumerated left of that.
+    """
+    num, nesting = next(iter(values.values())).shape[0], facts.plate_nesting
+
+    def outer(story):
+        def in_plate(**kwargs):
+            with pyro.plate("_draws", num, dim=-(nesting + 1)):
+                return story(**kwargs)
+        return in_plate
+
+    return trace_with(model, data, facts, in_draw_plate(facts, values), unconstrained,
+                      -(nesting + 2), outer, density)
+
+
 def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
                   density=True) -> Evaluation:
     """One draw (no draw dim): the story as its author wrote it."""
@@ -196,18 +221,8 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
                     density=True) -> Evaluation:
     """Every draw at once, in a plate over the draws left of the story's plates."""
     num = next(iter(values.values())).shape[0]
-    nesting = facts.plate_nesting
-    shaped = {n: v.reshape((num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
-              for n, v in values.items()}
-
-    def outer(story):
-        def in_plate(**kwargs):
-            with pyro.plate("_draws", num, dim=-(nesting + 1)):
-                return story(**kwargs)
-        return in_plate
-
-    trace, constrained, log_det = trace_with(model, data, facts, shaped, unconstrained,
-                                             -(nesting + 2), outer, density)
+    trace, constrained, log_det = trace_in_draw_plate(model, data, facts, values,
+                                                      unconstrained, density)
     log_jacobian = torch.zeros(num, dtype=facts.dtype)
     for term in log_det.values():
         log_jacobian = log_jacobian + _per_draw(term, num).reshape(num, -1).sum(-1)

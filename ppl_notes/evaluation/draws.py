@@ -24,7 +24,7 @@ from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
 from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
-from ppl_notes.evaluation.density import draws_per_batch, trace_with
+from ppl_notes.evaluation.density import draws_per_batch, in_draw_plate, trace_in_draw_plate
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
 logger = logging.getLogger(__name__)
@@ -234,9 +234,7 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
             if local is not None:
                 return local
         if path == "plate":
-            shaped = {n: v.to(facts.dtype).reshape(
-                (num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
-                for n, v in values.items()}
+            shaped = in_draw_plate(facts, {n: v.to(facts.dtype) for n, v in values.items()})
             conditioned = poutine.condition(model, data=shaped)
 
             def story(**kwargs):
@@ -283,19 +281,9 @@ def _local_discrete(model, data, facts, values) -> dict[str, np.ndarray] | None:
     draws, 934 people) 1.1 s became 0.45 s. None where a site has an event shape (a
     one-hot value), which ``infer_discrete`` handles.
     """
-    num = next(iter(values.values())).shape[0]
-    nesting = facts.plate_nesting
-    shaped = {n: v.to(facts.dtype).reshape(
-        (num,) + (1,) * (nesting - facts.batch_ndim[n]) + tuple(v.shape[1:]))
-        for n, v in values.items()}
-
-    def outer(story):
-        def in_plate(**kwargs):
-            with pyro.plate("_draws", num, dim=-(nesting + 1)):
-                return story(**kwargs)
-        return in_plate
-
-    trace, _, _ = trace_with(model, data, facts, shaped, False, -(nesting + 2), outer)
+    num, nesting = next(iter(values.values())).shape[0], facts.plate_nesting
+    trace, _, _ = trace_in_draw_plate(model, data, facts,
+                                      {n: v.to(facts.dtype) for n, v in values.items()}, False)
     if any(trace.nodes[n]["fn"].event_shape for n in facts.discrete):
         return None
     factor = sum(trace.nodes[n]["log_prob"] for n in facts.discrete + facts.observed)
