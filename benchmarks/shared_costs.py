@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     from ppl_notes import infer
     from ppl_notes.checks import check_data_runs
     from ppl_notes.evaluation import choose_path, story_facts
-    from ppl_notes.evaluation.paths import keep_check_points
     from ppl_notes.evaluation.draws import posterior_of
+    from ppl_notes.evaluation.paths import keep_check_points
     from ppl_notes.evaluation.potential import BatchedPotential
     from tests.corpus.cases import CASES
 
