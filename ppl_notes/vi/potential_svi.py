@@ -180,9 +180,13 @@ def _guide_parameters(model, data, facts, family: str, qs: list[Gaussian], poten
     discrete = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
     guide_class, _ = FAMILY_GUIDES[family]
     guide = guide_class(poutine.block(model, hide=discrete), init_loc_fn=unconstrained_value)
+    pyro.clear_param_store()
+    guide._setup_prototype(**data)  # the story's own pyro.param sites enter the store here
+    story_params = pyro.get_param_store().get_state()
     params = []
     for q in qs:
-        pyro.clear_param_store()
+        pyro.clear_param_store()  # no restart reads another's guide parameters
+        pyro.get_param_store().set_state(story_params)
         _write_guide(guide, q, potential.names, potential.sizes, data)
         with torch.no_grad(), poutine.seed(rng_seed=0), poutine.block():
             guide(**data)  # the module's parameters enter the param store when it runs
