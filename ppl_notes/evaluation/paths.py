@@ -63,10 +63,8 @@ def keep_check_points(facts: StoryFacts, runs: list) -> None:
 
 def _points_of(runs, facts: StoryFacts, count: int) -> dict[str, torch.Tensor]:
     """The first ``count`` runs' continuous sites, unconstrained, where all are finite."""
-    points = [p for trace in runs if (p := _unconstrained(trace, facts)) is not None][:count]
-    if not points or not facts.continuous:
-        return {}
-    return {n: torch.stack([p[n] for p in points]) for n in facts.continuous}
+    points = [p for trace in runs if (p := _unconstrained(trace, facts)) is not None]
+    return _stacked(points[:count], facts)
 
 
 def _unconstrained(trace, facts: StoryFacts) -> dict[str, torch.Tensor] | None:
@@ -75,14 +73,21 @@ def _unconstrained(trace, facts: StoryFacts) -> dict[str, torch.Tensor] | None:
     return point if all(bool(torch.isfinite(v).all()) for v in point.values()) else None
 
 
+def _stacked(points: list[dict[str, torch.Tensor]], facts: StoryFacts) -> dict[str, torch.Tensor]:
+    if not points or not facts.continuous:
+        return {}
+    return {n: torch.stack([p[n] for p in points]) for n in facts.continuous}
+
+
 def _prior_points(model, data, facts: StoryFacts, count: int, seed: int):
-    runs, found, attempt = [], 0, 0
+    points, attempt = [], 0
     with run_dtype(facts.dtype), torch.no_grad():
-        while found < count and attempt < 10 * count:
-            runs.append(trace_model(model, data, seed + 7919 * attempt))
+        while len(points) < count and attempt < 10 * count:
+            point = _unconstrained(trace_model(model, data, seed + 7919 * attempt), facts)
             attempt += 1
-            found += _unconstrained(runs[-1], facts) is not None
-        return _points_of(runs, facts, count)
+            if point is not None:
+                points.append(point)
+        return _stacked(points, facts)
 
 
 def _agree(got: Evaluation, reference: Evaluation) -> bool:
