@@ -12,8 +12,8 @@ Every function takes draws shaped ``(chain, draw)`` and returns a float, ``nan``
 the draws hold a NaN or are too few (fewer than 4 draws per chain; R-hat also needs 2
 chains). Its ``*_of_elements`` form takes ``(element, chain, draw)`` and returns one
 number per element, computed for all at once: the ranks, FFTs and quantiles as array
-operations, so that a posterior of 18 elements (eight schools) is judged in 13 ms rather
-than 74 ms, and one of thousands no longer in seconds.
+operations: 18 elements of 4 x 1000 draws (eight schools) in 27 ms rather than 57 ms,
+500 elements in 1.0 s rather than 1.6 s (measured here; the sorts and FFTs are the rest).
 """
 
 from __future__ import annotations
