@@ -104,23 +104,22 @@ def test_reductions_keep_and_drop_dimensions():
     assert_tape_matches(function)
 
 
-def test_max_as_a_stabiliser_runs_but_its_gradient_needs_point_dependent_indices():
+def test_max_runs_with_its_gradient_scattered_at_the_argmax_of_each_run():
     def stabilised(x):  # the forward algorithm's log-sum-exp, as users write it
         top = x.max(-1, keepdim=True).values.detach()
         return (x - top).exp().sum(-1).log() + top[:, 0] + x.amin(-1)
 
     assert_tape_matches(stabilised)
-    with pytest.raises(_tape.Unsupported):  # max's backward scatters at its argmax
-        _tape.Tape(_value_and_grad(lambda x: x.max(-1).values),
-                   torch.randn(BATCH, DIM, dtype=torch.float64))
+    # max's backward scatters the gradient at its argmax, found at every run
+    assert_tape_matches(lambda x: x.max(-1).values * 2 + x.reshape(-1, 2, 2).max(1).values[:, 0])
 
 
 def test_scans():
     def function(x):
         # the gradients of cumprod and logcumsumexp gather at indices that depend on the
-        # point (cumprod's first zero): their values only here
-        return (x.cumsum(-1) ** 2).sum(-1) + x.detach().exp().cumprod(-1)[:, -1] + \
-            torch.logcumsumexp(x.detach(), -1)[:, -1]
+        # point (cumprod's first zero), read at every run
+        return (x.cumsum(-1) ** 2).sum(-1) + x.exp().cumprod(-1)[:, -1] + \
+            torch.logcumsumexp(x, -1)[:, -1] + x.cumprod(-1)[:, -1]
 
     assert_tape_matches(function)
 
@@ -253,11 +252,87 @@ def test_scatter_with_fixed_indices(function):
     assert_tape_matches(function)
 
 
+_WEIGHTS = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("function", [
-    lambda x: torch.sort(x, -1).values.sum(-1),
+    lambda x: (torch.sort(x, -1).values * _WEIGHTS).sum(-1),
+    lambda x: (torch.sort(x.reshape(-1, 2, 2), 1, descending=True).values[:, 0] ** 2).sum(-1),
+    lambda x: (torch.sort(x, stable=True, dim=-1).values.cumsum(-1) * _WEIGHTS).sum(-1),
+    lambda x: torch.topk(x, 3).values.exp().sum(-1) + torch.topk(x, 2, largest=False).values[:, 0],
+    lambda x: (torch.gather(torch.sin(x), 1, torch.argsort(x, -1)) * _WEIGHTS).sum(-1),
+    lambda x: (torch.zeros_like(x).scatter(1, torch.argsort(x, -1), x.exp()) * _WEIGHTS).sum(-1),
+    lambda x: (torch.zeros(x.shape[0], 4, dtype=x.dtype).scatter_add(
+        1, torch.argsort(x, -1)[:, :2], x[:, :2] ** 2) * _WEIGHTS).sum(-1),
+], ids=["sort", "sort_descending_dim1", "sort_stable", "topk", "argsort_gather",
+        "scatter_by_argsort", "scatter_add_by_argsort"])
+def test_a_sort_finds_its_permutation_at_every_run(function):
+    """The permutation depends on the point: the tape sorts at every run (``I_SORT``), and
+    the backward scatters the gradient back by it (``I_INDEXED``). Checked at points
+    other than the one recorded, where the order differs."""
+    assert_tape_matches(function)
+
+
+#: Near a permutation: a factorisation of these matrices must swap rows
+_SWAPS = torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]]
+_MIX = torch.tensor([[0.4, -0.2, 0.1, 0.3], [0.2, 0.5, -0.3, 0.1],
+                     [-0.1, 0.3, 0.2, -0.4], [0.3, 0.1, 0.4, 0.2]], dtype=torch.float64)
+
+
+def _matrix(x):
+    return 2 * _SWAPS + torch.tanh(x)[:, :, None] * _MIX  # (batch, 4, 4)
+
+
+@pytest.mark.parametrize("function", [
+    lambda x: torch.linalg.slogdet(_matrix(x)).logabsdet,
+    lambda x: torch.linalg.slogdet(_matrix(x)).sign * x[:, 0],
+    lambda x: torch.logdet(_matrix(x) @ _matrix(x).mT),
+    lambda x: torch.linalg.det(_matrix(x)),
+    lambda x: torch.linalg.det(_matrix(x).mT.contiguous()),
+    lambda x: (torch.linalg.solve(_matrix(x), torch.sin(x)) ** 2).sum(-1),
+    lambda x: torch.linalg.solve(_matrix(x), torch.sin(x)[:, :, None] * x[:, None, :2]).sum((1, 2)),
+    lambda x: torch.linalg.solve(_matrix(x), x[:, None, :], left=False).sum((1, 2)),
+    lambda x: (torch.linalg.inv(_matrix(x)) @ x[:, :, None]).sum((1, 2)),
+], ids=["slogdet", "slogdet_sign", "logdet", "det", "det_columns", "solve_vector",
+        "solve_matrix", "solve_right", "inverse"])
+def test_lu_operations_pivot_at_every_run(function):
+    """slogdet, det, solve and inv factor ``P L U`` on the tape (``I_LU``), the pivots
+    found from the point, and their backward solves with the factors (``I_LUSOLVE``)."""
+    assert_tape_matches(function)
+
+
+def test_a_singular_matrix_has_log_determinant_minus_infinity():
+    def function(x):
+        matrix = torch.ones(x.shape[0], 3, 3, dtype=x.dtype) * x[:, :1, None]
+        return torch.linalg.slogdet(matrix + torch.diag_embed(x[:, 1:])).logabsdet
+
+    tape = _tape.Tape(_value_and_grad(function), torch.ones(BATCH, 4, dtype=torch.float64))
+    points = np.ones((BATCH, 4))
+    points[1, 1:] = 0.0  # all ones: rank 1
+    value, _ = tape(torch.from_numpy(points))
+    expected, _ = _eager_value_and_grad(function, points)
+    assert value[1] == -math.inf == expected[1]
+    np.testing.assert_allclose(value.numpy()[[0, 2]], expected[[0, 2]], rtol=1e-12)
+
+
+def test_an_index_from_the_point_outside_its_tensor_raises_as_torch_does():
+    def function(x):
+        index = (x.abs() * 2).long()  # 0 or 1 where recorded; 4 and beyond elsewhere
+        return torch.gather(x, 1, index).sum(-1)
+
+    tape = _tape.Tape(_value_and_grad(function),
+                      torch.full((BATCH, DIM), 0.3, dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        function(torch.full((BATCH, DIM), 3.0, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="outside its tensor"):
+        tape(torch.full((BATCH, DIM), 3.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("function", [
+    lambda x: torch.linalg.eigvalsh(x[:, :, None] * x[:, None, :]).sum(-1),
     lambda x: x.sum(-1) * float(x[0, 0].item()),
     lambda x: torch.nn.functional.gelu(x).sum(-1),
-], ids=["sort", "item", "gelu"])
+], ids=["eigvalsh", "item", "gelu"])
 def test_operations_without_a_kernel_are_refused(function):
     with pytest.raises(_tape.Unsupported):
         _tape.Tape(_value_and_grad(function), torch.randn(BATCH, DIM, dtype=torch.float64))
@@ -334,6 +409,31 @@ def gp_cholesky_solve(x, y=None):
     pyro.factor("y", -0.5 * (quadratic + log_det + len(x) * math.log(2 * math.pi)))
 
 
+@model(observed={"x": "x"})
+def unmixing(x=None):
+    """Independent Laplace sources seen through an unknown 2 x 2 mixing matrix (ICA):
+    :math:`\\log p(x \\mid A) = \\sum \\log p_s(A^{-1} x) - N \\log|\\det A|`, written
+    with ``torch.linalg.solve`` and ``slogdet`` as a user writes it."""
+    mixing = pyro.sample("mixing", dist.Normal(torch.eye(2), 1.0).to_event(2))
+    sources = torch.linalg.solve(mixing, x.mT).mT  # (N, 2)
+    log_det = torch.linalg.slogdet(mixing).logabsdet
+    pyro.factor("x", dist.Laplace(0.0, 1.0).log_prob(sources).sum((-2, -1))
+                - x.shape[-2] * log_det)
+
+
+@model(observed=["y"])
+def ordered_mixture(y=None):
+    """Component means kept in order by sorting free draws, as users break a mixture's
+    label switching."""
+    locs = torch.sort(pyro.sample("raw", dist.Normal(0.0, 5.0).expand([3]).to_event(1)),
+                      -1).values
+    scale = pyro.sample("scale", dist.HalfNormal(2.0))
+    weights = torch.full((3,), 1 / 3)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.MixtureSameFamily(dist.Categorical(weights),
+                                                dist.Normal(locs, scale)), obs=y)
+
+
 def _logistic_data():
     generator = torch.Generator().manual_seed(0)
     X = torch.randn(40, 3, generator=generator)
@@ -347,7 +447,10 @@ def _logistic_data():
     (softmax_simplex, {"y": torch.tensor([0, 2, 2, 1, 2, 0, 2])}),
     (gp_cholesky_solve, {"x": torch.linspace(0.0, 3.0, 7),
                          "y": torch.tensor([0.1, 0.7, 0.9, 0.4, -0.3, -0.8, -0.5])}),
-], ids=["logistic", "mixture", "softmax_simplex", "gp_cholesky_solve"])
+    (unmixing, {"x": torch.tensor([[0.3, -1.2], [1.5, 0.4], [-0.7, 0.9], [2.1, -0.3]])}),
+    (ordered_mixture, {"y": torch.tensor([-4.1, -3.2, 0.3, 0.8, 5.2, 6.0, -3.7])}),
+], ids=["logistic", "mixture", "softmax_simplex", "gp_cholesky_solve", "unmixing",
+        "ordered_mixture"])
 def test_user_stories_run_on_their_tape(story, data):
     data = story.prepare_data(data)
     taped = BatchedPotential(story.marginal, data, 4, compiler="tape")
@@ -360,13 +463,14 @@ def test_user_stories_run_on_their_tape(story, data):
 
 def test_a_story_the_tape_cannot_record_falls_back(monkeypatch):
     @model(observed=["y"])
-    def sorted_story(y=None):
+    def spectrum_story(y=None):
         x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(torch.sort(x).values, 1.0).to_event(1), obs=y)
+        spectrum = torch.linalg.eigvalsh(torch.diag(x) + 0.1)
+        pyro.sample("y", dist.Normal(spectrum, 1.0).to_event(1), obs=y)
 
     monkeypatch.setattr("ppl_notes.evaluation.potential.compiler_available", lambda: False)
-    data = sorted_story.prepare_data({"y": torch.tensor([-1.0, 0.0, 2.0])})
-    potential = BatchedPotential(sorted_story, data, 2, compiler="tape")
+    data = spectrum_story.prepare_data({"y": torch.tensor([-1.0, 0.0, 2.0])})
+    potential = BatchedPotential(spectrum_story, data, 2, compiler="tape")
     assert potential.compiler == "none"
     points = np.random.default_rng(1).normal(size=(2, 3))
     expected = _eager_value_and_grad(potential._potential, points)
@@ -388,10 +492,11 @@ def test_the_python_codes_are_the_enums_of_the_c_interpreter():
     functions = re.search(r"enum \{\s*F_CONST = 0,(.*?)\};", source, re.S).group(1)
     names = ["CONST"] + [n.strip()[2:] for n in functions.split(",") if n.strip()]
     assert names == list(arena.F)
-    kinds = re.search(r"enum \{ I_MAP = 1,(.*?)\};", source).group(1)
-    assert [n.strip() for n in kinds.split(",")] == \
-        ["I_REDUCE", "I_SCAN", "I_MATMUL", "I_CHOL", "I_TRISOLVE", "I_GATHER", "I_SCATTER"]
-    assert (arena.I_MAP, arena.I_SCATTER) == (1, 8)
+    kinds = re.search(r"enum \{ I_MAP = 1,(.*?)\};", source, re.S).group(1)
+    names = ["I_REDUCE", "I_SCAN", "I_MATMUL", "I_CHOL", "I_TRISOLVE", "I_GATHER", "I_SCATTER",
+             "I_LU", "I_LUSOLVE", "I_SORT", "I_INDEXED"]
+    assert [n.strip() for n in kinds.split(",")] == names
+    assert [getattr(arena, n) for n in ["I_MAP", *names]] == list(range(1, 13))
     reductions = re.search(r"enum \{ R_SUM = 0,(.*?)\};", source).group(1)
     assert len(reductions.split(",")) + 1 == arena.R_ALL + 1
     assert f"#define MAXDIM {arena.MAX_DIMS}" in source

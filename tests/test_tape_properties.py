@@ -30,6 +30,15 @@ _GENERATOR = torch.Generator().manual_seed(29)
 _MATRIX = torch.randn(DIM, DIM, generator=_GENERATOR, dtype=torch.float64) / 2
 _INDEX = torch.tensor([3, 0, 0, 2])
 
+#: A permutation: LU factorisation of a matrix near it must pivot
+_PERMUTATION = torch.eye(DIM, dtype=torch.float64)[[2, 0, 3, 1]]
+
+
+def _pivoted(a: torch.Tensor) -> torch.Tensor:
+    """A matrix per row, each far from singular, whose factorisation swaps rows."""
+    return 2 * _PERMUTATION + 0.3 * torch.tanh(a)[:, :, None] * _MATRIX
+
+
 UNARY = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sin": torch.sin, "cos": torch.cos,
     "atan": torch.atan, "softplus": torch.nn.functional.softplus,
@@ -51,6 +60,16 @@ UNARY = {
     "softmax_by_hand": lambda a: (a - a.detach().amax(-1, keepdim=True)).exp()
     / (a - a.detach().amax(-1, keepdim=True)).exp().sum(-1, keepdim=True),
     "bmm_outer": lambda a: (a[:, :, None] @ a[:, None, :]).sum(-1) / DIM,
+    # a permutation found from the point at every run, and its backward scatter
+    "sort": lambda a: torch.sort(a, -1).values,
+    "sort_descending": lambda a: torch.sort(a, -1, descending=True).values,
+    "topk": lambda a: torch.cat([torch.topk(a, 2).values, a[:, 2:]], -1),
+    "argsort_gather": lambda a: torch.gather(torch.sin(a), 1, torch.argsort(a, -1)),
+    # LU with pivots found from the point (matrices kept well away from singular)
+    "solve": lambda a: torch.linalg.solve(_pivoted(a), a),
+    "slogdet": lambda a: torch.linalg.slogdet(_pivoted(a)).logabsdet[:, None] * a,
+    "det": lambda a: torch.linalg.det(_pivoted(a))[:, None] + a,
+    "inverse": lambda a: (torch.linalg.inv(_pivoted(a)) @ a[:, :, None]).squeeze(-1),
 }
 BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul,

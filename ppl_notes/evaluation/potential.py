@@ -181,11 +181,23 @@ class BatchedPotential:
         return recorded[key]
 
     def _record_tape(self, example: torch.Tensor):
-        """The potential's tape, or None (and the next compiler) where it cannot be made."""
+        """The potential's tape, or None (and the next compiler) where it cannot be made.
+
+        It is recorded at the origin of the unconstrained space, or, where the story
+        raises there (a mixing matrix of zeros that ``torch.linalg.solve`` refuses), at
+        the prior check points: a tape is the same operations wherever it is recorded,
+        and the agreement check holds it to the story at those points either way.
+        """
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
-                return Tape(_value_and_grad_of(self._potential), example)
+                try:
+                    return Tape(_value_and_grad_of(self._potential), example)
+                except (RuntimeError, ValueError):
+                    at_prior = self._check_batch()
+                    if at_prior is None:
+                        raise
+                    return Tape(_value_and_grad_of(self._potential), torch.from_numpy(at_prior))
         except Unsupported as error:
             reason = str(error)
         except Exception as error:  # noqa: BLE001 - a failed recording: say so, compile
@@ -199,13 +211,19 @@ class BatchedPotential:
                        getattr(self.model, "name", self.model), reason, cost)
         return None
 
-    def _compiled_agrees(self) -> bool:
-        """Whether the compiled potential equals the eager one at the prior check points."""
+    def _check_batch(self) -> np.ndarray | None:
+        """The prior check points, flat, repeated to a batch of ``num_chains``; None if none."""
         points = check_points(self.model, self.data, self.facts)
         if not points:
-            return True
+            return None
         flat = torch.cat([points[n].reshape(points[n].shape[0], -1) for n in self.names], -1)
-        flat = flat.double()[torch.arange(self.num_chains) % flat.shape[0]].numpy()
+        return flat.double()[torch.arange(self.num_chains) % flat.shape[0]].numpy()
+
+    def _compiled_agrees(self) -> bool:
+        """Whether the compiled potential equals the eager one at the prior check points."""
+        flat = self._check_batch()
+        if flat is None:
+            return True
         compiled = self(flat)
         eager = _eager_value_and_grad(self._potential, flat)
         return all(np.allclose(a, b, rtol=1e-6, atol=1e-8, equal_nan=True)

@@ -18,14 +18,21 @@
  *   CHOL     nb bsizes[nb] n out(base bstr[nb] sr sc) in(base bstr[nb] sr sc)
  *   TRISOLVE nb upper unit bsizes[nb] n k out(...) a(...) b(...)
  *   GATHER   ndim round pidx sizes[ndim] out-desc count addr[count]
+ *   LU       nb det bsizes[nb] n lu(...) pivots(...) [sign(...) logdet(...) | det(...)]
+ *            in(...)
+ *   LUSOLVE  nb adjoint bsizes[nb] n k out(...) lu(...) pivots(...) b(...)
+ *   SORT     ndim dim descending k sizes[ndim] values-desc indices-desc in-desc
+ *   INDEXED  ndim dim mode n sizes[ndim] out-desc index-desc src-desc
  *   SCATTER  count src[count] dst[count]
  * "round" stores a result as float32 (1), an integer (2, truncated) or a bool (3).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-enum { I_MAP = 1, I_REDUCE, I_SCAN, I_MATMUL, I_CHOL, I_TRISOLVE, I_GATHER, I_SCATTER };
+enum { I_MAP = 1, I_REDUCE, I_SCAN, I_MATMUL, I_CHOL, I_TRISOLVE, I_GATHER, I_SCATTER,
+       I_LU, I_LUSOLVE, I_SORT, I_INDEXED };
 
 enum {
     F_CONST = 0, F_COPY, F_ADD, F_SUB, F_MUL, F_DIV, F_AFFINE, F_POW, F_POWT, F_RPOW,
@@ -593,6 +600,220 @@ static const int64_t *run_trisolve(double *arena, const int64_t *w) {
     return b + nb + 3;
 }
 
+/* The offset of one operand's matrix in the batch's `flat`-th position. */
+static int64_t offset_at(batch_t b, int64_t flat, const int64_t *strides) {
+    int64_t offset = 0;
+    for (int64_t d = b.nb - 1; d >= 0; d--) {
+        offset += (flat % b.sizes[d]) * strides[d];
+        flat /= b.sizes[d];
+    }
+    return offset;
+}
+
+/* LU factorisation with partial pivoting, as LAPACK's getrf: A = P L U, L unit lower and
+   U upper in one matrix, pivots 1-based (row k was swapped with row pivots[k] - 1); with
+   `det` 1 the sign and log|det A| (sign 0, log -inf where A is singular: a zero pivot is
+   left in place, as getrf leaves it), with `det` 2 det A itself. The pivots are point-dependent integers, held as
+   doubles like every integer on the tape. */
+static const int64_t *run_lu(double *arena, const int64_t *w) {
+    int64_t nb = w[0], det = w[1];
+    const int64_t *bsizes = w + 2;
+    int64_t n = bsizes[nb];
+    const int64_t *o = bsizes + nb + 1, *p = o + nb + 3, *s = p + nb + 3;
+    const int64_t *l = s + nb + 3, *a = det == 1 ? l + nb + 3 : det == 2 ? l : s;
+    matrix_t mo = matrix_at(o, nb), mp = matrix_at(p, nb), ma = matrix_at(a, nb);
+    batch_t batch = batch_of(nb, bsizes);
+    int64_t r = mo.rows, c = mo.cols;
+    for (int64_t t = 0; t < batch.count; t++) {
+        double *LU = arena + mo.base + offset_at(batch, t, mo.batch_strides);
+        double *P = arena + mp.base + offset_at(batch, t, mp.batch_strides);
+        const double *A = arena + ma.base + offset_at(batch, t, ma.batch_strides);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j < n; j++) LU[i * r + j * c] = A[i * ma.rows + j * ma.cols];
+        double sign = 1, logdet = 0, product = 1;
+        int singular = 0;
+        for (int64_t k = 0; k < n; k++) {
+            int64_t q = k;
+            double largest = fabs(LU[k * r + k * c]);
+            for (int64_t i = k + 1; i < n; i++)
+                if (fabs(LU[i * r + k * c]) > largest) { largest = fabs(LU[i * r + k * c]); q = i; }
+            P[k * mp.rows] = (double)(q + 1);
+            if (q != k) {
+                for (int64_t j = 0; j < n; j++) {
+                    double swap = LU[k * r + j * c];
+                    LU[k * r + j * c] = LU[q * r + j * c];
+                    LU[q * r + j * c] = swap;
+                }
+                sign = -sign;
+            }
+            double d = LU[k * r + k * c];
+            product *= q != k ? -d : d;
+            if (d == 0) { singular = 1; continue; }
+            if (d < 0) sign = -sign;
+            logdet += log(fabs(d));
+            for (int64_t i = k + 1; i < n; i++) {
+                double f = LU[i * r + k * c] /= d;
+                for (int64_t j = k + 1; j < n; j++) LU[i * r + j * c] -= f * LU[k * r + j * c];
+            }
+        }
+        if (det == 2) {
+            matrix_t ms = matrix_at(s, nb);
+            arena[ms.base + offset_at(batch, t, ms.batch_strides)] = product;
+        } else if (det == 1) {
+            matrix_t ms = matrix_at(s, nb), ml = matrix_at(l, nb);
+            arena[ms.base + offset_at(batch, t, ms.batch_strides)] = singular ? 0 : sign;
+            arena[ml.base + offset_at(batch, t, ml.batch_strides)] = singular ? -INFINITY : logdet;
+        }
+    }
+    return a + nb + 3;
+}
+
+/* X with A X = B (A^T X = B with `adjoint`), A = P L U from run_lu; -3 in `status` where
+   a pivot is not one getrf could give (a translator bug: nothing is read outside A). */
+static const int64_t *run_lusolve(double *arena, const int64_t *w, int *status) {
+    int64_t nb = w[0], adjoint = w[1];
+    const int64_t *bsizes = w + 2;
+    int64_t n = bsizes[nb], k = bsizes[nb + 1];
+    const int64_t *o = bsizes + nb + 2, *f = o + nb + 3, *p = f + nb + 3, *b = p + nb + 3;
+    matrix_t mo = matrix_at(o, nb), mf = matrix_at(f, nb), mp = matrix_at(p, nb);
+    matrix_t mb = matrix_at(b, nb);
+    batch_t batch = batch_of(nb, bsizes);
+    int64_t xr = mo.rows, xc = mo.cols, fr = mf.rows, fc = mf.cols;
+    for (int64_t t = 0; t < batch.count; t++) {
+        double *X = arena + mo.base + offset_at(batch, t, mo.batch_strides);
+        const double *LU = arena + mf.base + offset_at(batch, t, mf.batch_strides);
+        const double *P = arena + mp.base + offset_at(batch, t, mp.batch_strides);
+        const double *B = arena + mb.base + offset_at(batch, t, mb.batch_strides);
+        for (int64_t i = 0; i < n; i++) {
+            double q = P[i * mp.rows];
+            if (!(q >= (double)(i + 1) && q <= (double)n)) { *status = -3; return b + nb + 3; }
+        }
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j < k; j++) X[i * xr + j * xc] = B[i * mb.rows + j * mb.cols];
+        for (int64_t j = 0; j < k; j++) {
+            double *x = X + j * xc;
+            if (!adjoint) {  /* P^T b, then L (unit lower), then U (upper) */
+                for (int64_t i = 0; i < n; i++) {
+                    int64_t q = (int64_t)P[i * mp.rows] - 1;
+                    if (q != i) { double swap = x[i * xr]; x[i * xr] = x[q * xr]; x[q * xr] = swap; }
+                }
+                for (int64_t i = 0; i < n; i++) {
+                    double v = x[i * xr];
+                    for (int64_t m = 0; m < i; m++) v -= LU[i * fr + m * fc] * x[m * xr];
+                    x[i * xr] = v;
+                }
+                for (int64_t i = n - 1; i >= 0; i--) {
+                    double v = x[i * xr];
+                    for (int64_t m = i + 1; m < n; m++) v -= LU[i * fr + m * fc] * x[m * xr];
+                    x[i * xr] = v / LU[i * fr + i * fc];
+                }
+            } else {  /* U^T (lower), then L^T (unit upper), then P */
+                for (int64_t i = 0; i < n; i++) {
+                    double v = x[i * xr];
+                    for (int64_t m = 0; m < i; m++) v -= LU[m * fr + i * fc] * x[m * xr];
+                    x[i * xr] = v / LU[i * fr + i * fc];
+                }
+                for (int64_t i = n - 1; i >= 0; i--) {
+                    double v = x[i * xr];
+                    for (int64_t m = i + 1; m < n; m++) v -= LU[m * fr + i * fc] * x[m * xr];
+                    x[i * xr] = v;
+                }
+                for (int64_t i = n - 1; i >= 0; i--) {
+                    int64_t q = (int64_t)P[i * mp.rows] - 1;
+                    if (q != i) { double swap = x[i * xr]; x[i * xr] = x[q * xr]; x[q * xr] = swap; }
+                }
+            }
+        }
+    }
+    return b + nb + 3;
+}
+
+/* One element of a row being sorted: its value and its position in the row. */
+typedef struct { double value; int64_t position; } ranked_t;
+
+/* NaN after every number, as torch sorts; equal values keep their order (a stable sort). */
+static int ascending(const void *a, const void *b) {
+    const ranked_t *x = a, *y = b;
+    int xn = x->value != x->value, yn = y->value != y->value;
+    if (xn != yn) return xn - yn;
+    if (!xn && x->value != y->value) return x->value < y->value ? -1 : 1;
+    return (x->position > y->position) - (x->position < y->position);
+}
+
+static int descending(const void *a, const void *b) {
+    const ranked_t *x = a, *y = b;
+    int xn = x->value != x->value, yn = y->value != y->value;
+    if (xn != yn) return yn - xn;
+    if (!xn && x->value != y->value) return x->value > y->value ? -1 : 1;
+    return (x->position > y->position) - (x->position < y->position);
+}
+
+/* Every row along `dim` sorted (torch.sort, and torch.topk's first k): the values and
+   their positions in the row (point-dependent integers, held as doubles). -4 in `status`
+   where no memory is left for a row. */
+static const int64_t *run_sort(double *arena, const int64_t *w, int *status) {
+    int64_t ndim = w[0], dim = w[1], down = w[2], k = w[3];
+    const int64_t *sizes = w + 4, *v = sizes + ndim, *ix = v + 1 + ndim, *in = ix + 1 + ndim;
+    int64_t n = sizes[dim], rows = 1;
+    for (int64_t d = 0; d < ndim; d++) if (d != dim) rows *= sizes[d];
+    ranked_t *row = malloc((size_t)(n > 0 ? n : 1) * sizeof *row);
+    if (!row) { *status = -4; return in + 1 + ndim; }
+    int64_t index[MAXDIM] = {0};
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t vo = v[0], io = ix[0], so = in[0];
+        for (int64_t d = 0; d < ndim; d++) {
+            vo += index[d] * v[1 + d]; io += index[d] * ix[1 + d]; so += index[d] * in[1 + d];
+        }
+        for (int64_t j = 0; j < n; j++) {
+            row[j].value = arena[so + j * in[1 + dim]];
+            row[j].position = j;
+        }
+        qsort(row, (size_t)n, sizeof *row, down ? descending : ascending);
+        for (int64_t j = 0; j < k; j++) {
+            arena[vo + j * v[1 + dim]] = row[j].value;
+            arena[io + j * ix[1 + dim]] = (double)row[j].position;
+        }
+        for (int64_t d = ndim - 1; d >= 0; d--) {  /* the next row: `dim` stays 0 */
+            if (d == dim) continue;
+            if (++index[d] < sizes[d]) break;
+            index[d] = 0;
+        }
+    }
+    free(row);
+    return in + 1 + ndim;
+}
+
+/* torch.gather (mode 0: out[i] = src[i with i_dim = index[i]]) and torch.scatter (mode 1:
+   out[i with i_dim = index[i]] = src[i]; mode 2 adds) with an index that depends on the
+   point, over the index's `sizes`; `n` is the indexed tensor's size along `dim`. -3 in
+   `status` at an index outside it (torch raises there too). */
+static const int64_t *run_indexed(double *arena, const int64_t *w, int *status) {
+    int64_t ndim = w[0], dim = w[1], mode = w[2], n = w[3];
+    const int64_t *sizes = w + 4, *o = sizes + ndim, *ix = o + 1 + ndim, *src = ix + 1 + ndim;
+    int64_t count = 1;
+    for (int64_t d = 0; d < ndim; d++) count *= sizes[d];
+    int64_t index[MAXDIM] = {0};
+    for (int64_t e = 0; e < count; e++) {
+        int64_t oo = o[0], io = ix[0], so = src[0];
+        for (int64_t d = 0; d < ndim; d++) {
+            oo += (d == dim && mode != 0 ? 0 : index[d]) * o[1 + d];
+            io += index[d] * ix[1 + d];
+            so += (d == dim && mode == 0 ? 0 : index[d]) * src[1 + d];
+        }
+        double at = arena[io];
+        if (!(at >= 0 && at < (double)n)) { *status = -3; return src + 1 + ndim; }
+        int64_t j = (int64_t)at;
+        if (mode == 0) arena[oo] = arena[so + j * src[1 + dim]];
+        else if (mode == 1) arena[oo + j * o[1 + dim]] = arena[so];
+        else arena[oo + j * o[1 + dim]] += arena[so];
+        for (int64_t d = ndim - 1; d >= 0; d--) {
+            if (++index[d] < sizes[d]) break;
+            index[d] = 0;
+        }
+    }
+    return src + 1 + ndim;
+}
+
 static const int64_t *run_gather(double *arena, const int64_t *w, const double *params) {
     int64_t ndim = w[0], round = w[1];
     double fill = params[w[2]];
@@ -612,8 +833,9 @@ static const int64_t *run_gather(double *arena, const int64_t *w, const double *
     return addr + count;
 }
 
-/* Run a tape; 0, -1 where a Cholesky factorisation failed, -2 at an unknown instruction
-   (tape.py's CHOLESKY_FAILED and UNKNOWN_INSTRUCTION). */
+/* Run a tape; 0, -1 where a Cholesky factorisation failed, -2 at an unknown instruction,
+   -3 at a pivot or index outside its tensor, -4 where memory ran out (tape.py's
+   CHOLESKY_FAILED, UNKNOWN_INSTRUCTION, OUT_OF_RANGE and OUT_OF_MEMORY). */
 int tape_run(double *arena, const int64_t *code, int64_t length, const double *params) {
     const int64_t *w = code, *end = code + length;
     int status = 0;
@@ -626,6 +848,10 @@ int tape_run(double *arena, const int64_t *code, int64_t length, const double *p
         case I_CHOL: w = run_cholesky(arena, w, &status); break;
         case I_TRISOLVE: w = run_trisolve(arena, w); break;
         case I_GATHER: w = run_gather(arena, w, params); break;
+        case I_LU: w = run_lu(arena, w); break;
+        case I_LUSOLVE: w = run_lusolve(arena, w, &status); break;
+        case I_SORT: w = run_sort(arena, w, &status); break;
+        case I_INDEXED: w = run_indexed(arena, w, &status); break;
         case I_SCATTER: {
             int64_t count = *w++;
             for (int64_t e = 0; e < count; e++) arena[w[count + e]] += arena[w[e]];

@@ -70,13 +70,15 @@ from ppl_notes.native.arena import (
 from ppl_notes.native.decompositions import DECOMPOSITIONS
 from ppl_notes.native.loader import available, build
 from ppl_notes.native.tape_kernels import HANDLERS as ARITHMETIC
+from ppl_notes.native.tape_linalg import HANDLERS as LINEAR_ALGEBRA
 from ppl_notes.native.tape_movement import HANDLERS as MOVEMENT
 
 __all__ = ["SOURCE", "Tape", "TapeError", "Unsupported", "library"]
 
 SOURCE = Path(__file__).with_name("tape.c")
-#: aten operation -> the handler that translates it (arithmetic, then data movement)
-HANDLERS = {**ARITHMETIC, **MOVEMENT}
+#: aten operation -> the handler that translates it (arithmetic, linear algebra, then data
+#: movement)
+HANDLERS = {**ARITHMETIC, **LINEAR_ALGEBRA, **MOVEMENT}
 
 
 @functools.cache
@@ -184,6 +186,13 @@ class Translator:
         elif buffer.dtype != tensor.dtype:
             raise Unsupported("a storage viewed as two dtypes")
         return View(buffer, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+    def scratch(self, shape: tuple[int, ...]) -> View:
+        """A new float64 work buffer of ``shape``, for a result no operation returns."""
+        tensor = torch.empty(shape, dtype=torch.float64)
+        buffer = self._new_buffer(tensor, "work")
+        self.variable.add(buffer.index)
+        return View(buffer, 0, tuple(tensor.shape), tuple(tensor.stride()))
 
     def scalar(self, value) -> View:
         """A Python number as a one-element static float64 buffer."""
@@ -373,8 +382,10 @@ def _replace(value, replacements: dict):
 
 #: ``tape_run``'s status where a Cholesky factorisation met a matrix that is not positive
 #: definite (the story's own failure: the point gets an infinite potential), and where
-#: the interpreter met an instruction it does not know (a bug of this module).
-CHOLESKY_FAILED, UNKNOWN_INSTRUCTION = -1, -2
+#: the interpreter met an instruction it does not know (a bug of this module), an index or
+#: pivot outside its tensor (an index the story computed, torch raises there too; or a bug),
+#: and where memory ran out.
+CHOLESKY_FAILED, UNKNOWN_INSTRUCTION, OUT_OF_RANGE, OUT_OF_MEMORY = -1, -2, -3, -4
 
 
 class Tape:
@@ -464,6 +475,12 @@ class Tape:
         if status == CHOLESKY_FAILED:
             raise RuntimeError("linalg.cholesky: the input is not positive-definite "
                                "(in the potential's tape)")
+        if status == OUT_OF_RANGE:
+            raise RuntimeError("an index computed from the point lies outside its tensor "
+                               "(in the potential's tape), as torch's gather and scatter "
+                               "raise")
+        if status == OUT_OF_MEMORY:
+            raise MemoryError("the potential's tape ran out of memory sorting a row")
         if status != 0:
             raise TapeError(f"the potential's tape holds an instruction the interpreter does "
                             f"not know (status {status}): a bug in ppl_notes' tape "

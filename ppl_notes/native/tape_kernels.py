@@ -1,10 +1,12 @@
-"""Which instruction of ``tape.c`` each aten operation of a recording becomes.
+"""Which instruction of ``tape.c`` each arithmetic aten operation of a recording becomes.
 
-One handler per operation (overload packet): it reads the operation's arguments and
-real outputs from the recorded :class:`~ppl_notes.native.arena.Step` and emits
-instructions through the translator (:class:`~ppl_notes.native.tape.Translator`).
-An operation without a handler, or a use of one the interpreter cannot run (indices
-that depend on the point), raises :class:`~ppl_notes.native.arena.Unsupported`.
+Elementwise maps, reductions and scans; linear algebra is in
+:mod:`~ppl_notes.native.tape_linalg`, data movement in
+:mod:`~ppl_notes.native.tape_movement`. One handler per operation (overload packet): it
+reads the operation's arguments and real outputs from the recorded
+:class:`~ppl_notes.native.arena.Step` and emits instructions through the translator
+(:class:`~ppl_notes.native.tape.Translator`). An operation without a handler, or a use of
+one the interpreter cannot run, raises :class:`~ppl_notes.native.arena.Unsupported`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,10 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ppl_notes.native.arena import (
-    I_CHOL,
-    I_MATMUL,
     I_SCAN,
-    I_TRISOLVE,
     R_ALL,
     R_ANY,
     R_ARGMAX,
@@ -352,86 +350,3 @@ def _scan(t: Translator, step: Step) -> None:
              source.sizes[dim], Address(out.buffer, out.offset), *ostr, out.strides[dim],
              Address(source.buffer, source.offset), *istr, source.strides[dim]]
     t.emit(words, [source], [out])
-
-
-def _matrix_operand(view: View, batch_sizes: list[int]) -> list:
-    """Base, batch strides (broadcast), then the two matrix strides."""
-    lead = view.sizes[:-2]
-    lead_strides = view.strides[:-2]
-    pad = len(batch_sizes) - len(lead)
-    strides = [0] * pad + [s if n != 1 else 0 for n, s in zip(lead, lead_strides, strict=True)]
-    return [Address(view.buffer, view.offset), *(strides or [0]), *view.strides[-2:]]
-
-
-def _batch(*views: View) -> list[int]:
-    # numpy's: torch.broadcast_shapes imports its symbolic shapes and sympy (0.5 s)
-    return list(np.broadcast_shapes(*(v.sizes[:-2] for v in views))) or [1]
-
-
-@_handles("mm", "bmm", "mv", "dot")
-def _matmul(t: Translator, step: Step) -> None:
-    name = step.func.overloadpacket.__name__
-    a, b, out = t.view(step.args[0]), t.view(step.args[1]), _out(t, step)
-    if name == "mv":  # (M, K) @ (K,) -> (M,)
-        b = View(b.buffer, b.offset, (b.sizes[0], 1), (b.strides[0], 0))
-        out = View(out.buffer, out.offset, (out.sizes[0], 1), (out.strides[0], 0))
-    elif name == "dot":
-        a = View(a.buffer, a.offset, (1, a.sizes[0]), (0, a.strides[0]))
-        b = View(b.buffer, b.offset, (b.sizes[0], 1), (b.strides[0], 0))
-        out = View(out.buffer, out.offset, (1, 1), (0, 0))
-    batch = [1] if name in ("mm", "mv", "dot") else _batch(a, b)
-    if name in ("mm", "mv", "dot"):
-        a = View(a.buffer, a.offset, (1, *a.sizes), (0, *a.strides))
-        b = View(b.buffer, b.offset, (1, *b.sizes), (0, *b.strides))
-        out = View(out.buffer, out.offset, (1, *out.sizes), (0, *out.strides))
-    M, K, N = a.sizes[-2], a.sizes[-1], b.sizes[-1]
-    words = [I_MATMUL, len(batch), rounding(step.outputs[0].dtype), *batch, M, K, N,
-             *_matrix_operand(out, batch), *_matrix_operand(a, batch),
-             *_matrix_operand(b, batch)]
-    t.emit(words, [a, b], [out])
-
-
-def _transposed(view: View) -> View:
-    return View(view.buffer, view.offset, (*view.sizes[:-2], view.sizes[-1], view.sizes[-2]),
-                 (*view.strides[:-2], view.strides[-1], view.strides[-2]))
-
-
-@_handles("linalg_cholesky_ex")
-def _cholesky(t: Translator, step: Step) -> None:
-    source, out = t.view(step.args[0]), _out(t, step)
-    if _arg(step, 1, "upper", False):  # U = L^T: read and write transposed
-        source, out = _transposed(source), _transposed(out)
-    batch = _batch(source)
-    words = [I_CHOL, len(batch), *batch, source.sizes[-1], *_matrix_operand(out, batch),
-             *_matrix_operand(source, batch)]
-    t.emit(words, [source], [out])
-    info = _out(t, step, 1)
-    t.map("CONST", info, [], params=(0.0,), dtype=step.outputs[1].dtype)
-
-
-def _trisolve(t: Translator, out: View, a: View, b: View, upper: bool, unit: bool,
-              left: bool) -> None:
-    if not left:  # X A = B  <=>  A^T X^T = B^T
-        a, b, out, upper = _transposed(a), _transposed(b), _transposed(out), not upper
-    batch = _batch(a, b)
-    words = [I_TRISOLVE, len(batch), int(upper), int(unit), *batch, a.sizes[-1], b.sizes[-1],
-             *_matrix_operand(out, batch), *_matrix_operand(a, batch),
-             *_matrix_operand(b, batch)]
-    t.emit(words, [a, b], [out])
-
-
-@_handles("linalg_solve_triangular")
-def _solve_triangular(t: Translator, step: Step) -> None:
-    a, b = t.view(step.args[0]), t.view(step.args[1])
-    _trisolve(t, _out(t, step), a, b, bool(step.kwargs.get("upper", _arg(step, 2, "upper"))),
-              bool(step.kwargs.get("unitriangular", False)), bool(step.kwargs.get("left", True)))
-
-
-@_handles("triangular_solve")
-def _triangular_solve(t: Translator, step: Step) -> None:
-    b, a = t.view(step.args[0]), t.view(step.args[1])
-    upper = bool(_arg(step, 2, "upper", True))
-    if _arg(step, 3, "transpose", False):
-        a, upper = _transposed(a), not upper
-    _trisolve(t, _out(t, step), a, b, upper, bool(_arg(step, 4, "unitriangular", False)), True)
-    t.map("COPY", _out(t, step, 1), [t.view(step.args[1])], dtype=step.outputs[1].dtype)

@@ -4,8 +4,9 @@ These operations move values without arithmetic. Where their indices are constan
 the recording (never of the point), each is replayed once on a tensor of addresses: the
 positions it reads become a gather table of ``tape.c`` (``I_GATHER``), or, where
 repeats accumulate, pairs of a scatter-add (``I_SCATTER``). An index that depends on
-the point raises :class:`~ppl_notes.native.arena.Unsupported` (the story then leaves
-the tape, with a warning).
+the point runs instead as an instruction that reads it at every run (``I_INDEXED``:
+``gather``, ``scatter`` and ``scatter_add``), as does a sort (``I_SORT``: ``sort`` and
+``topk``), whose backward scatters the gradient back by the permutation it found.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ppl_notes.native.arena import I_SCATTER, AddressTable, Step, Unsupported, View, position_tensor
+from ppl_notes.native.arena import (
+    I_INDEXED,
+    I_SCATTER,
+    I_SORT,
+    MAX_DIMS,
+    Address,
+    AddressTable,
+    Step,
+    Unsupported,
+    View,
+    position_tensor,
+)
 from ppl_notes.native.tape_kernels import argument as _arg
 from ppl_notes.native.tape_kernels import output_view as _out
 from ppl_notes.native.tape_kernels import registrar
@@ -84,12 +96,16 @@ def _scatter(t: Translator, step: Step) -> None:
     """``scatter`` without a reduction: data movement, replayed on addresses.
 
     The value overload (``scatter(dim, index, value)``) is replayed with 0, which reads
-    as ``fill``, and the scattered elements then get the value.
+    as ``fill``, and the scattered elements then get the value. An index that depends on
+    the point (a sort's backward) is read at every run instead.
     """
     if "reduce" in step.kwargs or len(step.args) > 4:
         raise Unsupported(f"{step.func} with a reduction")
     source = step.args[3] if len(step.args) > 3 else step.kwargs.get(
         "src", step.kwargs.get("value"))
+    if t.is_variable(step.args[2]):
+        _scatter_at_run(t, step, source, accumulate=False)
+        return
     if isinstance(source, torch.Tensor):
         t.gather_replay(step, [0, 2])
         return
@@ -101,9 +117,11 @@ def _scatter(t: Translator, step: Step) -> None:
 def _scatter_add_op(t: Translator, step: Step) -> None:
     """``out = self``, then ``out[index[i]] += src[i]`` along ``dim``; repeats accumulate."""
     source, dim, index, values = step.args[:4]
-    if t.is_variable(index) or values.shape != index.shape:
-        raise Unsupported(f"{step.func} with indices that depend on the point, or a src "
-                          "larger than its index")
+    if t.is_variable(index):
+        _scatter_at_run(t, step, values, accumulate=True)
+        return
+    if values.shape != index.shape:
+        raise Unsupported(f"{step.func} with a src larger than its index")
     out = _out(t, step)
     t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
     _scatter_add(t, out, position_tensor(out, 0).gather(dim, index), values)
@@ -132,3 +150,97 @@ def _scatter_add(t: Translator, out: View, targets: torch.Tensor, values) -> Non
              AddressTable([out.buffer], targets.reshape(-1).numpy() - 1, zeros)]
     t.emit([I_SCATTER, int(targets.numel()), *pairs], [value_view, out], [out])
 
+
+
+# -- indices found at run time ----------------------------------------------------------
+
+def _descriptor(view: View) -> list:
+    return [Address(view.buffer, view.offset), *view.strides]
+
+
+def _fits(index: torch.Tensor, tensors: list[torch.Tensor], dim: int | None) -> None:
+    """Torch's rule: the index no larger than each tensor, except along ``dim``."""
+    if index.dim() == 0 or index.dim() > MAX_DIMS:
+        raise Unsupported("an index of no or too many dimensions")
+    for tensor in tensors:
+        if tensor.dim() != index.dim() or any(
+                i > s for d, (i, s) in enumerate(zip(index.shape, tensor.shape, strict=True))
+                if d != dim):
+            raise Unsupported("an index larger than the tensor it indexes")
+
+
+def _indexed(t: Translator, mode: int, dim: int, out: View, index: View, source: View,
+             size: int) -> None:
+    """``I_INDEXED`` over ``index``'s elements: gather (0), scatter (1) or scatter-add (2)."""
+    words = [I_INDEXED, len(index.sizes), dim, mode, size, *index.sizes, *_descriptor(out),
+             *_descriptor(index), *_descriptor(source)]
+    t.emit(words, [index, source] + ([out] if mode else []), [out])
+
+
+@_handles("gather")
+def _gather(t: Translator, step: Step) -> None:
+    """``gather``: replayed on addresses, or with an index of the point's read at each run."""
+    source, dim, index = step.args[:3]
+    if not t.is_variable(index):
+        t.gather_replay(step, _MOVES["gather"])
+        return
+    if _arg(step, 3, "sparse_grad", False):
+        raise Unsupported("gather with sparse_grad")
+    dim %= source.dim()
+    _fits(index, [source], dim)
+    _indexed(t, 0, dim, _out(t, step), t.view(index), t.view(source), source.shape[dim])
+
+
+def _scatter_at_run(t: Translator, step: Step, values, accumulate: bool) -> None:
+    """``out = self``, then ``out[index[i]] = values[i]`` (or ``+=``) along ``dim``."""
+    source, dim, index = step.args[:3]
+    dim %= source.dim()
+    out = _out(t, step)
+    if step.func._schema.is_mutable:
+        raise Unsupported(f"in-place {step.func}")
+    if isinstance(values, torch.Tensor):
+        _fits(index, [source], dim)
+        _fits(index, [values], None)
+        value_view = t.view(values)
+    else:
+        _fits(index, [source], dim)
+        scalar = t.scalar(values)
+        value_view = View(scalar.buffer, scalar.offset, tuple(index.shape), (0,) * index.dim())
+    t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
+    _indexed(t, 2 if accumulate else 1, dim, out, t.view(index), value_view,
+             source.shape[dim])
+
+
+def _sort_rows(t: Translator, step: Step, dim: int, descending: bool, count: int) -> None:
+    source = step.args[0]
+    if source.dim() == 0 or source.dim() > MAX_DIMS:
+        raise Unsupported(f"{step.func} of a tensor of no or too many dimensions")
+    source_view = t.view(source)
+    values, indices = _out(t, step, 0), _out(t, step, 1)
+    words = [I_SORT, source.dim(), dim % source.dim(), int(bool(descending)), count,
+             *source.shape, *_descriptor(values), *_descriptor(indices),
+             *_descriptor(source_view)]
+    t.emit(words, [source_view], [values, indices])
+
+
+@_handles("sort")
+def _sort(t: Translator, step: Step) -> None:
+    """``torch.sort`` (stable, NaN last): the values and the permutation, found each run.
+
+    Its backward scatters the gradient by that permutation (``scatter`` with an index of
+    the point's, above).
+    """
+    if step.func._overloadname == "stable":  # sort.stable(self, *, stable, dim, descending)
+        dim, descending = step.kwargs.get("dim", -1), step.kwargs.get("descending", False)
+    else:
+        dim, descending = _arg(step, 1, "dim", -1), _arg(step, 2, "descending", False)
+    _sort_rows(t, step, dim, descending, step.args[0].shape[dim] if step.args[0].dim() else 1)
+
+
+@_handles("topk")
+def _topk(t: Translator, step: Step) -> None:
+    """``torch.topk``: the first ``k`` of a sort, largest first by default."""
+    if not _arg(step, 4, "sorted", True):
+        raise Unsupported("topk(sorted=False): torch leaves the order open")
+    _sort_rows(t, step, _arg(step, 2, "dim", -1), _arg(step, 3, "largest", True),
+               int(step.args[1]))
