@@ -530,3 +530,33 @@ def test_bernoulli_logits_runs_on_the_tape_as_eager_torch(scale):
         return pyro.distributions.Bernoulli(logits=logits).log_prob(y).sum(-1)
 
     assert_tape_matches(log_density, scale=scale)  # recording raises Unsupported without it
+
+
+_SHIFT = {"value": torch.tensor(0.0)}
+
+
+@model(observed=["y"])
+def shifted(y=None):
+    """A story that reads a constant it closes over at every run."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu + _SHIFT["value"], 1.0), obs=y)
+
+
+def test_a_stale_tape_is_caught_by_the_check_against_the_story(caplog):
+    """The tape is kept per story and data; a constant changed since makes the story
+    disagree with it at the prior check points (the path choice's own evaluation there,
+    read back, not a run of its own), and the potential runs uncompiled."""
+    data = shifted.prepare_data({"y": torch.tensor([0.5, -0.2, 1.1])})
+    first = BatchedPotential(shifted, data, 2, compiler="tape")
+    assert first.compiler == "tape" and first.facts.check_gradient is not None
+    _SHIFT["value"] = torch.tensor(3.0)
+    try:
+        second = BatchedPotential(shifted, data, 2, compiler="tape")
+        assert second.compiler == "none"
+        assert "differs from the story" in caplog.text
+        points = np.array([[0.3], [-1.0]])
+        np.testing.assert_allclose(second(points)[0], _eager_value_and_grad(
+            second._potential, points)[0])
+    finally:
+        _SHIFT["value"] = torch.tensor(0.0)

@@ -75,6 +75,11 @@ class StoryFacts:
         Prior draws already taken by :func:`~ppl_notes.evaluation.paths.check_points`,
         by ``(count, seed)``: choosing the path and checking a compiled potential use the
         same ones.
+    check_gradient : tuple or None
+        ``(path, total, gradient)``: the unconstrained log density at the check points
+        (``check_points`` ``(3, 0)``) on the chosen path and its gradient by site, from
+        the path choice, which the compiled potential's check compares with rather than
+        running the story again. None where it could not be differentiated.
     """
 
     plate_nesting: int
@@ -99,6 +104,7 @@ class StoryFacts:
     elements_per_draw: int | None = None
     subsampled: dict = field(default_factory=dict)
     check_points: dict = field(repr=False, compare=False, default_factory=dict)
+    check_gradient: tuple | None = field(repr=False, compare=False, default=None)
 
     @property
     def latent(self) -> tuple[str, ...]:

@@ -103,6 +103,28 @@ def _agree(got: Evaluation, reference: Evaluation) -> bool:
     return True
 
 
+def _with_gradient(model, data, facts: StoryFacts, points: dict[str, torch.Tensor], path: str):
+    """The evaluation at ``points`` on ``path``, and its total's gradient by site.
+
+    The compiled potential is later checked against both at the same points
+    (:attr:`StoryFacts.check_gradient`), which then needs no run of the story of its
+    own. Where the evaluation cannot be differentiated, it is made without gradients and
+    the gradient is None: the path is chosen as before either way.
+    """
+    leaves = {n: v.detach().double().requires_grad_(True) for n, v in points.items()}
+    try:
+        with torch.enable_grad():
+            got = evaluate(model, data, facts, leaves, unconstrained=True, path=path)
+            grads = torch.autograd.grad(got.total.sum(), [leaves[n] for n in facts.continuous],
+                                        allow_unused=True)
+    except Exception:  # noqa: BLE001 - not differentiable here: evaluated as before
+        with torch.no_grad():
+            return evaluate(model, data, facts, points, unconstrained=True, path=path), None
+    gradient = {n: torch.zeros_like(leaves[n]) if g is None else g
+                for n, g in zip(facts.continuous, grads, strict=True)}
+    return got, (got.total.detach(), gradient)
+
+
 def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
     """The fastest path that evaluates the story as its one-draw self does; see module."""
     if facts.path is not None:
@@ -120,14 +142,14 @@ def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
         reasons.append("plate: the story has global or non-local discrete sites")
     for path in candidates:
         try:
-            with torch.no_grad():
-                got = evaluate(model, data, facts, points, unconstrained=True, path=path)
+            got, gradient = _with_gradient(model, data, facts, points, path)
         except Exception as error:  # noqa: BLE001 - any failure rules the path out; kept as the reason
             reasons.append(f"{path}: {type(error).__name__}: {str(error).strip().splitlines()[0]
                                                             if str(error).strip() else ''}")
             continue
         if _agree(got, reference):
             facts.path = path
+            facts.check_gradient = None if gradient is None else (path, *gradient)
             break
         reasons.append(f"{path}: differs from the one-draw story at a prior draw")
     else:
