@@ -9,8 +9,11 @@ draws counts once). The bounds are what each method needs today, and why:
 * the evaluation path (plate, vmap or loop): 3 one-draw runs as the reference the
   batched evaluation must equal, 1 batched run (the path's check, with its gradient,
   which the compiled potential's check reads back: it was a run of its own before), 1
-  run that measures the memory of a draw: 5. The 3 prior draws it checks at are the
-  first 3 of the data checks' (they were 3 runs of their own before);
+  run that records the potential's tape (kept per story and data in this process): 5.
+  The 3 prior draws it checks at are the first 3 of the data checks' (they were 3 runs
+  of their own before). The memory of one draw, which the evaluation of the draws needs
+  after the fit, is read off the first run (one enumerated run more where the story has
+  discrete sites);
 * the starting points: 1 trace per chain (NUTS, 2 here) or per restart (SVI, 4).
 
 The facts of the story are read from ``check_data``'s first run, not from a run of their

@@ -23,6 +23,7 @@ The paths compute the same numbers (:mod:`~ppl_notes.evaluation.paths` checks it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -264,16 +265,22 @@ ELEMENTS_PER_BATCH = 4_000_000
 def draws_per_batch(model, data: Mapping[str, Any], facts: StoryFacts, num_draws: int) -> int:
     """How many draws one evaluation may take: the element budget over one draw's tensors.
 
-    One draw's size is measured once, on an enumerated run of the story (every sample
-    site's log-probability tensor, enumeration dims included), and kept on the facts.
+    One draw's size (every sample site's value and log-probability tensor) is measured
+    once and kept on the facts: read off the story's first run where it has no discrete
+    sites, else on an enumerated run (enumeration dims included).
     """
     if facts.elements_per_draw is None:
-        with run_dtype(facts.dtype), pyro.validation_enabled(False), torch.no_grad():
-            values = {n: facts.trace.nodes[n]["value"] for n in facts.continuous}
-            trace, _, _ = trace_with(model, data, facts, values, unconstrained=False)
+        if facts.discrete or facts.trace is None:
+            with run_dtype(facts.dtype), pyro.validation_enabled(False), torch.no_grad():
+                values = {n: facts.trace.nodes[n]["value"] for n in facts.continuous}
+                trace, _, _ = trace_with(model, data, facts, values, unconstrained=False)
+                facts.elements_per_draw = max(1, sum(
+                    int(site["log_prob"].numel()) + int(site["value"].numel())
+                    for site in trace.nodes.values() if site["type"] == "sample"))
+        else:
             facts.elements_per_draw = max(1, sum(
-                int(site["log_prob"].numel()) + int(site["value"].numel())
-                for site in trace.nodes.values() if site["type"] == "sample"))
+                math.prod(getattr(site["fn"], "batch_shape", ())) + int(site["value"].numel())
+                for site in facts.trace.nodes.values() if site["type"] == "sample"))
     return max(1, min(num_draws, ELEMENTS_PER_BATCH // facts.elements_per_draw))
 
 
