@@ -251,37 +251,44 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
     return Evaluation(total, pointwise, deterministic, constrained, log_jacobian)
 
 
-#: The most tensor elements one batch of draws may create: 32 MB of float64 over all the
-#: story's sample sites, so that no one tensor of a batch is larger than glibc's largest
-#: mmap threshold (32 MB). Larger ones are mapped fresh and page-faulted on every
-#: operation: a log density over 4000 x 1059 values (34 MB a tensor) took 54 ms, and over
-#: five batches of 800 draws 6 ms (41373 against 493 minor page faults). The budget was
-#: 20 million elements: this one took SVI on earnings from 0.46 s to 0.23-0.37 s, on
-#: diamonds from 1.5-2.2 s to 0.9-1.1 s, and on Galton's heights from 1.34-1.40 s to
-#: 0.86-0.89 s (NUTS's evaluation of its draws gains the same).
-ELEMENTS_PER_BATCH = 4_000_000
+#: The most tensor elements one batch of draws may create over all the story's sample
+#: sites (about 160 MB of float64).
+ELEMENTS_PER_BATCH = 20_000_000
+#: The most elements of any one site's tensor in a batch: 4 MB of float64. A tensor near
+#: glibc's largest mmap threshold (32 MB) is mapped fresh, or trimmed off the heap, and
+#: page-faulted in on every operation; a small one stays in cache. A log density over
+#: 4000 draws x 1059 values, in batches of 4000, 3777, 2000, 1000 and 500 draws (32, 30.5,
+#: 16, 8 and 4 MB a tensor), took 76, 34, 12, 6.6 and 3.1 ms (41371, 17157, 0, 0 and 0
+#: minor page faults). SVI's median over 5 fits, with 16, 8 and 4 MB: earnings 0.20, 0.19,
+#: 0.17 s; diamonds 0.97, 0.95, 0.91 s; Galton's heights 1.00, 0.93, 0.88 s (0.46 s and
+#: 1.34-1.40 s for earnings and heights with one batch of every draw). The HMM's 200
+#: sites of 4000 x 2 values stay in one batch, under the budget over all sites above.
+ELEMENTS_PER_TENSOR = 500_000
 
 
 def draws_per_batch(model, data: Mapping[str, Any], facts: StoryFacts, num_draws: int) -> int:
-    """How many draws one evaluation may take: the element budget over one draw's tensors.
+    """How many draws one evaluation may take, within both element budgets.
 
-    One draw's size (every sample site's value and log-probability tensor) is measured
-    once and kept on the facts: read off the story's first run where it has no discrete
-    sites, else on an enumerated run (enumeration dims included).
+    One draw's size (every sample site's value and log-probability tensor: their sum,
+    and the largest) is measured once and kept on the facts: read off the story's first
+    run where it has no discrete sites, else on an enumerated run (enumeration dims
+    included).
     """
     if facts.elements_per_draw is None:
         if facts.discrete or facts.trace is None:
             with run_dtype(facts.dtype), pyro.validation_enabled(False), torch.no_grad():
                 values = {n: facts.trace.nodes[n]["value"] for n in facts.continuous}
                 trace, _, _ = trace_with(model, data, facts, values, unconstrained=False)
-                facts.elements_per_draw = max(1, sum(
-                    int(site["log_prob"].numel()) + int(site["value"].numel())
-                    for site in trace.nodes.values() if site["type"] == "sample"))
+            sizes = [(int(site["log_prob"].numel()), int(site["value"].numel()))
+                     for site in trace.nodes.values() if site["type"] == "sample"]
         else:
-            facts.elements_per_draw = max(1, sum(
-                math.prod(getattr(site["fn"], "batch_shape", ())) + int(site["value"].numel())
-                for site in facts.trace.nodes.values() if site["type"] == "sample"))
-    return max(1, min(num_draws, ELEMENTS_PER_BATCH // facts.elements_per_draw))
+            sizes = [(math.prod(getattr(site["fn"], "batch_shape", ())),
+                      int(site["value"].numel()))
+                     for site in facts.trace.nodes.values() if site["type"] == "sample"]
+        facts.elements_per_draw = (max(1, sum(a + b for a, b in sizes)),
+                                   max([1] + [max(a, b) for a, b in sizes]))
+    total, largest = facts.elements_per_draw
+    return max(1, min(num_draws, ELEMENTS_PER_BATCH // total, ELEMENTS_PER_TENSOR // largest))
 
 
 def _per_draw(value: torch.Tensor, num: int, shape: tuple[int, ...] | None = None):

@@ -65,8 +65,9 @@ class StoryFacts:
     path : str or None
         ``"plate"``, ``"vmap"`` or ``"loop"`` once :func:`~ppl_notes.evaluation.paths.
         choose_path` has decided.
-    elements_per_draw : int or None
-        Tensor elements one draw's enumerated evaluation creates, once measured
+    elements_per_draw : (int, int) or None
+        Tensor elements one draw's enumerated evaluation creates, over all sample sites
+        and in the largest, once measured
         (:func:`~ppl_notes.evaluation.density.draws_per_batch`).
     subsampled : dict
         The plates that draw a mini-batch (``pyro.plate(name, size, subsample_size=m)``):
@@ -101,7 +102,7 @@ class StoryFacts:
     trace: Any = field(repr=False, compare=False, default=None)
     path: str | None = None
     path_reason: str = ""
-    elements_per_draw: int | None = None
+    elements_per_draw: tuple[int, int] | None = None
     subsampled: dict = field(default_factory=dict)
     check_points: dict = field(repr=False, compare=False, default_factory=dict)
     check_gradient: tuple | None = field(repr=False, compare=False, default=None)
