@@ -301,6 +301,23 @@ def test_lu_operations_pivot_at_every_run(function):
     assert_tape_matches(function)
 
 
+@pytest.mark.parametrize("function", [
+    lambda x: torch.linalg.slogdet(_matrix(x)).logabsdet,
+    lambda x: torch.linalg.det(_matrix(x)),
+    lambda x: (torch.linalg.solve(_matrix(x), torch.sin(x)) ** 2).sum(-1),
+], ids=["slogdet", "det", "solve"])
+def test_a_factor_recorded_where_the_matrix_is_symmetric_is_the_one_torch_uses(function):
+    """At the origin ``_matrix`` is twice a permutation: A and its transpose have the same
+    factor there, and only torch's rule (slogdet and det factor the transpose of a
+    C-contiguous matrix) says which one its backward solves with elsewhere."""
+    tape = _tape.Tape(_value_and_grad(function), torch.zeros(BATCH, DIM, dtype=torch.float64))
+    x = np.random.default_rng(3).normal(size=(BATCH, DIM))
+    value, grad = tape(torch.from_numpy(x))
+    expected_value, expected_grad = _eager_value_and_grad(function, x)
+    np.testing.assert_allclose(value.numpy(), expected_value, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_a_singular_matrix_has_log_determinant_minus_infinity():
     def function(x):
         matrix = torch.ones(x.shape[0], 3, 3, dtype=x.dtype) * x[:, :1, None]

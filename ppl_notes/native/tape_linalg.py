@@ -147,34 +147,43 @@ def _lu_solve(t: Translator, out: View, lu: View, pivots: View, b: View, left: b
     t.emit(words, [lu, pivots, b], [out])
 
 
-def _factored(step: Step, source: View, lu_output: int) -> tuple[View, bool]:
+def _factored(step: Step, source: View, lu_output: int, rule: bool) -> tuple[View, bool]:
     r"""The matrix torch factored for ``source``: itself, or its transpose.
 
     torch's (2.14) ``_linalg_slogdet`` and ``_linalg_det`` factor :math:`A^\top` of a
     C-contiguous :math:`A` (LAPACK wants columns; the determinant is the same), and their
     backward solves with that factor as ``adjoint``; ``_linalg_solve_ex`` factors
-    :math:`A`. The recorded factor says which: the tape factors the same matrix.
+    :math:`A`. ``rule`` is what that says for this step (transposed or not); the recorded
+    factor must agree, else the other is tried. The rule comes first, so that a matrix
+    recorded where it happens to be symmetric (the identity at the origin), whose two
+    factors are equal there, is factored as torch factors it everywhere else.
     """
     recorded, matrix = step.outputs[lu_output], step.args[0]
-    for transposed in (False, True):
+    for transposed in (rule, not rule):
         factor = torch.linalg.lu_factor(matrix.mT if transposed else matrix).LU
         if torch.allclose(factor, recorded, rtol=1e-12, atol=0, equal_nan=True):
             return (_transposed(source) if transposed else source), transposed
     raise Unsupported(f"{step.func} factored a matrix the tape does not recognise")
 
 
+def _transposes(step: Step) -> bool:
+    """Whether ``slogdet`` and ``det`` factor the transpose: torch's rule, C-contiguous."""
+    return bool(step.args[0].is_contiguous())
+
+
 @_handles("_linalg_slogdet")
 def _slogdet(t: Translator, step: Step) -> None:
     """``torch.linalg.slogdet``: the LU factors and pivots its backward solves with."""
     sign, logdet, lu, pivots = (_out(t, step, i) for i in range(4))
-    _lu(t, _factored(step, t.view(step.args[0]), 2)[0], lu, pivots, sign, logdet)
+    _lu(t, _factored(step, t.view(step.args[0]), 2, _transposes(step))[0], lu, pivots,
+        sign, logdet)
 
 
 @_handles("_linalg_det")
 def _det(t: Translator, step: Step) -> None:
     """``torch.linalg.det``: the LU factors and pivots its backward solves with."""
     det, lu, pivots = (_out(t, step, i) for i in range(3))
-    _lu(t, _factored(step, t.view(step.args[0]), 1)[0], lu, pivots, det)
+    _lu(t, _factored(step, t.view(step.args[0]), 1, _transposes(step))[0], lu, pivots, det)
 
 
 @_handles("linalg_inv_ex")
@@ -202,7 +211,7 @@ def _solve(t: Translator, step: Step) -> None:
     a, b = t.view(step.args[0]), t.view(step.args[1])
     left = bool(_arg(step, 2, "left", True))
     result, lu, pivots = (_out(t, step, i) for i in range(3))
-    factored, transposed = _factored(step, a, 1)
+    factored, transposed = _factored(step, a, 1, False)
     _lu(t, factored, lu, pivots)
     if len(b.sizes) == 1 or (left and b.sizes == a.sizes[:-1]):  # a batch of vectors
         b = View(b.buffer, b.offset, (*b.sizes, 1), (*b.strides, 0))

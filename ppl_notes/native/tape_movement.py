@@ -151,7 +151,6 @@ def _scatter_add(t: Translator, out: View, targets: torch.Tensor, values) -> Non
     t.emit([I_SCATTER, int(targets.numel()), *pairs], [value_view, out], [out])
 
 
-
 # -- indices found at run time ----------------------------------------------------------
 
 def _descriptor(view: View) -> list:
