@@ -107,15 +107,22 @@ def evaluate_draws(
         ``log_joint`` is :math:`\log p(x, \theta)` on the sites' own scale either way.
     """
     path = choose_path(model, data, facts)
+    pieces = [_evaluate_chunk(model, data, values, facts, path, recover_discrete, unconstrained)
+              for values in _in_batches(model, data, facts, draws, seed)]
+    return DrawEvaluation.concatenate(pieces, facts.pointwise_note)
+
+
+def _in_batches(model, data, facts: StoryFacts, draws: Mapping[str, torch.Tensor], seed: int):
+    """The draws in batches of :func:`draws_per_batch`, under one seed, without gradients.
+
+    Each batch is taken by the caller before the next is cut: whatever the caller draws
+    (the discrete sites) comes from one random stream, in the draws' order.
+    """
     num_draws = next(iter(draws.values())).shape[0]
     chunk = draws_per_batch(model, data, facts, num_draws)
-    pieces = []
     with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
         for start in range(0, num_draws, chunk):
-            values = {k: v[start : start + chunk] for k, v in draws.items()}
-            pieces.append(_evaluate_chunk(model, data, values, facts, path, recover_discrete,
-                                          unconstrained))
-    return DrawEvaluation.concatenate(pieces, facts.pointwise_note)
+            yield {k: v[start:start + chunk] for k, v in draws.items()}
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
@@ -194,15 +201,10 @@ def discrete_draws(model, data: Mapping[str, Any], values: Mapping[str, torch.Te
     decides which draws it keeps (VI's importance step) recovers them once, for those.
     """
     path = choose_path(model, data, facts)
-    num_draws = next(iter(values.values())).shape[0]
-    _mention_discrete_cost(model, facts, num_draws)
-    chunk = draws_per_batch(model, data, facts, num_draws)
-    pieces = []
-    with pyro.poutine.seed(rng_seed=seed), torch.no_grad():
-        for start in range(0, num_draws, chunk):
-            part = {k: v[start:start + chunk] for k, v in values.items()}
-            pieces.append({n: _compact(v) for n, v in
-                           _recover_discrete(model, data, facts, part, path).items()})
+    _mention_discrete_cost(model, facts, next(iter(values.values())).shape[0])
+    pieces = [{n: _compact(v) for n, v in _recover_discrete(model, data, facts, part,
+                                                             path).items()}
+              for part in _in_batches(model, data, facts, values, seed)]
     return {n: np.concatenate([p[n] for p in pieces]) for n in pieces[0]} if pieces else {}
 
 

@@ -197,12 +197,11 @@ def _scatter_at_run(t: Translator, step: Step, values, accumulate: bool) -> None
     out = _out(t, step)
     if step.func._schema.is_mutable:
         raise Unsupported(f"in-place {step.func}")
+    _fits(index, [source], dim)
     if isinstance(values, torch.Tensor):
-        _fits(index, [source], dim)
         _fits(index, [values], None)
         value_view = t.view(values)
     else:
-        _fits(index, [source], dim)
         scalar = t.scalar(values)
         value_view = View(scalar.buffer, scalar.offset, tuple(index.shape), (0,) * index.dim())
     t.map("COPY", out, [t.view(source)], dtype=step.outputs[0].dtype)
