@@ -24,7 +24,13 @@ from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
 from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
-from ppl_notes.evaluation.density import draws_per_batch, in_draw_plate, trace_in_draw_plate
+from ppl_notes.evaluation.chain_discrete import NotAChain, chain_draws
+from ppl_notes.evaluation.density import (
+    draws_per_batch,
+    in_draw_plate,
+    trace_in_draw_plate,
+    trace_with,
+)
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
 logger = logging.getLogger(__name__)
@@ -248,6 +254,12 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
             trace = poutine.trace(sampler).get_trace(**data)
             return {n: trace.nodes[n]["value"].reshape((num,) + facts.value_shapes[n]).numpy()
                     for n in facts.discrete}
+        def chain(draw):
+            trace, _, _ = trace_with(model, data, facts,
+                                     {k: v.to(facts.dtype) for k, v in draw.items()}, False)
+            drawn = chain_draws(trace, facts.discrete, nesting)
+            return {n: v.reshape(facts.value_shapes[n]) for n, v in drawn.items()}
+
         def one(draw):
             conditioned = poutine.condition(model, data={k: v.to(facts.dtype)
                                                          for k, v in draw.items()})
@@ -258,14 +270,23 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
                     for n in facts.discrete}
 
         if path == "vmap":
-            try:
-                with vmap_safe_contraction():
-                    drawn = torch.func.vmap(one, randomness="different")(dict(values))
-                return {n: v.numpy() for n, v in drawn.items()}
-            except Exception as error:  # noqa: BLE001 - any failure: one draw at a time, said
-                logger.info("story %r: discrete sites drawn one draw at a time (%s: %s)",
-                            getattr(model, "name", model), type(error).__name__, error)
-        pieces = [one({k: v[i] for k, v in values.items()}) for i in range(num)]
+            for how in (chain, one):  # else infer_discrete's contraction, under vmap
+                try:
+                    with vmap_safe_contraction():
+                        drawn = torch.func.vmap(how, randomness="different")(dict(values))
+                    return {n: v.numpy() for n, v in drawn.items()}
+                except Exception as error:  # noqa: BLE001 - any failure: the next way, said
+                    if not isinstance(error, NotAChain):
+                        logger.info("story %r: discrete sites not drawn by %s under vmap "
+                                    "(%s: %s)", getattr(model, "name", model),
+                                    "forward filtering" if how is chain else "infer_discrete",
+                                    type(error).__name__, error)
+        how = chain
+        try:
+            first = chain({k: v[0] for k, v in values.items()})
+        except NotAChain:
+            how, first = one, one({k: v[0] for k, v in values.items()})
+        pieces = [first] + [how({k: v[i] for k, v in values.items()}) for i in range(1, num)]
     return {n: torch.stack([p[n] for p in pieces]).numpy() for n in facts.discrete}
 
 

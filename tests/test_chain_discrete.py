@@ -1,0 +1,195 @@
+"""Hidden states drawn by forward filtering, backward sampling follow p(z | x, theta).
+
+Truth: every joint configuration of the hidden states is enumerated here by brute force
+(K^T of them), its log p(z, x | theta) written out in NumPy from the story's definition,
+and the exact marginal of each state and of each pair of neighbours read off. Each story
+is evaluated at one parameter value repeated N = 20000 times; a share of draws is a
+binomial mean with Monte Carlo sd sqrt(p (1 - p) / N) <= 0.0036, and each is held to 5 of
+those (floor 1e-3): about 100 comparisons per story, each failing by chance with
+probability below 1e-6.
+"""
+
+import itertools
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_notes import model
+from ppl_notes.evaluation import choose_path, story_facts
+from ppl_notes.evaluation.chain_discrete import NotAChain, chain_draws
+from ppl_notes.evaluation.density import trace_with
+from ppl_notes.evaluation.draws import discrete_draws
+
+N = 20_000
+Y = torch.tensor([0.1, 2.2, 1.9, -0.4, 3.1], dtype=torch.float64)
+LOCS = np.array([0.0, 1.5, 3.0])
+TRANSITION = np.array([[0.7, 0.2, 0.1], [0.15, 0.7, 0.15], [0.3, 0.1, 0.6]])
+START = np.array([0.5, 0.3, 0.2])
+
+
+@model(observed="y", data={"y": Y})
+def hmm(y):
+    """A user's HMM: a Python loop under pyro.markov, states indexing their parameters."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(3, dtype=y.dtype), 3.0).to_event(1))
+    transition = pyro.sample("transition",
+                             dist.Dirichlet(torch.ones(3, 3, dtype=y.dtype)).to_event(1))
+    state = pyro.sample("z_0", dist.Categorical(torch.tensor(START, dtype=y.dtype)))
+    pyro.sample("y_0", dist.Normal(locs[state], 1.0), obs=y[0])
+    for t in pyro.markov(range(1, len(y))):
+        state = pyro.sample(f"z_{t}", dist.Categorical(transition[state]))
+        pyro.sample(f"y_{t}", dist.Normal(locs[state], 1.0), obs=y[t])
+
+
+@model(observed="y", data={"y": torch.stack([Y, Y.flip(0) - 0.5])})
+def sequences(y):
+    """Two independent sequences in a plate, each an HMM, and a global state's effect."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(3, dtype=y.dtype), 3.0).to_event(1))
+    transition = pyro.sample("transition",
+                             dist.Dirichlet(torch.ones(3, 3, dtype=y.dtype)).to_event(1))
+    with pyro.plate("sequences", y.shape[0], dim=-1):
+        state = pyro.sample("z_0", dist.Categorical(torch.tensor(START, dtype=y.dtype)))
+        pyro.sample("y_0", dist.Normal(locs[state], 1.0), obs=y[:, 0])
+        for t in pyro.markov(range(1, y.shape[1])):
+            state = pyro.sample(f"z_{t}", dist.Categorical(transition[state]))
+            pyro.sample(f"y_{t}", dist.Normal(locs[state], 1.0), obs=y[:, t])
+
+
+X = torch.tensor([[0.2, -0.3, 0.5], [1.4, 1.8, 1.1], [2.9, 3.3, 2.5], [1.6, 1.2, 1.9]],
+                 dtype=torch.float64)
+
+
+@model(observed="x", data={"x": X})
+def global_states(x):
+    """A chain of global states, each seen through a plate of three observations."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(3, dtype=x.dtype), 3.0).to_event(1))
+    transition = pyro.sample("transition",
+                             dist.Dirichlet(torch.ones(3, 3, dtype=x.dtype)).to_event(1))
+    state = None
+    for t in pyro.markov(range(x.shape[0])):
+        probs = torch.tensor(START, dtype=x.dtype) if state is None else transition[state]
+        state = pyro.sample(f"z_{t}", dist.Categorical(probs))
+        with pyro.plate(f"seen_{t}", x.shape[1]):
+            pyro.sample(f"x_{t}", dist.Normal(locs[state], 1.0), obs=x[t])
+
+
+@model(observed="y", data={"y": Y[:4]})
+def factorial(y):
+    """Two chains that meet in every observation: not a chain (infer_discrete draws it)."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=y.dtype), 3.0).to_event(1))
+    stay = pyro.sample("stay", dist.Beta(torch.tensor(2.0, dtype=y.dtype), 2.0))
+    z = w = None
+    for t in pyro.markov(range(len(y))):
+        half = torch.tensor(0.5, dtype=y.dtype)
+        z = pyro.sample(f"z_{t}", dist.Bernoulli(half if z is None else
+                                                  torch.where(z > 0, stay, 1 - stay)))
+        w = pyro.sample(f"w_{t}", dist.Bernoulli(half if w is None else
+                                                  torch.where(w > 0, stay, 1 - stay)))
+        pyro.sample(f"y_{t}", dist.Normal(locs[0] * z + locs[1] * w, 1.0), obs=y[t])
+
+
+def _normal(x, loc):
+    return -0.5 * (x - loc) ** 2 - 0.5 * np.log(2 * np.pi)
+
+
+def _hmm_exact(y: np.ndarray, emission=None):
+    """Marginals of each state and neighbour pair, by enumerating all K^T sequences."""
+    emission = emission or (lambda t, k: _normal(y[t], LOCS[k]))
+    states = list(itertools.product(range(3), repeat=len(y)))
+    log_joint = np.array([np.log(START[s[0]]) + sum(np.log(TRANSITION[a, b])
+                                                    for a, b in itertools.pairwise(s))
+                          + sum(emission(t, k) for t, k in enumerate(s)) for s in states])
+    weights = np.exp(log_joint - log_joint.max())
+    weights /= weights.sum()
+    states = np.array(states)
+    single = np.stack([[weights[states[:, t] == k].sum() for k in range(3)]
+                       for t in range(len(y))])
+    pairs = np.stack([[[weights[(states[:, t] == a) & (states[:, t + 1] == b)].sum()
+                        for b in range(3)] for a in range(3)] for t in range(len(y) - 1)])
+    return single, pairs
+
+
+def _shares(drawn: np.ndarray):
+    single = np.stack([(drawn == k).mean(0) for k in range(3)], -1)
+    pairs = np.stack([[((drawn[:, :-1] == a) & (drawn[:, 1:] == b)).mean(0) for b in range(3)]
+                      for a in range(3)])
+    return single, np.moveaxis(pairs, -1, 0)
+
+
+def _close(got, exact):
+    sd = np.sqrt(exact * (1 - exact) / N)
+    assert np.all(np.abs(got - exact) <= 5 * np.maximum(sd, 1e-3)), (got, exact)
+
+
+def _draws(story, data, names, seed=0):
+    facts = story_facts(story, data)
+    choose_path(story, data, facts)
+    values = {"locs": torch.tensor(LOCS[:facts.value_shapes["locs"][0]]).expand(N, -1),
+              "transition": torch.tensor(TRANSITION).expand(N, 3, 3)}
+    if "stay" in facts.continuous:
+        values = {"locs": torch.tensor([1.0, 2.5]).expand(N, 2),
+                  "stay": torch.full((N,), 0.8, dtype=torch.float64)}
+    if story is not factorial:  # drawn by forward filtering itself, not a fallback
+        trace, _, _ = trace_with(story, data, facts, {k: v[0] for k, v in values.items()},
+                                 False)
+        one = chain_draws(trace, facts.discrete, facts.plate_nesting)
+        assert all(one[n].numel() == np.prod(facts.value_shapes[n], dtype=int) for n in one)
+    drawn = discrete_draws(story, data, values, facts, seed=seed)
+    return facts, np.stack([drawn[n] for n in names], axis=1)
+
+
+def test_an_hmms_states_follow_their_exact_posterior():
+    facts, drawn = _draws(hmm, {"y": Y}, [f"z_{t}" for t in range(len(Y))])
+    assert facts.path == "vmap"
+    single, pairs = _hmm_exact(Y.numpy())
+    got_single, got_pairs = _shares(drawn)
+    _close(got_single, single)
+    _close(got_pairs, pairs)
+
+
+def test_chains_in_a_plate_are_drawn_sequence_by_sequence():
+    y = torch.stack([Y, Y.flip(0) - 0.5])
+    _, drawn = _draws(sequences, {"y": y}, [f"z_{t}" for t in range(y.shape[1])])
+    assert drawn.shape == (N, y.shape[1], 2)  # (draws, time, sequence)
+    for s in range(2):
+        single, pairs = _hmm_exact(y[s].numpy())
+        got_single, got_pairs = _shares(drawn[:, :, s])
+        _close(got_single, single)
+        _close(got_pairs, pairs)
+
+
+def test_a_global_chain_seen_through_plates_sums_each_plate():
+    x = X.numpy()
+    _, drawn = _draws(global_states, {"x": X}, [f"z_{t}" for t in range(len(x))])
+    single, pairs = _hmm_exact(x, lambda t, k: _normal(x[t], LOCS[k]).sum())
+    got_single, got_pairs = _shares(drawn)
+    _close(got_single, single)
+    _close(got_pairs, pairs)
+
+
+def test_two_chains_that_meet_are_left_to_infer_discrete_and_still_exact():
+    data = {"y": Y[:4]}
+    facts = story_facts(factorial, data)
+    choose_path(factorial, data, facts)
+    one = {"locs": torch.tensor([1.0, 2.5], dtype=torch.float64),
+           "stay": torch.tensor(0.8, dtype=torch.float64)}
+    trace, _, _ = trace_with(factorial, data, facts, one, False)
+    with pytest.raises(NotAChain, match="not neighbours"):
+        chain_draws(trace, facts.discrete, facts.plate_nesting)
+    names = [f"{c}_{t}" for t in range(4) for c in "zw"]
+    _, drawn = _draws(factorial, data, names)
+    configurations = np.array(list(itertools.product((0, 1), repeat=8)))
+    y = Y[:4].numpy()
+    log_joint = np.zeros(len(configurations))
+    for i, c in enumerate(configurations):
+        z, w = c[0::2], c[1::2]
+        for chain in (z, w):
+            log_joint[i] += np.log(0.5) + sum(np.log(0.8 if a == b else 0.2)
+                                              for a, b in itertools.pairwise(chain))
+        log_joint[i] += _normal(y, 1.0 * z + 2.5 * w).sum()
+    weights = np.exp(log_joint - log_joint.max())
+    weights /= weights.sum()
+    exact = np.array([weights[configurations[:, j] == 1].sum() for j in range(8)])
+    _close(drawn.mean(0), exact)
