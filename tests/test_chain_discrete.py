@@ -19,9 +19,10 @@ import torch
 
 from ppl_notes import model
 from ppl_notes.evaluation import choose_path, story_facts
+from ppl_notes.evaluation import draws as draws_module
 from ppl_notes.evaluation.chain_discrete import NotAChain, chain_draws
 from ppl_notes.evaluation.density import trace_with
-from ppl_notes.evaluation.draws import discrete_draws
+from ppl_notes.evaluation.draws import discrete_draws, evaluate_draws, posterior_of
 
 N = 20_000
 Y = torch.tensor([0.1, 2.2, 1.9, -0.4, 3.1], dtype=torch.float64)
@@ -193,3 +194,40 @@ def test_two_chains_that_meet_are_left_to_infer_discrete_and_still_exact():
     weights /= weights.sum()
     exact = np.array([weights[configurations[:, j] == 1].sum() for j in range(8)])
     _close(drawn.mean(0), exact)
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_the_evaluation_draws_a_chains_states_in_its_own_run(path, monkeypatch):
+    """posterior_of: the states come from the evaluation's run, no run of their own."""
+    data = {"y": Y}
+    facts = story_facts(hmm, data)
+    choose_path(hmm, data, facts)
+    facts.path = path
+    count = N if path == "vmap" else 2000  # one run per draw on the loop path
+    values = {"locs": torch.tensor(LOCS).expand(count, -1),
+              "transition": torch.tensor(TRANSITION).expand(count, 3, 3)}
+
+    def no_run_of_their_own(*args, **kwargs):
+        raise AssertionError("the states were recovered by a run of their own")
+
+    monkeypatch.setattr(draws_module, "_recover_discrete", no_run_of_their_own)
+    posterior, _ = posterior_of(hmm, data, values, facts, recover_discrete=True, seed=1)
+    drawn = np.stack([posterior[f"z_{t}"] for t in range(len(Y))], axis=1)
+    single, pairs = _hmm_exact(Y.numpy())
+    got_single, got_pairs = _shares(drawn)
+    sd = np.sqrt(single * (1 - single) / count)
+    assert np.all(np.abs(got_single - single) <= 5 * np.maximum(sd, 1e-3))
+    sd = np.sqrt(pairs * (1 - pairs) / count)
+    assert np.all(np.abs(got_pairs - pairs) <= 5 * np.maximum(sd, 1e-3))
+
+
+def test_same_run_leaves_other_structures_to_the_caller():
+    data = {"y": Y[:4]}
+    facts = story_facts(factorial, data)
+    choose_path(factorial, data, facts)
+    values = {"locs": torch.tensor([1.0, 2.5]).expand(50, 2),
+              "stay": torch.full((50,), 0.8, dtype=torch.float64)}
+    evaluation = evaluate_draws(factorial, data, values, facts, recover_discrete="same_run")
+    assert evaluation.discrete == {}
+    evaluation = evaluate_draws(factorial, data, values, facts, recover_discrete=True)
+    assert set(evaluation.discrete) == set(facts.discrete)

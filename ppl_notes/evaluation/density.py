@@ -34,6 +34,7 @@ from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.infer.util import is_validation_enabled
 
+from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import (
     Unconstrain,
@@ -54,7 +55,10 @@ class Evaluation(NamedTuple):
     ``pointwise`` is the log-likelihood of each declared observation, ``deterministic``
     the ``pyro.deterministic`` sites, ``constrained`` the latent sites on their supports,
     ``log_jacobian`` :math:`\log|\det J_T(u)|` of the map to them (zero for values
-    given on their supports), whether or not ``total`` includes it.
+    given on their supports), whether or not ``total`` includes it. ``discrete`` holds
+    the discrete sites drawn from :math:`p(z \mid x, \theta)` in the same run, where
+    they were asked for and form a chain (:mod:`~ppl_notes.evaluation.chain_discrete`);
+    else it is empty.
     """
 
     total: torch.Tensor
@@ -62,12 +66,14 @@ class Evaluation(NamedTuple):
     deterministic: dict[str, torch.Tensor]
     constrained: dict[str, torch.Tensor]
     log_jacobian: torch.Tensor
+    discrete: dict[str, torch.Tensor]
 
 
 def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
              values: Mapping[str, torch.Tensor], *, unconstrained: bool, path: str,
-             priors: bool = True, jacobian: bool = True, density: bool = True) -> Evaluation:
-    """Evaluate the story at ``values`` (each with a leading draw dim) on ``path``.
+             priors: bool = True, jacobian: bool = True, density: bool = True,
+             discrete: bool = False) -> Evaluation:
+    r"""Evaluate the story at ``values`` (each with a leading draw dim) on ``path``.
 
     Parameters
     ----------
@@ -90,6 +96,11 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
         log probabilities, no sum over the discrete sites; ``pointwise`` is empty and
         ``total`` holds the log-Jacobian alone (zero unless ``unconstrained`` and
         ``jacobian``).
+    discrete : bool
+        Also draw the discrete sites from :math:`p(z \mid x, \theta)` in the same run,
+        where they form a chain (the ``vmap`` and ``loop`` paths): a second run of the
+        story for them is saved. ``Evaluation.discrete`` is empty where they were not
+        drawn.
 
     Returns
     -------
@@ -105,20 +116,19 @@ def evaluate(model, data: Mapping[str, Any], facts: StoryFacts,
         elif path == "vmap":
             def one(draw):
                 return _evaluate_one(model, data, facts, draw, unconstrained, priors, jacobian,
-                                     density)
+                                     density, discrete)
 
             result = Evaluation(*torch.func.vmap(one, randomness="different")(values))
         elif path == "loop":
             num = next(iter(values.values())).shape[0]
             pieces = [_evaluate_one(model, data, facts, {k: v[i] for k, v in values.items()},
-                                    unconstrained, priors, jacobian, density)
+                                    unconstrained, priors, jacobian, density, discrete)
                       for i in range(num)]
-            result = Evaluation(
-                torch.stack([p.total for p in pieces]),
-                *({k: torch.stack([getattr(p, part)[k] for p in pieces])
-                   for k in getattr(pieces[0], part)}
-                  for part in ("pointwise", "deterministic", "constrained")),
-                torch.stack([p.log_jacobian for p in pieces]))
+            stacked = [{k: torch.stack([getattr(p, part)[k] for p in pieces])
+                        for k in getattr(pieces[0], part)}
+                       for part in ("pointwise", "deterministic", "constrained", "discrete")]
+            result = Evaluation(torch.stack([p.total for p in pieces]), *stacked[:3],
+                                torch.stack([p.log_jacobian for p in pieces]), stacked[3])
         else:
             raise ValueError(f"unknown evaluation path {path!r}; the paths are {PATHS}")
     return result._replace(total=result.total.double(),
@@ -178,7 +188,7 @@ def trace_in_draw_plate(model, data, facts, values, unconstrained, density=True)
 
 
 def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
-                  density=True) -> Evaluation:
+                  density=True, discrete=False) -> Evaluation:
     """One draw (no draw dim): the story as its author wrote it."""
     trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained,
                                              density=density)
@@ -191,9 +201,17 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
                    if n in constrained}
     if not density:
         return Evaluation(sum((d.sum() for d in log_det.values()), zero), {}, deterministic,
-                          constrained, log_jacobian)
+                          constrained, log_jacobian, {})
+    drawn = {}
     if facts.discrete:
-        total = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
+        try:  # a chain of discrete sites (an HMM's) is summed out by its forward recursion
+            chain = chain_of(trace, facts.discrete, facts.plate_nesting)
+        except NotAChain:
+            chain = None
+        total = (TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
+                 if chain is None else chain.log_marginal())
+        if discrete and chain is not None:
+            drawn = {n: v.reshape(facts.value_shapes[n]) for n, v in chain.draw().items()}
         if not priors:
             total = total - sum((trace.nodes[n]["log_prob"].sum() for n in facts.continuous),
                                 zero)
@@ -203,7 +221,7 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     total = total + sum((d.sum() for d in log_det.values()), zero)
     pointwise = _pointwise(trace, facts, vectorized=False)
     pointwise = {n: v.reshape(facts.batch_shapes[n]) for n, v in pointwise.items()}
-    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian)
+    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian, drawn)
 
 
 def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:
@@ -237,7 +255,7 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
     total = torch.zeros(num, dtype=facts.dtype)
     if not density:
         return Evaluation(log_jacobian if log_det else total, {}, deterministic, constrained,
-                          log_jacobian)
+                          log_jacobian, {})
     terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
     pointwise = _pointwise(trace, facts, vectorized=True)
     if facts.discrete:
@@ -248,7 +266,7 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
     for term in terms + list(log_det.values()):
         total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
     pointwise = {n: _per_draw(v, num, facts.batch_shapes[n]) for n, v in pointwise.items()}
-    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian)
+    return Evaluation(total, pointwise, deterministic, constrained, log_jacobian, {})
 
 
 #: The most tensor elements one batch of draws may create over all the story's sample

@@ -98,8 +98,14 @@ def evaluate_draws(
         The continuous latent sites, each with one leading draw dimension.
     facts : StoryFacts
         The story's facts on ``data`` (:func:`~ppl_notes.evaluation.facts.story_facts`).
-    recover_discrete : bool
-        Draw the discrete sites from p(z | x, theta) for every draw (``infer_discrete``).
+    recover_discrete : bool or "same_run"
+        Draw the discrete sites from p(z | x, theta) for every draw: in the evaluation's
+        own run of the story where they form a chain
+        (:mod:`~ppl_notes.evaluation.chain_discrete`), else by a run of their own
+        (``infer_discrete``, or one softmax per observation for local sites).
+        ``"same_run"`` draws them only where that takes no run of its own: a method that
+        decides afterwards which draws it keeps (VI's importance step) recovers the
+        others once, for those (:func:`discrete_draws`).
     seed : int
         Seed for the discrete draws.
     unconstrained : bool
@@ -201,10 +207,9 @@ def discrete_draws(model, data: Mapping[str, Any], values: Mapping[str, torch.Te
                    facts: StoryFacts, *, seed: int) -> dict[str, np.ndarray]:
     """The discrete sites drawn from p(z | x, theta) at draws of the continuous ones.
 
-    ``values`` are on the sites' own scale, draws first. The same draws, in the same
-    chunks and from the same ``seed``, as :func:`evaluate_draws` gives with
-    ``recover_discrete=True`` (the evaluation itself draws nothing): a method that first
-    decides which draws it keeps (VI's importance step) recovers them once, for those.
+    ``values`` are on the sites' own scale, draws first; the draws come in the same
+    chunks from the same ``seed`` as :func:`evaluate_draws`'s: a method that first decides
+    which draws it keeps (VI's importance step) recovers them once, for those.
     """
     path = choose_path(model, data, facts)
     _mention_discrete_cost(model, facts, next(iter(values.values())).shape[0])
@@ -216,8 +221,9 @@ def discrete_draws(model, data: Mapping[str, Any], values: Mapping[str, torch.Te
 
 def _evaluate_chunk(model, data, values, facts, path, recover_discrete,
                     unconstrained=False) -> DrawEvaluation:
+    in_the_run = bool(facts.discrete) and bool(recover_discrete) and path != "plate"
     evaluation = evaluate(model, data, facts, values, unconstrained=unconstrained, path=path,
-                          jacobian=False)
+                          jacobian=False, discrete=in_the_run)
     result = DrawEvaluation(
         deterministic={k: v.detach().cpu().numpy() for k, v in evaluation.deterministic.items()},
         log_likelihood={k: v.detach().cpu().numpy() for k, v in evaluation.pointwise.items()},
@@ -226,7 +232,9 @@ def _evaluate_chunk(model, data, values, facts, path, recover_discrete,
         values = {n: evaluation.constrained[n].detach() for n in values}
         result.constrained = {n: v.cpu().numpy() for n, v in values.items()}
         result.log_jacobian = evaluation.log_jacobian.detach().double().cpu().numpy()
-    if facts.discrete and recover_discrete:
+    if evaluation.discrete:  # drawn in the evaluation's own run: a chain
+        result.discrete = {n: _compact(v.numpy()) for n, v in evaluation.discrete.items()}
+    elif facts.discrete and recover_discrete is True:
         result.discrete = {n: _compact(v) for n, v in
                            _recover_discrete(model, data, facts, values, path).items()}
     return result

@@ -269,10 +269,11 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
     """
     size, qs = options["num_draws"], [t.q for t in traces]
     points = _proposals(qs, size, [s + 1 for s in seeds])
-    # the discrete sites are recovered once, for the draws finally kept
+    # the discrete sites are recovered once, for the draws finally kept, unless the
+    # evaluation draws them in its own run (a chain's) anyway
     deferred = (options["importance"] == "psis" and options["recover_discrete"]
                 and bool(facts.discrete))
-    evaluating = {**options, "recover_discrete": False} if deferred else options
+    evaluating = {**options, "recover_discrete": "same_run"} if deferred else options
     found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, evaluating)
     correction, proposals = None, [{} for _ in qs]
     if options["importance"] == "psis":
@@ -294,7 +295,7 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
                 found = _evaluate(model, data, facts, qs, potential, kept, seeds[0] + 2,
                                   evaluating)
         proposals = [{"log_p": p, "log_q": q} for p, q in zip(log_p, log_q, strict=True)]
-    if deferred:
+    if deferred and any(n not in found["posterior"][0] for n in facts.discrete):
         _add_discrete(model, data, facts, found, seeds[0] + 2)
     keys = ("values", "posterior", "log_p", "log_q", "log_likelihood")
     return ([tuple(found[k][r] for k in keys) + (proposals[r],) for r in range(len(qs))],
