@@ -19,7 +19,6 @@ import numpy as np
 import pyro
 import torch
 
-from ppl_notes._collector import existing_objects_frozen
 from ppl_notes._constants import constants_dtype, module_as_float64
 from ppl_notes._dtype import run_dtype
 from ppl_notes._progress import show_progress
@@ -104,14 +103,6 @@ def infer(
     >>> from ppl_notes.models.conjugate import normal_mean
     >>> fit = infer(normal_mean, method="svi", steps=500, progress=False)
     """
-    with existing_objects_frozen():  # the interpreter's own objects are not rescanned
-        return _infer(model, data, method=method, guide=guide, seed=seed, progress=progress,
-                      drop_incomplete=drop_incomplete, **options)
-
-
-def _infer(model, data, *, method: str, guide, seed: int, progress: bool,
-           drop_incomplete: bool, **options: Any) -> Posterior:
-    """:func:`infer`'s work, under :func:`existing_objects_frozen`."""
     if method not in BACKENDS:
         raise OptionError(f"unknown method {method!r}; the methods are {sorted(BACKENDS)}")
     observed_found = None
@@ -196,7 +187,7 @@ def _infer(model, data, *, method: str, guide, seed: int, progress: bool,
     tree = to_datatree(run, model, prepared, attrs, facts)
     posterior = Posterior(tree, model=model, guide=None if isinstance(guide, str) else guide,
                           data=prepared, facts=facts)
-    warn_about(posterior, stacklevel=4)  # the user, above infer and _infer
+    warn_about(posterior)
     return posterior
 
 

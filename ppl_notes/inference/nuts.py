@@ -125,7 +125,7 @@ def run(context: RunContext) -> RunResult:
     if relabelled:
         warnings.warn(f"NUTS on {model.name!r}: the chains found the mixture with permuted "
                       f"labels; relabelled to chain 0's ({'; '.join(relabelled)}; pivot "
-                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=5)
+                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=4)
     log_likelihood = {k: _chains_first(v, chains, draws)
                       for k, v in evaluation.log_likelihood.items()}
     return RunResult(
@@ -203,11 +203,11 @@ def _common_length(flats: list[np.ndarray], stats: dict[str, list[np.ndarray]],
     kept = min((len(f) for f in flats), default=0)
     if kept == 0:
         warnings.warn("NUTS interrupted before any chain finished warmup: there are no draws "
-                      "to return", PartialResultWarning, stacklevel=6)
+                      "to return", PartialResultWarning, stacklevel=5)
         raise KeyboardInterrupt
     warnings.warn(f"NUTS interrupted: the posterior holds {len(flats)} chain(s) with the first "
                   f"{kept} of {requested} draws each (partial=True)", PartialResultWarning,
-                  stacklevel=6)
+                  stacklevel=5)
     return (np.stack([f[:kept] for f in flats]),
             {k: np.stack([v[:kept] for v in values]) for k, values in stats.items()})
 

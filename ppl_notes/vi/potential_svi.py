@@ -398,7 +398,7 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
                            importance=None if correction is None else correction.summary())
     if any(trace.stopped == "interrupted" for trace in traces):
         warnings.warn("SVI interrupted: the Gaussians are those of the last kept step "
-                      "(partial=True)", PartialResultWarning, stacklevel=5)
+                      "(partial=True)", PartialResultWarning, stacklevel=4)
     if count == 1:
         result = results[0]
     else:

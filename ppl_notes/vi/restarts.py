@@ -113,7 +113,7 @@ def run_restarts(fit: Callable[[RunContext], RunResult], context: RunContext) ->
     if interrupted or len(done) < count or cut:
         warnings.warn(f"restarts interrupted: {len(done)} of {count} fits came back, {cut} of "
                       "them stopped early with the guide they had (partial=True)",
-                      PartialResultWarning, stacklevel=5)
+                      PartialResultWarning, stacklevel=4)
 
     combined = stack_restarts(done, sorted(results), options,
                               components_of(context.facts), model.name)
@@ -212,7 +212,7 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
     if relabelled:
         warnings.warn(f"SVI restarts on {story!r} found the mixture with permuted labels; "
                       f"relabelled to restart 0's ({'; '.join(relabelled)}; pivot "
-                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=6)
+                      "relabelling, Stephens 2000)", DiagnosticWarning, stacklevel=5)
     info.update(restarts=per_restart, modes=modes_of(posterior, per_restart),
                 components=components, relabelled=relabelled,
                 final_elbo=float(np.nanmean([p["final_elbo"] for p in per_restart])),
