@@ -167,9 +167,9 @@ def _chain_factors(trace, discrete: set[str], nesting: int):
             continue
         if name in discrete:
             infer = site["infer"]
-            if (infer.get("enumerate") != "parallel" or "_enumerate_dim" not in infer
-                    or site["fn"].event_shape or site["value"].numel()
-                    != site["value"].shape[infer["_enumerate_dim"]]):
+            value, dim = site["value"], infer.get("_enumerate_dim")
+            if (infer.get("enumerate") != "parallel" or dim is None or site["fn"].event_shape
+                    or value.dim() < -dim or value.numel() != value.shape[dim]):
                 raise NotAChain(f"site {name!r} is not enumerated in parallel as a scalar")
             plates = _plate_dims(site)
             if chain_plates is None:
@@ -198,8 +198,9 @@ def _chain_factors(trace, discrete: set[str], nesting: int):
             pair[names[1]] = pair.get(names[1], 0) + factor
         else:
             raise NotAChain(f"site {name!r} joins states {names} that are not neighbours")
-    if not order:
-        raise NotAChain("no discrete site was enumerated")
+    if not order or set(order) != discrete:
+        raise NotAChain(f"discrete sites {sorted(discrete - set(order))} were not enumerated "
+                        "in this run")
     return order, unary, pair, support, rest
 
 
