@@ -165,3 +165,49 @@ def test_q_own_draws_and_further_proposals_are_weighed_by_one_density(monkeypatc
     fit = infer(heights, data, method="svi", progress=False, num_draws=300, steps=30)
     assert fit.info["importance"] is not None and differences
     assert max(differences) < 1e-12
+
+
+RUNS = []
+
+
+@model(observed={})
+def counted_well():
+    """quartic_well, counting its runs (a batched run over many draws counts once)."""
+    RUNS.append(1)
+    x = pyro.sample("x", dist.Normal(1.0, 10.0))
+    pyro.factor("well", -x**4 / 4)
+
+
+def _runs_after_the_fit(monkeypatch, one_run: bool):
+    import ppl_notes.vi.potential_svi as potential_svi
+
+    if not one_run:  # else the module's own rule (the tiny story fits in one run)
+        monkeypatch.setattr(potential_svi, "_in_one_run", lambda *args: False)
+    fitted, after_fit = potential_svi.fit_gaussians, []
+
+    def fit(*args, **kwargs):
+        result = fitted(*args, **kwargs)
+        after_fit.append(len(RUNS))
+        return result
+
+    monkeypatch.setattr(potential_svi, "fit_gaussians", fit)
+    RUNS.clear()
+    fitted_posterior = infer(counted_well, {}, method="svi", seed=0, progress=False)
+    monkeypatch.setattr(potential_svi, "fit_gaussians", fitted)
+    return fitted_posterior, len(RUNS) - after_fit[0]
+
+
+def test_the_proposals_and_the_kept_draws_are_rows_of_one_run_where_they_fit(monkeypatch):
+    """Where every proposal fits in one batch of the evaluation, q's own draws, the
+    further proposals and the draws kept come from one run of the story; else from three
+    (own, proposals, kept): two runs fewer. Either way the resampled draws have the
+    quadrature's moments (tolerance as in the test above)."""
+    mean, sd = _quadrature_moments()
+    runs = {}
+    for one_run in (True, False):
+        fit, runs[one_run] = _runs_after_the_fit(monkeypatch, one_run)
+        assert fit.importance_corrected and fit.info["importance"]["proposals"] > 1000
+        assert fit.draws("x").std() == pytest.approx(sd, abs=0.04)
+        assert fit.draws("x").mean() == pytest.approx(mean, abs=0.04)
+    assert runs[False] - runs[True] == 2, runs
+
