@@ -231,3 +231,66 @@ def test_same_run_leaves_other_structures_to_the_caller():
     assert evaluation.discrete == {}
     evaluation = evaluate_draws(factorial, data, values, facts, recover_discrete=True)
     assert set(evaluation.discrete) == set(facts.discrete)
+
+
+@model(observed="y", data={"y": Y[:3]})
+def many_states(y):
+    """Ten states, more than are summed value by value: torch's own reductions."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(10, dtype=y.dtype), 3.0).to_event(1))
+    grid = torch.arange(10.0, dtype=y.dtype)
+    transition = torch.softmax(-((grid[None, :] - grid[:, None]) ** 2), -1)
+    state = None
+    for t in pyro.markov(range(len(y))):
+        probs = torch.full((10,), 0.1, dtype=y.dtype) if state is None else transition[state]
+        state = pyro.sample(f"z_{t}", dist.Categorical(probs))
+        pyro.sample(f"y_{t}", dist.Normal(locs[state], 1.0), obs=y[t])
+
+
+@pytest.mark.parametrize("story", [hmm, sequences, global_states, many_states],
+                         ids=lambda s: s.name)
+def test_the_log_marginal_equals_pyros_generic_contraction(story):
+    """Truth: Pyro's TraceEinsumEvaluator (tensor variable elimination) on the same run."""
+    from pyro.infer.mcmc.util import TraceEinsumEvaluator
+
+    from ppl_notes.evaluation.chain_discrete import UNROLLED_STATES, chain_of
+
+    data = story.prepare_data(None)
+    facts = story_facts(story, data)
+    locs = torch.linspace(-1.0, 3.0, facts.value_shapes["locs"][0], dtype=torch.float64)
+    one = {"locs": locs}
+    if "transition" in facts.continuous:
+        one["transition"] = torch.tensor(TRANSITION)
+    trace, _, _ = trace_with(story, data, facts, one, False)
+    truth = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
+    got = chain_of(trace, facts.discrete, facts.plate_nesting).log_marginal()
+    assert float(got) == pytest.approx(float(truth), rel=1e-12, abs=1e-10)
+    assert (facts.value_shapes["locs"][0] > UNROLLED_STATES) == (story is many_states)
+
+
+def _draws_many(data):
+    facts = story_facts(many_states, data)
+    choose_path(many_states, data, facts)
+    values = {"locs": torch.linspace(-1.0, 3.0, 10, dtype=torch.float64).expand(N, -1)}
+    drawn = discrete_draws(many_states, data, values, facts, seed=0)
+    return facts, np.stack([drawn[f"z_{t}"] for t in range(3)], axis=1)
+
+
+def test_ten_states_are_drawn_from_their_exact_posterior():
+    y = Y[:3].numpy()
+    locs = np.linspace(-1.0, 3.0, 10)
+    grid = np.arange(10.0)
+    configurations = np.array(list(itertools.product(range(10), repeat=3)))
+    log_joint = np.full(len(configurations), np.log(0.1))
+    for t in range(3):
+        log_joint += _normal(y[t], locs[configurations[:, t]])
+        if t:
+            previous = configurations[:, t - 1]
+            logits = -((grid[None, :] - previous[:, None]) ** 2)
+            log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            log_joint += log_probs[np.arange(len(configurations)), configurations[:, t]]
+    weights = np.exp(log_joint - log_joint.max())
+    weights /= weights.sum()
+    _, drawn = _draws_many({"y": Y[:3]})
+    for t in range(3):
+        exact = np.array([weights[configurations[:, t] == k].sum() for k in range(10)])
+        _close(np.array([(drawn[:, t] == k).mean() for k in range(10)]), exact)
