@@ -16,10 +16,7 @@ et al. 2022). Each restart is weighed by its own :math:`p/q`:
    mean: the weighted estimates would not settle with any number of proposals in reach);
 2. otherwise more proposals are drawn, until the weights' effective sample size should
    reach ``ESS_PER_DRAW`` times the draws kept (at most ``PROPOSALS_PER_DRAW`` times, and
-   at most ``EXTENSION_BUDGET`` evaluations of an observed value per restart). Where
-   ``PROPOSALS_PER_DRAW`` times the draws fit in one batch of the story's evaluation, all
-   of them were evaluated with q's own draws, in one run, and the step takes its
-   proposals and its kept draws from that run (``potential_svi._in_one_run``);
+   at most ``EXTENSION_BUDGET`` evaluations of an observed value per restart);
 3. over all proposals, the weights are trusted where every restart's :math:`\hat k \le`
    ``KHAT_USABLE`` (0.7: Vehtari et al. 2024, below which the smoothed estimates converge
    at the usual Monte Carlo rate for a few thousand draws); then ``num_draws`` per

@@ -46,7 +46,6 @@ from ppl_notes._result import RunResult
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
 from ppl_notes.evaluation import RunContext
-from ppl_notes.evaluation.density import draws_per_batch
 from ppl_notes.evaluation.draws import discrete_draws, in_story_order, posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
@@ -54,13 +53,7 @@ from ppl_notes.relabel import components_of
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES, Gaussian
 from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
-from ppl_notes.vi.importance import (
-    PROPOSALS_PER_DRAW,
-    Correction,
-    correction_of,
-    proposals_needed,
-    weighed,
-)
+from ppl_notes.vi.importance import Correction, correction_of, proposals_needed, weighed
 from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
 from ppl_notes.vi.restarts import restart_seed, stack_restarts
 
@@ -250,32 +243,6 @@ def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: i
             "log_q_u": log_q_u}
 
 
-def _in_one_run(model, data, facts, size: int, restarts: int) -> bool:
-    """Whether every proposal the importance step may ask for fits in one run with q's own.
-
-    A run of the story over a batch of draws costs a fixed part (a Python loop's
-    operations, each under vmap) and a part per draw. Where ``PROPOSALS_PER_DRAW`` times
-    the draws kept, of every restart, fit in one batch of the evaluation
-    (:func:`~ppl_notes.evaluation.density.draws_per_batch`: the story's tensors are small),
-    they are evaluated in one run before the step decides: the further proposals it asks
-    for, and the draws it keeps, are rows of that run, where otherwise a run for the
-    proposals and one for the draws kept would follow. On posteriordb's HMM (100 steps of
-    a Python loop) a run cost 0.17-0.3 s for 4000 draws, and 0.16-0.25 s for 10,000 more.
-    """
-    wanted = PROPOSALS_PER_DRAW * size * restarts
-    return draws_per_batch(model, data, facts, wanted) >= wanted
-
-
-def _rows(found: dict[str, Any], rows: list[np.ndarray]) -> dict[str, Any]:
-    """Each restart's ``rows`` of an :func:`_evaluate` result."""
-    def take(value, index):
-        if isinstance(value, dict):
-            return {k: take(v, index) for k, v in value.items()}
-        return value[torch.as_tensor(index)] if torch.is_tensor(value) else value[index]
-    return {key: [take(v, index) for v, index in zip(values, rows, strict=True)]
-            for key, values in found.items()}
-
-
 def _add_discrete(model, data, facts, found: dict[str, Any], seed: int) -> None:
     """Recover the discrete sites of every restart's kept draws into their posteriors."""
     values = {n: torch.cat([v[n] for v in found["values"]]) for n in found["values"][0]}
@@ -307,29 +274,14 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
     deferred = (options["importance"] == "psis" and options["recover_discrete"]
                 and bool(facts.discrete))
     evaluating = {**options, "recover_discrete": "same_run"} if deferred else options
-    everything = None
-    if options["importance"] == "psis" and _in_one_run(model, data, facts, size, len(qs)):
-        more = _proposals(qs, (PROPOSALS_PER_DRAW - 1) * size,
-                          [s + EXTRA_SEED for s in seeds])
-        points = [torch.cat([p, m]) for p, m in zip(points, more, strict=True)]
-        everything = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2,
-                               evaluating)
-        found = _rows(everything, [np.arange(size)] * len(qs))
-    else:
-        found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, evaluating)
+    found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, evaluating)
     correction, proposals = None, [{} for _ in qs]
     if options["importance"] == "psis":
         log_p, log_q = found["log_p_u"], found["log_q_u"]
         correction = weighed(log_p, log_q, size)
         observed = sum(int(np.prod(facts.value_shapes[n], dtype=int)) for n in facts.observed)
         count, correction.reason = proposals_needed(correction, size, observed)
-        if count > size and everything is not None:
-            log_p = [p[:count] for p in everything["log_p_u"]]
-            log_q = [q[:count] for q in everything["log_q_u"]]
-            correction = correction_of(log_p, log_q, size, seeds[0] + 3)
-            if correction.applied:  # the kept draws are rows of the one run
-                found = _rows(everything, correction.chosen)
-        elif count > size:
+        if count > size:
             more = _proposals(qs, count - size, [s + EXTRA_SEED for s in seeds])
             extra = potential.unconstrained_log_density(torch.cat(more)).numpy()
             log_p = [np.concatenate([p, extra[r * (count - size):(r + 1) * (count - size)]])
