@@ -20,12 +20,15 @@ of NUTS's (goal: <= 0.25 on each posterior). Times are measured in this one proc
 a first fit of each story has warmed the caches (both methods share them). NUTS is timed
 ``--nuts-repeats`` times (3) and the median taken as the denominator: one NUTS run's time
 moved by up to 45% between runs of this benchmark (the HMM: 5.6-8.1 s), more than any
-change to SVI did.
+change to SVI did. Before each timed fit of either method the garbage of the fits before
+it is collected (outside the time): a full collection of this process's 330 thousand
+objects took 0.17-0.25 s, and fell into one fit's time or another's at random.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -100,6 +103,7 @@ def _nuts_truth(story, data, repeats: int = 3) -> tuple[dict, float, float]:
             pass
         times = []
         for _ in range(repeats):  # the same seed: the same draws, timed again
+            gc.collect()  # the fits before leave no garbage to this one's time
             started = time.perf_counter()
             fit = infer(story, data, method="nuts", progress=False)
             times.append(time.perf_counter() - started)
@@ -126,6 +130,7 @@ def _verdict_row(name, story, data, truth, guide, optimizer, seed, nuts):
     from ppl_notes import infer
 
     options = {} if optimizer == "auto" else {"optimizer": optimizer}
+    gc.collect()  # as before each timed NUTS fit
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
