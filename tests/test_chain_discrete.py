@@ -246,7 +246,31 @@ def many_states(y):
         pyro.sample(f"y_{t}", dist.Normal(locs[state], 1.0), obs=y[t])
 
 
-@pytest.mark.parametrize("story", [hmm, sequences, global_states, many_states],
+TONES = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],
+                      [[0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
+
+
+@model(observed="sequences", data={"sequences": TONES})
+def tones(sequences):
+    """Pyro's HMM example (model_1) as its tutorial writes it: sequences in a sequential
+    plate, one chain after another in the run, each state seen through a plate of tones."""
+    hidden, tone_count = 2, sequences.shape[-1]
+    probs_x = pyro.sample("probs_x", dist.Dirichlet(
+        0.9 * torch.eye(hidden, dtype=sequences.dtype) + 0.1).to_event(1))
+    probs_y = pyro.sample("probs_y", dist.Beta(
+        torch.tensor(0.1, dtype=sequences.dtype), 0.9).expand([hidden, tone_count]).to_event(2))
+    tones_plate = pyro.plate("tones", tone_count, dim=-1)
+    for i in pyro.plate("sequence_loop", len(sequences)):
+        x = 0
+        for t in pyro.markov(range(sequences.shape[1])):
+            x = pyro.sample(f"x_{i}_{t}", dist.Categorical(probs_x[x]),
+                            infer={"enumerate": "parallel"})
+            with tones_plate:
+                pyro.sample(f"y_{i}_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]),
+                            obs=sequences[i, t])
+
+
+@pytest.mark.parametrize("story", [hmm, sequences, global_states, many_states, tones],
                          ids=lambda s: s.name)
 def test_the_log_marginal_equals_pyros_generic_contraction(story):
     """Truth: Pyro's TraceEinsumEvaluator (tensor variable elimination) on the same run."""
@@ -256,15 +280,20 @@ def test_the_log_marginal_equals_pyros_generic_contraction(story):
 
     data = story.prepare_data(None)
     facts = story_facts(story, data)
-    locs = torch.linspace(-1.0, 3.0, facts.value_shapes["locs"][0], dtype=torch.float64)
-    one = {"locs": locs}
+    if story is tones:
+        one = {"probs_x": torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=torch.float64),
+               "probs_y": torch.tensor([[0.9, 0.2], [0.1, 0.6]], dtype=torch.float64)}
+    else:
+        one = {"locs": torch.linspace(-1.0, 3.0, facts.value_shapes["locs"][0],
+                                      dtype=torch.float64)}
     if "transition" in facts.continuous:
         one["transition"] = torch.tensor(TRANSITION)
     trace, _, _ = trace_with(story, data, facts, one, False)
     truth = TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
     got = chain_of(trace, facts.discrete, facts.plate_nesting).log_marginal()
     assert float(got) == pytest.approx(float(truth), rel=1e-12, abs=1e-10)
-    assert (facts.value_shapes["locs"][0] > UNROLLED_STATES) == (story is many_states)
+    assert (story is many_states) == (story is not tones
+                                      and facts.value_shapes["locs"][0] > UNROLLED_STATES)
 
 
 def _draws_many(data):
