@@ -75,8 +75,17 @@ def chain_draws(trace, discrete: list[str], nesting: int) -> dict[str, torch.Ten
 def chain_of(trace, discrete: list[str], nesting: int) -> Chain:
     """The forward recursion over the chain of ``trace`` (arguments as :func:`chain_draws`).
 
-    Raises :class:`NotAChain` where the factors are not a chain.
+    Raises :class:`NotAChain` where the factors are not a chain, and where a factor's
+    shapes do not fit one (a story this module did not foresee): the caller's generic
+    contraction then takes the story as before.
     """
+    try:
+        return _forward(trace, discrete, nesting)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise NotAChain(f"the factors' shapes do not fit a chain ({error})") from error
+
+
+def _forward(trace, discrete: list[str], nesting: int) -> Chain:
     order, unary, pair, support, rest = _chain_factors(trace, set(discrete), nesting)
     dtype, plates = _dtype(unary, pair), (1,) * nesting
     for previous, name in itertools.pairwise(order):  # neighbours that share no factor

@@ -211,7 +211,7 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
         total = (TraceEinsumEvaluator(trace, True, facts.plate_nesting).log_prob(trace)
                  if chain is None else chain.log_marginal())
         if discrete and chain is not None:
-            drawn = {n: v.reshape(facts.value_shapes[n]) for n, v in chain.draw().items()}
+            drawn = _drawn_states(chain, facts)
         if not priors:
             total = total - sum((trace.nodes[n]["log_prob"].sum() for n in facts.continuous),
                                 zero)
@@ -222,6 +222,18 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     pointwise = _pointwise(trace, facts, vectorized=False)
     pointwise = {n: v.reshape(facts.batch_shapes[n]) for n, v in pointwise.items()}
     return Evaluation(total, pointwise, deterministic, constrained, log_jacobian, drawn)
+
+
+def _drawn_states(chain, facts) -> dict[str, torch.Tensor]:
+    """The chain's states drawn and shaped as their sites.
+
+    Empty where they do not fit those shapes: the caller then recovers them by a run of
+    their own.
+    """
+    try:
+        return {n: v.reshape(facts.value_shapes[n]) for n, v in chain.draw().items()}
+    except RuntimeError:
+        return {}
 
 
 def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:

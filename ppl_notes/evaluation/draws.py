@@ -292,7 +292,10 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
         how = chain
         try:
             first = chain({k: v[0] for k, v in values.items()})
-        except NotAChain:
+        except Exception as error:  # noqa: BLE001 - infer_discrete then, said unless NotAChain
+            if not isinstance(error, NotAChain):
+                logger.info("story %r: discrete sites not drawn by forward filtering (%s: %s)",
+                            getattr(model, "name", model), type(error).__name__, error)
             how, first = one, one({k: v[0] for k, v in values.items()})
         pieces = [first] + [how({k: v[i] for k, v in values.items()}) for i in range(1, num)]
     return {n: torch.stack([p[n] for p in pieces]).numpy() for n in facts.discrete}
