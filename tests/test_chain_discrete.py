@@ -20,9 +20,9 @@ import torch
 from ppl_notes import model
 from ppl_notes.evaluation import choose_path, story_facts
 from ppl_notes.evaluation import draws as draws_module
-from ppl_notes.evaluation.chain_discrete import NotAChain, chain_draws
+from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.density import trace_with
-from ppl_notes.evaluation.draws import discrete_draws, evaluate_draws, posterior_of
+from ppl_notes.evaluation.draws import evaluate_draws, posterior_of
 
 N = 20_000
 Y = torch.tensor([0.1, 2.2, 1.9, -0.4, 3.1], dtype=torch.float64)
@@ -135,9 +135,9 @@ def _draws(story, data, names, seed=0):
     if story is not factorial:  # drawn by forward filtering itself, not a fallback
         trace, _, _ = trace_with(story, data, facts, {k: v[0] for k, v in values.items()},
                                  False)
-        one = chain_draws(trace, facts.discrete, facts.plate_nesting)
+        one = chain_of(trace, facts.discrete, facts.plate_nesting).draw()
         assert all(one[n].numel() == np.prod(facts.value_shapes[n], dtype=int) for n in one)
-    drawn = discrete_draws(story, data, values, facts, seed=seed)
+    drawn, _ = posterior_of(story, data, values, facts, recover_discrete=True, seed=seed)
     return facts, np.stack([drawn[n] for n in names], axis=1)
 
 
@@ -178,7 +178,7 @@ def test_two_chains_that_meet_are_left_to_infer_discrete_and_still_exact():
            "stay": torch.tensor(0.8, dtype=torch.float64)}
     trace, _, _ = trace_with(factorial, data, facts, one, False)
     with pytest.raises(NotAChain, match="not neighbours"):
-        chain_draws(trace, facts.discrete, facts.plate_nesting)
+        chain_of(trace, facts.discrete, facts.plate_nesting)
     names = [f"{c}_{t}" for t in range(4) for c in "zw"]
     _, drawn = _draws(factorial, data, names)
     configurations = np.array(list(itertools.product((0, 1), repeat=8)))
@@ -300,7 +300,7 @@ def _draws_many(data):
     facts = story_facts(many_states, data)
     choose_path(many_states, data, facts)
     values = {"locs": torch.linspace(-1.0, 3.0, 10, dtype=torch.float64).expand(N, -1)}
-    drawn = discrete_draws(many_states, data, values, facts, seed=0)
+    drawn, _ = posterior_of(many_states, data, values, facts, recover_discrete=True, seed=0)
     return facts, np.stack([drawn[f"z_{t}"] for t in range(3)], axis=1)
 
 

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NotAChain", "Chain", "chain_of", "chain_draws"]
+__all__ = ["NotAChain", "Chain", "chain_of", "categorical_draw"]
 
 
 class NotAChain(Exception):
-    """The story's discrete sites are not a chain that :func:`chain_draws` can draw."""
+    """The story's discrete sites are not a chain that :func:`chain_of` can take."""
 
 
-def chain_draws(trace, discrete: list[str], nesting: int) -> dict[str, torch.Tensor]:
-    r"""The discrete sites of an enumerated run, drawn from :math:`p(z \mid x, \theta)`.
+def chain_of(trace, discrete: list[str], nesting: int) -> Chain:
+    r"""The forward recursion over the chain of an enumerated run of the story.
 
     Parameters
     ----------
@@ -61,23 +61,17 @@ def chain_draws(trace, discrete: list[str], nesting: int) -> dict[str, torch.Ten
 
     Returns
     -------
-    dict of Tensor
-        Each site's drawn value, shaped as its plates (the ``nesting`` rightmost dims).
+    Chain
+        Its :meth:`~Chain.log_marginal` sums the states out; its :meth:`~Chain.draw`
+        draws them from :math:`p(z \mid x, \theta)`, each shaped as its plates (the
+        ``nesting`` rightmost dims).
 
     Raises
     ------
     NotAChain
-        Where the factors are not a chain (module docstring).
-    """
-    return chain_of(trace, discrete, nesting).draw()
-
-
-def chain_of(trace, discrete: list[str], nesting: int) -> Chain:
-    """The forward recursion over the chain of ``trace`` (arguments as :func:`chain_draws`).
-
-    Raises :class:`NotAChain` where the factors are not a chain, and where a factor's
-    shapes do not fit one (a story this module did not foresee): the caller's generic
-    contraction then takes the story as before.
+        Where the factors are not a chain (module docstring), and where a factor's
+        shapes do not fit one (a story this module did not foresee): the caller's
+        generic contraction then takes the story as before.
     """
     try:
         return _forward(trace, discrete, nesting)
@@ -181,12 +175,20 @@ def _column(pair: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pair.gather(1, index.expand((pair.shape[0], 1) + plates)).squeeze(1)
 
 
+def categorical_draw(logits: torch.Tensor) -> torch.Tensor:
+    """One index per element of dims 1.. from ``softmax(logits)`` over dim 0, by inverse CDF.
+
+    One uniform per element, scaled by the cumulative sum's last value (1 up to rounding).
+    """
+    cumulative = torch.softmax(logits, dim=0).cumsum(0)
+    uniform = torch.rand(cumulative.shape[1:], dtype=cumulative.dtype) * cumulative[-1]
+    return (cumulative < uniform).sum(0).clamp(max=cumulative.shape[0] - 1)
+
+
 def _draw(logits: torch.Tensor) -> torch.Tensor:
-    """One index per plate element from ``softmax(logits)`` over dim 0, by inverse CDF."""
+    """:func:`categorical_draw`, its sums written out value by value for a few values."""
     if logits.shape[0] > UNROLLED_STATES:
-        cumulative = torch.softmax(logits, dim=0).cumsum(0)
-        uniform = torch.rand(cumulative.shape[1:], dtype=cumulative.dtype) * cumulative[-1]
-        return (cumulative < uniform).sum(0).clamp(max=cumulative.shape[0] - 1)
+        return categorical_draw(logits)
     rows, total = logits.unbind(0), _logsumexp(logits)
     uniform = torch.rand(total.shape, dtype=total.dtype)
     cumulative = torch.exp(rows[0] - total)

@@ -24,13 +24,8 @@ from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
 from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
-from ppl_notes.evaluation.chain_discrete import NotAChain, chain_draws
-from ppl_notes.evaluation.density import (
-    draws_per_batch,
-    in_draw_plate,
-    trace_in_draw_plate,
-    trace_with,
-)
+from ppl_notes.evaluation.chain_discrete import categorical_draw
+from ppl_notes.evaluation.density import draws_per_batch, in_draw_plate, trace_in_draw_plate
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
 
 logger = logging.getLogger(__name__)
@@ -262,12 +257,6 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
             trace = poutine.trace(sampler).get_trace(**data)
             return {n: trace.nodes[n]["value"].reshape((num,) + facts.value_shapes[n]).numpy()
                     for n in facts.discrete}
-        def chain(draw):
-            trace, _, _ = trace_with(model, data, facts,
-                                     {k: v.to(facts.dtype) for k, v in draw.items()}, False)
-            drawn = chain_draws(trace, facts.discrete, nesting)
-            return {n: v.reshape(facts.value_shapes[n]) for n, v in drawn.items()}
-
         def one(draw):
             conditioned = poutine.condition(model, data={k: v.to(facts.dtype)
                                                          for k, v in draw.items()})
@@ -278,26 +267,14 @@ def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]
                     for n in facts.discrete}
 
         if path == "vmap":
-            for how in (chain, one):  # else infer_discrete's contraction, under vmap
-                try:
-                    with vmap_safe_contraction():
-                        drawn = torch.func.vmap(how, randomness="different")(dict(values))
-                    return {n: v.numpy() for n, v in drawn.items()}
-                except Exception as error:  # noqa: BLE001 - any failure: the next way, said
-                    if not isinstance(error, NotAChain):
-                        logger.info("story %r: discrete sites not drawn by %s under vmap "
-                                    "(%s: %s)", getattr(model, "name", model),
-                                    "forward filtering" if how is chain else "infer_discrete",
-                                    type(error).__name__, error)
-        how = chain
-        try:
-            first = chain({k: v[0] for k, v in values.items()})
-        except Exception as error:  # noqa: BLE001 - infer_discrete then, said unless NotAChain
-            if not isinstance(error, NotAChain):
-                logger.info("story %r: discrete sites not drawn by forward filtering (%s: %s)",
+            try:
+                with vmap_safe_contraction():
+                    drawn = torch.func.vmap(one, randomness="different")(dict(values))
+                return {n: v.numpy() for n, v in drawn.items()}
+            except Exception as error:  # noqa: BLE001 - any failure: one draw at a time, said
+                logger.info("story %r: discrete sites drawn one draw at a time (%s: %s)",
                             getattr(model, "name", model), type(error).__name__, error)
-            how, first = one, one({k: v[0] for k, v in values.items()})
-        pieces = [first] + [how({k: v[i] for k, v in values.items()}) for i in range(1, num)]
+        pieces = [one({k: v[i] for k, v in values.items()}) for i in range(num)]
     return {n: torch.stack([p[n] for p in pieces]).numpy() for n in facts.discrete}
 
 
@@ -324,9 +301,7 @@ def _local_discrete(model, data, facts, values) -> dict[str, np.ndarray] | None:
     enum_shape = factor.shape[:factor.dim() - nesting - 1]
     rest = factor.shape[len(enum_shape):]
     # inverse CDF over the few enumerated values: one uniform per observation and draw
-    cumulative = torch.softmax(factor.reshape((-1,) + rest), dim=0).cumsum(0)
-    uniform = torch.rand(rest, dtype=cumulative.dtype) * cumulative[-1]
-    chosen = (cumulative < uniform).sum(0, keepdim=True).clamp(max=cumulative.shape[0] - 1)
+    chosen = categorical_draw(factor.reshape((-1,) + rest)).unsqueeze(0)
     drawn = {}
     for name in facts.discrete:
         value = trace.nodes[name]["value"]  # enumerated: its values along its own dim
