@@ -12,8 +12,8 @@ draws counts once). The bounds are what each method needs today, and why:
   run that records the potential's tape (kept per story and data in this process): 5.
   The 3 prior draws it checks at are the first 3 of the data checks' (they were 3 runs
   of their own before). The memory of one draw, which the evaluation of the draws needs
-  after the fit, is read off the first run (one enumerated run more where the story has
-  discrete sites);
+  after the fit, is read off the first run (where the story has discrete sites, off the
+  first of the 3 reference runs, which are enumerated: it was a run of its own before);
 * the starting points: 1 trace per chain (NUTS, 2 here) or per restart (SVI, 4).
 
 The facts of the story are read from ``check_data``'s first run, not from a run of their

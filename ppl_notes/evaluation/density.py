@@ -33,6 +33,7 @@ import torch
 from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.infer.util import is_validation_enabled
+from pyro.distributions.util import scale_and_mask
 
 from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.facts import StoryFacts
@@ -154,12 +155,26 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
         story = Unvalidated()(story)
     trace = poutine.trace(story).get_trace(**data)
     if density:
-        trace.compute_log_prob()
+        _compute_log_prob(trace)
     if handler is None:
         constrained, log_det = dict(values), {}
     else:
         constrained, log_det = handler.constrained, handler.log_det
     return trace, constrained, log_det
+
+
+def _compute_log_prob(trace) -> None:
+    """Each sample site's scaled and masked ``log_prob``, as Pyro's ``compute_log_prob``.
+
+    Without Pyro's ``log_prob_sum`` per site: the evaluation sums what it needs itself,
+    and a sum nobody reads would still be an operation of every compiled potential (204
+    of the HMM tape's 5426).
+    """
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and "log_prob" not in site:
+            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            site["unscaled_log_prob"] = log_p
+            site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
 
 
 def in_draw_plate(facts, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,6 +207,8 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
     """One draw (no draw dim): the story as its author wrote it."""
     trace, constrained, log_det = trace_with(model, data, facts, values, unconstrained,
                                              density=density)
+    if density and facts.discrete and facts.elements_per_draw is None:
+        _note_elements(facts, trace)  # an enumerated run: draws_per_batch needs no run
     zero = torch.zeros((), dtype=facts.dtype)
     log_jacobian = sum((d.sum() for d in log_det.values()), zero)
     log_det = log_det if jacobian else {}
@@ -302,23 +319,35 @@ def draws_per_batch(model, data: Mapping[str, Any], facts: StoryFacts, num_draws
     One draw's size (every sample site's value and log-probability tensor: their sum,
     and the largest) is measured once and kept on the facts: read off the story's first
     run where it has no discrete sites, else on an enumerated run (enumeration dims
-    included).
+    included): the first evaluation's, which every method makes before its draws (the
+    path choice's), else one of its own.
     """
     if facts.elements_per_draw is None:
         if facts.discrete or facts.trace is None:
             with run_dtype(facts.dtype), pyro.validation_enabled(False), torch.no_grad():
                 values = {n: facts.trace.nodes[n]["value"] for n in facts.continuous}
                 trace, _, _ = trace_with(model, data, facts, values, unconstrained=False)
-            sizes = [(int(site["log_prob"].numel()), int(site["value"].numel()))
-                     for site in trace.nodes.values() if site["type"] == "sample"]
+            _note_elements(facts, trace)
         else:
-            sizes = [(math.prod(getattr(site["fn"], "batch_shape", ())),
-                      int(site["value"].numel()))
-                     for site in facts.trace.nodes.values() if site["type"] == "sample"]
-        facts.elements_per_draw = (max(1, sum(a + b for a, b in sizes)),
-                                   max([1] + [max(a, b) for a, b in sizes]))
+            _note_elements(facts, facts.trace, enumerated=False)
     total, largest = facts.elements_per_draw
     return max(1, min(num_draws, ELEMENTS_PER_BATCH // total, ELEMENTS_PER_TENSOR // largest))
+
+
+def _note_elements(facts: StoryFacts, trace, enumerated: bool = True) -> None:
+    """Keep one draw's size on ``facts``: its sample sites' elements, all and the largest.
+
+    ``trace`` is one draw's run: enumerated, with log probabilities (``enumerated``), or
+    the story's first run, whose log probabilities take their distributions' batch shapes.
+    Under :func:`torch.func.vmap` a tensor's size is one draw's, so a vectorised run
+    serves too.
+    """
+    sizes = [(int(site["log_prob"].numel()) if enumerated
+              else math.prod(getattr(site["fn"], "batch_shape", ())),
+              int(site["value"].numel()))
+             for site in trace.nodes.values() if site["type"] == "sample"]
+    facts.elements_per_draw = (max(1, sum(a + b for a, b in sizes)),
+                               max([1] + [max(a, b) for a, b in sizes]))
 
 
 def _per_draw(value: torch.Tensor, num: int, shape: tuple[int, ...] | None = None):
