@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ppl_notes.story import Model
 
 __all__ = ["check_data", "check_data_runs", "check_pairing", "observed_data_arguments",
-           "blame_invalid_parameter", "invalid_parameter", "PROBE_DRAWS"]
+           "blame_invalid_parameter", "invalid_parameter", "probe_seeds", "PROBE_DRAWS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,15 @@ def check_data(model, data: dict[str, Any]):
     return check_data_runs(model, data)[0]
 
 
-def check_data_runs(model, data: dict[str, Any]):
+def check_data_runs(model, data: dict[str, Any], seed: int = 0):
     """Run the story once on prepared data and name whatever does not fit.
 
     Integer-valued covariates that the story uses as indices (``locs[group]``) become
     ``torch.long`` in ``data``; an observed site whose data argument was not named is
     matched to it here.
+
+    ``seed`` (``infer()``'s) seeds the :data:`PROBE_DRAWS` prior draws after the first run
+    (:func:`probe_seeds`): SVI's restarts start at them (they were runs of their own).
 
     Raises
     ------
@@ -92,7 +95,7 @@ def check_data_runs(model, data: dict[str, Any]):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise DataError(f"story {model.name!r} cannot run on this data: {reason}. The "
                         f"data's shapes: {shapes}") from error
-    probes = _probe_prior_draws(model, data)
+    probes = _probe_prior_draws(model, data, seed)
     sites = sample_sites(trace)
     if not sites:
         raise StoryError(f"story {model.name!r} has no pyro.sample sites: a story draws "
@@ -134,7 +137,16 @@ def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, 
     return found
 
 
-def _probe_prior_draws(model, data: Mapping[str, Any]) -> list:
+def probe_seeds(seed: int) -> list[int]:
+    """The seeds of the data checks' prior draws for ``infer(seed=seed)``: 1-7 for seed 0.
+
+    Distinct for distinct seeds below 2**31 / 8, and small enough for the retries'
+    offsets (:func:`~ppl_notes._sites.trace_model`) to stay below NumPy's 2**32.
+    """
+    return [(seed * (PROBE_DRAWS + 1) + i) % 2**31 for i in range(1, PROBE_DRAWS + 1)]
+
+
+def _probe_prior_draws(model, data: Mapping[str, Any], seed: int = 0) -> list:
     """Run the story at a few more prior draws, to name an invalid parameter.
 
     Some prior draws can give a distribution an invalid parameter (a Normal prior on a
@@ -146,9 +158,9 @@ def _probe_prior_draws(model, data: Mapping[str, Any]) -> list:
     """
     runs = []
     with torch.no_grad(), run_dtype(model.dtype):
-        for seed in range(1, PROBE_DRAWS + 1):
+        for probe in probe_seeds(seed):
             try:
-                runs.append(trace_model(model, data, seed))
+                runs.append(trace_model(model, data, probe))
             except (ValueError, RuntimeError) as error:
                 blame_invalid_parameter(model, error, data)
     return runs

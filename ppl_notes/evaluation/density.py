@@ -30,10 +30,10 @@ from typing import Any, NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.infer.util import is_validation_enabled
-from pyro.distributions.util import scale_and_mask
 
 from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.facts import StoryFacts

@@ -76,6 +76,10 @@ class StoryFacts:
         Prior draws already taken by :func:`~ppl_notes.evaluation.paths.check_points`,
         by ``(count, seed)``: choosing the path and checking a compiled potential use the
         same ones.
+    prior_draws : dict
+        The continuous sites, unconstrained and draws first, at the data checks' prior
+        draws whose image is finite (:func:`~ppl_notes.evaluation.paths.
+        keep_check_points`; seeded by ``infer()``'s seed): SVI's restarts start there.
     check_gradient : tuple or None
         ``(path, total, gradient)``: the unconstrained log density at the check points
         (``check_points`` ``(3, 0)``) on the chosen path and its gradient by site, from
@@ -106,6 +110,7 @@ class StoryFacts:
     subsampled: dict = field(default_factory=dict)
     check_points: dict = field(repr=False, compare=False, default_factory=dict)
     check_gradient: tuple | None = field(repr=False, compare=False, default=None)
+    prior_draws: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def latent(self) -> tuple[str, ...]:

@@ -50,15 +50,18 @@ def keep_check_points(facts: StoryFacts, runs: list) -> None:
     """Take the prior check points from runs of the story made already (the data checks').
 
     ``runs`` are traces of the story at prior draws (:func:`ppl_notes.checks.check_data_runs`
-    makes seven): their first :data:`CHECK_POINTS` with a finite unconstrained image serve
-    as :func:`check_points` ``(seed=0)``, so that the path choice and the compiled
-    potential's check run the story no more to draw them. Fewer usable runs: nothing is
-    kept, and the points are drawn when first asked for.
+    makes seven): those with a finite unconstrained image are kept as
+    ``facts.prior_draws``, and their first :data:`CHECK_POINTS` serve as
+    :func:`check_points` ``(seed=0)``, so that the path choice and the compiled
+    potential's check run the story no more to draw them. Fewer usable runs: no check
+    points are kept, and they are drawn when first asked for.
     """
     with run_dtype(facts.dtype), torch.no_grad():
-        points = _points_of(runs, facts, CHECK_POINTS)
-    if points and len(next(iter(points.values()))) == CHECK_POINTS:
-        facts.check_points.setdefault((CHECK_POINTS, 0), points)
+        points = _points_of(runs, facts, len(runs))
+    facts.prior_draws = points
+    if points and len(next(iter(points.values()))) >= CHECK_POINTS:
+        facts.check_points.setdefault((CHECK_POINTS, 0),
+                                      {n: v[:CHECK_POINTS] for n, v in points.items()})
 
 
 def _points_of(runs, facts: StoryFacts, count: int) -> dict[str, torch.Tensor]:

@@ -372,6 +372,25 @@ class BatchedPotential:
             points.append(point)
         return np.stack(points)
 
+    def drawn_starts(self, count: int) -> list[np.ndarray]:
+        """Up to ``count`` starting points from the prior draws the data checks made.
+
+        ``facts.prior_draws`` (:func:`~ppl_notes.evaluation.paths.keep_check_points`),
+        in their order, where the potential is finite: starts from the prior, as
+        :meth:`initial_points` ``("sample")`` draws them, without a run of the story
+        each. None for a potential of other sites (a story's hand-marginalised form).
+        """
+        draws = self.facts.prior_draws
+        if not draws or set(draws) != set(self.names):
+            return []
+        points = []
+        for i in range(len(next(iter(draws.values())))):
+            point = self.flatten({n: draws[n][i] for n in self.names})
+            if len(points) < count and np.isfinite(
+                    self(np.repeat(point[None], self.num_chains, axis=0))[0][0]):
+                points.append(point)
+        return points
+
     def _starting_trace(self, strategy, init: str, seed: int, tries: int = 10):
         """The story run at a starting point.
 

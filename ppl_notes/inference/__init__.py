@@ -121,7 +121,7 @@ def infer(
     if not isinstance(drop_incomplete, bool):
         raise OptionTypeError(f"drop_incomplete must be True or False, got {drop_incomplete!r}")
     prepared = model.prepare_data(data, drop_incomplete=drop_incomplete)
-    first_run, prior_runs = check_data_runs(model, prepared)
+    first_run, prior_runs = check_data_runs(model, prepared, seed)
     model = model.observing(first_run, prepared)  # an observed site's data argument
     if guide is None and backend.guide_families:
         guide = model.recommended_guide  # the story's own, where it names one

@@ -223,12 +223,12 @@ def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: i
     :math:`\log p(x, T(u)) + \log|J|`, the unconstrained density that the importance
     weights compare with ``log_q_u``.
     """
-    size = points[0].shape[0]
+    ends = np.cumsum([p.shape[0] for p in points]).tolist()
     joined = potential.unflatten(torch.cat(points))
     posterior, evaluation = posterior_of(model, data, joined, facts, unconstrained=True,
                                          recover_discrete=options["recover_discrete"],
                                          seed=seed, order=facts.latent)
-    parts = [slice(r * size, (r + 1) * size) for r in range(len(qs))]
+    parts = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
     log_q_u = [q.log_prob(p).numpy() for q, p in zip(qs, points, strict=True)]
     log_jacobian = [evaluation.log_jacobian[part] for part in parts]
     joined = {n: torch.from_numpy(v) for n, v in evaluation.constrained.items()}
@@ -241,6 +241,42 @@ def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: i
                                                             strict=True)],
             "log_p_u": [p + j for p, j in zip(log_p, log_jacobian, strict=True)],
             "log_q_u": log_q_u}
+
+
+def _kept(model, data, facts, qs: list[Gaussian], potential, found: dict[str, Any],
+          more: list[torch.Tensor], chosen: list[np.ndarray], seed: int,
+          options: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_evaluate`'s result for the draws the importance step kept.
+
+    ``chosen[r]`` indexes restart ``r``'s proposals: its own draws, evaluated in ``found``
+    already, then ``more[r]``. Only the further proposals kept are evaluated, once each
+    (``seed`` gives their discrete states other uniforms than q's own draws had); a
+    proposal kept twice repeats its row, discrete states included.
+    """
+    size = len(found["log_p"][0])
+    fresh = [np.unique(c[c >= size]) for c in chosen]
+    new = _evaluate(model, data, facts, qs, potential,
+                    [m[torch.as_tensor(f - size, dtype=torch.long)] for m, f in
+                     zip(more, fresh, strict=True)], seed, options) if any(
+        f.size for f in fresh) else None
+    kept: dict[str, list] = {key: [] for key in found}
+    for r, (c, f) in enumerate(zip(chosen, fresh, strict=True)):
+        rows = np.where(c < size, c, size + np.searchsorted(f, c))  # into own + fresh
+        for key, per_restart in found.items():
+            own, extra = per_restart[r], None if new is None else new[key][r]
+            kept[key].append(_rows(own, extra, rows))
+    return kept
+
+
+def _rows(own, extra, rows: np.ndarray):
+    """``rows`` of ``own`` followed by ``extra``: arrays, tensors, or dicts of them."""
+    if isinstance(own, dict):
+        return {k: _rows(v, None if extra is None else extra[k], rows) for k, v in own.items()}
+    if torch.is_tensor(own):
+        table = own if extra is None else torch.cat([own, extra])
+        return table[torch.as_tensor(rows, dtype=torch.long)]
+    table = own if extra is None else np.concatenate([own, extra])
+    return table[rows]
 
 
 def _add_discrete(model, data, facts, found: dict[str, Any], seed: int) -> None:
@@ -290,10 +326,8 @@ def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seed
                      for q_r, q, m in zip(log_q, qs, more, strict=True)]
             correction = correction_of(log_p, log_q, size, seeds[0] + 3)
             if correction.applied:
-                kept = [torch.cat([p, m])[torch.as_tensor(c)]
-                        for p, m, c in zip(points, more, correction.chosen, strict=True)]
-                found = _evaluate(model, data, facts, qs, potential, kept, seeds[0] + 2,
-                                  evaluating)
+                found = _kept(model, data, facts, qs, potential, found, more,
+                              correction.chosen, seeds[0] + 4, evaluating)
         proposals = [{"log_p": p, "log_q": q} for p, q in zip(log_p, log_q, strict=True)]
     if deferred and any(n not in found["posterior"][0] for n in facts.discrete):
         _add_discrete(model, data, facts, found, seeds[0] + 2)
@@ -365,8 +399,11 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     potential = BatchedPotential(marginal, data, count, compiler=compiler, facts=marginal_facts)
     chunked = ChunkedPotential(potential)
     seeds = [restart_seed(seed, r) for r in range(count)]
-    points = [potential.initial_points("median" if r == 0 else "sample", [s])[0]
-              for r, s in enumerate(seeds)]
+    # restart 0 at the prior median, the others at prior draws: the data checks' (seeded
+    # by the fit's seed), then draws of their own
+    drawn = potential.drawn_starts(count - 1)
+    points = [potential.initial_points("median", seeds[:1])[0], *drawn,
+              *(potential.initial_points("sample", [s])[0] for s in seeds[1 + len(drawn):])]
     fitted_at = time.perf_counter()
     covariances, start_gradients = [None] * count, 0
     if options["init"] == "map":
