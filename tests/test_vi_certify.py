@@ -217,3 +217,24 @@ def test_psis_resampling_of_restarts_keeps_a_vector_site_draws_first():
     # PSIS weights of an exact q are flat: the resampled sd keeps the truth within the
     # draws' own error (an sd's relative error with 3 x 1000 draws: about 1.3%)
     np.testing.assert_allclose(fixed.draws("w").std(0), truth_sd, rtol=0.08)
+
+
+def test_restarts_stack_without_copying_one_arrays_blocks_of_rows():
+    """stack_rows equals np.stack, and shares memory where the restarts' arrays are
+    consecutive row blocks of one array (C- or F-ordered, as the evaluation returns them)."""
+    from ppl_notes.vi.restarts import stack_rows
+
+    rng = np.random.default_rng(0)
+    for joined in (rng.normal(size=(40, 7)), np.asfortranarray(rng.normal(size=(40, 7)))):
+        blocks = [joined[r * 10:(r + 1) * 10] for r in range(4)]
+        out = stack_rows(blocks)
+        np.testing.assert_array_equal(out, np.stack(blocks))
+        assert np.shares_memory(out, joined)
+        shuffled = [blocks[1], blocks[0], blocks[2], blocks[3]]  # not in order: a copy
+        out = stack_rows(shuffled)
+        np.testing.assert_array_equal(out, np.stack(shuffled))
+        assert not np.shares_memory(out, joined)
+    apart = [rng.normal(size=(10, 7)) for _ in range(4)]
+    np.testing.assert_array_equal(stack_rows(apart), np.stack(apart))
+    gapped = [joined[r * 10:r * 10 + 5] for r in range(4)]  # rows missing between blocks
+    np.testing.assert_array_equal(stack_rows(gapped), np.stack(gapped))
