@@ -170,9 +170,13 @@ def _compute_log_prob(trace) -> None:
     and a sum nobody reads would still be an operation of every compiled potential (204
     of the HMM tape's 5426).
     """
-    for site in trace.nodes.values():
+    for name, site in trace.nodes.items():
         if site["type"] == "sample" and "log_prob" not in site:
-            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            try:
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            except ValueError as error:  # as Pyro says it: the site, and the trace's shapes
+                raise ValueError(f"Error while computing log_prob at site '{name}':\n{error}\n"
+                                 f"{trace.format_shapes(last_site=name)}") from error
             site["unscaled_log_prob"] = log_p
             site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
 

@@ -378,7 +378,8 @@ class BatchedPotential:
         ``facts.prior_draws`` (:func:`~ppl_notes.evaluation.paths.keep_check_points`),
         in their order, where the potential is finite: starts from the prior, as
         :meth:`initial_points` ``("sample")`` draws them, without a run of the story
-        each. None for a potential of other sites (a story's hand-marginalised form).
+        each. None (an empty list) for a potential of other sites (a story's
+        hand-marginalised form).
         """
         draws = self.facts.prior_draws
         if not draws or set(draws) != set(self.names):
