@@ -378,17 +378,18 @@ class BatchedPotential:
         ``facts.prior_draws`` (:func:`~ppl_notes.evaluation.paths.keep_check_points`),
         in their order, where the potential is finite: starts from the prior, as
         :meth:`initial_points` ``("sample")`` draws them, without a run of the story
-        each. None (an empty list) for a potential of other sites (a story's
-        hand-marginalised form).
+        each. An empty list for a potential of other sites (a story's hand-marginalised
+        form).
         """
         draws = self.facts.prior_draws
         if not draws or set(draws) != set(self.names):
             return []
         points = []
         for i in range(len(next(iter(draws.values())))):
+            if len(points) == count:
+                break
             point = self.flatten({n: draws[n][i] for n in self.names})
-            if len(points) < count and np.isfinite(
-                    self(np.repeat(point[None], self.num_chains, axis=0))[0][0]):
+            if np.isfinite(self(np.repeat(point[None], self.num_chains, axis=0))[0][0]):
                 points.append(point)
         return points
 
