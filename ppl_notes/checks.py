@@ -119,6 +119,29 @@ def check_data_runs(model, data: dict[str, Any], seed: int = 0):
     return trace, probes
 
 
+def require_fixed_latent_sites(model, runs: list) -> None:
+    """Every run at a prior draw samples the same latent sites, else a StoryError.
+
+    A latent site under a branch on a value (``if mu > 2: pyro.sample("shift", ...)``)
+    makes the parameters come and go with the point: no one density on a fixed space,
+    which NUTS, MAP and the VI families on the potential need (Pyro's own SVI with a
+    guide function that follows the branch can fit such a story). ``runs`` are the data
+    checks' (:func:`check_data_runs`); the evaluation catches a change any later point
+    shows.
+    """
+    names = [tuple(latent_sites(run)) for run in runs]
+    every, some = set.intersection(*map(set, names)), set.union(*map(set, names))
+    if every != some:
+        changing = sorted(some - every)
+        raise StoryError(
+            f"story {model.name!r}: its latent sites change with the values of its "
+            f"parameters: {changing} are sampled at some prior draws and not at others (a "
+            "site under a branch on a value, such as `if mu > 0: pyro.sample(...)`). A "
+            "posterior over parameters that come and go is not one density on a fixed "
+            "space, which NUTS and VI need: sample every latent site on every run, and let "
+            "the branch choose how it is used (torch.where, or a factor)")
+
+
 def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, str]:
     """The data argument of each observed site declared by its name alone, found in a run.
 

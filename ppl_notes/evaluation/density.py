@@ -35,6 +35,8 @@ from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.infer.util import is_validation_enabled
 
+from ppl_notes._sites import latent_sites, sample_sites
+from ppl_notes.errors import StoryError
 from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import (
@@ -154,6 +156,7 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
     if not is_validation_enabled():
         story = Unvalidated()(story)
     trace = poutine.trace(story).get_trace(**data)
+    _check_same_latent_sites(trace, facts, values)
     if density:
         _compute_log_prob(trace)
     if handler is None:
@@ -161,6 +164,43 @@ def trace_with(model, data, facts, values, unconstrained, enum_dim=None, outer=N
     else:
         constrained, log_det = handler.constrained, handler.log_det
     return trace, constrained, log_det
+
+
+def _check_same_latent_sites(trace, facts: StoryFacts, values: Mapping[str, Any]) -> None:
+    """Raise :class:`~ppl_notes.errors.StoryError` where this run's latent sites differ.
+
+    Every run must sample the latent sites the story's first run sampled, and no
+    others: a site under a branch on a value (``if mu > 0: z = pyro.sample("z", ...)``)
+    would otherwise be drawn from its prior where it appears, or missed where it
+    vanishes, and the density would silently be another one. Observed sites and
+    ``pyro.factor`` terms may come and go with a branch: the evaluation sums those of
+    each run (:func:`observed_sites`).
+    """
+    appeared = [n for n, site in latent_sites(trace).items()
+                if n not in values and n not in facts.discrete]
+    vanished = [n for n in values if n not in trace.nodes]
+    if not appeared and not vanished:
+        return
+    which = (f"{appeared} appear" if appeared else "") + (" and " if appeared and vanished
+                                                           else "") + (
+        f"{vanished} vanish" if vanished else "")
+    raise StoryError(
+        f"the story's latent sites change with the values of its parameters: {which} at "
+        "some values and not at others (a site under a branch on a value, such as `if "
+        "mu > 0: pyro.sample(...)`). A posterior over parameters that come and go is not "
+        "one density on a fixed space, which NUTS and VI need: sample every latent site on "
+        "every run, and let the branch choose how it is used (torch.where, or a factor)")
+
+
+def observed_sites(trace, values: Mapping[str, Any]) -> list[str]:
+    """The observed sample sites of one run (data, ``pyro.factor``): not the substituted ones.
+
+    Read from each run, not from the story's facts: a factor under a branch on a value
+    (``if 0.7 < mu < 1.1: pyro.factor(...)``) is part of the density exactly where the
+    run takes that branch.
+    """
+    return [n for n, site in sample_sites(trace).items()
+            if site["is_observed"] and n not in values]
 
 
 def _compute_log_prob(trace) -> None:
@@ -237,7 +277,7 @@ def _evaluate_one(model, data, facts, values, unconstrained, priors, jacobian,
             total = total - sum((trace.nodes[n]["log_prob"].sum() for n in facts.continuous),
                                 zero)
     else:
-        sites = [n for n in facts.observed + (facts.continuous if priors else ())]
+        sites = observed_sites(trace, values) + [n for n in facts.continuous if priors]
         total = sum((trace.nodes[n]["log_prob"].sum() for n in sites), zero)
     total = total + sum((d.sum() for d in log_det.values()), zero)
     pointwise = _pointwise(trace, facts, vectorized=False)
@@ -291,11 +331,12 @@ def _evaluate_plate(model, data, facts, values, unconstrained, priors, jacobian,
                           log_jacobian, {})
     terms = [trace.nodes[n]["log_prob"] for n in (facts.continuous if priors else ())]
     pointwise = _pointwise(trace, facts, vectorized=True)
+    observed = observed_sites(trace, values)
     if facts.discrete:
         terms += list(pointwise.values())
-        terms += [trace.nodes[n]["log_prob"] for n in facts.observed if n not in pointwise]
+        terms += [trace.nodes[n]["log_prob"] for n in observed if n not in pointwise]
     else:
-        terms += [trace.nodes[n]["log_prob"] for n in facts.observed]
+        terms += [trace.nodes[n]["log_prob"] for n in observed]
     for term in terms + list(log_det.values()):
         total = total + _per_draw(term, num).reshape(num, -1).sum(-1)
     pointwise = {n: _per_draw(v, num, facts.batch_shapes[n]) for n, v in pointwise.items()}

@@ -80,6 +80,10 @@ class StoryFacts:
         The continuous sites, unconstrained and draws first, at the data checks' prior
         draws whose image is finite (:func:`~ppl_notes.evaluation.paths.
         keep_check_points`; seeded by ``infer()``'s seed): SVI's restarts start there.
+    value_branch : str or None
+        Where the story reads a value computed from its parameters into Python (a branch
+        such as ``if mu > 0:``), found by the path choice: such a story is evaluated one
+        draw at a time (:func:`~ppl_notes.evaluation.paths.value_branch`).
     check_gradient : tuple or None
         ``(path, total, gradient)``: the unconstrained log density at the check points
         (``check_points`` ``(3, 0)``) on the chosen path and its gradient by site, from
@@ -106,6 +110,7 @@ class StoryFacts:
     trace: Any = field(repr=False, compare=False, default=None)
     path: str | None = None
     path_reason: str = ""
+    value_branch: str | None = None
     elements_per_draw: tuple[int, int] | None = None
     subsampled: dict = field(default_factory=dict)
     check_points: dict = field(repr=False, compare=False, default_factory=dict)

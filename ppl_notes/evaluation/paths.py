@@ -11,6 +11,7 @@ its own. The reason each path was passed over is kept in ``StoryFacts.path_reaso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,8 +23,9 @@ from ppl_notes._sites import trace_model
 from ppl_notes.evaluation.density import Evaluation, evaluate
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import run_dtype
+from ppl_notes.evaluation.value_branches import PointDependence
 
-__all__ = ["choose_path", "check_points", "keep_check_points"]
+__all__ = ["choose_path", "check_points", "keep_check_points", "value_branch"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def _points_of(runs, facts: StoryFacts, count: int) -> dict[str, torch.Tensor]:
 
 
 def _unconstrained(trace, facts: StoryFacts) -> dict[str, torch.Tensor] | None:
+    if any(n not in trace.nodes for n in facts.continuous):  # a run of another branch
+        return None
     point = {n: biject_to(trace.nodes[n]["fn"].support).inv(trace.nodes[n]["value"])
              for n in facts.continuous}
     return point if all(bool(torch.isfinite(v).all()) for v in point.values()) else None
@@ -107,25 +111,49 @@ def _agree(got: Evaluation, reference: Evaluation) -> bool:
 
 
 def _with_gradient(model, data, facts: StoryFacts, points: dict[str, torch.Tensor], path: str):
-    """The evaluation at ``points`` on ``path``, and its total's gradient by site.
+    """The evaluation at ``points`` on ``path``, its total's gradient by site, and a branch.
 
     The compiled potential is later checked against both at the same points
     (:attr:`StoryFacts.check_gradient`), which then needs no run of the story of its
     own. Where the evaluation cannot be differentiated, it is made without gradients and
-    the gradient is None: the path is chosen as before either way.
+    the gradient is None: the path is chosen as before either way. On the ``plate``
+    path the run is watched for a value of the point read into Python
+    (:class:`~ppl_notes.evaluation.value_branches.PointDependence`), the third value:
+    where the story reads one, a batch of draws would take one branch for all (vmap
+    refuses such a read by itself).
     """
     leaves = {n: v.detach().double().requires_grad_(True) for n, v in points.items()}
+    watch = PointDependence(leaves.values()) if path == "plate" else contextlib.nullcontext()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), watch:
             got = evaluate(model, data, facts, leaves, unconstrained=True, path=path)
-            grads = torch.autograd.grad(got.total.sum(), [leaves[n] for n in facts.continuous],
-                                        allow_unused=True)
+        grads = torch.autograd.grad(got.total.sum(), [leaves[n] for n in facts.continuous],
+                                    allow_unused=True)
     except Exception:  # noqa: BLE001 - not differentiable here: evaluated as before
-        with torch.no_grad():
-            return evaluate(model, data, facts, points, unconstrained=True, path=path), None
+        watch = PointDependence(points.values()) if path == "plate" else contextlib.nullcontext()
+        with torch.no_grad(), watch:
+            got = evaluate(model, data, facts, points, unconstrained=True, path=path)
+        return got, None, getattr(watch, "found", None)
     gradient = {n: torch.zeros_like(leaves[n]) if g is None else g
                 for n, g in zip(facts.continuous, grads, strict=True)}
-    return got, (got.total.detach(), gradient)
+    return got, (got.total.detach(), gradient), getattr(watch, "found", None)
+
+
+def value_branch(model, data: Mapping[str, Any], facts: StoryFacts,
+                 points: Mapping[str, torch.Tensor]) -> str | None:
+    """Where the story reads a value computed from its parameters into Python, or None.
+
+    One draw of ``points``, evaluated as the one-draw story under
+    :class:`~ppl_notes.evaluation.value_branches.PointDependence`: a read happens whichever
+    way its branch then goes, so one draw finds it. The line is kept as
+    ``facts.value_branch``. Run where no batched path evaluates the story as its one-draw
+    self (the loop path), to say why; the plate path is watched as it is tried.
+    """
+    first = {n: v[:1].clone() for n, v in points.items()}
+    with torch.no_grad(), PointDependence(first.values()) as watch:
+        evaluate(model, data, facts, first, unconstrained=True, path="loop")
+    facts.value_branch = watch.found
+    return watch.found
 
 
 def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
@@ -145,10 +173,14 @@ def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
         reasons.append("plate: the story has global or non-local discrete sites")
     for path in candidates:
         try:
-            got, gradient = _with_gradient(model, data, facts, points, path)
+            got, gradient, branch = _with_gradient(model, data, facts, points, path)
         except Exception as error:  # noqa: BLE001 - any failure rules the path out; kept as the reason
             reasons.append(f"{path}: {type(error).__name__}: {str(error).strip().splitlines()[0]
                                                             if str(error).strip() else ''}")
+            continue
+        if branch is not None:  # one branch for a whole batch: right only by chance
+            reasons.append(f"{path}: the story reads a value computed from its parameters "
+                           f"into Python ({branch})")
             continue
         if _agree(got, reference):
             facts.path = path
@@ -157,6 +189,12 @@ def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
         reasons.append(f"{path}: differs from the one-draw story at a prior draw")
     else:
         facts.path = "loop"
+        branch = value_branch(model, data, facts, points)
+        if branch is not None:
+            reasons.insert(0, f"the story branches on a value computed from its parameters "
+                           f"({branch}): each draw is evaluated on its own and takes its own "
+                           "branch; nothing is batched, recorded or compiled, as any of those "
+                           "would freeze one branch")
     facts.path_reason = "; ".join(reasons)
     logger.info("story %r is evaluated on the %r path%s", getattr(model, "name", model),
                 facts.path, f" ({facts.path_reason})" if reasons else "")

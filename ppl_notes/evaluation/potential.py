@@ -30,7 +30,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 
 from ppl_notes._sites import sample_or_dispersed, unconstrained_value
 from ppl_notes.checks import blame_invalid_parameter
-from ppl_notes.errors import InferenceError
+from ppl_notes.errors import InferenceError, StoryError
 from ppl_notes.evaluation import (
     StoryFacts,
     check_points,
@@ -324,6 +324,8 @@ class BatchedPotential:
                     torch.from_numpy(np.ascontiguousarray(positions)))
                 return value.numpy(), grad.numpy()
             return _eager_value_and_grad(self._fn, positions)
+        except StoryError:  # the story itself is wrong (its sites change): never a point's
+            raise
         except (RuntimeError, ValueError) as error:
             return self._point_by_point(positions, error)
 
@@ -338,6 +340,8 @@ class BatchedPotential:
         for i in range(positions.shape[0]):
             try:
                 value, grad = _eager_value_and_grad(self._potential, positions[i:i + 1])
+            except StoryError:
+                raise
             except (RuntimeError, ValueError):
                 continue
             values[i], grads[i] = value[0], grad[0]

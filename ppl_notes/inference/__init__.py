@@ -25,7 +25,7 @@ from ppl_notes._progress import show_progress
 from ppl_notes._sites import distribution_name
 from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
-from ppl_notes.checks import check_data_runs
+from ppl_notes.checks import check_data_runs, require_fixed_latent_sites
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.evaluation import RunContext, story_dtype, story_facts
@@ -145,6 +145,8 @@ def infer(
         with run_dtype(story_dtype(model)):
             check_pairing(model, guide, prepared)
         pyro.clear_param_store()
+    if guide is None or isinstance(guide, str):  # the potential's methods: a fixed space
+        require_fixed_latent_sites(model, [first_run, *prior_runs])
     facts = story_facts(model, prepared, trace=first_run)
     keep_check_points(facts, prior_runs)  # the path choice's prior points: no runs of its own
     if facts.subsampled and not backend.minibatch:
@@ -162,6 +164,11 @@ def infer(
     with run_dtype(context.dtype):
         run = backend.run(context)
     _require_finite_draws(run, model)
+    if facts.path is not None:  # how draws were evaluated, for every method alike
+        run.info.setdefault("path", facts.path)
+        run.info["path_reason"] = run.info.get("path_reason") or facts.path_reason
+    if facts.value_branch is not None:
+        run.info["value_branch"] = facts.value_branch
     if observed_found is not None:
         run.info["observed_from_data"] = observed_found
     run.info["dtype"] = (f"{str(model.dtype).removeprefix('torch.')}: "

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ppl_notes.errors import InferenceError
+from ppl_notes.errors import InferenceError, StoryError
 from ppl_notes.evaluation import StoryFacts
 from ppl_notes.evaluation.potential import BatchedPotential
 
@@ -120,6 +120,8 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: in
         objective = PointObjective(model, data, priors=True, jacobian=jacobian, facts=facts)
         start = objective.sites.initial_points("sample" if dispersed else "median", [seed])[0]
         flat, _, facts = maximise(objective, start, steps, 1e-6, False, "MAP start")
+    except StoryError:  # the story is wrong everywhere, not only at this start
+        raise
     except (InferenceError, ValueError, RuntimeError) as error:
         logger.info("no MAP start for %r (%s); starting from the prior", model.name, error)
         return None
