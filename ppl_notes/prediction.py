@@ -84,6 +84,7 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
             raise DataError(
                 f"predict: story {model.name!r} cannot run on the new data ({shapes}): "
                 f"{str(error).splitlines()[0]}. Give each argument as the fit had it") from error
+        _require_the_fitted_sites(model, first, posterior)
         fixed = _global_sites(first, posterior, set(model.observed))
         sites = sample_sites(first)
         given = [n for n, s in sites.items() if s["is_observed"]]
@@ -207,6 +208,37 @@ def _like_fitted(story: str, key: str, value: torch.Tensor, fitted: np.ndarray
 def _trace(model, data, values, seed):
     with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
         return poutine.trace(poutine.condition(model, data=values)).get_trace(**data)
+
+
+def _require_the_fitted_sites(model, trace, posterior) -> None:
+    """Refuse a story whose sites are not the fitted posterior's (a renamed or other story).
+
+    Every global latent site of the story (``trace``: a run on the new data) must have
+    posterior draws, and every variable of the posterior must be a site of the story:
+    a site without draws would be drawn from its prior, silently (a story that renamed
+    ``p`` to ``bias`` predicted from ``bias``'s prior).
+    """
+    sites = sample_sites(trace)
+    observed = set(model.observed)
+    data_plates = {frame.name for name, site in sites.items() if name in observed
+                   for frame in site["cond_indep_stack"]}
+    stored = list(posterior.tree["posterior"].data_vars)
+    latent = [n for n, site in sites.items()
+              if not site["is_observed"] and not {f.name for f in site["cond_indep_stack"]}
+              & data_plates]
+    known = set(sites) | {n for n, site in trace.nodes.items() if site["type"] == "sample"}
+    without_draws = [n for n in latent if n not in stored]
+    not_in_story = [n for n in stored if n not in known]
+    if without_draws or not_in_story:
+        fitted = posterior.tree.attrs.get("model", "?")
+        raise StoryError(
+            f"predict: story {model.name!r} is not the story this posterior was fitted with "
+            f"({fitted!r}): its global latent sites are {latent}, the posterior's variables "
+            f"are {stored}"
+            + (f"; {without_draws} have no posterior draws (they would be drawn from their "
+               "prior)" if without_draws else "")
+            + (f"; {not_in_story} are not sites of the story" if not_in_story else "")
+            + ". Give the story the fit used (ppl_notes.load(path, model=...), --model)")
 
 
 def _global_sites(trace, posterior, observed: set[str]) -> list[str]:

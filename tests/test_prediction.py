@@ -130,3 +130,45 @@ def test_fresh_draws_of_an_autoguide_fit_in_memory_and_after_loading(tmp_path):
     x = normal_mean.prepare_data(None)["x"]
     # AutoNormal holds the exact posterior: the ELBO is log p(x) up to its MC error
     assert abs(here.value - normal_mean_log_evidence(x)) < 4 * here.standard_error + 0.01
+
+
+def test_a_story_with_other_sites_is_refused_naming_both_lists(tmp_path, capsys):
+    """A coin fitted with ``p``, loaded with a story that renamed it ``bias``.
+
+    Before, ``predict`` drew ``bias`` from its Beta(1, 1) prior (mean 0.50, sd 0.29)
+    where the posterior is Beta(4, 2) (mean 0.67): a silent wrong answer. Now the story is
+    refused, naming its sites and the file's variables; the command line says the same
+    in one line, for a shipped story of other sites too.
+    """
+    import pyro
+    import pyro.distributions as dist
+
+    import ppl_notes
+
+    flips = torch.tensor([1.0, 0.0, 1.0, 1.0])
+
+    @ppl_notes.model(observed="x", data={"x": flips})
+    def coin(x=None, n=None):
+        p = pyro.sample("p", dist.Beta(1.0, 1.0))
+        with pyro.plate("flips", x.shape[0] if x is not None else n):
+            pyro.sample("x", dist.Bernoulli(p), obs=x)
+
+    @ppl_notes.model(observed="x", data={"x": flips})
+    def coin_v2(x=None, n=None):
+        bias = pyro.sample("bias", dist.Beta(1.0, 1.0))
+        with pyro.plate("flips", x.shape[0] if x is not None else n):
+            pyro.sample("x", dist.Bernoulli(bias), obs=x)
+
+    fit = infer(coin, method="nuts", chains=2, warmup=200, draws=300, progress=False)
+    path = fit.save(tmp_path / "coin.nc")
+    assert load(path, model=coin).predict({"n": 3}, num_draws=50)["x"].shape[-1] == 3
+    with pytest.raises(StoryError, match=r"\['bias'\].*\['p'\].*\['bias'\] have no posterior "
+                                         r"draws.*\['p'\] are not sites of the story"):
+        load(path, model=coin_v2).predict({"n": 3})
+    normal = infer(normal_mean, method="nuts", chains=2, warmup=200, draws=300, progress=False)
+    other = normal.save(tmp_path / "nm.nc")
+    code = main(["predict", str(other), "--model", "ppl_notes.models.conjugate:beta_bernoulli",
+                 "--set", "num_obs=3"])
+    printed = capsys.readouterr()
+    assert code != 0
+    assert "is not the story this posterior was fitted with" in printed.err + printed.out
