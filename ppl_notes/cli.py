@@ -51,7 +51,7 @@ def _methods(_args) -> int:
 
 def _run(args) -> int:
     from ppl_notes import infer
-    from ppl_notes.errors import OptionError
+    from ppl_notes.errors import DiagnosticWarning, OptionError
     from ppl_notes.inference.backends import BACKENDS
     from ppl_notes.models import get_story
     from ppl_notes.vi.data_parallel import launched_by_torchrun
@@ -76,6 +76,7 @@ def _run(args) -> int:
     with warnings.catch_warnings():
         if not speaks:
             warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", DiagnosticWarning)  # printed below, one line each
         fit = infer(entry.load_model(), method=args.method, guide=guide, seed=args.seed,
                     progress=not args.no_progress and speaks, **options)
     if not speaks:
@@ -85,6 +86,8 @@ def _run(args) -> int:
     print(fit.summary().to_string())
     for key, value in entry.report(fit).items():
         print(f"{key}: {value:.3f}")
+    for finding in fit.findings():
+        print(f"warning: {finding.message}")
     if args.out:
         print(f"saved to {fit.save(args.out)}")
     return 0

@@ -46,6 +46,12 @@ THRESHOLDS = {"r_hat": 1.01, "ess": 400, "bfmi": 0.3, "khat": 0.7, "tree_depth":
               "elbo_change": 0.05}
 
 
+#: Where the weights can be trusted (k-hat <= 0.7), q's raw draws must agree with the
+#: weighted posterior this closely: means in weighted sds, and the sd ratio
+#: (:func:`importance_gap`; the Monte Carlo error of a weighted sd from 1000 draws is a
+#: few percent)
+GAP_MEAN, GAP_SD = 0.1, (0.9, 1.1)
+
 @dataclass(frozen=True)
 class Finding:
     """One diagnostic that crossed its threshold.
@@ -54,7 +60,8 @@ class Finding:
     ----------
     check : str
         ``r_hat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``bfmi``, ``tree_depth``,
-        ``khat``, ``elbo``, ``improper``, ``draws``, ``converged`` or ``log_density``.
+        ``khat``, ``elbo``, ``improper``, ``draws``, ``converged``, ``log_density``,
+        ``value_branch`` or ``stopped_short``.
     parameter : str
         The parameter element (``tau``, ``theta[A]``), chain or objective it concerns.
     value, threshold : float
@@ -277,6 +284,10 @@ def _where_divergent(posterior, sites: list[str], diverging: np.ndarray) -> tupl
     return best, side
 
 
+#: Methods whose answer is a point reached by gradient steps alone
+GRADIENT_MODES = ("map", "mle", "em")
+
+
 def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
     """The checks that crossed their thresholds, each naming a parameter and a next step.
 
@@ -347,6 +358,16 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
             f"inefficient, not biased. Raise max_tree_depth, use "
             f"mass_matrix='dense', or rescale strongly correlated parameters."))
     found.extend(_variational_findings(posterior, numbers))
+    branch = posterior.info.get("value_branch")
+    if branch and posterior.method in GRADIENT_MODES:
+        found.append(Finding(
+            "value_branch", posterior.method, 1.0, 0.0,
+            f"the story branches on a value computed from its parameters ({branch}), so "
+            f"its density jumps where the branch changes, and {posterior.method}'s "
+            "gradient steps do not see a jump: the point found is a mode of the piece of "
+            "the density it started in, which another piece may beat. Write the branch "
+            "as a smooth function of the parameters, or sample the posterior with "
+            "method='nuts' (its accept step sees every jump)."))
     if numbers.get("converged") is False:
         found.append(Finding(
             "converged", posterior.method, 0.0, 1.0,
@@ -376,6 +397,27 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
             "is undefined (a parameter outside its domain, log or sqrt of a negative). "
             "Give the parameter a prior on its domain, or guard the transform; those "
             "draws are left out of k-hat"))
+    short, fits = stopped_short(posterior.info)
+    if short:
+        caps = sorted({str(f.get("steps_done", "?")) for f in short})
+        found.append(Finding(
+            "stopped_short", "ELBO", float(len(short)), 0.0,
+            f"{len(short)} of {len(fits)} fit(s) stopped at the step cap ({', '.join(caps)} "
+            "steps) with the ELBO still moving: the guide had not reached its optimum, so "
+            "its means and sds lie somewhere between its start and its end. Raise steps "
+            "(steps=); the run stops earlier by itself once the guide settles."))
+    if "importance_mean_gap" in numbers:
+        (mean_at, shift), (sd_at, ratio) = (numbers["importance_mean_gap"],
+                                            numbers["importance_sd_ratio"])
+        if shift > GAP_MEAN or not GAP_SD[0] <= ratio <= GAP_SD[1]:
+            found.append(Finding(
+                "importance_gap", mean_at if shift > GAP_MEAN else sd_at,
+                shift if shift > GAP_MEAN else ratio, GAP_MEAN if shift > GAP_MEAN else 1.0,
+                f"q's draws differ from the importance-weighted posterior (means up to "
+                f"{shift:.2f} sd apart, at {mean_at}; sd ratio {ratio:.2f} at {sd_at}; "
+                f"reliable within {GAP_MEAN} sd and [{GAP_SD[0]}, {GAP_SD[1]}]): q is too "
+                "wide or shifted where k-hat cannot see it. "
+                "posterior.importance_resampled() corrects the draws."))
     change, standard_error = numbers.get("elbo_change", math.nan), numbers.get("elbo_change_se",
                                                                                  math.nan)
     if (math.isfinite(change) and abs(change) > 3 * standard_error
@@ -420,6 +462,23 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
             f"guide (full-rank or a normalising flow; mean-field ignores correlations and "
             f"is too narrow) or check it against NUTS with ppl_notes.compare."))
     return found
+
+
+def stopped_short(info: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The variational fits that stopped before converging with the ELBO still moving.
+
+    Each pooled restart (those left out of the draws do not count: see
+    :func:`ppl_notes.vi.restarts.pooled_restarts`), or the one fit, that ended at its step cap (or by an interrupt)
+    without its stopping rule met and without its ELBO settled; and all fits. A fit
+    with neither ``stopped`` nor ``restarts`` in ``info`` is not a variational fit of
+    this kind: none.
+    """
+    restarts = [r for r in info.get("restarts") or [] if r.get("pooled", True)]
+    if "stopped" not in info and not restarts:
+        return [], []
+    fits = restarts if restarts else [info]
+    return [f for f in fits
+            if f.get("stopped") != "converged" and not f.get("elbo_settled")], fits
 
 
 def _most_underweighted(posterior) -> tuple[str, str]:

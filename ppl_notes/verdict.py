@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ppl_notes.diagnostics import beyond, diagnostics, findings
+from ppl_notes.diagnostics import GAP_MEAN, GAP_SD, beyond, diagnostics, findings, stopped_short
 
 __all__ = ["Verdict", "check", "KHAT_RELIABLE"]
 
@@ -67,11 +67,6 @@ RHAT_RELIABLE = 1.01
 #: The importance weights' ESS share above which k-hat is not asked (the weights are
 #: near uniform: q matches p up to a constant)
 ESS_SHARE_RELIABLE = 0.95
-#: Where the weights can be trusted (k-hat <= 0.7), q's raw draws must agree with the
-#: weighted posterior this closely: means in weighted sds, and the sd ratio
-#: (diagnostics.importance_gap; the Monte Carlo error of a weighted sd from 1000 draws is
-#: a few percent)
-GAP_MEAN, GAP_SD = 0.1, (0.9, 1.1)
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,7 @@ def verdict_of(posterior, numbers: dict, found: list, calibration=None) -> Verdi
 def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
     failed, passed = [], []
     info = posterior.info
-    restarts = info.get("restarts")
+    restarts = [r for r in info.get("restarts") or [] if r.get("pooled", True)]
     if not restarts or len(restarts) < 2:
         failed.append("one fit: run restarts=4 (or more) so that R-hat across restarts can "
                       "show whether they reach the same optimum")
@@ -168,10 +163,8 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
         else:
             passed.append(f"the {len(restarts)} restarts agree (R-hat {rhat:.3f} <= "
                           f"{RHAT_RELIABLE})")
-    fits = restarts if restarts else [info]
-    if "stopped" in info or restarts:
-        short = [f for f in fits
-                 if f.get("stopped") != "converged" and not f.get("elbo_settled")]
+    short, fits = stopped_short(info)
+    if fits:
         if short:
             failed.append(f"{len(short)} of {len(fits)} fit(s) ended "
                           f"({sorted({str(f.get('stopped')) for f in short})}) with the ELBO "
@@ -212,7 +205,8 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
         else:
             passed.append(f"q's draws agree with the importance-weighted posterior (means "
                           f"within {shift:.2f} sd, sd ratio {ratio:.2f})")
-    counted = {"khat", "r_hat"}  # said above, with the stricter thresholds
+    # said above (k-hat and R-hat with the stricter thresholds)
+    counted = {"khat", "r_hat", "stopped_short", "importance_gap"}
     failed += [f.message for f in found if f.check not in counted]
     return failed, passed
 

@@ -27,6 +27,28 @@ def test_run_then_show(tmp_path, capsys):
     assert "normal_mean by svi" in out and "mu" in out
 
 
+def test_a_fit_stopped_short_is_said(capsys):
+    """The shipped guide of ``normal_mean`` at 300 Adam steps: its ELBO is still rising.
+
+    Before, its sd came out far from the closed form's and nothing was said: the run
+    prints the finding under its table, and ``findings()`` holds it.
+    """
+    from ppl_notes import infer
+    from ppl_notes.guides.conjugate import normal_mean_guide
+    from ppl_notes.models.conjugate import normal_mean
+
+    assert main(["run", "normal_mean", "--method", "svi", "--set", "steps=300",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 of 1 fit(s) stopped at the step cap (300 steps) with the ELBO " \
+           "still moving" in printed
+    with pytest.warns(UserWarning, match="stopped at the step cap"):
+        fit = infer(normal_mean, method="svi", guide=normal_mean_guide, steps=300,
+                    progress=False)
+    assert [f.check for f in fit.findings()].count("stopped_short") == 1
+    assert not fit.check()
+
+
 def test_user_mistakes_print_one_line(capsys):
     assert main(["run", "normal_mean", "--set", "stepz=3", "--no-progress"]) == 2
     err = capsys.readouterr().err
