@@ -151,6 +151,14 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
     failed, passed = [], []
     info = posterior.info
     restarts = [r for r in info.get("restarts") or [] if r.get("pooled", True)]
+    left_out = [r for r in info.get("restarts") or [] if not r.get("pooled", True)]
+    if left_out:
+        best = max(r["log_evidence"] for r in restarts) if restarts else math.nan
+        below = ", ".join(f"{r['restart']}: {best - r['log_evidence']:.3g}" for r in left_out)
+        passed.append(f"restart(s) {[r['restart'] for r in left_out]} left out of the draws: "
+                      f"their importance-weighted evidence lies far below the best restart's "
+                      f"(nats below: {below}), so the regions they found hold next to no "
+                      "posterior mass (a restart stalled at a degenerate point)")
     if not restarts or len(restarts) < 2:
         failed.append("one fit: run restarts=4 (or more) so that R-hat across restarts can "
                       "show whether they reach the same optimum")
