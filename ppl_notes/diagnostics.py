@@ -468,8 +468,9 @@ def stopped_short(info: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     """The variational fits that stopped before converging with the ELBO still moving.
 
     Each pooled restart (those left out of the draws do not count: see
-    :func:`ppl_notes.vi.restarts.pooled_restarts`), or the one fit, that ended at its step cap (or by an interrupt)
-    without its stopping rule met and without its ELBO settled; and all fits. A fit
+    :func:`ppl_notes.vi.restarts.pooled_restarts`), or the one fit, that ended at its
+    step cap (or by an interrupt) without its stopping rule met and without its ELBO
+    settled; and all fits. A fit
     with neither ``stopped`` nor ``restarts`` in ``info`` is not a variational fit of
     this kind: none.
     """
