@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from ppl_notes._dtype import run_dtype
+
+logger = logging.getLogger(__name__)
 
 _POSITIVE_NAMES = {"GreaterThan(lower_bound=0.0)", "GreaterThanEq(lower_bound=0.0)"}
 
@@ -184,3 +187,28 @@ def trace_plate_nesting(trace) -> int:
 def guess_max_plate_nesting(model, data: Mapping[str, Any]) -> int:
     """The deepest plate nesting of any site in one run of the model."""
     return trace_plate_nesting(trace_model(model, data, 0))
+
+
+def trace_with_index_covariates(model, data: dict[str, Any]):
+    """One run of the story on ``data``; integer covariates used as indices become long.
+
+    Data arrive as floating-point tensors; a story that indexes with a covariate
+    (``locs[group]``, as Pyro users write) needs it as integers. On torch's "used as
+    indices" error the integer-valued covariates are made ``torch.long`` and the run
+    is tried again.
+    """
+    with torch.no_grad(), run_dtype(model.dtype):
+        try:
+            return trace_model(model, data, 0)
+        except IndexError as error:
+            observed = set(model.observed_arguments.values())
+            integer = {k: v.long() for k, v in data.items()
+                       if k not in observed and torch.is_tensor(v) and v.is_floating_point()
+                       and bool((v == v.round()).all())}
+            if "used as indices" not in str(error) or not integer:
+                raise
+            trace = trace_model(model, {**data, **integer}, 0)
+    logger.info("story %r: integer covariates %s used as indices, now torch.long",
+                model.name, sorted(integer))
+    data.update(integer)
+    return trace

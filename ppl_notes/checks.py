@@ -29,6 +29,7 @@ from ppl_notes._sites import (
     support_name,
     supports_compatible,
     trace_model,
+    trace_with_index_covariates,
 )
 from ppl_notes.errors import DataError, ModelGuideMismatchError, StoryError
 
@@ -87,7 +88,7 @@ def check_data_runs(model, data: dict[str, Any], seed: int = 0):
         prior points are taken from them: :func:`~ppl_notes.evaluation.paths.keep_check_points`).
     """
     try:
-        trace = _trace_with_index_covariates(model, data)
+        trace = trace_with_index_covariates(model, data)
     except (ValueError, RuntimeError, IndexError) as error:
         blame_invalid_parameter(model, error, data)
         _blame_mixed_dtypes(model, error)
@@ -282,31 +283,6 @@ def _check_support(model, name: str, site: dict, argument: str | None) -> None:
         "data, or the distribution the story gives it"
         + ("; masked elements too must lie in the support (fill them with a valid value)"
            if site.get("mask") is not None or hasattr(fn, "_mask") else ""))
-
-def _trace_with_index_covariates(model, data: dict[str, Any]):
-    """One run of the story on ``data``; integer covariates used as indices become long.
-
-    Data arrive as floating-point tensors; a story that indexes with a covariate
-    (``locs[group]``, as Pyro users write) needs it as integers. On torch's "used as
-    indices" error the integer-valued covariates are made ``torch.long`` and the run
-    is tried again.
-    """
-    with torch.no_grad(), run_dtype(model.dtype):
-        try:
-            return trace_model(model, data, 0)
-        except IndexError as error:
-            observed = set(model.observed_arguments.values())
-            integer = {k: v.long() for k, v in data.items()
-                       if k not in observed and torch.is_tensor(v) and v.is_floating_point()
-                       and bool((v == v.round()).all())}
-            if "used as indices" not in str(error) or not integer:
-                raise
-            trace = trace_model(model, {**data, **integer}, 0)
-    logger.info("story %r: integer covariates %s used as indices, now torch.long",
-                model.name, sorted(integer))
-    data.update(integer)
-    return trace
-
 
 def invalid_parameter(error: Exception, fn: Callable) -> str | None:
     """What torch's validation of a distribution's parameter says, with the line of ``fn``.

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ppl_notes._callables import argument_holding
-from ppl_notes._sites import sample_sites, trace_model
+from ppl_notes._sites import sample_sites, trace_with_index_covariates
 from ppl_notes.errors import DataError, StoryError
 
 __all__ = ["drop_incomplete_rows", "observed_from_data", "prepare_data", "to_tensor"]
@@ -126,7 +126,7 @@ def observed_from_data(model, prepared: dict[str, Any]) -> dict[str, str]:
     **data)`` reads it, and one observed with a constant is left as it is.
     """
     try:
-        trace = trace_model(model, prepared)
+        trace = trace_with_index_covariates(model, prepared)
     except (ValueError, RuntimeError, IndexError, TypeError) as error:
         raise DataError(f"story {model.name!r} cannot run on this data: {error}") from error
     observed = {}

@@ -228,3 +228,29 @@ def test_a_fit_of_a_shipped_story_pickles_with_plain_pickle():
     again = pickle.loads(pickle.dumps(fit))
     assert again.model.fn is story.fn and again.model.name == "heights"
     np.testing.assert_array_equal(again.draws("mu"), fit.draws("mu"))
+
+
+def test_a_plain_pyro_function_that_indexes_with_a_group_runs():
+    """``locs[group]`` with integer groups, given to infer() as a plain function.
+
+    The data are prepared as floats before the first run; the run that finds the
+    observed sites now makes integer covariates used as indices integers again, as the
+    data checks do (it raised "tensors used as indices must be long").
+    """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from ppl_notes import infer
+
+    def grouped(group, y):
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([3]).to_event(1))
+        with pyro.plate("obs", len(y)):
+            pyro.sample("y", dist.Normal(locs[group], 1.0), obs=y)
+
+    group = torch.tensor([0, 1, 2, 0, 1, 2])
+    y = torch.tensor([1.0, 2.0, 3.0, 1.2, 2.2, 3.2])
+    fit = infer(grouped, {"group": group, "y": y}, method="map", progress=False)
+    # MAP of a Normal(0, 5) prior and two unit-variance observations per group
+    expected = [(1.0 + 1.2) / (2 + 1 / 25), (2.0 + 2.2) / (2 + 1 / 25), (3.0 + 3.2) / (2 + 1 / 25)]
+    assert fit.draws("locs")[0].tolist() == pytest.approx(expected, abs=1e-4)
