@@ -23,6 +23,7 @@ from ppl_notes._constants import constants_dtype, module_as_float64
 from ppl_notes._dtype import run_dtype
 from ppl_notes._progress import show_progress
 from ppl_notes._sites import distribution_name
+from ppl_notes._threads import fit_threads
 from ppl_notes._versions import library_versions
 from ppl_notes.arviz_io import to_datatree
 from ppl_notes.checks import check_data_runs, require_fixed_latent_sites
@@ -161,8 +162,9 @@ def infer(
         _require_continuous_and_enumerable(model, facts, method)
     context = RunContext(model, prepared, guide=guide, seed=seed, progress=progress,
                          options=checked, known_facts=facts)
-    with run_dtype(context.dtype):
+    with run_dtype(context.dtype), fit_threads(prepared) as threads:
         run = backend.run(context)
+    run.info["threads"] = threads
     _require_finite_draws(run, model)
     if facts.path is not None:  # how draws were evaluated, for every method alike
         run.info.setdefault("path", facts.path)
@@ -191,10 +193,11 @@ def infer(
         "partial": bool(run.partial),
         "versions": json.dumps(library_versions()),
     }
-    tree = to_datatree(run, model, prepared, attrs, facts)
-    posterior = Posterior(tree, model=model, guide=None if isinstance(guide, str) else guide,
-                          data=prepared, facts=facts)
-    warn_about(posterior)
+    with fit_threads(prepared):
+        tree = to_datatree(run, model, prepared, attrs, facts)
+        posterior = Posterior(tree, model=model, guide=None if isinstance(guide, str)
+                              else guide, data=prepared, facts=facts)
+        warn_about(posterior)
     return posterior
 
 
