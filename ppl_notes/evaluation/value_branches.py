@@ -70,6 +70,10 @@ class PointDependence(TorchDispatchMode):
         (``"bool() at story.py:12 (if 0.7 < mu < 1.1:)"``), or None where there was none.
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # the default wraps the handler with TorchDynamo, imported for it (1-2 s)
+
     def __init__(self, leaves) -> None:
         super().__init__()
         self._dependent: dict[int, torch.UntypedStorage] = {}
