@@ -16,6 +16,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
 from ppl_notes._dtype import run_dtype
+from ppl_notes.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,15 @@ def trace_with_index_covariates(model, data: dict[str, Any]):
                        and bool((v == v.round()).all())}
             if "used as indices" not in str(error) or not integer:
                 raise
+            negative = {k: int((v < 0).sum()) for k, v in integer.items() if bool((v < 0).any())}
+            if negative:  # torch takes -1 as the last group: a missing group read as one
+                key, count = next(iter(negative.items()))
+                raise DataError(
+                    f"story {model.name!r}: data for {key!r} index a tensor "
+                    f"(used as indices) and hold {count} negative value(s): -1 would "
+                    "silently pick the last group (pandas' factorize gives -1 to a missing "
+                    "value). Drop or impute those rows, or give them a group of their own"
+                ) from error
             trace = trace_model(model, {**data, **integer}, 0)
     logger.info("story %r: integer covariates %s used as indices, now torch.long",
                 model.name, sorted(integer))

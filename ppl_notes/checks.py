@@ -101,6 +101,12 @@ def check_data_runs(model, data: dict[str, Any], seed: int = 0):
     if not sites:
         raise StoryError(f"story {model.name!r} has no pyro.sample sites: a story draws "
                          "its latent values and observations with pyro.sample")
+    slashed = [name for name, site in trace.nodes.items()
+               if site["type"] == "sample" and "/" in name]
+    if slashed:  # netCDF (and so ArviZ's files) reads '/' as a group's path
+        raise StoryError(f"story {model.name!r}: site name(s) {slashed} hold '/', which a "
+                         "result file reads as a group's path; name them with '.' or '_' "
+                         "(pyro.sample('layer1.loc', ...))")
     arguments = {**model.observed_arguments, **observed_data_arguments(model, data, trace)}
     for name in model.observed:
         site = sites.get(name)

@@ -70,6 +70,8 @@ def _run(args) -> int:
                        *args.argv]
             return subprocess.run(command, check=False).returncode
         options["distributed"] = True
+    if args.out:
+        _writable_file(Path(args.out), "--out")
     takes_guide = BACKENDS[args.method].takes_guide
     guide = entry.load_guide() if takes_guide and not args.autoguide else None
     speaks = int(os.environ.get("RANK", "0")) == 0  # one process of a data-parallel run
@@ -93,6 +95,40 @@ def _run(args) -> int:
     return 0
 
 
+def _check_options(story, method: str, options: dict) -> None:
+    """Raise the OptionError a fit with ``options`` would raise, before any fit runs."""
+    from ppl_notes.inference._options import validate
+    from ppl_notes.inference.backends import BACKENDS
+
+    validate(method, BACKENDS[method].options, {**story.defaults.get(method, {}), **options})
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Make ``folder`` (an OptionError where it cannot hold files), before any fit runs."""
+    import tempfile
+
+    from ppl_notes.errors import OptionError
+
+    if folder.exists() and not folder.is_dir():
+        raise OptionError(f"{option} {str(folder)!r} is a file; give a folder for the report")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ppl-notes-"):
+            pass
+    except OSError as error:
+        raise OptionError(f"{option} {str(folder)!r} cannot hold files: "
+                          f"{error.strerror or error}") from error
+
+
+def _writable_file(path: Path, option: str) -> None:
+    """An OptionError where ``path`` cannot be written as a result file, before any fit."""
+    from ppl_notes.errors import OptionError
+
+    if path.is_dir():
+        raise OptionError(f"{option} {str(path)!r} is a folder; give a file name (fit.nc)")
+    _writable_folder(path.parent if str(path.parent) else Path("."), f"{option}'s folder")
+
+
 def _compare(args) -> int:
     import warnings
 
@@ -107,7 +143,11 @@ def _compare(args) -> int:
     started = time.perf_counter()
     loading = load_libraries()  # paid once, before either method is timed
     svi_options, nuts_options = _parse_options(args.svi), _parse_options(args.nuts)
+    for method, options in (("svi", svi_options), ("nuts", nuts_options)):
+        _check_options(story, method, options)  # a typo in --nuts is said before SVI runs
     out = Path(args.out) if args.out else None
+    if out is not None:
+        _writable_folder(out, "--out")
     with warnings.catch_warnings():  # printed below, under the table, with the others
         warnings.simplefilter("ignore", DiagnosticWarning)
         fits = {"svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
@@ -387,6 +427,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ppl-notes: interrupted (Ctrl-C) {why.removeprefix('interrupted ')}",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (ppl-notes show fit.nc | head -2): not an error
+        _quiet_broken_pipe()
+        return 0
+
+
+def _quiet_broken_pipe() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second error."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file descriptor (a test's capture)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

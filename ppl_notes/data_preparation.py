@@ -89,8 +89,12 @@ def to_tensor(model, key: str, value: Any) -> Any:
     """One data argument as the story takes it: a tensor in its dtype, checked."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    masked = 0
     if isinstance(value, torch.Tensor):
         array = value.detach().cpu().numpy()
+    elif isinstance(value, np.ma.MaskedArray):  # a masked value is a missing one, not data
+        masked = int(np.ma.count_masked(value))
+        array = value.astype(float).filled(np.nan) if masked else value.data
     else:
         try:
             array = np.asarray(value)
@@ -98,6 +102,10 @@ def to_tensor(model, key: str, value: Any) -> Any:
             raise DataError(
                 f"story {model.name!r}: data for {key!r} is not a rectangular array of "
                 f"numbers ({error})") from error
+    if np.iscomplexobj(array):
+        raise DataError(
+            f"story {model.name!r}: data for {key!r} are complex numbers ({array.dtype}); a "
+            "story's data are real: give the real and imaginary parts as two arguments")
     numeric = np.issubdtype(array.dtype, np.number) or array.dtype == bool
     if array.dtype == object or not numeric:
         raise DataError(
@@ -111,7 +119,9 @@ def to_tensor(model, key: str, value: Any) -> Any:
         where = np.argwhere(bad)[:5].tolist()
         raise DataError(
             f"story {model.name!r}: data for {key!r} has {int(bad.sum())} NaN or "
-            f"infinite value(s), first at index {where}; remove or impute them"
+            f"infinite value(s), first at index {where}"
+            + (f" ({masked} masked value(s) of a masked array count as missing)"
+               if masked else "") + "; remove or impute them"
         )
     if array.dtype == bool and key not in model.observed_arguments.values():
         return torch.as_tensor(array)  # a mask (poutine.mask takes booleans)

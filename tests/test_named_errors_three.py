@@ -1,0 +1,91 @@
+"""Issue 41's raw errors and silent changes, as users meet them: each now a named error,
+said before any fit runs, or no error at all where there is none (a reader that left a
+pipe)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_notes import DataError, StoryError, infer, model
+from ppl_notes.cli import main
+
+
+@model(observed="y")
+def groups(group, y=None):
+    """Varying intercepts: a[group], the group an integer covariate."""
+    a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("n", len(group)):
+        pyro.sample("y", dist.Normal(a[group], 1.0), obs=y)
+
+
+Y = np.array([0.1, 1.0, 2.1, -0.2, 0.9, 2.2])
+
+
+def test_a_group_index_of_minus_one_is_refused():
+    """``pd.factorize`` gives a missing value -1, which torch reads as the last group."""
+    group = np.array([0, 1, 2, 0, -1, 2])
+    with pytest.raises(DataError, match=r"'group'.*1 negative value.*last group"):
+        infer(groups, {"group": group, "y": Y}, method="map", progress=False)
+
+
+def test_masked_and_complex_data_are_named():
+    masked = np.ma.masked_array(Y, mask=[False, False, True, False, False, False])
+    with pytest.raises(DataError, match=r"'y' has 1 NaN.*1 masked value"):
+        infer(groups, {"group": np.array([0, 1, 2, 0, 1, 2]), "y": masked}, method="map",
+              progress=False)
+    with pytest.raises(DataError, match=r"'y' are complex numbers"):
+        infer(groups, {"group": np.array([0, 1, 2, 0, 1, 2]), "y": Y + 1j}, method="map",
+              progress=False)
+    unmasked = np.ma.masked_array(Y, mask=False)  # nothing masked: the values as they are
+    fit = infer(groups, {"group": np.array([0, 1, 2, 0, 1, 2]), "y": unmasked},
+                method="map", progress=False)
+    assert fit.draws("a").shape == (1, 3)
+
+
+def test_a_site_name_with_a_slash_is_refused_before_fitting():
+    @model(observed="y", data={"y": torch.tensor(Y)})
+    def layered(y=None):
+        loc = pyro.sample("layer1/loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    with pytest.raises(StoryError, match=r"\['layer1/loc'\].*'/'"):
+        infer(layered, method="svi", progress=False)
+
+
+def test_the_command_line_checks_options_and_paths_before_fitting(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["compare", "normal_mean", "--nuts", "chain=2", "--no-progress",
+                 "--out", str(out)]) == 2
+    assert "method 'nuts' has no option 'chain'" in capsys.readouterr().err
+    assert not (out / "svi.nc").exists()  # SVI did not run
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert main(["compare", "normal_mean", "--no-progress", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["run", "normal_mean", "--method", "map", "--no-progress",
+                 "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_show_into_a_closed_pipe_is_quiet(tmp_path):
+    """``ppl-notes show fit.nc | head -1`` on a fit whose summary outgrows a pipe's buffer."""
+
+    @model(observed="y", data={"y": torch.zeros(4000, dtype=torch.float64)})
+    def many(y=None):
+        with pyro.plate("n", len(y)):
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    path = infer(many, method="map", progress=False).save(tmp_path / "fit.nc")
+    shown = subprocess.run(f"{sys.executable} -m ppl_notes.cli show {path} | head -1",
+                           shell=True, capture_output=True, text=True, timeout=300)
+    assert shown.stdout.strip()
+    assert "BrokenPipe" not in shown.stderr and "Traceback" not in shown.stderr
