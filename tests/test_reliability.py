@@ -755,3 +755,18 @@ def test_a_story_that_raises_at_some_points_is_rejected_there_not_crashed():
                     warmup=300, draws=300, processes=1, compiler="none", progress=False)
     rho = fit["rho"]
     assert np.all(np.abs(rho) < 1) and 0.85 < rho.mean() < 0.99
+
+
+@pytest.mark.parametrize("guide", ["fullrank", "meanfield"])
+def test_an_improper_posterior_never_raises_a_raw_linear_algebra_error(guide):
+    """The README's improper example at the sizes and seeds where it raised torch's
+    ``LinAlgError``: the Newton step's covariance grows along the flat direction until
+    its Cholesky factor fails. A shorter step is taken instead, and the fit ends with the
+    warning that names the flat direction."""
+    for size in (5, 6, 15, 30):
+        for seed in (0, 1):
+            y = np.random.default_rng(seed).normal(size=size)
+            with pytest.warns(DiagnosticWarning, match=r"looks improper.*0\.71\*a - 0\.71\*b"):
+                fit = infer(sum_of_two_flat, {"y": y}, method="svi", guide=guide, seed=seed,
+                            progress=False)
+            assert fit.info["flat_direction"] is not None

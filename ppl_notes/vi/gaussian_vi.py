@@ -189,8 +189,11 @@ class _NewtonState:
         if q.family == "fullrank":
             self.mean_precision = torch.cholesky_inverse(q.cholesky())
         elif preconditioner is not None:
-            self.mean_precision = preconditioner
-            self.mean_factor = torch.linalg.cholesky(preconditioner)
+            try:
+                self.mean_factor = torch.linalg.cholesky(preconditioner)
+                self.mean_precision = preconditioner
+            except torch.linalg.LinAlgError:  # singular along a flat direction: q's own
+                self.mean_precision = None
 
     def propose(self, draws: torch.Tensor, scores: torch.Tensor):
         r"""The step with the current ``rho``: ``(q', mean preconditioner', promised)``.
@@ -234,6 +237,27 @@ class _NewtonState:
                 self.mean_precision, promised)
 
 
+def _proposal(state: _NewtonState, draws: torch.Tensor, scores: torch.Tensor):
+    """``state.propose(...)``, or None where its covariance is not positive definite.
+
+    Along a direction the data do not identify (an improper posterior: flat priors on
+    ``a`` and ``b`` and data on ``a + b``) the full step's covariance grows without bound
+    until its Cholesky factor fails: a shorter step, nearer the last positive definite
+    matrix, is tried instead, as for a step that does not decrease the objective.
+    """
+    try:
+        return state.propose(draws, scores)
+    except torch.linalg.LinAlgError:
+        return None
+
+
+def _shorten(state: _NewtonState) -> bool:
+    """Halve the step; True where it has been halved too often (the fit stalls)."""
+    state.rho /= 2
+    state.halvings += 1
+    return state.halvings > _MAX_HALVINGS
+
+
 def _newton(evaluate: _Evaluator, starts: list[Gaussian], max_steps: int, kl_tolerance: float,
             preconditioners: list | None = None) -> list[FitTrace]:
     """Lockstep Newton-type steps for every fit (module docstring).
@@ -253,9 +277,15 @@ def _newton(evaluate: _Evaluator, starts: list[Gaussian], max_steps: int, kl_tol
     try:
         while active and steps < max_steps:
             steps += 1
-            proposals = {k: states[k].propose(evaluate.draws[k], current[k][2]) for k in active}
-            evaluated = evaluate([(k, proposals[k][0]) for k in active])
-            for k, result in zip(list(active), evaluated, strict=True):
+            proposals = {k: _proposal(states[k], evaluate.draws[k], current[k][2])
+                         for k in active}
+            for k in [k for k in active if proposals[k] is None]:  # no Gaussian at this rho
+                if _shorten(states[k]):
+                    traces[k].stopped = "stalled"
+                    active.remove(k)
+            stepping = [k for k in active if proposals[k] is not None]
+            evaluated = evaluate([(k, proposals[k][0]) for k in stepping]) if stepping else []
+            for k, result in zip(stepping, evaluated, strict=True):
                 state, trace = states[k], traces[k]
                 proposal, precision, promised = proposals[k]
                 old_objective = current[k][0]
@@ -280,9 +310,7 @@ def _newton(evaluate: _Evaluator, starts: list[Gaussian], max_steps: int, kl_tol
                     trace.stopped = "converged"
                     active.remove(k)
                     continue
-                state.rho /= 2
-                state.halvings += 1
-                if state.halvings > _MAX_HALVINGS:
+                if _shorten(state):
                     trace.stopped = "stalled"
                     active.remove(k)
     except KeyboardInterrupt:
