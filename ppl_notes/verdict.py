@@ -153,7 +153,8 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
     restarts = [r for r in info.get("restarts") or [] if r.get("pooled", True)]
     left_out = [r for r in info.get("restarts") or [] if not r.get("pooled", True)]
     if left_out:
-        best = max(r["log_evidence"] for r in restarts) if restarts else math.nan
+        known = [r["log_evidence"] for r in restarts if not math.isnan(r["log_evidence"])]
+        best = max(known, default=math.nan)
         below = ", ".join(f"{r['restart']}: {best - r['log_evidence']:.3g}" for r in left_out)
         passed.append(f"restart(s) {[r['restart'] for r in left_out]} left out of the draws: "
                       f"their importance-weighted evidence lies far below the best restart's "
