@@ -18,7 +18,11 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
+import warnings
 from pathlib import Path
+
+from ppl_notes.errors import DataError
 
 __all__ = ["KEY_FILE", "cache_root", "signing_key", "sign", "verify"]
 
@@ -27,8 +31,24 @@ _KEY_BYTES = 32
 
 
 def cache_root() -> Path:
-    """``$PPL_NOTES_CACHE``, or ``~/.cache/ppl_notes``."""
-    return Path(os.environ.get("PPL_NOTES_CACHE") or Path.home() / ".cache" / "ppl_notes")
+    """``$PPL_NOTES_CACHE``, or ``~/.cache/ppl_notes``: an absolute folder, or a DataError.
+
+    A relative one would make a key (and a cache) per working directory, and an empty
+    ``HOME`` one relative to wherever the process runs.
+    """
+    chosen = os.environ.get("PPL_NOTES_CACHE")
+    if chosen:
+        root = Path(chosen).expanduser()
+        if not root.is_absolute():
+            raise DataError(f"PPL_NOTES_CACHE={chosen!r} is a relative path: each working "
+                            "directory would get its own signing key; give an absolute one")
+        return root
+    home = os.environ.get("HOME", None)
+    if home is not None and not Path(home).is_absolute():
+        raise DataError(f"HOME={home!r} is not an absolute path, so ~/.cache/ppl_notes (where "
+                        "the signing key lives) has no place; set HOME, or PPL_NOTES_CACHE "
+                        "to an absolute folder")
+    return Path.home() / ".cache" / "ppl_notes"
 
 
 def signing_key(key: bytes | str | os.PathLike | None = None) -> bytes:
@@ -43,23 +63,26 @@ def signing_key(key: bytes | str | os.PathLike | None = None) -> bytes:
         return key
     path = Path(key) if key is not None else cache_root() / KEY_FILE
     if key is None and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole to a private file, then linked into place: two processes making it
-        # at once keep the first one's key, and no reader ever sees a partly written one
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(handle, "wb") as written:
-            written.write(secrets.token_bytes(_KEY_BYTES))
         try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
-    value = path.read_bytes()
+            _make_key(path)
+        except OSError as error:  # a read-only cache folder
+            raise DataError(f"no signing key could be made at {str(path)!r}: "
+                            f"{error.strerror or error}; set PPL_NOTES_CACHE to a folder "
+                            "you can write, or give key=") from error
+    try:
+        mode = path.stat().st_mode
+        value = path.read_bytes()
+    except OSError as error:  # a dangling link, a folder, no permission to read
+        raise DataError(f"the signing key {str(path)!r} cannot be read: "
+                        f"{error.strerror or error}. Remove it to have a new key made (files "
+                        "signed with the old one then need trusted=True), or give key=") from error
     if len(value) < 16:
-        raise ValueError(f"the signing key {str(path)!r} holds {len(value)} bytes; a key "
-                         "needs at least 16")
+        raise DataError(f"the signing key {str(path)!r} holds {len(value)} bytes; a key "
+                        "needs at least 16. Remove it to have a new key made, or give key=")
+    if mode & 0o077:  # as ssh warns of a private key others can read
+        warnings.warn(f"the signing key {str(path)!r} can be read or changed by others "
+                      f"(permissions {stat.filemode(mode)}): anyone who reads it can sign as "
+                      f"you. chmod 600 {str(path)!r}", UserWarning, stacklevel=2)
     return value
 
 
@@ -77,3 +100,22 @@ def verify(message: bytes | str, signature: str | None, key: bytes) -> bool:
     # as bytes: a damaged signature may hold characters compare_digest refuses in str
     return hmac.compare_digest(sign(message, key).encode(),
                                signature.encode("utf-8", "surrogateescape"))
+
+
+def _make_key(path: Path) -> None:
+    """A new random key at ``path``, 0600.
+
+    Written whole to a private file, then linked into place: two processes making it at
+    once keep the first one's key, and no reader ever sees a partly written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "wb") as written:
+        written.write(secrets.token_bytes(_KEY_BYTES))
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()

@@ -89,3 +89,38 @@ def test_show_into_a_closed_pipe_is_quiet(tmp_path):
                            shell=True, capture_output=True, text=True, timeout=300)
     assert shown.stdout.strip()
     assert "BrokenPipe" not in shown.stderr and "Traceback" not in shown.stderr
+
+
+def test_a_broken_signing_key_is_named(tmp_path, monkeypatch):
+    """A key file that is a dangling link, a folder or empty; a relative cache; an empty
+    HOME; a key others can read (warned, as ssh warns)."""
+    import os
+
+    from ppl_notes._signing import KEY_FILE, signing_key
+
+    monkeypatch.setenv("PPL_NOTES_CACHE", str(tmp_path))
+    key = tmp_path / KEY_FILE
+    key.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=r"signing key .* cannot be read"):
+        signing_key()
+    key.unlink()
+    key.mkdir()
+    with pytest.raises(DataError, match=r"signing key .* cannot be read"):
+        signing_key()
+    key.rmdir()
+    key.write_bytes(b"")
+    with pytest.raises(DataError, match=r"holds 0 bytes"):
+        signing_key()
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    with pytest.warns(UserWarning, match=r"can be read or changed by others.*chmod 600"):
+        signing_key()
+    key.chmod(0o600)
+    assert len(signing_key()) == 32
+    monkeypatch.setenv("PPL_NOTES_CACHE", "relative/cache")
+    with pytest.raises(DataError, match=r"PPL_NOTES_CACHE='relative/cache' is a relative"):
+        signing_key()
+    monkeypatch.delenv("PPL_NOTES_CACHE")
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(DataError, match=r"HOME='' is not an absolute path"):
+        signing_key()
