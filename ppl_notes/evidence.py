@@ -37,13 +37,15 @@ class Estimate:
     standard_error: float
     num_samples: int
     how: str
+    #: where the draws came from, where a fit had several guides (its restarts)
+    source: str = ""
 
     def __float__(self) -> float:
         return self.value
 
     def __repr__(self) -> str:
         return (f"Estimate({self.how}: {self.value:.6g} ± {self.standard_error:.2g}, "
-                f"S={self.num_samples})")
+                f"S={self.num_samples}{'; ' + self.source if self.source else ''})")
 
 
 def _weights(log_p, log_q) -> np.ndarray:

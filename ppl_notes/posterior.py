@@ -8,6 +8,7 @@ memory for methods that need to run the model again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -361,11 +362,7 @@ class Posterior:
         if num_samples is None:
             pairs = self.q_log_weights()
             return (np.concatenate([p for p, _ in pairs]), np.concatenate([q for _, q in pairs]))
-        if "restarts" in self.info:
-            raise OptionError(
-                "num_samples draws afresh from one fitted guide, and this fit has "
-                f"{len(self.info['restarts'])} restarts (each a guide of its own): call "
-                "without num_samples to use the stored draws of every restart")
+        index = self._best_restart()[0] if "restarts" in self.info else None
         model = story_of(self)
         guide = self._guide_function(model)
         data = self.data if self.data is not None else _data_of(self)
@@ -375,14 +372,26 @@ class Posterior:
         enumerated = json.loads(self.tree.attrs.get("info", "{}")).get("enumerated", [])
         with pyro.get_param_store().scope():
             pyro.clear_param_store()
-            for name in params:
-                pyro.get_param_store()[name] = torch.as_tensor(params[name].values)
+            for name in params:  # a fit with restarts holds a guide per pooled restart
+                values = params[name].values if index is None else params[name].values[index]
+                pyro.get_param_store()[name] = torch.as_tensor(values)
             nesting = model.max_plate_nesting(data)
             draws, log_q = sample_guide(guide, data, num_samples, nesting, seed)
             draws = {k: v for k, v in draws.items() if k not in enumerated}
             evaluation = evaluate_draws(model, data, draws, self._facts_on(model, data),
                                         recover_discrete=False)
         return evaluation.log_joint, log_q
+
+    def _best_restart(self) -> tuple[int, str]:
+        """The pooled restart with the highest final ELBO, whose guide fresh draws use.
+
+        Its index among the stored guides' parameters, and a sentence saying which it is.
+        """
+        pooled = [r for r in self.info["restarts"] if r.get("pooled", True)]
+        best = int(np.nanargmax([r["final_elbo"] if r["final_elbo"] is not None else np.nan
+                                 for r in pooled]))
+        return best, (f"fresh draws from restart {pooled[best]['restart']}'s guide, the "
+                      f"highest final ELBO of the {len(pooled)} pooled restarts")
 
     def _facts_on(self, model, data) -> StoryFacts:
         """The facts of ``model`` on ``data``: the run's own, or read (once per posterior)."""
@@ -418,14 +427,19 @@ class Posterior:
             ``elbo``: the lower bound :math:`\mathbb E_q[\log p(x,z) - \log q(z)]`;
             ``importance``: :math:`\log \frac1S \sum_s p(x, z_s)/q(z_s)`.
         num_samples : int, optional
-            Fresh draws from the guide; by default the draws stored with the fit.
+            Fresh draws from the guide; by default the draws stored with the fit. A fit
+            with restarts draws from its best pooled restart's guide (the highest final
+            ELBO), and the estimate's ``source`` says which.
         seed : int
             Seeds fresh draws.
         """
         estimators = {"elbo": elbo_estimate, "importance": importance_estimate}
         if how not in estimators:
             raise OptionError(f"how must be one of {sorted(estimators)}, got {how!r}")
-        return estimators[how](*self.log_weights(num_samples, seed))
+        estimate = estimators[how](*self.log_weights(num_samples, seed))
+        if num_samples is not None and "restarts" in self.info:
+            estimate = dataclasses.replace(estimate, source=self._best_restart()[1])
+        return estimate
 
     def kl_gap(self, num_samples: int | None = None, seed: int = 0) -> Estimate:
         r""":math:`\mathrm{KL}(q\,\|\,p(z\mid x))` = importance :math:`\log p(x)` − ELBO.

@@ -109,3 +109,19 @@ def test_pyros_baseball_example_is_not_pulled_by_a_stalled_restart():
     reference, sd = mc.draws("loc").mean(), mc.draws("loc").std()
     assert abs(vi.draws("loc").mean() - reference) < 0.25 * sd
     assert 0.8 < vi.draws("loc").std() / sd < 1.25
+
+
+def test_fresh_draws_of_a_fit_with_restarts_come_from_its_best_guide():
+    """``log_evidence(how="elbo", num_samples=2000)`` after default SVI (4 restarts).
+
+    Before, it raised an OptionError; now the best pooled restart's guide draws afresh,
+    and the estimate says so. The posterior is Gaussian and in the family, so the ELBO
+    equals the closed-form evidence (the KL is 0) up to its Monte Carlo error.
+    """
+    from ppl_notes.models.conjugate import normal_mean, normal_mean_log_evidence
+
+    fit = infer(normal_mean, method="svi", progress=False)
+    estimate = fit.log_evidence(how="elbo", num_samples=2000)
+    assert "restart" in estimate.source and "highest final ELBO" in estimate.source
+    truth = normal_mean_log_evidence(normal_mean.default_data()["x"])
+    assert abs(estimate.value - truth) < 4 * estimate.standard_error + 1e-6
