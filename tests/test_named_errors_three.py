@@ -124,3 +124,29 @@ def test_a_broken_signing_key_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", "")
     with pytest.raises(DataError, match=r"HOME='' is not an absolute path"):
         signing_key()
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_the_first_step(tmp_path):
+    from ppl_notes import OptionError
+    from ppl_notes.models.conjugate import normal_mean
+
+    with pytest.raises(OptionError, match=r"checkpoint=.* is a folder"):
+        infer(normal_mean, method="svi", optimizer="adam", checkpoint=str(tmp_path),
+              progress=False)
+    with pytest.raises(OptionError, match=r"no folder"):
+        infer(normal_mean, method="svi", optimizer="adam",
+              checkpoint=str(tmp_path / "missing" / "run.ckpt"), progress=False)
+
+
+def test_map_that_cannot_start_names_map():
+    """Not "NUTS cannot start": the message names the method that was asked for."""
+    from ppl_notes import InferenceError
+
+    @model(observed="y", data={"y": torch.tensor([1e308, -1e308], dtype=torch.float64)})
+    def overflowing(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1e-300), obs=y)
+
+    with pytest.raises(InferenceError, match=r"^MAP cannot start"):
+        infer(overflowing, method="map", progress=False)

@@ -350,8 +350,12 @@ class BatchedPotential:
                          getattr(self.model, "name", self.model), error)
         return values, grads
 
-    def initial_points(self, init: str, seeds: list[int]) -> np.ndarray:
-        """One starting point per seed, by the named init strategy, unconstrained."""
+    def initial_points(self, init: str, seeds: list[int], method: str = "NUTS") -> np.ndarray:
+        """One starting point per seed, by the named init strategy, unconstrained.
+
+        ``method`` names the fit in the error raised where the density is not finite at
+        a start.
+        """
         strategy = INIT_STRATEGIES[init]
         points = []
         for seed in seeds:
@@ -368,7 +372,7 @@ class BatchedPotential:
                     culprits = []
                 where = f" (at sites {culprits})" if culprits else ""
                 raise InferenceError(
-                    f"NUTS cannot start: the log density of story "
+                    f"{method} cannot start: the log density of story "
                     f"{getattr(self.model, 'name', '')!r} is not finite{where} at the starting "
                     f"point {self._describe(trace)}; check the priors and the data, or pass "
                     "init='sample'"

@@ -130,7 +130,7 @@ def _log_likelihood(terms, enum_ndim) -> torch.Tensor:
 
 def _start(story: EnumeratedStory, init, seed: int) -> torch.Tensor:
     strategy = "median" if isinstance(init, dict) else init
-    start = torch.as_tensor(story.sites.initial_points(strategy, [seed])[0])
+    start = torch.as_tensor(story.sites.initial_points(strategy, [seed], "EM")[0])
     if not isinstance(init, dict):
         return start
     values = story.sites.unflatten(start)

@@ -144,7 +144,7 @@ def _pathfinder(model, data, seed: int, options: dict[str, Any], facts: StoryFac
                           f"written out up to {MAX_DIM}. Use method='svi' (mean-field)")
     evaluate = ChunkedPotential(potential)
     seeds = [restart_seed(seed, r + 1) for r in range(paths_count)]
-    starts = np.stack([potential.initial_points("sample", [s])[0] for s in seeds])
+    starts = np.stack([potential.initial_points("sample", [s], "Pathfinder")[0] for s in seeds])
     paths, lbfgs_evaluations = lbfgs_paths(evaluate, starts, options["max_iterations"],
                                            options["history"], options["tolerance"])
     rng = np.random.default_rng(seed)

@@ -64,7 +64,7 @@ def _run(context: RunContext, priors: bool) -> RunResult:
     progress = context.progress
     method = "map" if priors else "mle"
     objective = PointObjective(model, data, priors, facts=context.facts)
-    start = objective.sites.initial_points(options["init"], [seed])[0]
+    start = objective.sites.initial_points(options["init"], [seed], method.upper())[0]
     label = "MAP" if priors else "MLE"
     hint = ("Use method='map' (the priors keep it bounded) or check the data" if not priors
             else "Check the story's priors and data")

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -268,6 +270,7 @@ def run(context: RunContext) -> RunResult:
     model, data, guide, seed = context.model, context.data, context.guide, context.seed
     options, progress, restart = context.options, context.progress, context.restart
     facts = context.facts
+    _check_checkpoint_path(options["checkpoint"])
     if guide is None:
         guide = default_family(facts)
     optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}),
@@ -442,6 +445,23 @@ def _autoguide_start(start: LaplaceStart | None, restart: int):
         return fallback(site) if value is None else value.to(torch.get_default_dtype())
 
     return at_map
+
+
+def _check_checkpoint_path(path: str | None) -> None:
+    """An OptionError before the first step where a checkpoint cannot be written there."""
+    if path is None:
+        return
+    where = Path(path)
+    if where.is_dir():
+        raise OptionError(f"method 'svi': checkpoint={path!r} is a folder; give a file name "
+                          "(run.ckpt)")
+    folder = where.parent if str(where.parent) else Path(".")
+    if not folder.is_dir():
+        raise OptionError(f"method 'svi': checkpoint={path!r}: there is no folder "
+                          f"{str(folder)!r} to write it in")
+    if not os.access(folder, os.W_OK):
+        raise OptionError(f"method 'svi': checkpoint={path!r}: the folder {str(folder)!r} "
+                          "cannot be written")
 
 
 def _check_restartable(options: dict[str, Any]) -> None:

@@ -402,8 +402,9 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     # restart 0 at the prior median, the others at prior draws: the data checks' (seeded
     # by the fit's seed), then draws of their own
     drawn = potential.drawn_starts(count - 1)
-    points = [potential.initial_points("median", seeds[:1])[0], *drawn,
-              *(potential.initial_points("sample", [s])[0] for s in seeds[1 + len(drawn):])]
+    points = [potential.initial_points("median", seeds[:1], "SVI")[0], *drawn,
+              *(potential.initial_points("sample", [s], "SVI")[0]
+                for s in seeds[1 + len(drawn):])]
     fitted_at = time.perf_counter()
     covariances, start_gradients = [None] * count, 0
     if options["init"] == "map":
