@@ -150,8 +150,11 @@ def value_branch(model, data: Mapping[str, Any], facts: StoryFacts,
     self (the loop path), to say why; the plate path is watched as it is tried.
     """
     first = {n: v[:1].clone() for n, v in points.items()}
-    with torch.no_grad(), PointDependence(first.values()) as watch:
-        evaluate(model, data, facts, first, unconstrained=True, path="loop")
+    try:
+        with torch.no_grad(), PointDependence(first.values()) as watch:
+            evaluate(model, data, facts, first, unconstrained=True, path="loop")
+    except Exception:  # noqa: BLE001 - only says why; the loop path is right either way
+        return None
     facts.value_branch = watch.found
     return watch.found
 
