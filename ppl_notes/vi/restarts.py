@@ -189,21 +189,24 @@ def stack_restarts(results: list[RunResult], restarts: list[int], options: dict[
         first = getattr(results[0], key)
         return {name: stack_rows([getattr(r, key)[name] for r in results]) for name in first}
 
+    evidence = [restart_log_evidence(result) for result in results]
+    pooled = pooled_restarts(evidence)
     histories = [r.history["elbo"].to_numpy() for r in results if r.history is not None]
     length = max((len(h) for h in histories), default=0)
     padded = np.full((len(histories), length), np.nan)
     for row, elbo in zip(padded, histories, strict=True):
         row[:len(elbo)] = elbo
+    kept = padded[[i for i, keep in enumerate(pooled) if keep]] \
+        if len(histories) == len(pooled) else padded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # steps no restart reached
-        history = pd.DataFrame({"elbo": np.nanmean(padded, axis=0),
+        # the ELBO of the pooled restarts: one stalled at -1.6e13 would be all of a mean
+        history = pd.DataFrame({"elbo": np.nanmean(kept, axis=0),
                                 **{f"elbo_restart_{r}": row
                                    for r, row in zip(restarts, padded, strict=True)}},
                                index=pd.RangeIndex(length, name="step"))
     info = dict(results[0].info)
     info.pop("restart", None)
-    evidence = [restart_log_evidence(result) for result in results]
-    pooled = pooled_restarts(evidence)
     per_restart = [{"restart": r, "final_elbo": result.info.get("final_elbo"),
                     "steps_done": result.info.get("steps_done"),
                     "start_gradients": result.info.get("start_gradients", 0),
