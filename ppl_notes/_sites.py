@@ -87,22 +87,36 @@ def sample_or_dispersed(site, radius: float = 2.0):
         return dispersed_value(site, radius)
 
 
+def is_deterministic(site) -> bool:
+    """A ``pyro.deterministic`` site, or one of its kind: a fully masked ``Delta`` at its value.
+
+    ``poutine.reparam`` leaves the reparameterised site so (``LocScaleReparam`` makes
+    ``theta`` the masked ``Delta`` of ``mu + tau * theta_decentered``): a function of the
+    latent sites that adds nothing to the density, which users ask for by name.
+    """
+    if site["infer"].get("_deterministic"):
+        return True
+    fn = site["fn"]
+    return bool(site["is_observed"] and isinstance(fn, dist.MaskedDistribution)
+                and fn._mask is False and isinstance(fn.base_dist, dist.Delta))
+
+
 def sample_sites(trace) -> dict[str, dict]:
     """The sample sites of a trace, in order, without plates' and deterministic sites."""
     return {
         name: site
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site_is_subsample(site)
-        and not site["infer"].get("_deterministic")
+        and not is_deterministic(site)
     }
 
 
 def deterministic_sites(trace) -> dict[str, dict]:
-    """The ``pyro.deterministic`` sites of a trace (functions of the latent sites)."""
+    """The deterministic sites of a trace: functions of its latent sites (is_deterministic)."""
     return {
         name: site
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["infer"].get("_deterministic")
+        if site["type"] == "sample" and not site_is_subsample(site) and is_deterministic(site)
     }
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ppl_notes._callables import argument_holding
-from ppl_notes._sites import sample_sites, trace_with_index_covariates
+from ppl_notes._sites import is_deterministic, sample_sites, trace_with_index_covariates
 from ppl_notes.errors import DataError, StoryError
 
 __all__ = ["drop_incomplete_rows", "observed_from_data", "prepare_data", "to_tensor"]
@@ -141,7 +141,7 @@ def observed_from_data(model, prepared: dict[str, Any]) -> dict[str, str]:
         raise DataError(f"story {model.name!r} cannot run on this data: {error}") from error
     observed = {}
     for name, site in sample_sites(trace).items():
-        if site["is_observed"] and not site["infer"].get("_deterministic"):
+        if site["is_observed"] and not is_deterministic(site):
             argument = argument_holding(site["value"], prepared)
             if argument is not None:
                 observed[name] = argument
