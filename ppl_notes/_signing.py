@@ -79,7 +79,7 @@ def signing_key(key: bytes | str | os.PathLike | None = None) -> bytes:
     if len(value) < 16:
         raise DataError(f"the signing key {str(path)!r} holds {len(value)} bytes; a key "
                         "needs at least 16. Remove it to have a new key made, or give key=")
-    if mode & 0o077:  # as ssh warns of a private key others can read
+    if key is None and mode & 0o077:  # this user's own key: as ssh warns of a private key
         warnings.warn(f"the signing key {str(path)!r} can be read or changed by others "
                       f"(permissions {stat.filemode(mode)}): anyone who reads it can sign as "
                       f"you. chmod 600 {str(path)!r}", UserWarning, stacklevel=2)

@@ -205,13 +205,15 @@ def diagnostics(posterior) -> dict[str, Any]:
             numbers.update(_mcmc_numbers(posterior))
     history = posterior.history
     if "elbo" in history.columns:
-        change, standard_error = elbo_trend(history["elbo"].to_numpy())
+        # the steps the pooled restarts reached (one left out may have run longer)
+        elbo = history["elbo"].dropna().to_numpy()
+        change, standard_error = elbo_trend(elbo)
         if posterior.info.get("engine") == "potential":
             # a deterministic objective, stopped when a step moved q by a tiny KL: its
             # history is a handful of Newton steps, not a noisy trace to test for a trend
             change, standard_error = math.nan, math.nan
-        window = max(len(history) // 10, 1)
-        numbers["final_elbo"] = float(np.nanmean(history["elbo"].to_numpy()[-window:]))
+        window = max(len(elbo) // 10, 1)
+        numbers["final_elbo"] = float(np.mean(elbo[-window:])) if elbo.size else math.nan
         numbers["elbo_change"], numbers["elbo_change_se"] = change, standard_error
     if posterior.is_variational and posterior.num_draws > 1:
         stats_ = posterior.tree["sample_stats"]  # of the draws the fit holds

@@ -133,9 +133,11 @@ def test_a_checkpoint_path_that_is_a_folder_is_refused_before_the_first_step(tmp
     with pytest.raises(OptionError, match=r"checkpoint=.* is a folder"):
         infer(normal_mean, method="svi", optimizer="adam", checkpoint=str(tmp_path),
               progress=False)
-    with pytest.raises(OptionError, match=r"no folder"):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OptionError, match=r"cannot be written"):
         infer(normal_mean, method="svi", optimizer="adam",
-              checkpoint=str(tmp_path / "missing" / "run.ckpt"), progress=False)
+              checkpoint=str(blocker / "run.ckpt"), progress=False)
 
 
 def test_map_that_cannot_start_names_map():

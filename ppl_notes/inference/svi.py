@@ -456,10 +456,9 @@ def _check_checkpoint_path(path: str | None) -> None:
         raise OptionError(f"method 'svi': checkpoint={path!r} is a folder; give a file name "
                           "(run.ckpt)")
     folder = where.parent if str(where.parent) else Path(".")
-    if not folder.is_dir():
-        raise OptionError(f"method 'svi': checkpoint={path!r}: there is no folder "
-                          f"{str(folder)!r} to write it in")
-    if not os.access(folder, os.W_OK):
+    while not folder.exists() and folder != folder.parent:  # the checkpoint makes those
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise OptionError(f"method 'svi': checkpoint={path!r}: the folder {str(folder)!r} "
                           "cannot be written")
 
