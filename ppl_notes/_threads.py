@@ -69,7 +69,7 @@ def threads_for(data: Mapping[str, Any], caller: int, draws: int = 4000) -> int:
     """
     largest = max((value.numel() for value in data.values() if torch.is_tensor(value)),
                   default=1)
-    if caller <= 1 or max(largest, 1) * draws < GRAIN_SIZE:
+    if caller <= 1 or largest * draws < GRAIN_SIZE:
         return 1
     return max(1, min(caller, _cores() - busy_cores()))
 

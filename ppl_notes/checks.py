@@ -139,14 +139,22 @@ def require_fixed_latent_sites(model, runs: list) -> None:
     names = [tuple(latent_sites(run)) for run in runs]
     every, some = set.intersection(*map(set, names)), set.union(*map(set, names))
     if every != some:
-        changing = sorted(some - every)
-        raise StoryError(
-            f"story {model.name!r}: its latent sites change with the values of its "
-            f"parameters: {changing} are sampled at some prior draws and not at others (a "
-            "site under a branch on a value, such as `if mu > 0: pyro.sample(...)`). A "
-            "posterior over parameters that come and go is not one density on a fixed "
-            "space, which NUTS and VI need: sample every latent site on every run, and let "
-            "the branch choose how it is used (torch.where, or a factor)")
+        raise changing_sites_error(f"story {model.name!r}", f"{sorted(some - every)} are "
+                                   "sampled at some prior draws and not at others")
+
+
+def changing_sites_error(story: str, which: str) -> StoryError:
+    """The error for a story whose latent sites come and go with its parameters' values.
+
+    ``which`` says which sites and where (:func:`require_fixed_latent_sites`, and the
+    evaluation at any later point, :mod:`ppl_notes.evaluation.density`).
+    """
+    return StoryError(
+        f"{story}: its latent sites change with the values of its parameters: {which} (a "
+        "site under a branch on a value, such as `if mu > 0: pyro.sample(...)`). A "
+        "posterior over parameters that come and go is not one density on a fixed space, "
+        "which NUTS and VI need: sample every latent site on every run, and let the branch "
+        "choose how it is used (torch.where, or a factor)")
 
 
 def observed_data_arguments(model, data: Mapping[str, Any], trace) -> dict[str, str]:

@@ -36,7 +36,7 @@ from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.infer.util import is_validation_enabled
 
 from ppl_notes._sites import latent_sites, sample_sites
-from ppl_notes.errors import StoryError
+from ppl_notes.checks import changing_sites_error
 from ppl_notes.evaluation.chain_discrete import NotAChain, chain_of
 from ppl_notes.evaluation.facts import StoryFacts
 from ppl_notes.evaluation.handlers import (
@@ -181,15 +181,9 @@ def _check_same_latent_sites(trace, facts: StoryFacts, values: Mapping[str, Any]
     vanished = [n for n in values if n not in trace.nodes]
     if not appeared and not vanished:
         return
-    which = (f"{appeared} appear" if appeared else "") + (" and " if appeared and vanished
-                                                           else "") + (
-        f"{vanished} vanish" if vanished else "")
-    raise StoryError(
-        f"the story's latent sites change with the values of its parameters: {which} at "
-        "some values and not at others (a site under a branch on a value, such as `if "
-        "mu > 0: pyro.sample(...)`). A posterior over parameters that come and go is not "
-        "one density on a fixed space, which NUTS and VI need: sample every latent site on "
-        "every run, and let the branch choose how it is used (torch.where, or a factor)")
+    which = " and ".join([f"{appeared} appear"] * bool(appeared)
+                         + [f"{vanished} vanish"] * bool(vanished))
+    raise changing_sites_error("the story", f"{which} at some values and not at others")
 
 
 def observed_sites(trace, values: Mapping[str, Any]) -> list[str]:

@@ -123,20 +123,25 @@ def _with_gradient(model, data, facts: StoryFacts, points: dict[str, torch.Tenso
     refuses such a read by itself).
     """
     leaves = {n: v.detach().double().requires_grad_(True) for n, v in points.items()}
-    watch = PointDependence(leaves.values()) if path == "plate" else contextlib.nullcontext()
+    watch = _watch(path, leaves)
     try:
         with torch.enable_grad(), watch:
             got = evaluate(model, data, facts, leaves, unconstrained=True, path=path)
         grads = torch.autograd.grad(got.total.sum(), [leaves[n] for n in facts.continuous],
                                     allow_unused=True)
     except Exception:  # noqa: BLE001 - not differentiable here: evaluated as before
-        watch = PointDependence(points.values()) if path == "plate" else contextlib.nullcontext()
+        watch = _watch(path, points)
         with torch.no_grad(), watch:
             got = evaluate(model, data, facts, points, unconstrained=True, path=path)
         return got, None, getattr(watch, "found", None)
     gradient = {n: torch.zeros_like(leaves[n]) if g is None else g
                 for n, g in zip(facts.continuous, grads, strict=True)}
     return got, (got.total.detach(), gradient), getattr(watch, "found", None)
+
+
+def _watch(path: str, point: Mapping[str, torch.Tensor]):
+    """A :class:`PointDependence` on ``point`` for the plate path; nothing for the others."""
+    return PointDependence(point.values()) if path == "plate" else contextlib.nullcontext()
 
 
 def value_branch(model, data: Mapping[str, Any], facts: StoryFacts,

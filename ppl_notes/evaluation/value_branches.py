@@ -18,11 +18,11 @@ or recorded potential is ever used for such a story.
 from __future__ import annotations
 
 import linecache
-import sys
 import sysconfig
 import traceback
 from pathlib import Path
 
+import pyro
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,7 +32,7 @@ __all__ = ["PointDependence", "READS_INTO_PYTHON"]
 #: ``float()``, ``int()``, ``.tolist()``, ``torch.equal``)
 READS_INTO_PYTHON = frozenset({"_local_scalar_dense", "is_nonzero", "equal"})
 
-_LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch, sys.modules["pyro"])) + (
+_LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch, pyro)) + (
     sysconfig.get_paths()["stdlib"],)
 _OWN = str(Path(__file__).parents[1])
 _OWN_STORIES = tuple(str(Path(_OWN, folder)) for folder in ("models", "guides"))
