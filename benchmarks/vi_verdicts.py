@@ -160,6 +160,8 @@ def _verdict_row(name, story, data, truth, guide, optimizer, seed, nuts):
             "seconds": round(seconds, 2), "nuts_seconds": round(nuts[2], 2),
             "time_share": round(seconds / nuts[2], 3),
             "stopped": sorted({str(r["stopped"]) for r in restarts}),
+            "family": fit.info.get("family"),
+            "escalated": bool((fit.info.get("escalation") or {}).get("to_flow")),
             "why": "" if verdict.reliable else verdict.reasons[0][:90]}
 
 
@@ -209,6 +211,13 @@ def main(argv=None) -> int:
         todo[name] = (case.story, case.data,
                       {k: (float(v.mean[0]), float(v.sd[0])) for k, v in case.truth.items()})
     todo.update(_shipped())
+    # the centred eight schools (the shipped story, a funnel) against posteriordb's
+    # reference draws of the non-centred program: the same posterior over mu, tau, theta
+    from ppl_notes.models.eight_schools import centered
+
+    reference = todo["eight_schools-eight_schools_noncentered"][2]
+    todo["eight_schools_centered"] = (centered, None, {
+        k: v for k, v in reference.items() if k in ("mu", "tau") or k.startswith("theta[")})
     if args.cases:
         todo = {k: v for k, v in todo.items() if k in args.cases}
     rows = []

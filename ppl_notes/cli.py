@@ -159,6 +159,12 @@ def _compare(args) -> int:
             print(f"ppl-notes: interrupted (Ctrl-C) during SVI: its result is partial{kept}; "
                   "NUTS was not run", file=sys.stderr)
             return 130
+        escalation = fits["svi"].info.get("escalation") or {}
+        if escalation.get("to_flow") and escalation.get("kept"):
+            # default SVI went on to a flow: its Gaussian, fitted again, beside it
+            fits["svi_gaussian"] = infer(story, method="svi", guide=escalation[
+                "gaussian_family"], seed=args.seed, progress=not args.no_progress,
+                **svi_options)
         try:
             fits["nuts"] = infer(story, method="nuts", seed=args.seed,
                                  progress=not args.no_progress, **nuts_options)
@@ -168,8 +174,12 @@ def _compare(args) -> int:
             return 130
     labelled = {fit.label: fit for fit in fits.values()}
     table = compare(labelled, reference=fits["nuts"].label)
-    print(f"\n{args.story}: {fits['svi'].label} ({fits['svi'].info['elbo']}) vs NUTS "
+    beside = f" and {fits['svi_gaussian'].label}" if "svi_gaussian" in fits else ""
+    print(f"\n{args.story}: {fits['svi'].label}{beside} ({fits['svi'].info['elbo']}) vs NUTS "
           f"({fits['nuts'].options['chains']} chains x {fits['nuts'].options['draws']} draws)")
+    if "svi_gaussian" in fits:
+        escalation = fits["svi"].info["escalation"]
+        print(f"default SVI went on to a flow: {escalation['reason']}; {escalation['why']}")
     shown = table.drop(columns=["wasserstein", "ks"])
     print(shown.to_string(float_format=lambda value: f"{value:.4g}", na_rep=""))
     for label, fit in labelled.items():

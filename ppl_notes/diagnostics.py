@@ -36,7 +36,8 @@ from ppl_notes._elements import element_draws
 from ppl_notes.errors import DiagnosticWarning
 from ppl_notes.psis import importance_ess_share, importance_khat, psis_weights
 
-__all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend", "warn_about"]
+__all__ = ["THRESHOLDS", "Finding", "diagnostics", "findings", "elbo_trend", "warn_about",
+           "richer_guide"]
 
 #: R-hat, ESS and BFMI need this many draws in each chain (split chains, autocorrelation).
 MIN_DRAWS_PER_CHAIN = 4
@@ -92,6 +93,38 @@ def _worst(values: dict[str, float], largest: bool) -> tuple[str, float]:
         return "", float("nan")
     key = (max if largest else min)(finite, key=finite.get)
     return key, finite[key]
+
+
+def richer_guide(info: dict[str, Any]) -> str:
+    """What to fit instead of a variational family that misses the posterior.
+
+    Only families ppl_notes has, each with the option that selects it: the mean-field
+    fit goes to ``guide='fullrank'`` or ``'flow'``, the full-rank to ``'flow'``, a flow
+    to NUTS (nothing richer is offered), a guide function to a flow of its own.
+    """
+    family = info.get("family")
+    escalation = info.get("escalation") or {}
+    nuts = "or check it against NUTS (method='nuts', ppl_notes.compare)"
+    if family == "flow":
+        return ("the flow (guide='flow', ppl_notes.vi.flow_family) is the richest family "
+                "ppl_notes fits: check it against NUTS (method='nuts', ppl_notes.compare)")
+    if family == "meanfield":
+        return ("use guide='fullrank' (a Gaussian with correlations; mean-field ignores "
+                "them and is too narrow) or guide='flow' (a Real-NVP flow started at the "
+                f"Gaussian), {nuts}")
+    if family in ("fullrank", "lowrank"):
+        if escalation.get("to_flow") and not escalation.get("kept", True):
+            return (f"default SVI fitted a flow and kept the Gaussian ({escalation['why']}); "
+                    f"{nuts}")
+        return (f"use guide='flow' (a Real-NVP flow started at this Gaussian; leaving guide "
+                f"unset fits it where k-hat exceeds 0.7), {nuts}")
+    return ("use a richer guide function (Pyro's AutoNormalizingFlow or AutoIAFNormal), or "
+            f"leave guide unset for the Gaussian that goes on to a flow, {nuts}")
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter capitalised, the rest as written."""
+    return text[:1].upper() + text[1:]
 
 
 def beyond(value: float, threshold: float, digits: int = 2) -> str:
@@ -460,9 +493,8 @@ def _variational_findings(posterior, numbers: dict[str, Any]) -> list[Finding]:
             "khat", label or "q", khat, THRESHOLDS["khat"],
             f"Pareto k-hat of p/q is {beyond(khat, THRESHOLDS['khat'])} (> "
             f"{THRESHOLDS['khat']}): the approximation "
-            f"can't be trusted for this posterior (Yao et al. 2018).{where} Use a richer "
-            f"guide (full-rank or a normalising flow; mean-field ignores correlations and "
-            f"is too narrow) or check it against NUTS with ppl_notes.compare."))
+            f"can't be trusted for this posterior (Yao et al. 2018).{where} "
+            f"{_sentence(richer_guide(posterior.info))}."))
     return found
 
 

@@ -52,7 +52,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ppl_notes.diagnostics import GAP_MEAN, GAP_SD, beyond, diagnostics, findings, stopped_short
+from ppl_notes.diagnostics import (
+    GAP_MEAN,
+    GAP_SD,
+    beyond,
+    diagnostics,
+    findings,
+    richer_guide,
+    stopped_short,
+)
 
 __all__ = ["Verdict", "check", "KHAT_RELIABLE"]
 
@@ -160,6 +168,12 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
                       f"their importance-weighted evidence lies far below the best restart's "
                       f"(nats below: {below}), so the regions they found hold next to no "
                       "posterior mass (a restart stalled at a degenerate point)")
+    escalation = info.get("escalation") or {}
+    if escalation.get("to_flow"):
+        kept = "the flow" if escalation.get("kept") else "the Gaussian"
+        passed.append(f"default SVI went on from its {escalation.get('gaussian_family')} "
+                      f"Gaussian to a flow ({escalation['reason']}) and kept {kept}: "
+                      f"{escalation.get('why', '')}")
     if not restarts or len(restarts) < 2:
         failed.append("one fit: run restarts=4 (or more) so that R-hat across restarts can "
                       "show whether they reach the same optimum")
@@ -198,7 +212,7 @@ def _variational(posterior, numbers, found) -> tuple[list[str], list[str]]:
     elif khat > KHAT_RELIABLE:
         failed.append(f"Pareto k-hat of p/q is {beyond(khat, KHAT_RELIABLE)} (> "
                       f"{KHAT_RELIABLE}, Yao et al. 2018): q is too narrow or misplaced "
-                      "somewhere; use a richer guide")
+                      f"somewhere; {richer_guide(info)}")
     else:
         passed.append(f"Pareto k-hat {khat:.2f} <= {KHAT_RELIABLE}")
     if "importance_mean_gap" in numbers:

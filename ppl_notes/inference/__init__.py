@@ -130,7 +130,8 @@ def infer(
         if guide not in backend.guide_families:
             raise OptionError(f"guide={guide!r}: a guide named by a string is 'meanfield' "
                               "(AutoNormal), 'fullrank' (AutoMultivariateNormal) or 'lowrank' "
-                              "(AutoLowRankMultivariateNormal), for method='svi'; otherwise "
+                              "(AutoLowRankMultivariateNormal) or 'flow' (a Real-NVP flow "
+                              "started at the Gaussian fit), for method='svi'; otherwise "
                               "pass a guide function")
     elif guide is not None:
         if not backend.takes_guide:

@@ -79,7 +79,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
     Backend("svi", svi.run, svi.OPTIONS, "variational inference: a Gaussian on the "
             "compiled potential, or a guide function by Adam on the ELBO", takes_guide=True,
-            guide_families=("meanfield", "fullrank", "lowrank"), minibatch=True),
+            guide_families=("meanfield", "fullrank", "lowrank", "flow"), minibatch=True),
     Backend("nuts", nuts.run, nuts.OPTIONS, "the No-U-Turn sampler (MCMC)"),
     Backend("map", point.run_map, point.OPTIONS, "the posterior mode, by L-BFGS",
             draws=False),

@@ -271,10 +271,18 @@ def run(context: RunContext) -> RunResult:
     options, progress, restart = context.options, context.progress, context.restart
     facts = context.facts
     _check_checkpoint_path(options["checkpoint"])
-    if guide is None:
+    # no guide: the default family, going on to a flow where its k-hat says it misses
+    # (ppl_notes.vi.escalation); guide='flow': the flow, started at that family's fit
+    escalate = "auto" if guide is None else "always" if guide == "flow" else "never"
+    if guide is None or guide == "flow":
         guide = default_family(facts)
     optimizer = resolve_optimizer(guide, options, getattr(model, "defaults", {}).get("svi", {}),
                                   facts.subsampled)
+    if escalate == "always" and optimizer == "adam":
+        raise OptionError("method 'svi': guide='flow' is fitted on the story's potential "
+                          "(optimizer 'newton' or 'dadvi'), not in Pyro's loop: leave "
+                          "optimizer and Pyro's loop options unset, or pass a flow guide "
+                          "function (e.g. AutoNormalizingFlow) with optimizer='adam'")
     if restart == 0 and isinstance(guide, str) and optimizer == "adam":
         # the potential maps each draw with the supports of that draw; Pyro's autoguides
         # map with the supports they saw when built
@@ -282,7 +290,7 @@ def run(context: RunContext) -> RunResult:
     if options["restarts"] is None:
         restarts = DEFAULT_RESTARTS["adam" if optimizer == "adam" else "potential"]
         options = {**options, "restarts": restarts}
-    options = {**options, "optimizer": optimizer}
+    options = {**options, "optimizer": optimizer, "escalate": escalate}
     if options["importance"] == "psis" and optimizer == "adam":
         raise OptionError("method 'svi': importance='psis' resamples draws of the autoguides "
                           "fitted on the story's potential (optimizer 'newton' or 'dadvi'); "

@@ -46,18 +46,31 @@ from ppl_notes._result import RunResult
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.errors import PartialResultWarning
 from ppl_notes.evaluation import RunContext
-from ppl_notes.evaluation.draws import discrete_draws, in_story_order, posterior_of
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.relabel import components_of
+from ppl_notes.vi.draws_of_q import evaluated_draws
+from ppl_notes.vi.escalation import (
+    FLOW_RESTARTS,
+    FLOW_SEED,
+    escalation_wanted,
+    flow_verdict,
+    pooled_indices,
+)
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
+from ppl_notes.vi.flow_family import flows_from_gaussians, hidden_width
+from ppl_notes.vi.flow_vi import DRAWS_PER_STEP as FLOW_DRAWS_PER_STEP
+from ppl_notes.vi.flow_vi import fit_flows
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES, Gaussian
 from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
-from ppl_notes.vi.importance import Correction, correction_of, proposals_needed, weighed
+from ppl_notes.vi.importance import Correction
 from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
 from ppl_notes.vi.restarts import restart_seed, stack_restarts
 
 __all__ = ["run_on_potential", "FAMILY_GUIDES", "INITIAL_SCALE"]
+
+#: The name a flow fit's guide goes by (``info["guide"]``)
+FLOW_GUIDE = "RealNVP"
 
 #: The starting Gaussians' sd in every unconstrained direction (Pyro's init_scale)
 INITIAL_SCALE = 0.1
@@ -195,147 +208,6 @@ def _guide_parameters(model, data, facts, family: str, qs: list[Gaussian], poten
     return params
 
 
-#: Offsets the seeds of the importance step's further proposals from those of q's own draws
-EXTRA_SEED = 7919
-
-
-def _proposals(qs: list[Gaussian], count: int, seeds: list[int]) -> list[torch.Tensor]:
-    """``count`` draws of each ``q`` in the unconstrained space, each restart's own seed."""
-    points = []
-    for q, seed in zip(qs, seeds, strict=True):
-        generator = torch.Generator().manual_seed(seed)
-        width = q.dim + (q.factor.shape[1] if q.family == "lowrank" else 0)
-        points.append(q.draw(torch.randn(count, width, generator=generator,
-                                         dtype=torch.float64)))
-    return points
-
-
-def _evaluate(model, data, facts, qs: list[Gaussian], potential, points, seed: int,
-              options: dict[str, Any]) -> dict[str, Any]:
-    r"""The kept ``points`` of every restart in one pass: values, posterior, densities.
-
-    Every restart's draws go through the story in one pass (a story with a Python loop
-    pays its per-call cost once, as NUTS's draws do), which maps them to the supports,
-    honouring a support that moves with another site (GARCH's), gives the log-Jacobian,
-    recovers the discrete sites and computes the pointwise log-likelihood. ``log_p`` and
-    ``log_q`` are each restart's on the sites' own scale (``sample_stats``:
-    :math:`\log q(\theta) = \log q(u) - \log|\det J_T(u)|`); ``log_p_u`` is
-    :math:`\log p(x, T(u)) + \log|J|`, the unconstrained density that the importance
-    weights compare with ``log_q_u``.
-    """
-    ends = np.cumsum([p.shape[0] for p in points]).tolist()
-    joined = potential.unflatten(torch.cat(points))
-    posterior, evaluation = posterior_of(model, data, joined, facts, unconstrained=True,
-                                         recover_discrete=options["recover_discrete"],
-                                         seed=seed, order=facts.latent)
-    parts = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
-    log_q_u = [q.log_prob(p).numpy() for q, p in zip(qs, points, strict=True)]
-    log_jacobian = [evaluation.log_jacobian[part] for part in parts]
-    joined = {n: torch.from_numpy(v) for n, v in evaluation.constrained.items()}
-    log_p = [evaluation.log_joint[part] for part in parts]
-    return {"values": [{k: v[part] for k, v in joined.items()} for part in parts],
-            "posterior": [{k: v[part] for k, v in posterior.items()} for part in parts],
-            "log_likelihood": [{k: v[part] for k, v in evaluation.log_likelihood.items()}
-                               for part in parts],
-            "log_p": log_p, "log_q": [q - j for q, j in zip(log_q_u, log_jacobian,
-                                                            strict=True)],
-            "log_p_u": [p + j for p, j in zip(log_p, log_jacobian, strict=True)],
-            "log_q_u": log_q_u}
-
-
-def _kept(model, data, facts, qs: list[Gaussian], potential, found: dict[str, Any],
-          more: list[torch.Tensor], chosen: list[np.ndarray], seed: int,
-          options: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_evaluate`'s result for the draws the importance step kept.
-
-    ``chosen[r]`` indexes restart ``r``'s proposals: its own draws, evaluated in ``found``
-    already, then ``more[r]``. Only the further proposals kept are evaluated, once each
-    (``seed`` gives their discrete states other uniforms than q's own draws had); a
-    proposal kept twice repeats its row, discrete states included.
-    """
-    size = len(found["log_p"][0])
-    fresh = [np.unique(c[c >= size]) for c in chosen]
-    new = _evaluate(model, data, facts, qs, potential,
-                    [m[torch.as_tensor(f - size, dtype=torch.long)] for m, f in
-                     zip(more, fresh, strict=True)], seed, options) if any(
-        f.size for f in fresh) else None
-    kept: dict[str, list] = {key: [] for key in found}
-    for r, (c, f) in enumerate(zip(chosen, fresh, strict=True)):
-        rows = np.where(c < size, c, size + np.searchsorted(f, c))  # into own + fresh
-        for key, per_restart in found.items():
-            own, extra = per_restart[r], None if new is None else new[key][r]
-            kept[key].append(_rows(own, extra, rows))
-    return kept
-
-
-def _rows(own, extra, rows: np.ndarray):
-    """``rows`` of ``own`` followed by ``extra``: arrays, tensors, or dicts of them."""
-    if isinstance(own, dict):
-        return {k: _rows(v, None if extra is None else extra[k], rows) for k, v in own.items()}
-    if torch.is_tensor(own):
-        table = own if extra is None else torch.cat([own, extra])
-        return table[torch.as_tensor(rows, dtype=torch.long)]
-    table = own if extra is None else np.concatenate([own, extra])
-    return table[rows]
-
-
-def _add_discrete(model, data, facts, found: dict[str, Any], seed: int) -> None:
-    """Recover the discrete sites of every restart's kept draws into their posteriors."""
-    values = {n: torch.cat([v[n] for v in found["values"]]) for n in found["values"][0]}
-    drawn = discrete_draws(model, data, values, facts, seed=seed)
-    at = 0
-    for r, posterior in enumerate(found["posterior"]):
-        size = len(next(iter(posterior.values())))
-        latent = {k: v for k, v in posterior.items() if k not in facts.deterministic}
-        latent.update({n: v[at:at + size] for n, v in drawn.items()})
-        deterministic = {k: v for k, v in posterior.items() if k in facts.deterministic}
-        found["posterior"][r] = in_story_order(latent, deterministic, facts)
-        at += size
-
-
-def _evaluated_draws(model, data, facts, traces: list[FitTrace], potential, seeds: list[int],
-                     options: dict[str, Any]) -> tuple[list[tuple], Correction | None]:
-    """Every restart's draws, evaluated in one pass, after the importance step.
-
-    With ``importance="psis"``, q's own draws decide whether more proposals are drawn
-    and the draws resampled from them (:mod:`ppl_notes.vi.importance`). Returns
-    ``[(values, posterior, log p, log q, log-likelihood, proposals)]`` per restart
-    (``proposals``: their unconstrained ``log_p`` and ``log_q``), and the correction
-    (None without the importance step).
-    """
-    size, qs = options["num_draws"], [t.q for t in traces]
-    points = _proposals(qs, size, [s + 1 for s in seeds])
-    # the discrete sites are recovered once, for the draws finally kept, unless the
-    # evaluation draws them in its own run (a chain's) anyway
-    deferred = (options["importance"] == "psis" and options["recover_discrete"]
-                and bool(facts.discrete))
-    evaluating = {**options, "recover_discrete": "same_run"} if deferred else options
-    found = _evaluate(model, data, facts, qs, potential, points, seeds[0] + 2, evaluating)
-    correction, proposals = None, [{} for _ in qs]
-    if options["importance"] == "psis":
-        log_p, log_q = found["log_p_u"], found["log_q_u"]
-        correction = weighed(log_p, log_q, size)
-        observed = sum(int(np.prod(facts.value_shapes[n], dtype=int)) for n in facts.observed)
-        count, correction.reason = proposals_needed(correction, size, observed)
-        if count > size:
-            more = _proposals(qs, count - size, [s + EXTRA_SEED for s in seeds])
-            extra = potential.unconstrained_log_density(torch.cat(more)).numpy()
-            log_p = [np.concatenate([p, extra[r * (count - size):(r + 1) * (count - size)]])
-                     for r, p in enumerate(log_p)]
-            log_q = [np.concatenate([q_r, q.log_prob(m).numpy()])
-                     for q_r, q, m in zip(log_q, qs, more, strict=True)]
-            correction = correction_of(log_p, log_q, size, seeds[0] + 3)
-            if correction.applied:
-                found = _kept(model, data, facts, qs, potential, found, more,
-                              correction.chosen, seeds[0] + 4, evaluating)
-        proposals = [{"log_p": p, "log_q": q} for p, q in zip(log_p, log_q, strict=True)]
-    if deferred and any(n not in found["posterior"][0] for n in facts.discrete):
-        _add_discrete(model, data, facts, found, seeds[0] + 2)
-    keys = ("values", "posterior", "log_p", "log_q", "log_likelihood")
-    return ([tuple(found[k][r] for k in keys) + (proposals[r],) for r in range(len(qs))],
-            correction)
-
-
 def _restart_result(facts, family: str, trace: FitTrace, params: dict[str, np.ndarray],
                     evaluated: tuple, options: dict[str, Any], start_gradients: int = 0,
                     flat: dict[str, Any] | None = None) -> RunResult:
@@ -345,7 +217,7 @@ def _restart_result(facts, family: str, trace: FitTrace, params: dict[str, np.nd
     restarts at the first one's draws.
     """
     enumerated = [n for n in facts.latent if n in facts.discrete or n in facts.unenumerable]
-    _, guide_name = FAMILY_GUIDES[family]
+    guide_name = FLOW_GUIDE if family == "flow" else FAMILY_GUIDES[family][1]
     _, posterior, log_p, log_q, log_likelihood, proposals = evaluated
     history = pd.DataFrame({"elbo": np.asarray(trace.elbo, dtype=float)},
                            index=pd.RangeIndex(len(trace.elbo), name="step"))
@@ -360,7 +232,8 @@ def _restart_result(facts, family: str, trace: FitTrace, params: dict[str, np.nd
               "final_elbo": float(trace.elbo[-1]) if trace.elbo else math.nan,
               "estimator": "reparam", "steps_done": max(len(trace.elbo) - 1, 0),
               "start_gradients": start_gradients, "gradient_evaluations": trace.evaluations,
-              "stopped": trace.stopped, "elbo_settled": trace.stopped == "converged",
+              "stopped": trace.stopped, "elbo_settled": trace.stopped == "converged" or getattr(
+                  trace, "settled", False),
               "guide_moves": [float(m) for m in trace.moves],
               "path": facts.path, "particles_vectorized": False,
               "components": components_of(facts),
@@ -423,29 +296,96 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     fit_seconds = time.perf_counter() - fitted_at
     if any(trace.stopped == "interrupted" for trace in traces):
         options = {**options, "importance": "none"}  # return what it has, at once
-    evaluated, correction = _evaluated_draws(model, data, facts, traces, potential, seeds,
-                                             options)
+    evaluated, correction = evaluated_draws(model, data, facts, traces, potential, seeds,
+                                            options)
     flat = flat_direction(model, data, facts, evaluated[0][0], potential.path)
     params = _guide_parameters(model, data, facts, family, [t.q for t in traces], potential)
-    results = [_restart_result(facts, family, trace, guide, drawn, options,
-                               start_gradients // count, flat)
-               for trace, guide, drawn in zip(traces, params, evaluated, strict=True)]
-    for r, result in enumerate(results):
-        result.info.update(restart=r, draws_per_fit=per_fit, compiler=potential.compiler,
-                           fit_seconds=fit_seconds,
-                           importance=None if correction is None else correction.summary())
+    result = _results_of(model, facts, family, traces, params, evaluated, correction,
+                         options, list(range(count)), start_gradients // count, flat,
+                         {"draws_per_fit": per_fit, "compiler": potential.compiler,
+                          "fit_seconds": fit_seconds})
     if any(trace.stopped == "interrupted" for trace in traces):
         warnings.warn("SVI interrupted: the Gaussians are those of the last kept step "
                       "(partial=True)", PartialResultWarning, stacklevel=4)
-    if count == 1:
-        result = results[0]
-    else:
-        result = stack_restarts(results, list(range(count)), options, components_of(facts),
-                                model.name)
-        result.info.update(draws_per_fit=per_fit, compiler=potential.compiler,
-                           fit_seconds=fit_seconds,
-                           gradient_evaluations=sum(t.evaluations for t in traces))
-    result.info["steps_per_second"] = (max(len(t.elbo) for t in traces) - 1) / max(
-        fit_seconds, 1e-9)
+        return _timed(result, traces, fit_seconds, started)
+    mode = options.get("escalate", "never")
+    escalate, reason = escalation_wanted(mode, result, dim)
+    result.info["escalation"] = {"to_flow": escalate, "reason": reason}
+    if escalate:
+        result = _escalated(context, potential, chunked, result, traces, seeds, flat,
+                            reason, fit_seconds, mode)
+        return _timed(result, None, result.info["fit_seconds"], started)
+    return _timed(result, traces, fit_seconds, started)
+
+
+def _timed(result: RunResult, traces, fit_seconds: float, started: float) -> RunResult:
+    """``result`` with its steps per second (where ``traces`` are given) and seconds."""
+    if traces is not None:
+        result.info["steps_per_second"] = (max(len(t.elbo) for t in traces) - 1) / max(
+            fit_seconds, 1e-9)
     result.seconds = time.perf_counter() - started
+    return result
+
+
+def _results_of(model, facts, family: str, traces: list, params: list[dict],
+                evaluated: list[tuple], correction: Correction | None, options: dict[str, Any],
+                restarts: list[int], start_gradients: int, flat, extra: dict[str, Any]
+                ) -> RunResult:
+    """The fits' RunResults, stacked as chains where there is more than one."""
+    results = [_restart_result(facts, family, trace, guide, drawn, options,
+                               start_gradients, flat)
+               for trace, guide, drawn in zip(traces, params, evaluated, strict=True)]
+    for r, result in zip(restarts, results, strict=True):
+        result.info.update(restart=r, **extra,
+                           importance=None if correction is None else correction.summary())
+    if len(results) == 1:
+        return results[0]
+    result = stack_restarts(results, restarts, options, components_of(facts), model.name)
+    result.info.update(**extra, gradient_evaluations=sum(t.evaluations for t in traces))
+    return result
+
+
+def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
+               traces: list[FitTrace], seeds: list[int], flat, reason: str,
+               fit_seconds: float, mode: str) -> RunResult:
+    """A flow fitted from each pooled restart's Gaussian, kept where it does better.
+
+    The flows (one per pooled restart, fitted in lockstep) have their draws evaluated and
+    corrected as the Gaussians' are, and are kept by
+    :func:`~ppl_notes.vi.escalation.flow_verdict`; else the Gaussian fit is returned,
+    and ``info["escalation"]`` says why.
+    """
+    model, data, facts, options = context.model, context.data, context.facts, context.options
+    # the pooled restarts with the highest evidence, FLOW_RESTARTS of them at most
+    pooled = pooled_indices(gaussian)
+    if len(pooled) > FLOW_RESTARTS:
+        evidence = {r["restart"]: r["log_evidence"] for r in gaussian.info["restarts"]}
+        pooled = sorted(sorted(pooled, key=lambda r: -evidence[r])[:FLOW_RESTARTS])
+    started = time.perf_counter()
+    flows = flows_from_gaussians([traces[r].q for r in pooled], seeds[0] + FLOW_SEED)
+    flow_traces = fit_flows(chunked, flows, seeds[0] + FLOW_SEED)
+    flow_seconds = time.perf_counter() - started
+    flow_gradients = sum(t.evaluations for t in flow_traces)
+    gaussian_gradients = sum(t.evaluations for t in traces)
+    for trace in flow_traces:  # the flow's cost includes the Gaussian's it started from
+        trace.evaluations += gaussian_gradients // len(flow_traces)
+    evaluated, correction = evaluated_draws(model, data, facts, flow_traces, potential,
+                                            [seeds[r] for r in pooled], options)
+    params = [{k: v.numpy() for k, v in flows.state(i).items()} for i in range(len(pooled))]
+    result = _results_of(model, facts, "flow", flow_traces, params, evaluated, correction,
+                         options, pooled, 0, flat,
+                         {"draws_per_fit": FLOW_DRAWS_PER_STEP,
+                          "compiler": potential.compiler,
+                          "fit_seconds": fit_seconds + flow_seconds})
+    escalation = flow_verdict(gaussian, result, reason, flow_traces, flow_seconds, mode,
+                              context.options["num_draws"])
+    escalation.update(flow_gradients=flow_gradients, gaussian_gradients=gaussian_gradients,
+                      layers=len(flows.layers), hidden=hidden_width(flows.dim))
+    if not escalation["kept"]:
+        gaussian.info["escalation"] = escalation
+        return gaussian
+    result.info["escalation"] = escalation
+    result.info["gradient_evaluations"] = sum(t.evaluations for t in flow_traces)
+    result.info["steps_per_second"] = max(len(t.elbo) for t in flow_traces) / max(
+        flow_seconds, 1e-9)
     return result
