@@ -35,6 +35,7 @@ from ppl_notes.prediction import predict, story_of
 from ppl_notes.predictive import _data_of, posterior_predictive
 from ppl_notes.psis import psis_weights, systematic_resample
 from ppl_notes.verdict import check
+from ppl_notes.vi.flow_family import FLOW_GUIDE
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES
 
 __all__ = ["Posterior"]
@@ -408,6 +409,11 @@ class Posterior:
             return self.guide
         families = {name: family for family, name in FAMILY_GUIDES.values()}
         name = str(self.tree.attrs.get("guide", ""))
+        if name == FLOW_GUIDE:
+            raise OptionError(
+                "fresh draws need a Pyro guide, and a flow fitted on the potential "
+                "(guide='flow', ppl_notes.vi.flow_family) is not one: use its stored draws "
+                "(call without num_samples), or fit with a larger num_draws")
         if name not in families:
             raise OptionError(
                 f"fresh draws need the fit's guide function {name!r}, which a result file "

@@ -146,11 +146,11 @@ def test_q_own_draws_and_further_proposals_are_weighed_by_one_density(monkeypatc
     enumeration and by hand."""
     import torch
 
-    import ppl_notes.vi.potential_svi as potential_svi
+    import ppl_notes.vi.draws_of_q as draws_of_q
     from ppl_notes.models.heights import model as heights
 
     differences = []
-    evaluate = potential_svi._evaluate
+    evaluate = draws_of_q._evaluate
 
     def compared(model, data, facts, qs, potential, points, seed, options):
         found = evaluate(model, data, facts, qs, potential, points, seed, options)
@@ -159,7 +159,7 @@ def test_q_own_draws_and_further_proposals_are_weighed_by_one_density(monkeypatc
                                   / np.abs(direct)))
         return found
 
-    monkeypatch.setattr(potential_svi, "_evaluate", compared)
+    monkeypatch.setattr(draws_of_q, "_evaluate", compared)
     data = heights.prepare_data(None)
     data = {**data, "height": data["height"][:120]}
     fit = infer(heights, data, method="svi", progress=False, num_draws=300, steps=30)

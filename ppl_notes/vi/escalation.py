@@ -76,9 +76,6 @@ def escalation_wanted(mode: str, result, dim: int) -> tuple[bool, str]:
     """
     if mode == "never":
         return False, "the family was named (guide=...): it is fitted as it is"
-    if dim < 2:
-        return False, ("one unconstrained element: a coupling flow needs two, and the "
-                       "importance step corrects a 1-D Gaussian")
     if mode == "always":
         return True, "guide='flow'"
     if dim > FLOW_MAX_DIM:

@@ -41,9 +41,11 @@ from pyro.distributions.transforms import AffineCoupling
 
 from ppl_notes.vi.gaussian_family import Gaussian
 
-__all__ = ["Flows", "FlowRestart", "ShiftAndLogScale", "SinhArcsinh", "flows_from_gaussians",
-           "FLOW_LAYERS", "hidden_width"]
+__all__ = ["FLOW_GUIDE", "Flows", "FlowRestart", "ShiftAndLogScale", "SinhArcsinh",
+           "flows_from_gaussians", "FLOW_LAYERS", "hidden_width"]
 
+#: The name a flow fit's guide goes by (``info["guide"]``, the result file's ``guide``)
+FLOW_GUIDE = "RealNVP"
 #: Coupling layers: every coordinate is moved three times, by functions of the others
 FLOW_LAYERS = 6
 #: The log-scales of a coupling are clipped to this range (Pyro's defaults)
@@ -323,15 +325,14 @@ def flows_from_gaussians(qs: list[Gaussian], seed: int, layers: int = FLOW_LAYER
     The permutations alternate between reversing the coordinates and a random
     permutation (seeded by ``seed``, shared by the restarts), so that in two dimensions
     each coordinate is moved by the other in turn, and in more each is moved by changing
-    sets of the others.
+    sets of the others. With one element there is nothing to couple: the flow is its
+    :class:`SinhArcsinh` layer (location, scale, skew and tails).
     """
     dim = qs[0].dim
-    if dim < 2:
-        raise ValueError("a coupling flow needs at least 2 unconstrained elements")
     generator = torch.Generator().manual_seed(seed)
     split, width = dim // 2, hidden_width(dim)
     couplings, permutations = torch.nn.ModuleList(), []
-    for k in range(layers):
+    for k in range(layers if dim > 1 else 0):  # one element: the sinh-arcsinh layer alone
         if k % 2:
             permutations.append(torch.arange(dim - 1, -1, -1))
         elif k:

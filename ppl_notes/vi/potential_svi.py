@@ -58,19 +58,16 @@ from ppl_notes.vi.escalation import (
     pooled_indices,
 )
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
-from ppl_notes.vi.flow_family import flows_from_gaussians, hidden_width
+from ppl_notes.vi.flow_family import FLOW_GUIDE, flows_from_gaussians, hidden_width
 from ppl_notes.vi.flow_vi import DRAWS_PER_STEP as FLOW_DRAWS_PER_STEP
 from ppl_notes.vi.flow_vi import fit_flows
 from ppl_notes.vi.gaussian_family import FAMILY_GUIDES, Gaussian
 from ppl_notes.vi.gaussian_vi import FitTrace, fit_gaussians
 from ppl_notes.vi.importance import Correction
 from ppl_notes.vi.lbfgs_paths import inverse_hessian, lbfgs_paths
-from ppl_notes.vi.restarts import restart_seed, stack_restarts
+from ppl_notes.vi.restarts import restart_log_evidence, restart_seed, stack_restarts
 
 __all__ = ["run_on_potential", "FAMILY_GUIDES", "INITIAL_SCALE"]
-
-#: The name a flow fit's guide goes by (``info["guide"]``)
-FLOW_GUIDE = "RealNVP"
 
 #: The starting Gaussians' sd in every unconstrained direction (Pyro's init_scale)
 INITIAL_SCALE = 0.1
@@ -384,6 +381,20 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
     if not escalation["kept"]:
         gaussian.info["escalation"] = escalation
         return gaussian
+    # the restarts the Gaussian stage left out stay listed as left out
+    gaussian_left_out = [r for r in gaussian.info.get("restarts") or [] if not r["pooled"]]
+    if gaussian_left_out:
+        flows_listed = result.info.get("restarts") or [{
+            "restart": pooled[0], "final_elbo": result.info["final_elbo"],
+            "steps_done": result.info["steps_done"], "start_gradients": 0,
+            "stopped": result.info["stopped"], "elbo_settled": result.info["elbo_settled"],
+            "partial": result.partial, "log_evidence": restart_log_evidence(result),
+            "pooled": True}]
+        result.info["restarts"] = sorted(flows_listed + gaussian_left_out,
+                                         key=lambda r: r["restart"])
+        result.info["left_out"] = sorted(r["restart"] for r in result.info["restarts"]
+                                         if not r["pooled"])
+    escalation["flows_from_restarts"] = pooled
     result.info["escalation"] = escalation
     result.info["gradient_evaluations"] = sum(t.evaluations for t in flow_traces)
     result.info["steps_per_second"] = max(len(t.elbo) for t in flow_traces) / max(
