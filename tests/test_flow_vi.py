@@ -147,8 +147,14 @@ def test_escalation_rules():
     class Fit:
         def __init__(self, khat, share):
             self.info = {"importance": {"khat": khat, "ess_share": share}}
+            if len(khat) > 1:
+                self.info["restarts"] = [{"restart": r, "pooled": True}
+                                         for r in range(len(khat))]
 
     assert escalation_wanted("auto", Fit([0.9], [0.3]), 4)[0]
+    # the median restart decides: one restart just over 0.7 is k-hat's own noise
+    assert not escalation_wanted("auto", Fit([0.74, 0.61, 0.72, 0.63], [0.3] * 4), 4)[0]
+    assert escalation_wanted("auto", Fit([0.9, 0.68, 0.8, 0.79], [0.4] * 4), 4)[0]
     assert not escalation_wanted("auto", Fit([0.5], [0.3]), 4)[0]
     assert not escalation_wanted("auto", Fit([2.0], [0.99]), 4)[0]  # near-uniform weights
     assert not escalation_wanted("auto", Fit([0.9], [0.3]), 500)[0]  # above FLOW_MAX_DIM

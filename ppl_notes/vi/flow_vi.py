@@ -37,7 +37,7 @@ from ppl_notes.vi.flow_family import Flows
 from ppl_notes.vi.gaussian_vi import Potential
 
 __all__ = ["FlowTrace", "fit_flows", "FLOW_STEPS", "LEARNING_RATES", "DRAWS_PER_STEP",
-           "WINDOW"]
+           "WINDOW", "GAIN_CHECK"]
 
 #: Adam steps of a flow fit
 FLOW_STEPS = 1000
@@ -49,6 +49,8 @@ DRAWS_PER_STEP = 32
 WINDOW = 100
 #: A last window's ELBO gain over the one before below this many nats is settled
 SETTLED = 0.01
+#: The step after which flows that gained nothing over their Gaussians are stopped
+GAIN_CHECK = 200
 
 
 @dataclass
@@ -64,8 +66,9 @@ class FlowTrace:
     evaluations : int
         Gradient evaluations of the potential.
     stopped : str
-        ``steps`` (the schedule ran its course), ``stalled`` (for a window of steps, no
-        restart's draws were all finite) or ``interrupted`` (Ctrl-C).
+        ``steps`` (the schedule ran its course), ``no gain`` (no flow rose above its
+        Gaussian's ELBO within :data:`GAIN_CHECK` steps), ``stalled`` (for a window of
+        steps, no restart's draws were all finite) or ``interrupted`` (Ctrl-C).
     skipped : int
         Steps skipped because the potential was not finite at one of their draws.
     settled : bool
@@ -95,9 +98,18 @@ def _window_gain(elbo: list[float]) -> tuple[float, float]:
     return float(last.mean() - before.mean()), error
 
 
+def _gain_over(elbo: list[float], baseline: float) -> bool:
+    """Whether the last window's mean ELBO is above ``baseline`` by two standard errors."""
+    window = np.asarray(elbo[-WINDOW:])
+    window = window[np.isfinite(window)]
+    if len(window) < 2:
+        return False
+    return bool(window.mean() - baseline > 2 * window.std(ddof=1) / math.sqrt(len(window)))
+
+
 def fit_flows(potential: Potential, flows: Flows, seed: int, steps: int = FLOW_STEPS,
-              draws: int = DRAWS_PER_STEP, learning_rates: tuple[float, float] = LEARNING_RATES
-              ) -> list[FlowTrace]:
+              draws: int = DRAWS_PER_STEP, learning_rates: tuple[float, float] = LEARNING_RATES,
+              baseline: float | None = None) -> list[FlowTrace]:
     """Fit every restart's flow in lockstep: one potential call per step for all their draws.
 
     Parameters
@@ -115,6 +127,11 @@ def fit_flows(potential: Potential, flows: Flows, seed: int, steps: int = FLOW_S
         Draws per flow per step.
     learning_rates : (float, float)
         Adam's first and last step size.
+    baseline : float, optional
+        The ELBO the flows must beat (their Gaussians'): where after
+        :data:`GAIN_CHECK` steps no flow's last window is above it by two standard
+        errors, the fit stops (``stopped="no gain"``): the posterior is as Gaussian as the
+        Gaussian says, and the steps left would cost seconds for nothing.
 
     Returns
     -------
@@ -155,6 +172,11 @@ def fit_flows(potential: Potential, flows: Flows, seed: int, steps: int = FLOW_S
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            if baseline is not None and step + 1 == GAIN_CHECK and not any(
+                    _gain_over(trace.elbo, baseline) for trace in traces):
+                for trace in traces:
+                    trace.stopped = "no gain"
+                return traces
     except KeyboardInterrupt:
         for trace in traces:
             trace.stopped = "interrupted"

@@ -53,8 +53,10 @@ from ppl_notes.vi.draws_of_q import evaluated_draws
 from ppl_notes.vi.escalation import (
     FLOW_RESTARTS,
     FLOW_SEED,
+    elbo_at_draws,
     escalation_wanted,
     flow_verdict,
+    no_gain,
     pooled_indices,
 )
 from ppl_notes.vi.fixed_draws import draws_per_fit, moment_matched_normal
@@ -360,8 +362,13 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
         pooled = sorted(sorted(pooled, key=lambda r: -evidence[r])[:FLOW_RESTARTS])
     started = time.perf_counter()
     flows = flows_from_gaussians([traces[r].q for r in pooled], seeds[0] + FLOW_SEED)
-    flow_traces = fit_flows(chunked, flows, seeds[0] + FLOW_SEED)
+    baseline, _ = elbo_at_draws(gaussian, options["num_draws"])
+    flow_traces = fit_flows(chunked, flows, seeds[0] + FLOW_SEED,
+                            baseline=baseline if mode == "auto" else None)
     flow_seconds = time.perf_counter() - started
+    if all(t.stopped == "no gain" for t in flow_traces):
+        gaussian.info["escalation"] = no_gain(reason, baseline, flow_traces, flow_seconds)
+        return gaussian
     flow_gradients = sum(t.evaluations for t in flow_traces)
     gaussian_gradients = sum(t.evaluations for t in traces)
     for trace in flow_traces:  # the flow's cost includes the Gaussian's it started from
