@@ -153,9 +153,13 @@ def test_escalation_rules():
 
     assert escalation_wanted("auto", Fit([0.9], [0.3]), 4)[0]
     # the median restart decides: one restart just over 0.7 is k-hat's own noise
-    assert not escalation_wanted("auto", Fit([0.74, 0.61, 0.72, 0.63], [0.3] * 4), 4)[0]
+    assert not escalation_wanted("auto", Fit([0.74, 0.61, 0.72, 0.63], [0.75, 0.76, 0.87, 0.82]),
+                                 4)[0]
     assert escalation_wanted("auto", Fit([0.9, 0.68, 0.8, 0.79], [0.4] * 4), 4)[0]
-    assert not escalation_wanted("auto", Fit([0.5], [0.3]), 4)[0]
+    assert not escalation_wanted("auto", Fit([0.5], [0.6]), 4)[0]
+    # far from the posterior though k-hat's tail fit calls the ratios tame
+    assert escalation_wanted("auto", Fit([0.6, 0.7, 0.65, 0.62], [0.03, 0.15, 0.09, 0.05]),
+                             4)[0]
     assert not escalation_wanted("auto", Fit([2.0], [0.99]), 4)[0]  # near-uniform weights
     assert not escalation_wanted("auto", Fit([0.9], [0.3]), 500)[0]  # above FLOW_MAX_DIM
     assert escalation_wanted("always", Fit([0.1], [0.99]), 500)[0]
