@@ -66,7 +66,7 @@ __all__ = ["Calibration", "calibrate"]
 
 #: family-wise false-alarm rate of the uniformity tests (Bonferroni over parameters)
 FAMILY_ALPHA = 0.05
-_FORMAT = "ppl_notes calibration 2"
+_FORMAT = "ppl_notes calibration 3"
 #: NUTS settings per replicate unless given: one chain, as Talts et al. (2018) run it
 _NUTS_DEFAULTS = {"chains": 1, "warmup": 500, "draws": 1000}
 
@@ -371,36 +371,56 @@ def _run(job: bytes, todo: list[int], done: dict, path: Path | None, total: int,
         bar.close()
 
 
+def _store_tie(fingerprint: dict) -> str:
+    """What ties a store's lines to its header: the digest of its format and fingerprint."""
+    return hashlib.sha256(json.dumps({"format": _FORMAT, "fingerprint": fingerprint},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def _store_path(store, name: str, fingerprint: dict) -> Path | None:
     if store is False:
         return None
     if store is None or store is True:
-        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-        store = cache_root() / "calibrations" / f"{name}-{digest[:16]}.jsonl"
+        store = cache_root() / "calibrations" / f"{name}-{_store_tie(fingerprint)[:16]}.jsonl"
     path = Path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        path.write_text(_signed({"format": _FORMAT, "fingerprint": fingerprint}) + "\n")
+        header = {"format": _FORMAT, "fingerprint": fingerprint}
+        path.write_text(_signed(header, _store_tie(fingerprint)) + "\n")
     return path
 
 
-def _signed(record: dict) -> str:
-    """A store line: the record as JSON with its HMAC under this user's key."""
-    body = json.dumps(record, sort_keys=True)
-    return json.dumps({"record": record, "mac": sign(body, signing_key())}, sort_keys=True)
+def _signed(record: dict, tie: str) -> str:
+    """A store line: the record, the store's tie, and an HMAC of both under this user's key.
+
+    The tie (:func:`_store_tie`) makes a line of one calibration worthless in another's
+    store: a mean-field store's header followed by a NUTS store's lines, each signed
+    alone, once read as a calibrated mean-field fit (p = 0.033 and 0.0003 became
+    "calibrated").
+    """
+    body = json.dumps({"record": record, "store": tie}, sort_keys=True)
+    return json.dumps({"record": record, "store": tie, "mac": sign(body, signing_key())},
+                      sort_keys=True)
 
 
-def _unsigned(line: str, trusted: bool) -> dict | None:
+def _unsigned(line: str, trusted: bool, tie: str | None) -> dict | None:
     """A store line's record, or None for a line cut short.
 
-    A line not signed with this user's key is an error unless ``trusted``.
+    A line tied to another store than ``tie`` (None: the header's own, read first) is
+    refused whoever signed it; one not signed with this user's key is an error unless
+    ``trusted``.
     """
     try:
         entry = json.loads(line)
-        record = entry["record"]
+        record, its_tie = entry["record"], entry["store"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
-    body = json.dumps(record, sort_keys=True)
+    if tie is not None and its_tie != tie:
+        raise CheckpointError(
+            "a line of this calibration store belongs to another calibration (its tie to "
+            "the store's header differs): lines were moved between stores; give another "
+            "store (or delete it)")
+    body = json.dumps({"record": record, "store": its_tie}, sort_keys=True)
     if not trusted and not verify(body, entry.get("mac"), signing_key()):
         raise UntrustedFileError(
             "a line of this calibration store is not signed with your key (another user's "
@@ -413,7 +433,7 @@ def _read_store(path: Path, fingerprint: dict, trusted: bool = False) -> dict[in
     """The replicates a store holds; a store of another calibration is refused by name."""
     lines = path.read_text().splitlines()
     try:
-        header = _unsigned(lines[0], trusted) or {}
+        header = _unsigned(lines[0], trusted, None) or {}
     except IndexError:
         header = {}
     except UntrustedFileError as error:
@@ -426,20 +446,37 @@ def _read_store(path: Path, fingerprint: dict, trusted: bool = False) -> dict[in
     if differ:
         raise CheckpointError(f"calibration store {path} holds a calibration with other "
                               f"{', '.join(differ)}; give another store (or delete it)")
+    tie = _store_tie(theirs)
+    if json.loads(lines[0]).get("store") != tie:
+        raise CheckpointError(f"calibration store {path}: its header is not tied to its own "
+                              "fingerprint; give another store (or delete it)")
     done = {}
     for line in lines[1:]:
         try:
-            record = _unsigned(line, trusted)
-        except UntrustedFileError as error:
-            raise UntrustedFileError(f"calibration store {path}: {error}") from None
+            record = _unsigned(line, trusted, tie)
+        except (UntrustedFileError, CheckpointError) as error:
+            raise type(error)(f"calibration store {path}: {error}") from None
         if record is not None:  # None: a line cut short when the run was killed
             done[record["replicate"]] = record
     return done
 
 
 def _append(path: Path, record: dict) -> None:
+    """Append a signed record tied to the store's header, on a line of its own.
+
+    A store cut mid-line (a run killed while writing) ends without a newline; the next
+    record then starts a new line, where it was appended onto the partial one and lost
+    with it (issue 41).
+    """
+    with path.open("rb") as existing:
+        tie = json.loads(existing.readline())["store"]  # the header _read_store verified
+        existing.seek(0, os.SEEK_END)
+        cut = False
+        if existing.tell():
+            existing.seek(-1, os.SEEK_END)
+            cut = existing.read(1) != b"\n"
     with path.open("a") as handle:
-        handle.write(_signed(record) + "\n")
+        handle.write(("\n" if cut else "") + _signed(record, tie) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 

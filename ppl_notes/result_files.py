@@ -65,10 +65,13 @@ def load(path: str | os.PathLike, model=None, guide=None, *, trusted: bool = Fal
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # xarray's remarks on undecodable attributes
             with xr.open_datatree(path, engine="h5netcdf") as opened:
+                _check_structure(opened, path)  # before any value is read
                 tree = opened.load()
                 stored = tree.attrs.get(DIGEST_ATTR)
                 signature = tree.attrs.get(SIGNATURE_ATTR)
                 digest = tree_digest(tree)
+    except DataError:
+        raise
     except Exception as error:  # noqa: BLE001 - h5py and xarray raise many kinds on damage
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{str(path)!r} is not a ppl_notes result, or it is damaged: "
@@ -100,6 +103,45 @@ def load(path: str | os.PathLike, model=None, guide=None, *, trusted: bool = Fal
     tree.attrs.pop(SIGNATURE_ATTR, None)
     story = model if model is not None else shipped_story(tree.attrs)
     return Posterior(tree, model=story, guide=guide)
+
+
+#: A file may declare this many times its own size in values (compression), plus
+#: ``_DECLARED_FLOOR`` bytes, before it is refused unread
+_DECLARED_PER_BYTE = 64
+_DECLARED_FLOOR = 256 * 2**20
+
+
+def _check_structure(tree: xr.DataTree, path: Path) -> None:
+    """Refuse, before reading a value, what a result file written by ppl_notes never holds.
+
+    * **More declared values than the file could hold**: a netCDF variable can declare
+      any shape and leave its values to a fill value, so a 220 KB file declared 1e8
+      elements (0.8 GB read, 2.3 GB at peak before the hash refused it). Declared bytes
+      beyond :data:`_DECLARED_PER_BYTE` times the file's size, plus
+      :data:`_DECLARED_FLOOR`, are refused.
+    * **A coordinate that is not a dimension's index**: ArviZ's groups have none, and a
+      ``coordinates`` attribute added to a variable turns the variables it names into
+      coordinates when xarray decodes the file, which the content hash, taken of the
+      decoded tree, does not see: ``mu`` and ``sigma`` vanished from ``summary()``, and
+      ``diverging`` from eight schools' sample stats hid its 110 divergences.
+    """
+    declared, promoted = 0, []
+    for node in tree.subtree:
+        dataset = node.to_dataset(inherit=False)
+        for variable in dataset.variables.values():
+            declared += int(np.prod(variable.shape, dtype=np.float64)) * variable.dtype.itemsize
+        promoted += [f"{node.path.rstrip('/')}/{name}" for name in dataset.coords
+                     if name not in dataset.dims]
+    size = path.stat().st_size
+    if declared > _DECLARED_PER_BYTE * size + _DECLARED_FLOOR:
+        raise DataError(f"{str(path)!r} declares {declared / 2**20:.0f} MiB of values in a file "
+                        f"of {size / 2**20:.2f} MiB: it is not a result ppl_notes wrote (values "
+                        "left to a fill value); refused before reading them")
+    if promoted:
+        raise DataError(f"{str(path)!r} makes {sorted(promoted)} coordinates through a "
+                        "'coordinates' attribute; a result ppl_notes wrote has no coordinate "
+                        "but its dimensions' indexes, and this would hide those variables "
+                        "from the posterior's summary and diagnostics: refused")
 
 
 def _text(value) -> str | None:

@@ -23,7 +23,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ppl_notes import CheckpointError, UntrustedFileError, calibrate, infer, load
+from ppl_notes import CheckpointError, DataError, UntrustedFileError, calibrate, infer, load
 from ppl_notes._integrity import DIGEST_ATTR, SIGNATURE_ATTR, tree_digest
 from ppl_notes._signing import sign
 from ppl_notes.cli import main
@@ -206,3 +206,85 @@ def test_a_users_story_is_attached_by_the_user_in_a_fresh_process(tmp_path):
                               "--set", "t=2.0"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 2 and "--model module:attr" in refused.stderr
+
+
+def _signed_copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def test_a_coordinates_attribute_cannot_hide_signed_variables(saved, tmp_path):
+    """Issue 41 item 5: the attacker adds a ``coordinates`` attribute to a signed file.
+
+    xarray's decoding turns the variables it names into coordinates, which the content
+    hash (of the decoded tree) did not see: they vanished from summary(), and a
+    ``diverging`` stat hid eight schools' divergences. No value or hash changes here.
+    """
+    import h5py
+
+    forged = _signed_copy(saved, tmp_path / "coordinates.nc")
+    with h5py.File(forged, "r+") as handle:
+        handle["sample_stats/log_p"].attrs["coordinates"] = "log_q"
+    with pytest.raises(DataError, match=r"\['/sample_stats/log_q'\] coordinates"):
+        load(forged)
+    with pytest.raises(DataError, match="coordinates"):
+        load(forged, trusted=True)  # trusting the author does not make the file ours
+    assert main(["show", str(forged)]) == 2
+
+
+def test_a_tiny_file_declaring_huge_values_is_refused_before_reading(saved, tmp_path):
+    """Issue 41 item 8: a few hundred KB that declare 1e8 elements of fill value."""
+    forged = _signed_copy(saved, tmp_path / "huge.nc")
+    with h5netcdf.File(forged, "r+") as handle:
+        group = handle["posterior"]
+        group.dimensions["huge"] = 100_000_000
+        group.create_variable("filler", ("huge",), dtype="f8", fillvalue=0.0)
+    assert forged.stat().st_size < 5 * 2**20
+    with pytest.raises(DataError, match="declares 763 MiB of values"):
+        load(forged, trusted=True)
+
+
+def _small_calibration(store, seed=0, replicates=2):
+    return calibrate(normal_mean, "nuts", replicates=replicates, store=store, processes=1,
+                     progress=False, seed=seed, chains=1, warmup=50, draws=100)
+
+
+def test_lines_of_one_calibration_store_are_worthless_in_another(tmp_path):
+    """Issue 41 item 6: one store's header, another's lines, each line validly signed.
+
+    A mean-field store's header followed by a NUTS store's lines read as "calibrated";
+    every line now carries the digest of its store's header under its signature.
+    """
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    _small_calibration(ours, seed=0)
+    _small_calibration(theirs, seed=1)
+    spliced = tmp_path / "spliced.jsonl"
+    spliced.write_text("\n".join([ours.read_text().splitlines()[0],
+                                  *theirs.read_text().splitlines()[1:]]) + "\n")
+    for trusted in (False, True):  # trusting the author does not make the lines ours
+        with pytest.raises(CheckpointError, match="belongs to another calibration"):
+            calibrate(normal_mean, "nuts", replicates=2, store=spliced, processes=1,
+                      progress=False, seed=0, trusted=trusted, chains=1, warmup=50, draws=100)
+
+
+def test_a_store_cut_mid_line_is_continued_on_a_line_of_its_own(tmp_path):
+    """Issue 41 item 13: the next record was appended onto the partial line, and lost."""
+    store = tmp_path / "cut.jsonl"
+    _small_calibration(store, replicates=2)
+    text = store.read_text()
+    store.write_text(text[:-40])  # killed while writing replicate 1's line
+    _small_calibration(store, replicates=3)  # redoes replicate 1, adds 2
+    lines = store.read_text().splitlines()
+    assert len(lines) == 5  # header, replicate 0, the cut line, replicates 1 and 2
+    assert all(json.loads(line)["record"] for i, line in enumerate(lines) if i != 2)
+    # a third run finds all three replicates in the store and runs none
+    calls = []
+    monkey = pytest.MonkeyPatch()
+    import ppl_notes.calibration as calibration
+
+    monkey.setattr(calibration, "_run", lambda *args, **kwargs: calls.append(args))
+    try:
+        assert _small_calibration(store, replicates=3) is not None
+    finally:
+        monkey.undo()
+    assert calls == []

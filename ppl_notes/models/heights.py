@@ -91,11 +91,12 @@ def m_step(data, responsibilities):
     # where one component's weight and sd are both small (target_accept=0.9 integrates
     # it without divergences).
     # SVI: the full-rank Gaussian over the unconstrained globals, fitted on the potential
-    # with the genders summed out (4 restarts, about 3 s). Its sds are about 0.82 of
+    # with the genders summed out (4 restarts, about 1 s). Its sds are 0.74-0.82 of
     # NUTS's whatever the optimiser or the number of fixed draws (the KL(q||p) optimum of
-    # that family: k-hat about 0.75 says the posterior is not Gaussian in these
-    # coordinates); the hand-written guides of ppl_notes.guides.heights are that family
-    # and the mean-field one, fitted by Adam.
+    # that family: k-hat 0.8-0.9 says the posterior is not Gaussian in these
+    # coordinates), so default SVI goes on to a flow (0.80-0.85, about 11 s); the
+    # hand-written guides of ppl_notes.guides.heights are the Gaussian family and the
+    # mean-field one, fitted by Adam.
     defaults={"nuts": {"target_accept": 0.9, "mass_matrix": "dense"}},
     data=load_galton_heights,
     # No guide named: SVI's default, the full-rank Gaussian (AutoNormal, mean-field, fits
