@@ -6,6 +6,7 @@ Where no C compiler works, the install goes on without them: the package then co
 them at first use, or runs without them (``ppl_notes.native.loader``).
 """
 
+import hashlib
 import runpy
 import shutil
 import subprocess
@@ -37,9 +38,25 @@ class BuildNativeLibraries(build_ext):
             done = subprocess.run(RECIPE["command"](compiler, source, target, vectorise),
                                   capture_output=True, text=True)
             if done.returncode == 0:
+                # the loader checks the library against it before loading it
+                digest = hashlib.sha256(target.read_bytes()).hexdigest()
+                target.with_name(target.name + ".sha256").write_text(digest + "\n")
                 return
         print(f"ppl_notes: compiling {source.name} failed ({done.stderr.strip()[:300]}); "
               "it is compiled at first use", file=sys.stderr)
+
+    def copy_extensions_to_source(self):
+        """An editable install's copies, each with its SHA-256 manifest beside it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            fullname = self.get_ext_fullname(ext.name)
+            package = ".".join(fullname.split(".")[:-1])
+            copied = Path(build_py.get_package_dir(package)) / Path(
+                self.get_ext_filename(fullname)).name
+            if copied.exists():
+                digest = hashlib.sha256(copied.read_bytes()).hexdigest()
+                copied.with_name(copied.name + ".sha256").write_text(digest + "\n")
 
     def get_export_symbols(self, ext):
         """None: there is no ``PyInit_`` function, as ``ctypes`` loads the library."""

@@ -12,6 +12,13 @@ cache directory shared between machines never loads a library built for another,
 parallel workers never see half a file. Where no compiler
 works, or with ``PPL_NOTES_NATIVE=0``, :func:`build` returns None and the caller runs its
 Python fallback.
+
+Nothing is loaded unverified (issue 41): a library built into the cache is sealed with
+an HMAC of its name and SHA-256 under the user's signing key (:mod:`ppl_notes._signing`),
+written beside it (``.sig``), and one whose seal does not verify (cut short, planted
+under the expected name, or built by another user in a shared cache) is built again; the
+installed ones are checked against the SHA-256 the install wrote beside them
+(``.sha256``), and built into the cache where they do not match.
 """
 
 from __future__ import annotations
@@ -123,9 +130,60 @@ class _Build:
             if self.process.returncode:
                 raise subprocess.CalledProcessError(self.process.returncode,
                                                     self.process.args, stderr=errors)
+            seal = _seal(self.built, self.target.name)
             os.replace(self.built, self.target)  # parallel workers never see half a file
+            _write_atomically(_seal_path(self.target), seal)
         finally:
             self.workspace.cleanup()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _seal_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sig")
+
+
+def _seal(library: Path, name: str) -> str:
+    """The HMAC, under this user's signing key, of a built library's name and SHA-256."""
+    from ppl_notes._signing import sign, signing_key
+
+    return sign(f"{name} {_file_digest(library)}", signing_key())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(temporary, path)
+
+
+def _sealed(target: Path) -> bool:
+    """Whether a cached library is the one this user built: its seal verifies.
+
+    A library cut short (a full disk, a copy interrupted) crashed every NUTS run with
+    SIGBUS once loaded, and one planted under the expected name ran its constructor at
+    load; neither is loaded. Where the signing key cannot be had, nothing verifies.
+    """
+    from ppl_notes._signing import signing_key, verify
+    from ppl_notes.errors import DataError
+
+    seal = _seal_path(target)
+    try:
+        return seal.exists() and verify(f"{target.name} {_file_digest(target)}",
+                                        seal.read_text().strip(), signing_key())
+    except (OSError, DataError):
+        return False
+
+
+def _installed_intact(path: Path) -> bool:
+    """Whether the library ``pip install`` built matches the SHA-256 written beside it."""
+    manifest = path.with_name(path.name + ".sha256")
+    try:
+        return manifest.exists() and manifest.read_text().strip() == _file_digest(path)
+    except OSError:
+        return False
 
 
 #: Builds started by :func:`prebuild` and not yet waited for, by target path.
@@ -145,7 +203,7 @@ def prebuild(*sources: Path) -> None:
     for source in (s for s in sources if packaged(s) is None):
         try:
             target = _target(source, cc)
-            if not target.exists() and target not in _PENDING:
+            if not (target.exists() and _sealed(target)) and target not in _PENDING:
                 _PENDING[target] = _Build(source, cc)
         except OSError:
             continue
@@ -167,6 +225,11 @@ def build(source: Path, what: str) -> ctypes.CDLL | None:
     where there is one (:func:`packaged`).
     """
     installed = packaged(source)
+    if installed is not None and not _installed_intact(installed):
+        logger.warning("the installed %s (%s) do not match the SHA-256 written when they "
+                       "were built (cut short, or replaced): building them instead", what,
+                       installed.name)
+        installed = None
     if installed is not None:
         try:
             return ctypes.CDLL(str(installed))
@@ -182,6 +245,15 @@ def build(source: Path, what: str) -> ctypes.CDLL | None:
             _PENDING.pop(target).finish()
         elif not target.exists():
             _Build(source, cc).finish()
+        elif not _sealed(target):
+            logger.warning("the cached %s (%s) are not the library this user built (cut "
+                           "short, replaced, or built without a seal): building them again",
+                           what, target)
+            _Build(source, cc).finish()
+        if not _sealed(target):  # replaced again while we built, or no signing key
+            logger.warning("the %s built in %s cannot be verified (no signing key, or the "
+                           "file changed as it was built): they run in Python", what, target)
+            return None
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("compiling %s failed (%s); they run in Python", what, error)
