@@ -118,6 +118,18 @@ def _writable_folder(folder: Path, option: str) -> None:
     except OSError as error:
         raise OptionError(f"{option} {str(folder)!r} cannot hold files: "
                           f"{error.strerror or error}") from error
+    _signing_key_ready()
+
+
+def _signing_key_ready() -> None:
+    """Make the signing key now, where need be: a result is signed when it is saved.
+
+    Asked before any fit, so that a cache folder where no key can be made (read-only)
+    is a one-line error up front, not a traceback after the fit, with the fit lost.
+    """
+    from ppl_notes._signing import signing_key
+
+    signing_key()
 
 
 def _writable_file(path: Path, option: str) -> None:
@@ -168,6 +180,8 @@ def _compare(args) -> int:
         try:
             fits["nuts"] = infer(story, method="nuts", seed=args.seed,
                                  progress=not args.no_progress, **nuts_options)
+            if out is not None:  # kept whatever happens to the report
+                fits["nuts"].save(out / "nuts.nc")
         except KeyboardInterrupt:
             kept = f"; the SVI result is in {out / 'svi.nc'}" if out is not None else ""
             print(f"ppl-notes: interrupted before NUTS had any draws{kept}", file=sys.stderr)
@@ -191,8 +205,8 @@ def _compare(args) -> int:
     if out is not None:
         from ppl_notes.report import write_report
 
+        # svi.nc and nuts.nc were saved as soon as each fit ended
         written = write_report(labelled, out=out, reference=fits["nuts"].label, table=table)
-        fits["nuts"].save(out / "nuts.nc")  # svi.nc was saved as soon as SVI ended
         print(f"wrote {written['report']} with {len(written) - 1} tables and figures, "
               f"and svi.nc, nuts.nc in {out}")
     print(f"libraries loaded once, before both methods: {loading:.1f} s")
@@ -425,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    previous = _terminate_as_interrupt()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
@@ -434,12 +449,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         why = str(interrupt) or "before the run had anything to keep"
-        print(f"ppl-notes: interrupted (Ctrl-C) {why.removeprefix('interrupted ')}",
+        signal_name = "SIGTERM" if _TERMINATED else "Ctrl-C"
+        print(f"ppl-notes: interrupted ({signal_name}) {why.removeprefix('interrupted ')}",
               file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (ppl-notes show fit.nc | head -2): not an error
         _quiet_broken_pipe()
         return 0
+    finally:
+        if previous is not None:  # main() called in a process with its own handler
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+#: Set when SIGTERM arrived: the interruption's line names it
+_TERMINATED: list[bool] = []
+
+
+def _terminate_as_interrupt():
+    """SIGTERM ends a command as Ctrl-C does: what was saved is kept, and one line says so.
+
+    The first SIGTERM raises ``KeyboardInterrupt`` in the main thread, so every path
+    that keeps a partial result on Ctrl-C keeps it here too; a second one ends the
+    process at once. Only in the main thread (a library caller's threads are theirs).
+    Returns the handler it replaced, for :func:`main` to put back.
+    """
+    import signal
+    import threading
+
+    _TERMINATED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        _TERMINATED.append(True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def _quiet_broken_pipe() -> None:

@@ -221,3 +221,34 @@ def test_chain_workers_end_when_their_parent_is_killed_outright():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX")
+def test_sigterm_during_the_report_keeps_both_results(tmp_path):
+    """Issue 41 item 11: SIGTERM while compare wrote its report lost nuts.nc, saved after it.
+
+    Each result is saved as soon as it exists; SIGTERM then ends the command as Ctrl-C
+    does, with one line and no traceback.
+    """
+    from ppl_notes import load
+
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ppl_notes.cli", "compare", "normal_mean", "--no-progress",
+             "--out", str(out)], stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "parameters.csv").exists() \
+                and process.poll() is None:
+            time.sleep(0.05)
+        assert (out / "nuts.nc").exists()  # saved before the report began
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    stderr = log.read_text()
+    assert process.returncode in (0, 130), stderr[-2000:]  # 0: the report had just ended
+    assert "Traceback" not in stderr
+    if process.returncode == 130:
+        assert "interrupted (SIGTERM)" in stderr.splitlines()[-1]
+    for name in ("svi.nc", "nuts.nc"):
+        assert load(out / name).num_draws > 0
