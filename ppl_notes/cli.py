@@ -237,13 +237,20 @@ def _user_reference(reference: str):
     if not module or not attribute:
         raise OptionError(f"--model takes module:attribute (e.g. stories:my_story), got "
                           f"{reference!r}")
+    from ppl_notes.story import Model
+
     sys.path.insert(0, os.getcwd())  # a stories.py beside the user, as python -m finds it
     try:
-        return getattr(importlib.import_module(module), attribute)
+        found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError) as error:
         raise OptionError(f"--model {reference!r}: {error}") from error
     finally:
         sys.path.remove(os.getcwd())
+    if not isinstance(found, Model):
+        raise OptionError(f"--model {reference!r} names a {type(found).__name__}, not a story "
+                          "made with @ppl_notes.model (the story the result was fitted "
+                          "with)")
+    return found
 
 
 def _show(args) -> int:

@@ -103,7 +103,17 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
 
                     story = infer_discrete(config_enumerate(story, "parallel"),
                                            first_available_dim=-(nesting + 1), temperature=1)
-                trace = poutine.trace(story).get_trace(**data)
+                try:
+                    trace = poutine.trace(story).get_trace(**data)
+                except (IndexError, RuntimeError, ValueError, TypeError) as error:
+                    given_values = ", ".join(
+                        f"{k}={np.asarray(v).ravel()[:3].tolist()}" for k, v in new_data_of(
+                            new_data).items())
+                    raise DataError(
+                        f"predict: story {model.name!r} cannot run on the new data "
+                        f"({given_values}) at posterior draw {row}: "
+                        f"{str(error).splitlines()[0]} (a value outside what the story "
+                        "can compute, such as one that overflows)") from error
                 for name, site in sample_sites(trace).items():
                     if name not in fixed and not site["is_observed"]:
                         value = site["value"].detach().cpu()
@@ -121,6 +131,13 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
                              inference_library=None, check_conventions=False)
     posterior.tree["predictions"] = xr.DataTree(result)
     return result
+
+
+def new_data_of(new_data) -> dict:
+    """``new_data`` as a mapping of argument to values (a DataFrame's columns)."""
+    if isinstance(new_data, pd.DataFrame):
+        return {column: new_data[column].to_numpy() for column in new_data.columns}
+    return dict(new_data)
 
 
 def story_of(posterior):

@@ -152,3 +152,32 @@ def test_map_that_cannot_start_names_map():
 
     with pytest.raises(InferenceError, match=r"^MAP cannot start"):
         infer(overflowing, method="map", progress=False)
+
+
+@model(observed="y", data={"x": [0.5, -1.0, 2.0, 0.3], "y": [1.0, 0.0, 1.0, 1.0]})
+def logistic_slope(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    with pyro.plate("n", len(x)):
+        pyro.sample("y", dist.Bernoulli(logits=w * x), obs=y)
+
+
+def test_predict_on_a_value_the_story_cannot_compute_is_one_line(tmp_path, capsys):
+    """Issue 41 item 13: ``predict --set height=1e308`` gave a raw ValueError (heights'
+    component logits overflow to NaN there)."""
+    from ppl_notes.models.heights import model as heights
+
+    path = infer(heights, method="svi", guide="fullrank", restarts=1, num_draws=50,
+                 progress=False).save(tmp_path / "heights.nc")
+    code = main(["predict", str(path), "--set", "height=1e308", "--draws", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "cannot run on the new data (height=[1e+308])" in err
+
+
+def test_a_model_that_is_not_a_story_is_refused_by_name(tmp_path, capsys):
+    """Issue 41 item 13: ``--model os:system`` gave a raw AttributeError."""
+    path = infer(logistic_slope, method="svi", restarts=1, progress=False).save(
+        tmp_path / "slope.nc")
+    code = main(["predict", str(path), "--model", "os:system", "--set", "x=1.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "names a builtin_function_or_method, not a story" in err
