@@ -257,7 +257,9 @@ def _show(args) -> int:
     fit = _loaded(args)
     attrs = fit.tree.attrs
     print(f"{attrs.get('model')} by {fit.method} ({fit.seconds:.1f} s), options {fit.options}")
-    print(fit.summary().to_string())
+    # four significant digits for every number: ArviZ's 'auto' rounding printed the
+    # interval [161.03, 165.40] as "160 170"
+    print(fit.summary(round_to="none").to_string(float_format=lambda value: f"{value:.4g}"))
     return 0
 
 

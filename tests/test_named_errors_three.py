@@ -181,3 +181,19 @@ def test_a_model_that_is_not_a_story_is_refused_by_name(tmp_path, capsys):
     code = main(["predict", str(path), "--model", "os:system", "--set", "x=1.0"])
     err = capsys.readouterr().err
     assert code == 2 and "names a builtin_function_or_method, not a story" in err
+
+
+def test_show_prints_every_number_to_four_significant_digits(tmp_path, capsys):
+    """Issue 41 item 13: ``show`` printed the interval [161.03, 165.40] as "160 170"."""
+    from ppl_notes import Posterior
+
+    rng = np.random.default_rng(0)
+    fit = Posterior.from_draws({"mu": 163.2 + 1.2 * rng.standard_normal((4, 500))},
+                               method="nuts", model_name="heights-like")
+    path = fit.save(tmp_path / "mu.nc")
+    assert main(["show", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("mu"))
+    table = fit.summary(round_to="none")
+    for column in ("mean", "eti94_lb", "eti94_ub"):
+        assert f"{table.loc['mu', column]:.4g}" in row.split()
