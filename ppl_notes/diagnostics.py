@@ -403,7 +403,18 @@ def findings(posterior, numbers: dict[str, Any] | None = None) -> list[Finding]:
             "the density it started in, which another piece may beat. Write the branch "
             "as a smooth function of the parameters, or sample the posterior with "
             "method='nuts' (its accept step sees every jump)."))
-    if numbers.get("converged") is False:
+    unbounded = posterior.info.get("unbounded")
+    if unbounded and posterior.method in GRADIENT_MODES:
+        found.append(Finding(
+            "unbounded", unbounded["site"], unbounded["gradient"], 0.0,
+            f"{posterior.method} stopped on a slope, not at a mode: the log density was "
+            f"still rising along {unbounded['site']} (gradient {unbounded['gradient']:.3g}, "
+            f"unconstrained value {unbounded['unconstrained']:.3g}), as it does without "
+            "bound where a scale goes to 0 (a centred hierarchical story, or an sd on "
+            "data that are all equal). There is no mode to report: sample the posterior "
+            "(method='nuts' or 'svi'), or give that scale a prior that vanishes at 0 (a "
+            "Gamma or a LogNormal)."))
+    elif numbers.get("converged") is False:
         found.append(Finding(
             "converged", posterior.method, 0.0, 1.0,
             f"{posterior.method} stopped before converging: raise steps or iterations, or "

@@ -197,3 +197,31 @@ def test_show_prints_every_number_to_four_significant_digits(tmp_path, capsys):
     table = fit.summary(round_to="none")
     for column in ("mean", "eti94_lb", "eti94_ub"):
         assert f"{table.loc['mu', column]:.4g}" in row.split()
+
+
+@model(observed="y", data={"y": [2.0] * 20})
+def normal_with_an_sd(y=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    s = pyro.sample("s", dist.HalfNormal(5.0))
+    with pyro.plate("n", len(y)):
+        pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+def test_map_on_an_unbounded_density_is_a_finding_not_converged():
+    """Issue 41 items 4 and 13: MAP where the density rises without bound as a scale goes
+    to 0 (all-equal data here; centred hierarchical stories too) reported converged with
+    gradients of 1e9-1e17, and returned s = 0.0 silently."""
+    from ppl_notes.diagnostics import findings
+
+    fit = infer(normal_with_an_sd, method="map", progress=False)
+    assert fit.info["converged"] is False
+    assert fit.info["unbounded"]["site"] == "s"
+    found = {f.check: f for f in findings(fit)}
+    assert "unbounded" in found and "converged" not in found
+    assert "stopped on a slope, not at a mode" in found["unbounded"].message
+
+
+def test_map_at_a_real_mode_is_not_called_unbounded():
+    fit = infer(normal_with_an_sd, {"y": [1.0, 2.5, 2.0, 3.1, 1.7]}, method="map",
+                progress=False)
+    assert fit.info["converged"] is True and "unbounded" not in fit.info

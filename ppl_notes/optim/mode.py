@@ -86,6 +86,7 @@ def maximise(objective: Callable[[torch.Tensor], torch.Tensor], start, steps: in
     iterations = int(optimizer.state[flat].get("n_iter", 0))
     facts = {"iterations": iterations, "evaluations": len(values),
              "max_abs_gradient": float(gradient.abs().max()) if gradient.numel() else 0.0,
+             "largest_gradient_at": int(gradient.abs().argmax()) if gradient.numel() else 0,
              "converged": iterations < steps}
     if not facts["converged"]:
         say = logger.info if label == "MAP start" else logger.warning
