@@ -313,7 +313,8 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     if escalate:
         result = _escalated(context, potential, chunked, result, traces, seeds, flat,
                             reason, fit_seconds, mode)
-        return _timed(result, None, result.info["fit_seconds"], started)
+        kept_gaussian = result.info.get("family") != "flow"
+        return _timed(result, traces if kept_gaussian else None, fit_seconds, started)
     return _timed(result, traces, fit_seconds, started)
 
 
@@ -373,6 +374,11 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
     gaussian_gradients = sum(t.evaluations for t in traces)
     for trace in flow_traces:  # the flow's cost includes the Gaussian's it started from
         trace.evaluations += gaussian_gradients // len(flow_traces)
+    interrupted = any(t.stopped == "interrupted" for t in flow_traces)
+    if interrupted:  # return what it has, at once
+        options = {**options, "importance": "none"}
+        warnings.warn("SVI interrupted while fitting the flow: its layers are those of the "
+                      "last step (partial=True)", PartialResultWarning, stacklevel=5)
     evaluated, correction = evaluated_draws(model, data, facts, flow_traces, potential,
                                             [seeds[r] for r in pooled], options)
     params = [{k: v.numpy() for k, v in flows.state(i).items()} for i in range(len(pooled))]
@@ -383,6 +389,9 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
                           "fit_seconds": fit_seconds + flow_seconds})
     escalation = flow_verdict(gaussian, result, reason, flow_traces, flow_seconds, mode,
                               context.options["num_draws"])
+    if interrupted:  # what it has: the flow as it stood, marked partial
+        escalation.update(kept=True, why="interrupted (Ctrl-C) while fitting the flow: the "
+                          "flow of the last step is returned, partial")
     escalation.update(flow_gradients=flow_gradients, gaussian_gradients=gaussian_gradients,
                       layers=len(flows.layers), hidden=hidden_width(flows.dim))
     if not escalation["kept"]:
