@@ -119,7 +119,8 @@ def map_start(model, data: dict[str, Any], seed: int, dispersed: bool, steps: in
     """
     try:
         objective = PointObjective(model, data, priors=True, jacobian=jacobian, facts=facts)
-        start = objective.sites.initial_points("sample" if dispersed else "median", [seed])[0]
+        start = objective.sites.initial_points("sample" if dispersed else "median", [seed],
+                                               "the MAP start of SVI")[0]
         flat, _, facts = maximise(objective, start, steps, 1e-6, False, "MAP start")
     except StoryError:  # the story is wrong everywhere, not only at this start
         raise
