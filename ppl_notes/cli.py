@@ -132,6 +132,33 @@ def _signing_key_ready() -> None:
     signing_key()
 
 
+def _held_for_this_run(folder: Path):
+    """An exclusive lock on ``folder`` for this run, or an OptionError naming the holder.
+
+    Two ``compare --out same`` at once both reported success, and only the later run's
+    files remained. The lock (``flock`` on ``.ppl-notes.lock`` in the folder) is the
+    kernel's: it ends with the process that holds it, however that process ends.
+    """
+    import fcntl
+
+    from ppl_notes.errors import OptionError
+
+    handle = open(folder / ".ppl-notes.lock", "a+")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OptionError(f"--out {str(folder)!r} is being written by another ppl-notes run "
+                          f"({holder}); wait for it to end, or give another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def _writable_file(path: Path, option: str) -> None:
     """An OptionError where ``path`` cannot be written as a result file, before any fit."""
     from ppl_notes.errors import OptionError
@@ -158,8 +185,10 @@ def _compare(args) -> int:
     for method, options in (("svi", svi_options), ("nuts", nuts_options)):
         _check_options(story, method, options)  # a typo in --nuts is said before SVI runs
     out = Path(args.out) if args.out else None
+    held = None
     if out is not None:
         _writable_folder(out, "--out")
+        held = _held_for_this_run(out)  # noqa: F841 - released when the process ends
     with warnings.catch_warnings():  # printed below, under the table, with the others
         warnings.simplefilter("ignore", DiagnosticWarning)
         fits = {"svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,

@@ -160,3 +160,23 @@ def test_report_renders_in_headless_chromium(main_job):
             "Versions"} <= set(headings)
     assert tables >= 3
     assert failed_requests == []  # self-contained: nothing fetched
+
+
+def test_two_runs_cannot_write_one_out_folder_at_once(tmp_path, capsys):
+    """Issue 41 item 11: both reported success, and only the later run's files remained."""
+    import time
+
+    out = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "ppl_notes.cli", "compare", "normal_mean",
+                              "--no-progress", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = out / ".ppl-notes.lock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and not (
+            lock.exists() and lock.read_text().startswith("pid")):
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could try"
+    assert main(["compare", "normal_mean", "--no-progress", "--out", str(out)]) == 2
+    assert "is being written by another ppl-notes run (pid" in capsys.readouterr().err
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
