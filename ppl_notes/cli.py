@@ -132,12 +132,16 @@ def _signing_key_ready() -> None:
     signing_key()
 
 
+#: The lock files this command holds (:func:`_held_for_this_run`), closed as it returns
+_HELD: list = []
+
+
 def _held_for_this_run(folder: Path):
     """An exclusive lock on ``folder`` for this run, or an OptionError naming the holder.
 
     Two ``compare --out same`` at once both reported success, and only the later run's
     files remained. The lock (``flock`` on ``.ppl-notes.lock`` in the folder) is the
-    kernel's: it ends with the process that holds it, however that process ends.
+    kernel's: it ends when :func:`main` returns, or with the process however it ends.
     """
     import fcntl
 
@@ -185,10 +189,9 @@ def _compare(args) -> int:
     for method, options in (("svi", svi_options), ("nuts", nuts_options)):
         _check_options(story, method, options)  # a typo in --nuts is said before SVI runs
     out = Path(args.out) if args.out else None
-    held = None
     if out is not None:
         _writable_folder(out, "--out")
-        held = _held_for_this_run(out)  # noqa: F841 - released when the process ends
+        _HELD.append(_held_for_this_run(out))  # released when main() returns
     with warnings.catch_warnings():  # printed below, under the table, with the others
         warnings.simplefilter("ignore", DiagnosticWarning)
         fits = {"svi": infer(story, method="svi", guide=entry.load_guide(), seed=args.seed,
@@ -495,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_broken_pipe()
         return 0
     finally:
+        while _HELD:  # the folders this command locked
+            _HELD.pop().close()
         if previous is not None:  # main() called in a process with its own handler
             import signal
 
