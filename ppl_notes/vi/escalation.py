@@ -41,7 +41,7 @@ from ppl_notes.vi.importance import ESS_SHARE_EXACT, KHAT_USABLE
 
 __all__ = ["escalation_wanted", "pooled_indices", "flow_verdict", "ESCALATION_MODES",
            "FLOW_SEED", "FLOW_MAX_DIM", "FLOW_RESTARTS", "ESS_SHARE_FAR", "elbo_at_draws",
-           "no_gain"]
+           "flow_facts", "no_gain"]
 
 #: ``auto``: default SVI, escalating on k-hat; ``always``: ``guide="flow"``; ``never``: a
 #: family named by the caller
@@ -153,25 +153,35 @@ def elbo_at_draws(result, num_draws: int) -> tuple[float, float]:
     return float(ratios.mean()), float(ratios.std(ddof=1) / math.sqrt(ratios.size))
 
 
-def no_gain(reason: str, baseline: float, traces: list, seconds: float) -> dict[str, Any]:
-    """``info["escalation"]`` where the flows were stopped early, having gained nothing."""
-    return {"to_flow": True, "reason": reason, "kept": False,
-            "why": (f"no flow's ELBO rose above the Gaussian's {baseline:.3f} by two "
-                    f"standard errors in {GAIN_CHECK} steps: the Gaussian is kept"),
-            "gaussian_elbo": baseline, "flow_steps": [len(t.elbo) for t in traces],
+def flow_facts(traces: list, seconds: float) -> dict[str, Any]:
+    """What ``info["escalation"]`` says of the flows' fit, whatever was kept."""
+    return {"flow_steps": [len(t.elbo) for t in traces],
             "flow_stopped": [t.stopped for t in traces],
             "flow_gradients": int(sum(t.evaluations for t in traces)),
             "flow_seconds": float(seconds)}
 
 
-def flow_verdict(gaussian, flow, reason: str, traces: list, seconds: float, mode: str,
-                 num_draws: int) -> dict[str, Any]:
+def no_gain(reason: str, baseline: float, facts: dict[str, Any]) -> dict[str, Any]:
+    """``info["escalation"]`` where the flows were stopped early, having gained nothing.
+
+    ``facts``: :func:`flow_facts`.
+    """
+    return {"to_flow": True, "reason": reason, "kept": False,
+            "why": (f"no flow's ELBO rose above the Gaussian's {baseline:.3f} by two "
+                    f"standard errors in {GAIN_CHECK} steps: the Gaussian is kept"),
+            "gaussian_elbo": baseline, **facts}
+
+
+def flow_verdict(gaussian, flow, reason: str, traces: list, facts: dict[str, Any], mode: str,
+                 num_draws: int, baseline: tuple[float, float]) -> dict[str, Any]:
     """``info["escalation"]``: both fits' ELBOs and k-hats, the flow's fit, which is kept.
 
-    ``num_draws``: q's own draws per restart, at which the ELBOs are estimated.
+    ``facts``: :func:`flow_facts`; ``num_draws``: q's own draws per restart, at which the
+    flow's ELBO is estimated; ``baseline``: the Gaussian's, and its standard error
+    (:func:`elbo_at_draws`).
     """
     gaussian_khat, flow_khat = _worst_khat(gaussian), _worst_khat(flow)
-    gaussian_elbo, gaussian_error = elbo_at_draws(gaussian, num_draws)
+    gaussian_elbo, gaussian_error = baseline
     flow_elbo, flow_error = elbo_at_draws(flow, num_draws)
     margin = 2 * math.hypot(gaussian_error, flow_error)
     if mode == "always":
@@ -188,9 +198,6 @@ def flow_verdict(gaussian, flow, reason: str, traces: list, seconds: float, mode
             "gaussian_family": gaussian.info.get("family"),
             "gaussian_elbo": gaussian_elbo, "flow_elbo": flow_elbo,
             "gaussian_khat": gaussian_khat, "flow_khat": flow_khat,
-            "flow_steps": [len(t.elbo) for t in traces],
-            "flow_stopped": [t.stopped for t in traces],
             "flow_final_elbo": [float(np.nanmean(t.elbo[-WINDOW:])) if t.elbo else math.nan
                                 for t in traces],
-            "flow_gradients": int(sum(t.evaluations for t in traces)),
-            "flow_seconds": float(seconds)}
+            **facts}

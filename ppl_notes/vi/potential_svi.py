@@ -55,6 +55,7 @@ from ppl_notes.vi.escalation import (
     FLOW_SEED,
     elbo_at_draws,
     escalation_wanted,
+    flow_facts,
     flow_verdict,
     no_gain,
     pooled_indices,
@@ -363,14 +364,14 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
         pooled = sorted(sorted(pooled, key=lambda r: -evidence[r])[:FLOW_RESTARTS])
     started = time.perf_counter()
     flows = flows_from_gaussians([traces[r].q for r in pooled], seeds[0] + FLOW_SEED)
-    baseline, _ = elbo_at_draws(gaussian, options["num_draws"])
+    baseline = elbo_at_draws(gaussian, options["num_draws"])
     flow_traces = fit_flows(chunked, flows, seeds[0] + FLOW_SEED,
-                            baseline=baseline if mode == "auto" else None)
+                            baseline=baseline[0] if mode == "auto" else None)
     flow_seconds = time.perf_counter() - started
+    facts_of_flows = flow_facts(flow_traces, flow_seconds)  # before the Gaussian's cost
     if all(t.stopped == "no gain" for t in flow_traces):
-        gaussian.info["escalation"] = no_gain(reason, baseline, flow_traces, flow_seconds)
+        gaussian.info["escalation"] = no_gain(reason, baseline[0], facts_of_flows)
         return gaussian
-    flow_gradients = sum(t.evaluations for t in flow_traces)
     gaussian_gradients = sum(t.evaluations for t in traces)
     for trace in flow_traces:  # the flow's cost includes the Gaussian's it started from
         trace.evaluations += gaussian_gradients // len(flow_traces)
@@ -387,13 +388,13 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
                          {"draws_per_fit": FLOW_DRAWS_PER_STEP,
                           "compiler": potential.compiler,
                           "fit_seconds": fit_seconds + flow_seconds})
-    escalation = flow_verdict(gaussian, result, reason, flow_traces, flow_seconds, mode,
-                              context.options["num_draws"])
+    escalation = flow_verdict(gaussian, result, reason, flow_traces, facts_of_flows, mode,
+                              context.options["num_draws"], baseline)
     if interrupted:  # what it has: the flow as it stood, marked partial
         escalation.update(kept=True, why="interrupted (Ctrl-C) while fitting the flow: the "
                           "flow of the last step is returned, partial")
-    escalation.update(flow_gradients=flow_gradients, gaussian_gradients=gaussian_gradients,
-                      layers=len(flows.layers), hidden=hidden_width(flows.dim))
+    escalation.update(gaussian_gradients=gaussian_gradients, layers=len(flows.layers),
+                      hidden=hidden_width(flows.dim))
     if not escalation["kept"]:
         gaussian.info["escalation"] = escalation
         return gaussian
@@ -412,7 +413,6 @@ def _escalated(context: RunContext, potential, chunked, gaussian: RunResult,
                                          if not r["pooled"])
     escalation["flows_from_restarts"] = pooled
     result.info["escalation"] = escalation
-    result.info["gradient_evaluations"] = sum(t.evaluations for t in flow_traces)
     result.info["steps_per_second"] = max(len(t.elbo) for t in flow_traces) / max(
         flow_seconds, 1e-9)
     return result
