@@ -106,7 +106,14 @@ def test_the_guide_distance_is_the_kl_divergence():
         _check_guide_distance()
 
 
-def _check_guide_distance():
+def test_the_guide_distance_drawn_in_one_vectorised_trace_is_the_kl_divergence():
+    """As above, the draws made in one trace in a plate left of the story's (one call of
+    the guide, not 4000); the same closed form and tolerance."""
+    with run_dtype(story_dtype(regression)):
+        _check_guide_distance(particle_dim=-2)
+
+
+def _check_guide_distance(particle_dim=None):
     data = regression.prepare_data(None)
     pyro.clear_param_store()
     guide = AutoNormal(regression)
@@ -125,7 +132,7 @@ def _check_guide_distance():
     here = [p.detach().clone() for p in read()]
     moved = [p + 0.01 * torch.ones_like(p) if "locs" in n else p + 0.01
              for n, p in zip(names, here, strict=True)]
-    distance = GuideDistance(guide, data, write, read, draws=4000)
+    distance = GuideDistance(guide, data, write, read, draws=4000, particle_dim=particle_dim)
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
@@ -143,6 +150,9 @@ def _check_guide_distance():
     kl = float((torch.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5).sum())
     parameters = sum(p.numel() for p in here)  # 6: under the full-rank count, 3 + 6
     assert got == pytest.approx(kl / parameters, rel=0.1)
+    assert distance._vectorised is (particle_dim is not None)
+    assert distance.elements == 3  # w's elements, however drawn
+    assert distance(here, moved) == got  # the same phi's draws serve again
 
 
 def test_a_gaussian_posterior_stops_early_and_on_the_closed_form():

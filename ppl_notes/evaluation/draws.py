@@ -27,6 +27,7 @@ from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
 from ppl_notes.evaluation.chain_discrete import categorical_draw
 from ppl_notes.evaluation.density import draws_per_batch, in_draw_plate, trace_in_draw_plate
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
+from ppl_notes.errors import InferenceError
 
 logger = logging.getLogger(__name__)
 
@@ -350,14 +351,32 @@ def sample_guide(guide, data: Mapping[str, Any], num_draws: int, plate_nesting: 
             point_masses = {n for n, s in drawn.items() if distribution_name(s["fn"]) == "Delta"}
             _check_guide_draws(guide, data, every, log_q, point_masses)
             values = {n: every[n] for n in names}
-        except (RuntimeError, ValueError, IndexError) as error:
+        except (RuntimeError, ValueError, IndexError, KeyError, NotImplementedError) as error:
+            # KeyError, NotImplementedError: a flow that cannot be inverted (Pyro's
+            # BlockAutoregressive) has a log q only at the draws it made itself, so the
+            # check, which conditions on them, cannot be run
             logger.info("guide does not broadcast over draws (%s); drawing one at a time", error)
-            traces = [poutine.trace(guide).get_trace(**data) for _ in range(num_draws)]
-            for trace in traces:
-                trace.compute_log_prob()
+            traces = []
+            try:
+                for _ in range(num_draws):  # log q as each is drawn: a flow that cannot be
+                    # inverted (BlockAutoregressive) holds only its last draw's inverse
+                    traces.append(poutine.trace(guide).get_trace(**data))
+                    traces[-1].compute_log_prob()
+            except (KeyError, NotImplementedError) as failure:
+                raise no_log_q_error(guide, failure) from failure
             values = {n: torch.stack([t.nodes[n]["value"] for t in traces]) for n in names}
             log_q = torch.stack([sum(t.nodes[n]["log_prob_sum"] for n in drawn) for t in traces])
     return values, np.asarray(log_q, dtype=float)
+
+
+def no_log_q_error(guide, failure: Exception) -> InferenceError:
+    """The error for a guide whose log density fails at its own draws (a BNAF's)."""
+    return InferenceError(
+        f"the guide {getattr(guide, '__name__', type(guide).__name__)!r} gives no log "
+        f"density at its own draws ({type(failure).__name__}: {failure}): ppl_notes needs "
+        "log q at every draw for its importance weights and k-hat, and a flow Pyro cannot "
+        "invert, such as block_autoregressive, cannot give it. Use an invertible flow "
+        "(affine_autoregressive, spline_coupling) or guide='flow'")
 
 
 def _check_guide_draws(guide, data, values, log_q, point_masses, count: int = 3) -> None:

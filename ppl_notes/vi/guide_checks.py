@@ -15,12 +15,21 @@ import torch
 from ppl_notes._sites import latent_sites, strip_independent, trace_model
 from ppl_notes.errors import StoryError
 from ppl_notes.evaluation import StoryFacts
+from ppl_notes.evaluation.draws import no_log_q_error
 
 
 def guide_site_names(guide, data) -> list[str]:
-    """The latent sites a guide draws (one run of it, seeded, without gradients)."""
+    """The latent sites a guide draws (one run of it, seeded, without gradients).
+
+    Its log density at that draw is computed too, so that a guide without one (a flow
+    Pyro cannot invert) is refused before any step rather than after the fit.
+    """
     with pyro.poutine.seed(rng_seed=0), torch.no_grad():
         trace = poutine.trace(guide).get_trace(**data)
+        try:
+            trace.compute_log_prob()
+        except (KeyError, NotImplementedError) as failure:
+            raise no_log_q_error(guide, failure) from failure
     return list(latent_sites(trace))
 
 

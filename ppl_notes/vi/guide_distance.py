@@ -33,12 +33,14 @@ successive iterate averages).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide import AutoGuide
 
 from ppl_notes._sites import sample_sites
 
@@ -79,6 +81,10 @@ class GuideDistance:
         Draws of q_phi per estimate.
     seed : int
         The seed of those draws (the same for every call: common random numbers).
+    particle_dim : int, optional
+        A dimension left of every plate of the story (``-(max_plate_nesting + 1)``):
+        the draws of a Pyro autoguide are then made in one vectorised trace, in a plate
+        at that dimension, where it runs so.
 
     Attributes
     ----------
@@ -94,35 +100,98 @@ class GuideDistance:
                  read: Callable[[], list[torch.Tensor]],
                  loss: Callable[[], float] | None = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 draws: int = DRAWS, seed: int = 0) -> None:
+                 draws: int = DRAWS, seed: int = 0, particle_dim: int | None = None) -> None:
         self.guide, self.data, self.write, self.read = guide, data, write, read
+        # Pyro's autoguides are written to run in an outer plate (vectorize_particles);
+        # a guide function may not be, and may not fail where it is not (a sum over all
+        # of a tensor's dimensions): it is drawn one draw at a time
+        self.particle_dim = particle_dim if isinstance(guide, AutoGuide) else None
+        # whether the draws are made in one trace: known after the first draws
+        self._vectorised: bool | None = None if self.particle_dim is not None else False
         self.loss, self.reduce = loss, reduce or (lambda values: values)
         self.draws, self.seed = draws, seed
         self.elements: int | None = None
         self.scale = 1
+        # q_phi's draws and their log densities, kept for the next distance from the
+        # same phi (the stopping rule measures each window's average against two others)
+        self._drawn: tuple[list[torch.Tensor], list, torch.Tensor] | None = None
 
     def _log_q(self, trace) -> torch.Tensor:
         return sum(site["fn"].log_prob(site["value"]).sum()
                    for site in sample_sites(trace).values() if not site["is_observed"])
+
+    def _log_q_per_draw(self, trace) -> torch.Tensor | None:
+        """``(draws,)`` log densities of a trace drawn in the draws' plate, or None.
+
+        None where some site's log density does not carry the draws' dimension (a guide
+        that ignores an outer plate): its draws are not ``draws`` independent ones.
+        """
+        total, depth = torch.zeros(self.draws, dtype=torch.float64), -self.particle_dim
+        for site in sample_sites(trace).values():
+            if site["is_observed"]:
+                continue
+            log_prob = site["fn"].log_prob(site["value"])
+            log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape)
+            if log_prob.dim() != depth or log_prob.shape[0] != self.draws:
+                return None
+            total = total + log_prob.reshape(self.draws, -1).sum(-1).double()
+        return total
+
+    def _in_plate(self, guide):
+        return pyro.plate("_guide_distance_draws", self.draws, dim=self.particle_dim)(guide)
+
+    def _drawn_at_phi(self) -> tuple[list, torch.Tensor]:
+        """q_phi's draws (traces) and their log densities ``(draws,)``, at the parameters now.
+
+        In one vectorised trace, the draws' plate outside the guide's own (as Pyro's
+        ``vectorize_particles``), where ``particle_dim`` is given and the guide runs so:
+        one call instead of ``draws`` (an IAF guide's distances cost more than its
+        steps, drawn one by one). Else, or where the guide fails in the plate, one trace
+        per draw.
+        """
+        if self.particle_dim is not None and self._vectorised is not False:
+            try:
+                trace = poutine.trace(self._in_plate(self.guide)).get_trace(**self.data)
+                at_phi = self._log_q_per_draw(trace)
+            except Exception:  # noqa: BLE001 - a guide that cannot run in a plate: one by one
+                at_phi = None
+            self._vectorised = at_phi is not None and bool(torch.isfinite(at_phi).all())
+            if self._vectorised:
+                return [trace], at_phi
+        traces = [poutine.trace(self.guide).get_trace(**self.data) for _ in range(self.draws)]
+        return traces, torch.stack([self._log_q(t) for t in traces])
+
+    def _at_psi(self, traces: list) -> torch.Tensor:
+        """The log densities of the guide, at the parameters now, at ``traces``' draws."""
+        if self._vectorised:
+            replayed = poutine.replay(self._in_plate(self.guide), trace=traces[0])
+            return self._log_q_per_draw(poutine.trace(replayed).get_trace(**self.data))
+        return torch.stack([
+            self._log_q(poutine.trace(poutine.replay(self.guide, trace=t))
+                        .get_trace(**self.data)) for t in traces])
 
     def __call__(self, phi: list[torch.Tensor], psi: list[torch.Tensor]) -> float:
         """KL(q_phi || q_psi) per free parameter (module docstring)."""
         current = [p.detach().clone() for p in self.read()]
         try:
             with torch.no_grad(), pyro.poutine.seed(rng_seed=self.seed):
-                self.write(phi)
-                traces = [poutine.trace(self.guide).get_trace(**self.data)
-                          for _ in range(self.draws)]
-                at_phi = torch.stack([self._log_q(t) for t in traces])
+                if self._drawn is not None and self._drawn[0] is phi:
+                    traces, at_phi = self._drawn[1:]  # the window's other lag drew them
+                else:
+                    self.write(phi)
+                    traces, at_phi = self._drawn_at_phi()
+                    self._drawn = phi, traces, at_phi
                 self.write(psi)
-                at_psi = torch.stack([
-                    self._log_q(poutine.trace(poutine.replay(self.guide, trace=t))
-                                .get_trace(**self.data)) for t in traces])
+                at_psi = self._at_psi(traces)
+        except (KeyError, NotImplementedError):
+            # a flow Pyro cannot invert (BlockAutoregressive) has no density at draws it
+            # did not make: no distance, and the fit runs its steps
+            return math.nan
         finally:
             self.write(current)
-        self.elements = sum(site["value"].numel() for site in sample_sites(traces[0]).values()
-                            if not site["is_observed"]
-                            and not site["infer"].get("is_auxiliary"))
+        elements = sum(site["value"].numel() for site in sample_sites(traces[0]).values()
+                       if not site["is_observed"] and not site["infer"].get("is_auxiliary"))
+        self.elements = elements // self.draws if self._vectorised else elements
         parameters = sum(p.numel() for p in phi)
         self.scale = max(min(parameters, self.elements * (self.elements + 3) // 2), 1)
         ratio = (at_psi - at_phi).double()

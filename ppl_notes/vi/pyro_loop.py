@@ -298,7 +298,12 @@ def pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opti
             trial = JIT_ELBOS[elbo_name](ignore_jit_warnings=True, **elbo_options)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                trial.loss(story, guide, **data)  # traces now: a failure shows before any step
+                # traces now, as the steps will (loss and gradients: a PyroModule guide,
+                # AutoIAFNormal's, traces its loss but fails Pyro's check of its gradients'
+                # parameters), so that a failure shows before any step
+                trial.loss_and_grads(story, guide, **data)
+            for value in pyro.get_param_store()._params.values():
+                value.grad = None
         except Exception as error:  # noqa: BLE001 - any tracing failure: say so, run uncompiled
             logger.warning("SVI: the ELBO of %r could not be compiled (%s: %s); running it "
                            "uncompiled", name, type(error).__name__, error)
@@ -378,7 +383,8 @@ def pyro_loop(story, guide, data, seed, elbo_name, elbo_options, jit, name, opti
         distance = GuideDistance(
             guide, data, write, read,
             loss=_one_draw_loss(story, guide, data, elbo_name, elbo_options["max_plate_nesting"]),
-            reduce=None if parallel is None else parallel.mean_of, seed=seed)
+            reduce=None if parallel is None else parallel.mean_of, seed=seed,
+            particle_dim=-1 - elbo_options["max_plate_nesting"])
         history = loop.run(step, state, (read, write, distance))
     history.attrs["jit"] = jit
     _note_stop(history, loop)
