@@ -23,11 +23,11 @@ import torch
 from pyro.infer import config_enumerate, infer_discrete
 
 from ppl_notes._sites import distribution_name, sample_sites
+from ppl_notes.errors import InferenceError
 from ppl_notes.evaluation import StoryFacts, choose_path, evaluate, run_dtype
 from ppl_notes.evaluation.chain_discrete import categorical_draw
 from ppl_notes.evaluation.density import draws_per_batch, in_draw_plate, trace_in_draw_plate
 from ppl_notes.evaluation.handlers import vmap_safe_contraction
-from ppl_notes.errors import InferenceError
 
 logger = logging.getLogger(__name__)
 
