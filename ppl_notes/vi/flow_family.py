@@ -163,6 +163,11 @@ class Flows:
         :class:`SinhArcsinh` layer.
     permutations : list of torch.Tensor
         The permutation applied before each coupling.
+
+    Attributes
+    ----------
+    flat : torch.Tensor
+        Every layer parameter's values in one vector: the parameters are views of it.
     """
 
     family = "flow"
@@ -173,6 +178,12 @@ class Flows:
         self.layers, self.permutations = couplings, permutations
         self.inverse_permutations = [torch.argsort(p) for p in permutations]
         self._log_det_tril = tril.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (K,)
+        # every parameter a view of one flat vector, which Adam updates in place
+        self.flat = torch.cat([p.detach().reshape(-1) for p in couplings.parameters()])
+        offset = 0
+        for parameter in couplings.parameters():
+            parameter.data = self.flat[offset:offset + parameter.numel()].view_as(parameter)
+            offset += parameter.numel()
         # the same layers with their parameters' storage but no gradient: the
         # sticking-the-landing estimator's log q sees z, not the parameters
         self._frozen = _copied(couplings)
@@ -192,8 +203,13 @@ class Flows:
         return self.mean.shape[-1]
 
     def parameters(self) -> list[torch.Tensor]:
-        """The couplings' parameters (the base Gaussians stay fixed)."""
+        """The couplings' parameters (the base Gaussians stay fixed), views of :attr:`flat`."""
         return list(self.layers.parameters())
+
+    def flat_grad(self) -> torch.Tensor:
+        """The parameters' gradients as one vector, in :attr:`flat`'s order (zeros where none)."""
+        return torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None
+                          else p.grad.reshape(-1) for p in self.parameters()])
 
     def _forward(self, epsilon: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T(epsilon), log|det J_T(epsilon)|)`` for ``epsilon`` ``(K, M, d)``."""

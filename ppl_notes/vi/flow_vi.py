@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppl_notes.vi.compiled_svi import AdamState, adam_step
 from ppl_notes.vi.flow_family import Flows
 from ppl_notes.vi.gaussian_vi import Potential
 
@@ -142,11 +143,13 @@ def fit_flows(potential: Potential, flows: Flows, seed: int, steps: int = FLOW_S
     traces = [FlowTrace(flows.restart(k)) for k in range(count)]
     generator = torch.Generator().manual_seed(seed)
     first, last = learning_rates
-    optimiser = torch.optim.Adam(flows.parameters(), lr=first, foreach=True)
+    # torch.optim.Adam's arithmetic on the flat vector of all flows' parameters (one
+    # update of a few tensors; torch.optim would import torch._dynamo, 1.2 s, at its start)
+    adam = AdamState(0, torch.zeros_like(flows.flat), torch.zeros_like(flows.flat))
+    parameters = flows.parameters()
     try:
         for step in range(steps):
-            for group in optimiser.param_groups:
-                group["lr"] = first * (last / first) ** (step / max(steps - 1, 1))
+            learning_rate = first * (last / first) ** (step / max(steps - 1, 1))
             epsilon = torch.randn(count, draws, dim, generator=generator, dtype=torch.float64)
             points, log_q = flows.draw_for_training(epsilon)
             flat = points.detach().reshape(-1, dim).numpy()
@@ -169,9 +172,11 @@ def fit_flows(potential: Potential, flows: Flows, seed: int, steps: int = FLOW_S
                 continue
             # d/dphi of mean(U(z) + log q(z)), each restart's: U's gradient enters through z
             loss = ((points * torch.from_numpy(grads)).sum() + log_q.sum()) / draws
-            optimiser.zero_grad()
+            for parameter in parameters:
+                parameter.grad = None
             loss.backward()
-            optimiser.step()
+            with torch.no_grad():
+                flows.flat.copy_(adam_step(flows.flat, flows.flat_grad(), adam, learning_rate))
             if baseline is not None and step + 1 == GAIN_CHECK and not any(
                     _gain_over(trace.elbo, baseline) for trace in traces):
                 for trace in traces:
