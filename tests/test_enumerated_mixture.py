@@ -11,8 +11,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
-from torch.distributions import biject_to
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
+from torch.distributions import biject_to
 
 from ppl_notes.evaluation.potential import BatchedPotential
 from tests.corpus import low_dim_gauss_mix as mix
