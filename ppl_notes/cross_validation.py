@@ -82,6 +82,10 @@ def loo(posterior, pointwise: bool = True, var_name: str | None = None, warn: bo
     """
     tree = posterior.tree
     if "log_likelihood" not in tree.children:
+        note = str(tree.attrs.get("log_likelihood_note", ""))
+        if note.startswith("not stored"):  # over the budget, or log_likelihood=False
+            raise OptionError(f"loo needs the pointwise log-likelihood, and this fit of "
+                              f"{posterior.model_name!r} has none: {note}")
         raise OptionError(f"loo needs observed data; story {posterior.model_name!r} has no "
                           "log_likelihood (no observed sites)")
     if posterior.num_draws < 2:

@@ -226,6 +226,13 @@ def _page(title, fits, table, diagnostics, warnings_table, loo_table, figures, r
               "<h2>Parameters</h2>", _html_table(table)]
     if not loo_table.empty:
         parts += ["<h2>Leave-one-out (PSIS-LOO)</h2>", _html_table(loo_table)]
+    unstored = {label: str(p.tree.attrs.get("log_likelihood_note", ""))
+                for label, p in fits.items()}
+    unstored = {label: note for label, note in unstored.items() if note.startswith("not stored")}
+    if unstored:  # over the budget, or log_likelihood=False: no LOO, and the page says why
+        parts.append("<h2>Leave-one-out (PSIS-LOO)</h2>")
+        parts += [f"<p><b>{escape(label)}</b>: no pointwise log-likelihood, "
+                  f"{escape(note)}</p>" for label, note in unstored.items()]
     parts.append("<h2>Figures</h2>")
     if left:
         listed = ", ".join(f"{escape(k)} ({n} elements)" for k, n in left.items())

@@ -48,6 +48,10 @@ class RunContext:
     known_facts : StoryFacts or None
         The facts, where already read (``infer()`` reads them from the run that checked
         the data); :attr:`facts` reads them once otherwise.
+    pointwise_skipped : str or None
+        Why the pointwise log-likelihood is not stored (``StoryFacts.pointwise_skipped``),
+        kept here so that facts read again (a worker process's, the hand-marginalised
+        story's) say the same.
     """
 
     model: Any
@@ -59,12 +63,15 @@ class RunContext:
     restart: int = 0
     known_facts: StoryFacts | None = field(default=None, repr=False, compare=False)
     known_marginal: tuple | None = field(default=None, repr=False, compare=False)
+    pointwise_skipped: str | None = None
 
     @property
     def facts(self) -> StoryFacts:
         """The story's facts on the data, read at most once per context."""
         if self.known_facts is None:  # written once: a frozen field filled on first use
-            object.__setattr__(self, "known_facts", story_facts(self.model, self.data))
+            facts = story_facts(self.model, self.data)
+            facts.pointwise_skipped = self.pointwise_skipped
+            object.__setattr__(self, "known_facts", facts)
         return self.known_facts
 
     @property
@@ -82,8 +89,9 @@ class RunContext:
         if marginal is self.model:
             return self.model, self.facts
         if self.known_marginal is None:
-            object.__setattr__(self, "known_marginal",
-                               (marginal, story_facts(marginal, self.data)))
+            facts = story_facts(marginal, self.data)
+            facts.pointwise_skipped = self.pointwise_skipped
+            object.__setattr__(self, "known_marginal", (marginal, facts))
         return self.known_marginal
 
     def replace(self, **changes: Any) -> RunContext:

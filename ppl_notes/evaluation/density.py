@@ -293,7 +293,7 @@ def _drawn_states(chain, facts) -> dict[str, torch.Tensor]:
 
 def _pointwise(trace, facts, vectorized: bool) -> dict[str, torch.Tensor]:
     """Each declared observation's log-likelihood, discrete sites summed out per observation."""
-    if facts.pointwise_note is not None:
+    if facts.pointwise_note is not None or facts.pointwise_skipped is not None:
         return {}
     if not facts.discrete:
         return {n: trace.nodes[n]["log_prob"] for n in facts.likelihood}

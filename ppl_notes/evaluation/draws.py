@@ -117,7 +117,7 @@ def evaluate_draws(
     path = choose_path(model, data, facts)
     pieces = [_evaluate_chunk(model, data, values, facts, path, recover_discrete, unconstrained)
               for values in _in_batches(model, data, facts, draws, seed)]
-    return DrawEvaluation.concatenate(pieces, facts.pointwise_note)
+    return DrawEvaluation.concatenate(pieces, facts.pointwise_note or facts.pointwise_skipped)
 
 
 def _in_batches(model, data, facts: StoryFacts, draws: Mapping[str, torch.Tensor], seed: int):

@@ -60,6 +60,10 @@ class StoryFacts:
     local_discrete : bool
         Every discrete site is local to the one observed site (one value per
         observation), so each observation's likelihood is a sum over its own values.
+    pointwise_skipped : str or None
+        Why the pointwise log-likelihood, which exists, is not computed and stored: over
+        the budget of :func:`~ppl_notes.evaluation.log_likelihood_budget.keep_pointwise`,
+        or not asked for; ``None`` where it is stored.
     dtype : torch.dtype
         The dtype the story runs in.
     path : str or None
@@ -113,6 +117,7 @@ class StoryFacts:
     value_branch: str | None = None
     elements_per_draw: tuple[int, int] | None = None
     subsampled: dict = field(default_factory=dict)
+    pointwise_skipped: str | None = None
     check_points: dict = field(repr=False, compare=False, default_factory=dict)
     check_gradient: tuple | None = field(repr=False, compare=False, default=None)
     prior_draws: dict = field(repr=False, compare=False, default_factory=dict)

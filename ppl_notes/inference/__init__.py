@@ -31,6 +31,7 @@ from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.evaluation import RunContext, story_dtype, story_facts
 from ppl_notes.evaluation.paths import keep_check_points
+from ppl_notes.evaluation.log_likelihood_budget import keep_pointwise
 from ppl_notes.inference._options import validate
 from ppl_notes.inference.backends import BACKENDS, methods_with
 from ppl_notes.posterior import Posterior
@@ -52,6 +53,7 @@ def infer(
     seed: int = 0,
     progress: bool = True,
     drop_incomplete: bool = False,
+    log_likelihood: bool | None = None,
     **options: Any,
 ) -> Posterior:
     """Infer the posterior of a story's latent sites given data.
@@ -89,6 +91,12 @@ def infer(
     drop_incomplete : bool
         Drop data rows with a NaN or infinite value instead of raising (see
         :meth:`Model.prepare_data`).
+    log_likelihood : bool or None
+        Store the pointwise log-likelihood (the ``log_likelihood`` group: one value per
+        draw and observed value, which LOO, WAIC and ``compare`` read). ``None`` stores it
+        where draws x observed values fit the budget (:data:`~ppl_notes.evaluation.
+        log_likelihood_budget.POINTWISE_BUDGET`, 800 MB), ``True`` always, ``False``
+        never; ``info["log_likelihood"]`` says why it is missing.
     **options
         Options of the method; an unknown one is an error listing the valid ones. A story
         may recommend defaults of its own (``Model.defaults``); these override them.
@@ -151,6 +159,7 @@ def infer(
         require_fixed_latent_sites(model, [first_run, *prior_runs])
     facts = story_facts(model, prepared, trace=first_run)
     keep_check_points(facts, prior_runs)  # the path choice's prior points: no runs of its own
+    keep_pointwise(facts, checked, log_likelihood)  # before any draw is evaluated
     if facts.subsampled and not backend.minibatch:
         plate, (size, full) = next(iter(facts.subsampled.items()))
         raise OptionError(
@@ -162,7 +171,8 @@ def infer(
     if guide is None or isinstance(guide, str):
         _require_continuous_and_enumerable(model, facts, method)
     context = RunContext(model, prepared, guide=guide, seed=seed, progress=progress,
-                         options=checked, known_facts=facts)
+                         options=checked, known_facts=facts,
+                         pointwise_skipped=facts.pointwise_skipped)
     with run_dtype(context.dtype), fit_threads(prepared) as threads:
         run = backend.run(context)
     run.info["threads"] = threads
@@ -172,6 +182,8 @@ def infer(
         run.info["path_reason"] = run.info.get("path_reason") or facts.path_reason
     if facts.value_branch is not None:
         run.info["value_branch"] = facts.value_branch
+    if facts.pointwise_skipped is not None:
+        run.info["log_likelihood"] = facts.pointwise_skipped
     if observed_found is not None:
         run.info["observed_from_data"] = observed_found
     run.info["dtype"] = (f"{str(model.dtype).removeprefix('torch.')}: "
@@ -188,7 +200,7 @@ def infer(
         "options": json.dumps(run.options, sort_keys=True, default=str),
         "info": json.dumps(run.info, sort_keys=True, default=str),
         "discrete_sites": json.dumps(sorted(facts.discrete)),
-        "log_likelihood_note": facts.pointwise_note or "",
+        "log_likelihood_note": facts.pointwise_note or facts.pointwise_skipped or "",
         "seconds": float(run.seconds),
         "seed": seed,
         "partial": bool(run.partial),
