@@ -30,8 +30,8 @@ from ppl_notes.checks import check_data_runs, require_fixed_latent_sites
 from ppl_notes.diagnostics import warn_about
 from ppl_notes.errors import InferenceError, OptionError, OptionTypeError, StoryError
 from ppl_notes.evaluation import RunContext, story_dtype, story_facts
-from ppl_notes.evaluation.paths import keep_check_points
 from ppl_notes.evaluation.log_likelihood_budget import keep_pointwise
+from ppl_notes.evaluation.paths import keep_check_points
 from ppl_notes.inference._options import validate
 from ppl_notes.inference.backends import BACKENDS, methods_with
 from ppl_notes.posterior import Posterior
