@@ -39,6 +39,9 @@ from ppl_notes._sites import is_enumerable, sample_sites
 from ppl_notes.arviz_io import infer_dims
 from ppl_notes.data_preparation import to_tensor
 from ppl_notes.errors import DataError, OptionError, StoryError
+from ppl_notes.evaluation.draws import recover_discrete_sites
+from ppl_notes.evaluation.facts import story_facts
+from ppl_notes.evaluation.paths import choose_path
 from ppl_notes.predictive import _dtype, _thinned_indices
 
 __all__ = ["predict"]
@@ -67,9 +70,6 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
         One variable per predicted site, with the posterior's sample dims; also stored
         in ``posterior.tree`` as the ``predictions`` group (ArviZ's name for it).
     """
-    from arviz_base import dict_to_dataset
-
-
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
         raise OptionError(f"num_draws must be an integer >= 1, got {num_draws!r}")
     model = story_of(posterior)
@@ -92,6 +92,11 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
         local_discrete = [n for n, s in sites.items()
                           if not s["is_observed"] and n not in fixed and is_enumerable(s["fn"])]
         nesting = max((len(s["cond_indep_stack"]) for s in sites.values()), default=0)
+        to_predict = [n for n, s in sites.items() if n not in fixed and not s["is_observed"]]
+        if local_discrete and given and set(to_predict) <= set(local_discrete):
+            batched = _recovered_at_once(model, data, draws, seed)
+            if batched is not None:
+                return _as_predictions(posterior, model, first, batched, shape)
         rows: dict[str, list[np.ndarray]] = {}
         with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
             for row in range(len(index)):
@@ -124,8 +129,39 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
     if not rows:
         raise OptionError(f"story {model.name!r} has nothing to predict on these data: every "
                           "site is either a global parameter or given")
-    arrays = {name: np.stack(values).reshape(shape + values[0].shape)
-              for name, values in rows.items()}
+    return _as_predictions(posterior, model, first, {
+        name: np.stack(values) for name, values in rows.items()}, shape)
+
+
+def _recovered_at_once(model, data, draws: dict[str, np.ndarray], seed: int
+                       ) -> dict[str, np.ndarray] | None:
+    """The discrete sites drawn from p(z | x, theta) for every posterior draw in one run.
+
+    The recovery ``infer()`` uses for its own draws
+    (:func:`~ppl_notes.evaluation.draws.recover_discrete_sites`), on the path the story is
+    checked to take on these data (a plate over the draws, vmap, or one at a time); None
+    where the story's sites on the new data are not a fit's (no continuous latent site).
+    Galton's heights, 500 draws at 3 heights: 22 s one draw at a time before.
+    """
+    facts = story_facts(model, data)
+    if not facts.discrete or not set(facts.continuous) <= set(draws):
+        return None
+    path = choose_path(model, data, facts)
+    values = {n: torch.as_tensor(draws[n], dtype=facts.dtype) for n in facts.continuous}
+    with torch.no_grad(), pyro.poutine.seed(rng_seed=seed):
+        return recover_discrete_sites(model, data, facts, values, path)
+
+
+def _as_predictions(posterior, model, first, drawn: dict[str, np.ndarray],
+                    shape: tuple[int, ...]) -> xr.Dataset:
+    """The predicted sites ``(draws, ...)`` as a Dataset with the posterior's sample dims.
+
+    It is kept in ``posterior.tree`` as the ``predictions`` group (ArviZ's name for it).
+    """
+    from arviz_base import dict_to_dataset
+
+    arrays = {name: np.asarray(values).reshape(shape + np.shape(values)[1:])
+              for name, values in drawn.items()}
     dims = {k: v for k, v in infer_dims(model, first).items() if k in arrays}
     result = dict_to_dataset(arrays, dims=dims, sample_dims=list(posterior.sample_dims),
                              inference_library=None, check_conventions=False)

@@ -209,7 +209,7 @@ def discrete_draws(model, data: Mapping[str, Any], values: Mapping[str, torch.Te
     """
     path = choose_path(model, data, facts)
     _mention_discrete_cost(model, facts, next(iter(values.values())).shape[0])
-    pieces = [{n: _compact(v) for n, v in _recover_discrete(model, data, facts, part,
+    pieces = [{n: _compact(v) for n, v in recover_discrete_sites(model, data, facts, part,
                                                              path).items()}
               for part in _in_batches(model, data, facts, values, seed)]
     return {n: np.concatenate([p[n] for p in pieces]) for n in pieces[0]} if pieces else {}
@@ -232,11 +232,11 @@ def _evaluate_chunk(model, data, values, facts, path, recover_discrete,
         result.discrete = {n: _compact(v.numpy()) for n, v in evaluation.discrete.items()}
     elif facts.discrete and recover_discrete is True:
         result.discrete = {n: _compact(v) for n, v in
-                           _recover_discrete(model, data, facts, values, path).items()}
+                           recover_discrete_sites(model, data, facts, values, path).items()}
     return result
 
 
-def _recover_discrete(model, data, facts, values, path) -> dict[str, np.ndarray]:
+def recover_discrete_sites(model, data, facts, values, path) -> dict[str, np.ndarray]:
     """Each draw's discrete sites from p(z | x, theta) (Pyro's ``infer_discrete``)."""
     num = next(iter(values.values())).shape[0]
     nesting = facts.plate_nesting
