@@ -158,3 +158,24 @@ def test_the_warmups_leapfrog_steps_are_counted():
     counted_steps = result.warmup_steps + int(result.num_steps.sum())
     assert result.warmup_steps >= 300  # a transition takes at least one leapfrog step
     assert 0 < len(calls) - counted_steps < 100
+
+
+def test_a_long_run_without_bars_says_how_far_it_is(monkeypatch, capsys):
+    """Without progress bars (progress=False, or CI), a run says every HEARTBEAT_SECONDS
+    how many iterations are done and how long the rest takes: a NUTS run of a VAE's
+    posterior printed nothing for 11 minutes."""
+    from ppl_notes.mcmc import chains
+
+    clock = iter([0.0, 61.0, 62.0, 130.0])
+    monkeypatch.setattr(chains, "_now", lambda: next(clock))
+    bars = chains._Bars(2, 1000, progress=False)
+    bars.put((0, "warmup"))  # a phase: no clock read, no line
+    bars.put((0, 100))       # 61 s: 100 of 2000 iterations
+    bars.put((1, 100))       # 62 s: within a minute of the last line
+    bars.put((1, 300))       # 130 s: 400 of 2000
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "ppl_notes NUTS: 100 of 2,000 iterations of 2 chains (starting, warmup) after 1 min; "
+        "about 19 min left at the rate so far",
+        "ppl_notes NUTS: 400 of 2,000 iterations of 2 chains (starting, warmup) after 2 min; "
+        "about 8 min left at the rate so far"]

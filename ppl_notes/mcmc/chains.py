@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -274,13 +275,25 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 _BAR = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
+#: Without progress bars (``progress=False``, or on CI), a long run says how far it is,
+#: one line to stderr at most this often (seconds): a NUTS run of a VAE's posterior
+#: printed nothing for 11 minutes
+HEARTBEAT_SECONDS = 60.0
+
+
 class _Bars:
-    """One bar per chain, and the phase each chain is in (compiling, warmup, sampling)."""
+    """One bar per chain, and the phase each chain is in (compiling, warmup, sampling).
+
+    Without bars, a line to stderr every :data:`HEARTBEAT_SECONDS` says how many
+    iterations are done and how long the rest takes at the rate so far.
+    """
 
     def __init__(self, chains: int, total: int, progress: bool) -> None:
         self.bars = [tqdm(total=total, desc=f"NUTS chain {c}", position=c, leave=True,
                           disable=not progress, bar_format=_BAR) for c in range(chains)]
         self.phases = ["starting"] * chains
+        self.done, self.total = [0] * chains, total
+        self.started = self.said = _now()
 
     def put(self, message: tuple[int, str | int]) -> None:
         """Apply one message: a phase name, or the iterations done so far."""
@@ -295,7 +308,23 @@ class _Bars:
                 bar.reset(total=bar.total)
             bar.refresh()
         else:
+            self.done[chain] = what
             bar.update(what - bar.n)
+        if bar.disable:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        now = _now()
+        if now - self.said < HEARTBEAT_SECONDS:
+            return
+        self.said = now
+        done, total = sum(self.done), self.total * len(self.done)
+        elapsed = now - self.started
+        left = (f"about {_duration((total - done) * elapsed / done)} left at the rate so far"
+                if done else "no iteration done yet")
+        phases = ", ".join(sorted(set(self.phases)))
+        print(f"ppl_notes NUTS: {done:,} of {total:,} iterations of {len(self.done)} chains "
+              f"({phases}) after {_duration(elapsed)}; {left}", file=sys.stderr, flush=True)
 
     def compiling(self) -> bool:
         """Whether some chain has not started sampling yet."""
@@ -304,6 +333,18 @@ class _Bars:
     def close(self) -> None:
         for bar in self.bars:
             bar.close()
+
+
+def _now() -> float:
+    """The heartbeat's clock (seconds)."""
+    return time.monotonic()
+
+
+def _duration(seconds: float) -> str:
+    """``1 h 05 min``, ``12 min``, ``40 s``."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{int(seconds // 60)} min" if seconds >= 60 else f"{int(seconds)} s"
 
 
 def _drain(progress_queue, bars: _Bars) -> None:
