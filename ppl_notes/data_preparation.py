@@ -133,18 +133,26 @@ def observed_from_data(model, prepared: dict[str, Any]) -> dict[str, str]:
 
     The story runs once on ``prepared``; a site observed with a data argument (the
     tensor itself, or its values) is observed data, as NumPyro's ``MCMC.run(key,
-    **data)`` reads it, and one observed with a constant is left as it is.
+    **data)`` reads it, and one observed with a constant is left as it is. A story that
+    takes no data at all and observes values it holds (``GPRegression(X, y,
+    kernel).model``) observes those: ``{site: site}``.
     """
     try:
         trace = trace_with_index_covariates(model, prepared)
     except (ValueError, RuntimeError, IndexError, TypeError) as error:
         raise DataError(f"story {model.name!r} cannot run on this data: {error}") from error
-    observed = {}
+    observed, held = {}, {}
     for name, site in sample_sites(trace).items():
         if site["is_observed"] and not is_deterministic(site):
             argument = argument_holding(site["value"], prepared)
             if argument is not None:
                 observed[name] = argument
+            else:
+                held[name] = name
+    if not observed and held and not prepared:
+        # a story that holds its own data and takes no argument (Pyro's contrib.gp
+        # models: GPRegression(X, y, kernel).model observes self.y)
+        return held
     if not observed:
         raise StoryError(
             f"story {model.name!r}: no sample site takes obs= from the data arguments "

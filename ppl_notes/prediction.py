@@ -94,7 +94,10 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
         nesting = max((len(s["cond_indep_stack"]) for s in sites.values()), default=0)
         to_predict = [n for n, s in sites.items() if n not in fixed and not s["is_observed"]]
         if local_discrete and given and set(to_predict) <= set(local_discrete):
-            batched = _recovered_at_once(model, data, draws, seed)
+            try:
+                batched = _recovered_at_once(model, data, draws, seed)
+            except (IndexError, RuntimeError, ValueError, TypeError) as error:
+                raise _uncomputable(model, new_data, "", error) from error
             if batched is not None:
                 return _as_predictions(posterior, model, first, batched, shape)
         rows: dict[str, list[np.ndarray]] = {}
@@ -111,14 +114,8 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
                 try:
                     trace = poutine.trace(story).get_trace(**data)
                 except (IndexError, RuntimeError, ValueError, TypeError) as error:
-                    given_values = ", ".join(
-                        f"{k}={np.asarray(v).ravel()[:3].tolist()}" for k, v in new_data_of(
-                            new_data).items())
-                    raise DataError(
-                        f"predict: story {model.name!r} cannot run on the new data "
-                        f"({given_values}) at posterior draw {row}: "
-                        f"{str(error).splitlines()[0]} (a value outside what the story "
-                        "can compute, such as one that overflows)") from error
+                    raise _uncomputable(model, new_data, f" at posterior draw {row}",
+                                        error) from error
                 for name, site in sample_sites(trace).items():
                     if name not in fixed and not site["is_observed"]:
                         value = site["value"].detach().cpu()
@@ -131,6 +128,15 @@ def predict(posterior, new_data: Mapping | pd.DataFrame, num_draws: int = 500,
                           "site is either a global parameter or given")
     return _as_predictions(posterior, model, first, {
         name: np.stack(values) for name, values in rows.items()}, shape)
+
+
+def _uncomputable(model, new_data, where: str, error: Exception) -> DataError:
+    """The error for new data the story cannot compute at the posterior's draws."""
+    given_values = ", ".join(f"{k}={np.asarray(v).ravel()[:3].tolist()}"
+                             for k, v in new_data_of(new_data).items())
+    return DataError(f"predict: story {model.name!r} cannot run on the new data "
+                     f"({given_values}){where}: {str(error).splitlines()[0]} (a value outside "
+                     "what the story can compute, such as one that overflows)")
 
 
 def _recovered_at_once(model, data, draws: dict[str, np.ndarray], seed: int

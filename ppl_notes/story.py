@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["Model", "Guide", "model", "guide", "check_pairing"]
 
 
+def _required_arguments(fn: Callable) -> list[str]:
+    """The arguments a call of ``fn`` cannot leave out."""
+    return [name for name, p in story_signature(fn).parameters.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+
 @dataclass(frozen=True, init=False, eq=False, repr=False)
 class Model(StoryViews):
     """A generative story: a Pyro model with a name, observed sites and default data.
@@ -218,6 +225,8 @@ class Model(StoryViews):
             raise StoryError(f"infer() needs a Pyro model: a function, a PyroModule or a "
                              f"story made with @ppl_notes.model; got {type(fn).__name__}")
         probe = cls(fn, observed=())
+        if data is None and not _required_arguments(fn):
+            data = {}  # a model of no arguments (GPRegression(...).model) needs none
         if data is None:
             raise DataError(f"infer({probe.name}): a model given without @ppl_notes.model "
                             "has no default data; pass data={argument: values}")
@@ -313,7 +322,14 @@ class Model(StoryViews):
 
     # -- data ---------------------------------------------------------------------
     def default_data(self) -> dict[str, Any]:
-        """The story's default data set (e.g. Galton's heights), as raw values."""
+        """The story's default data set (e.g. Galton's heights), as raw values.
+
+        A story of no required argument whose observed sites take no argument holds its
+        data itself (Pyro's ``GPRegression(X, y, kernel).model``): its data are ``{}``.
+        """
+        if self._default_data is None and not _required_arguments(self.fn) and not any(
+                self.observed_arguments.values()):
+            return {}
         if self._default_data is None:
             raise DataError(
                 f"story {self.name!r} has no default data: pass data for "

@@ -292,3 +292,56 @@ def test_a_reparameterised_site_is_in_the_posterior_by_its_name():
     rebuilt = fit.draws("mu")[:, None] + fit.draws("tau")[:, None] * fit.draws(
         "theta_decentered")
     np.testing.assert_allclose(fit.draws("theta"), rebuilt, rtol=1e-12, atol=1e-12)
+
+
+def _gp_regression():
+    import pyro.contrib.gp as gp
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.linspace(0.0, 5.0, 20, dtype=torch.float64)
+    y = torch.sin(x) + 0.2 * torch.randn(20, generator=generator, dtype=torch.float64)
+    kernel = gp.kernels.RBF(input_dim=1)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    kernel.lengthscale = PyroSample(dist.LogNormal(zero, 1.0))
+    kernel.variance = PyroSample(dist.LogNormal(zero, 1.0))
+    return gp.models.GPRegression(x, y, kernel, noise=torch.tensor(0.04, dtype=torch.float64)), x, y
+
+
+def _gp_grid_means(x, y, noise=0.04, jitter=1e-6):
+    """E[lengthscale], E[variance] by quadrature over a 300 x 300 grid of their logs: the
+    Gaussian likelihood N(y | 0, v exp(-d^2 / 2l^2) + (noise + jitter) I) of Pyro's RBF
+    kernel and GPRegression, times the LogNormal(0, 1) priors."""
+    logs = torch.linspace(-4.0, 4.0, 300, dtype=torch.float64)
+    log_l, log_v = torch.meshgrid(logs, logs, indexing="ij")
+    squared = (x[:, None] - x[None, :]) ** 2
+    lengthscale, variance = log_l.exp()[..., None, None], log_v.exp()[..., None, None]
+    cov = (variance * torch.exp(-0.5 * squared / lengthscale**2)
+           + (noise + jitter) * torch.eye(len(x), dtype=torch.float64))
+    log_lik = dist.MultivariateNormal(torch.zeros(len(x), dtype=torch.float64),
+                                      covariance_matrix=cov).log_prob(y)
+    # the priors on l and v, in the log coordinates of the grid (log-normal -> normal)
+    prior = dist.Normal(0.0, 1.0)
+    log_post = log_lik + prior.log_prob(log_l) + prior.log_prob(log_v)
+    weights = torch.softmax(log_post.reshape(-1), 0).reshape(log_post.shape)
+    return float((weights * log_l.exp()).sum()), float((weights * log_v.exp()).sum())
+
+
+def test_a_gp_regression_model_method_with_no_arguments_is_a_story():
+    """Pyro's contrib.gp GPRegression(...).model: no arguments, its data held by the
+    module (obs=self.y). infer(gpr.model) asked for data, infer(gpr.model, data={}) said
+    no site takes obs= from the data, and model(observed="y")(gpr.model) asked for data
+    for y. All three now fit it; NUTS is held to quadrature over (lengthscale, variance)
+    within 5 Monte Carlo standard errors."""
+    gpr, x, y = _gp_regression()
+    exact = dict(zip(("kernel.lengthscale", "kernel.variance"), _gp_grid_means(x, y),
+                     strict=True))
+    fits = [infer(gpr.model, method="nuts", seed=0, progress=False, warmup=300, draws=500),
+            infer(gpr.model, data={}, method="map", progress=False),
+            infer(model(observed="y")(gpr.model), method="map", progress=False)]
+    summary = fits[0].summary()
+    for name, mean in exact.items():
+        assert abs(summary.loc[name, "mean"] - mean) < 5 * summary.loc[name, "mcse_mean"] + 1e-3
+    for fit in fits[1:]:  # the same story: its mode is the same wherever it was given
+        np.testing.assert_allclose(fit.draws("kernel.lengthscale"),
+                                   fits[1].draws("kernel.lengthscale"))
+    assert fits[0].info["observed_from_data"] == {"y": "y"}

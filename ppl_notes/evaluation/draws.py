@@ -301,6 +301,9 @@ def _local_discrete(model, data, facts, values) -> dict[str, np.ndarray] | None:
     factor = sum(trace.nodes[n]["log_prob"] for n in facts.discrete + facts.observed)
     enum_shape = factor.shape[:factor.dim() - nesting - 1]
     rest = factor.shape[len(enum_shape):]
+    if not bool(torch.isfinite(torch.logsumexp(factor.reshape((-1,) + rest), 0)).all()):
+        raise ValueError("p(z | x, theta) of the discrete sites is not finite at some "
+                         "observation and draw (NaN, or every value impossible)")
     # inverse CDF over the few enumerated values: one uniform per observation and draw
     chosen = categorical_draw(factor.reshape((-1,) + rest)).unsqueeze(0)
     drawn = {}
