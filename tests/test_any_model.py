@@ -345,3 +345,31 @@ def test_a_gp_regression_model_method_with_no_arguments_is_a_story():
         np.testing.assert_allclose(fit.draws("kernel.lengthscale"),
                                    fits[1].draws("kernel.lengthscale"))
     assert fits[0].info["observed_from_data"] == {"y": "y"}
+
+
+def test_a_one_matrix_operation_on_a_latent_says_why_the_plate_path_was_left():
+    """A varying-slopes story as users write it, its covariance factor built with
+    torch.mm(torch.diag(tau), L): the plate path (a batch of draws) cannot run torch.diag
+    on a batch, and info['path_reason'] says so and names the batched form."""
+
+    @model(observed="y")
+    def varying_slopes(group, x, y, groups=5):
+        tau = pyro.sample("tau", dist.HalfNormal(torch.ones(2, dtype=torch.float64))
+                          .to_event(1))
+        factor = pyro.sample("L", dist.LKJCholesky(2, torch.tensor(2.0, dtype=torch.float64)))
+        scale_tril = torch.mm(torch.diag(tau), factor)
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 5.0)
+                         .to_event(1))
+        with pyro.plate("groups", groups):
+            beta = pyro.sample("beta", dist.MultivariateNormal(mu, scale_tril=scale_tril))
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
+        with pyro.plate("rows", len(y)):
+            pyro.sample("y", dist.Normal(beta[group, 0] + beta[group, 1] * x, sigma), obs=y)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=100)
+    data = {"group": torch.tensor(rng.integers(0, 5, 100)), "x": torch.tensor(x),
+            "y": torch.tensor(1 + 0.5 * x + 0.5 * rng.normal(size=100))}
+    fit = infer(varying_slopes, data=data, method="map", progress=False)
+    assert "plate: RuntimeError: diag()" in fit.info["path_reason"]
+    assert "tau[..., :, None] * L for diag(tau) @ L" in fit.info["path_reason"]

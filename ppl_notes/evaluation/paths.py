@@ -164,6 +164,16 @@ def value_branch(model, data: Mapping[str, Any], facts: StoryFacts,
     return watch.found
 
 
+#: What torch says where an operation takes one matrix and the plate path gave it a batch
+_ONE_MATRIX_ERRORS = ("must be a matrix", "Supports 1D or 2D tensors", "1D tensors expected",
+                      "2D tensors expected")
+#: The plate path's reason then says how to keep it
+_ONE_MATRIX_HINT = ("torch.mm, torch.diag, torch.dot and torch.outer take one matrix or vector,"
+                    " not the batch of draws the plate path runs: their batched forms "
+                    "(tau[..., :, None] * L for diag(tau) @ L, torch.diag_embed, @, "
+                    "torch.einsum) keep the faster plate path")
+
+
 def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
     """The fastest path that evaluates the story as its one-draw self does; see module."""
     if facts.path is not None:
@@ -183,8 +193,10 @@ def choose_path(model, data: Mapping[str, Any], facts: StoryFacts) -> str:
         try:
             got, gradient, branch = _with_gradient(model, data, facts, points, path)
         except Exception as error:  # noqa: BLE001 - any failure rules the path out; kept as the reason
-            reasons.append(f"{path}: {type(error).__name__}: {str(error).strip().splitlines()[0]
-                                                            if str(error).strip() else ''}")
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            hint = (f" ({_ONE_MATRIX_HINT})" if path == "plate"
+                    and any(m in first for m in _ONE_MATRIX_ERRORS) else "")
+            reasons.append(f"{path}: {type(error).__name__}: {first}{hint}")
             continue
         if branch is not None:  # one branch for a whole batch: right only by chance
             reasons.append(f"{path}: the story reads a value computed from its parameters "
