@@ -50,6 +50,7 @@ from ppl_notes._progress import show_progress
 from ppl_notes._signing import cache_root, sign, signing_key, verify
 from ppl_notes._sites import sample_sites
 from ppl_notes.data_preparation import to_tensor
+from ppl_notes.display import calibration_html
 from ppl_notes.errors import (
     CheckpointError,
     OptionError,
@@ -132,6 +133,10 @@ class Calibration:
 
         return arviz_plots.plot_ecdf_pit(self.to_arviz(), group="prior_sbc",
                                          sample_dims=["replicate"], **kwargs)
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: the verdict and each p-value (:mod:`ppl_notes.display`)."""
+        return calibration_html(self)
 
     def __repr__(self) -> str:
         lines = [f"Calibration of {self.story!r} by {self.method}: "

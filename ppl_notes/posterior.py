@@ -27,6 +27,7 @@ from ppl_notes._integrity import DIGEST_ATTR, SIGNATURE_ATTR, tree_digest
 from ppl_notes._signing import sign, signing_key
 from ppl_notes._sites import unconstrained_value
 from ppl_notes.diagnostics import MIN_DRAWS_PER_CHAIN, diagnostics, findings
+from ppl_notes.display import posterior_html
 from ppl_notes.errors import OptionError
 from ppl_notes.evaluation import StoryFacts, story_facts
 from ppl_notes.evaluation.draws import evaluate_draws, sample_guide
@@ -109,6 +110,10 @@ class Posterior:
         flag = ", partial" if self.partial else ""
         return (f"<Posterior of {self.tree.attrs.get('model')!r} by {self.method!r}"
                 f"{flag}: {dict(self.tree['posterior'].sizes)}>")
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: the summary table and the verdict (:mod:`ppl_notes.display`)."""
+        return posterior_html(self)
 
     @property
     def method(self) -> str:

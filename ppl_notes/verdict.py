@@ -63,6 +63,7 @@ from ppl_notes.diagnostics import (
     richer_guide,
     stopped_short,
 )
+from ppl_notes.display import verdict_html
 
 __all__ = ["Verdict", "check", "KHAT_RELIABLE"]
 
@@ -111,6 +112,14 @@ class Verdict:
 
     def __bool__(self) -> bool:
         return self.reliable
+
+    def __repr__(self) -> str:
+        return (f"<Verdict: {'reliable' if self.reliable else 'NOT reliable'}, "
+                f"{len(self.fails)} failing and {len(self.holds)} holding checks>")
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: what fails and what holds (:mod:`ppl_notes.display`)."""
+        return verdict_html(self)
 
     def __str__(self) -> str:
         lines = ["reliable" if self.reliable else "NOT reliable"]
