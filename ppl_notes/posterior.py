@@ -414,6 +414,14 @@ class Posterior:
             return self.guide
         families = {name: family for family, name in FAMILY_GUIDES.values()}
         name = str(self.tree.attrs.get("guide", ""))
+        centring = self.info.get("centring") or {}
+        if centring.get("kept"):
+            raise OptionError(
+                "fresh draws need the fitted guide over the story's own sites, and this "
+                "Gaussian was fitted on the story decentred at "
+                f"{centring.get('centredness')} (ppl_notes.vi.centring: its coordinates "
+                "are not the story's): use its stored draws (call without num_samples), or "
+                "fit with a larger num_draws")
         if name == FLOW_GUIDE:
             raise OptionError(
                 "fresh draws need a Pyro guide, and a flow fitted on the potential "

@@ -97,10 +97,32 @@ def banana():
     pyro.sample("b", dist.Normal(a**2, 0.5))
 
 
+@pn.model(observed=[])
+def banana_by_factor():
+    """The same density, b's given by a factor: no site's location is a latent, so the
+    centring (ppl_notes.vi.centring) has nothing to decentre and the flow is the answer."""
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.ImproperUniform(dist.constraints.real, (), ()))
+    pyro.factor("b_given_a", dist.Normal(a**2, 0.5).log_prob(b))
+
+
 @pytest.fixture(scope="module")
 def banana_fits():
-    return {guide: pn.infer(banana, data={}, method="svi", guide=guide, seed=0, progress=False)
+    return {guide: pn.infer(banana_by_factor, data={}, method="svi", guide=guide, seed=0,
+                            progress=False)
             for guide in (None, "fullrank")}
+
+
+def test_the_banana_written_as_a_location_lands_decentred():
+    """b ~ N(a^2, 0.5) decentred is b = a^2 + 0.5 b~ with a, b~ independent N(0, 1): a
+    Gaussian posterior, which the Gaussian fits exactly. Closed form: E[b] = 1, sd 1.5;
+    4000 draws give an sd within about 3% (b's long tail), a mean within 0.05."""
+    fit = pn.infer(banana, data={}, method="svi", seed=0, progress=False)
+    assert fit.info["centring"]["kept"] and fit.info["centring"]["centredness"] == {"b": 0.0}
+    assert fit.info["family"] == "fullrank"
+    b = fit.draws("b")
+    assert abs(b.mean() - 1.0) < 0.1 and abs(b.std() / 1.5 - 1) < 0.1
+    assert abs(fit.draws("a").std() - 1.0) < 0.05
 
 
 def test_default_svi_goes_on_to_a_flow_where_the_gaussian_misses(banana_fits):

@@ -84,21 +84,33 @@ def test_stacking_keeps_the_pooled_restarts_draws_and_says_which_it_left_out():
 
 @pytest.mark.filterwarnings("ignore")
 def test_pyros_baseball_example_is_not_pulled_by_a_stalled_restart():
-    """Default SVI on the centred baseball story, held to NUTS on the same story.
+    """The full-rank Gaussian on the centred baseball story, held to NUTS on the same story.
 
     At seed 0 restart 3 stalls down the funnel (0 Newton steps, ELBO about -1.6e13): it
     is left out, the verdict says so, and the population mean ``loc`` lands within 0.25
     NUTS posterior sds of NUTS's (a Gaussian over a funnel is not exact; it was 2 sds
     off with the stalled restart pooled). NUTS's own Monte Carlo error of the mean is
-    0.02 sd at its ESS.
+    0.02 sd at its ESS. Default SVI decentres the story's alpha instead
+    (ppl_notes.vi.centring), where no restart stalls, and every mean lands within 0.25
+    NUTS sd too (scale's was 0.19 sd off at seed 0: the decentred Gaussian's k-hat is
+    0.65, and its importance-resampled draws keep that much of q's bias).
     """
     data = {"at_bats": torch.full((18,), 45.0, dtype=torch.float64),
             "hits": torch.tensor(HITS, dtype=torch.float64)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vi = infer(partially_pooled_with_logit, data, method="svi", seed=0, progress=False)
+        vi = infer(partially_pooled_with_logit, data, method="svi", guide="fullrank", seed=0,
+                   progress=False)
+        default = infer(partially_pooled_with_logit, data, method="svi", seed=0,
+                        progress=False)
         mc = infer(partially_pooled_with_logit, data, method="nuts", seed=0, chains=4,
                    draws=1000, progress=False)
+    assert default.info["centring"]["centredness"] == {"alpha": 0.0}
+    for name in ("loc", "scale", "alpha"):
+        nuts_draws = mc.draws(name).reshape(len(mc.draws(name)), -1)
+        svi_draws = default.draws(name).reshape(len(default.draws(name)), -1)
+        shift = np.abs(svi_draws.mean(0) - nuts_draws.mean(0)) / nuts_draws.std(0)
+        assert shift.max() < 0.25, (name, shift)
     restarts = vi.info["restarts"]
     left_out = [r["restart"] for r in restarts if not r["pooled"]]
     assert left_out and left_out == vi.info["left_out"]

@@ -49,6 +49,7 @@ from ppl_notes.evaluation import RunContext
 from ppl_notes.evaluation.potential import BatchedPotential, ChunkedPotential
 from ppl_notes.evaluation.propriety import flat_direction
 from ppl_notes.relabel import components_of
+from ppl_notes.vi.centring import chosen_centring
 from ppl_notes.vi.draws_of_q import evaluated_draws
 from ppl_notes.vi.escalation import (
     FLOW_RESTARTS,
@@ -311,6 +312,12 @@ def run_on_potential(context: RunContext, compiler: str) -> RunResult:
     mode = options.get("escalate", "never")
     escalate, reason = escalation_wanted(mode, result, dim)
     result.info["escalation"] = {"to_flow": escalate, "reason": reason}
+    if escalate and mode == "auto" and options.get("centring") != "tried":
+        decentred = chosen_centring(context, lambda c: run_on_potential(c, compiler),
+                                    result, dim)
+        if decentred is not None:
+            decentred.seconds = time.perf_counter() - started
+            return decentred
     if escalate:
         result = _escalated(context, potential, chunked, result, traces, seeds, flat,
                             reason, fit_seconds, mode)
