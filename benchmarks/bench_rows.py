@@ -6,7 +6,7 @@ Run by hand (never in CI)::
     .venv/bin/python benchmarks/bench_rows.py --rows 1e6 1e7 --methods svi
 
 Each fit runs in a fresh process: ``infer(story, method=...)`` with its defaults on
-``y ~ Normal(a + b x, s)``, x and the noise standard normal, a = 1, b = 2, s = 1. Peak
+``y ~ Normal(a + b x, s)`` (``tests/corpus/user_stories_two.straight_line``), x and the noise standard normal, a = 1, b = 2, s = 1. Peak
 memory is the largest resident set of the process and of its worker processes
 (``ru_maxrss``); the result is saved with ``Posterior.save`` and its size is given. The
 pointwise log-likelihood is not stored above its budget
@@ -24,16 +24,11 @@ CHILD = r"""
 import json, os, resource, sys, tempfile, time, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
-import numpy as np, pyro, pyro.distributions as dist, torch
+import numpy as np, torch
 import ppl_notes as pn
+from tests.corpus.user_stories_two import straight_line
 
-@pn.model(observed="y")
-def regression(x, y):
-    a = pyro.sample("a", dist.Normal(0.0, 10.0))
-    b = pyro.sample("b", dist.Normal(0.0, 10.0))
-    s = pyro.sample("s", dist.HalfNormal(5.0))
-    with pyro.plate("rows", x.shape[0]):
-        pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
+regression = pn.model(observed="y")(straight_line)
 
 rng = np.random.default_rng(0)
 x = rng.normal(size={rows})

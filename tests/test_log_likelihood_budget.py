@@ -5,8 +5,6 @@ killed for three parameters. Here the budget is lowered so that small fits cross
 """
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
@@ -15,15 +13,9 @@ from ppl_notes.errors import OptionError, OptionTypeError
 from ppl_notes.evaluation import log_likelihood_budget
 from ppl_notes.evaluation.log_likelihood_budget import expected_draws
 from ppl_notes.models import get_story
+from tests.corpus.user_stories_two import straight_line
 
-
-@pn.model(observed="y")
-def line(x, y):
-    a = pyro.sample("a", dist.Normal(0.0, 10.0))
-    b = pyro.sample("b", dist.Normal(0.0, 10.0))
-    s = pyro.sample("s", dist.HalfNormal(5.0))
-    with pyro.plate("rows", x.shape[0]):
-        pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
+line = pn.model(observed="y")(straight_line)
 
 
 def _data(rows=200):

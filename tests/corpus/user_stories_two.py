@@ -111,3 +111,12 @@ def unconditioned_mean(n):
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
     with pyro.plate("data", n):
         pyro.sample("x", dist.Normal(mu, 1.0))
+
+
+def straight_line(x, y):
+    """y = a + b x + noise, as a first regression is written: three parameters, any rows."""
+    a = pyro.sample("a", dist.Normal(0.0, 10.0))
+    b = pyro.sample("b", dist.Normal(0.0, 10.0))
+    s = pyro.sample("s", dist.HalfNormal(5.0))
+    with pyro.plate("rows", x.shape[0]):
+        pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
