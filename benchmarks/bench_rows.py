@@ -6,12 +6,12 @@ Run by hand (never in CI)::
     .venv/bin/python benchmarks/bench_rows.py --rows 1e6 1e7 --methods svi
 
 Each fit runs in a fresh process: ``infer(story, method=...)`` with its defaults on
-``y ~ Normal(a + b x, s)`` (``tests/corpus/user_stories_two.straight_line``), x and the noise standard normal, a = 1, b = 2, s = 1. Peak
-memory is the largest resident set of the process and of its worker processes
-(``ru_maxrss``); the result is saved with ``Posterior.save`` and its size is given. The
-pointwise log-likelihood is not stored above its budget
-(:mod:`ppl_notes.evaluation.log_likelihood_budget`), so the file holds the draws and
-the data, not draws x rows.
+``y ~ Normal(a + b x, s)`` (``tests/corpus/user_stories_two.straight_line``), x and the
+noise standard normal, a = 1, b = 2, s = 1. Peak memory is the largest resident set of
+the process and of its worker processes (``ru_maxrss``); the result is saved with
+``Posterior.save`` and its size is given. The pointwise log-likelihood is not stored
+above its budget (:mod:`ppl_notes.evaluation.log_likelihood_budget`), so the file holds
+the draws and the data, not draws x rows.
 """
 
 from __future__ import annotations
