@@ -99,11 +99,22 @@ def without_main_module():
         sys.modules["__main__"] = real
 
 
+def leave_signals_to_the_parent() -> None:
+    """In a worker: Ctrl-C and SIGTERM, which reach the whole process group, are ignored.
+
+    The main process turns either into a stop that the workers hear from it, and its
+    end takes them with it (:func:`die_with_parent`). A worker that died of the group's
+    SIGTERM under GNU ``timeout`` left the main process a raw ``BrokenProcessPool``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _init_worker(parent: int, stop_event) -> None:
     import torch
 
     die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    leave_signals_to_the_parent()
     torch.set_num_threads(1)
     set_stop_event(stop_event)
 

@@ -252,3 +252,35 @@ def test_sigterm_during_the_report_keeps_both_results(tmp_path):
         assert "interrupted (SIGTERM)" in stderr.splitlines()[-1]
     for name in ("svi.nc", "nuts.nc"):
         assert load(out / name).num_draws > 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX")
+def test_sigterm_to_the_process_group_stops_nuts_workers_with_one_line(tmp_path):
+    """GNU timeout and job schedulers send SIGTERM to the whole process group: the NUTS
+    workers died of it and the main process printed a raw BrokenProcessPool. The workers
+    now leave it to the main process, which keeps the draws made so far."""
+    log = tmp_path / "stderr.txt"
+    out = tmp_path / "fit.nc"
+    with open(log, "w") as stderr_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ppl_notes.cli", "run", "eight_schools", "--method", "nuts",
+             "--no-progress", "--set", "processes=2", "--set", "warmup=20000",
+             "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=stderr_file, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            workers = []
+            while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+                workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                         text=True).stdout.split()
+                time.sleep(0.5)
+            time.sleep(15)  # the workers record their tapes and start their chains
+            os.killpg(process.pid, signal.SIGTERM)  # the group, as timeout does
+            process.communicate(timeout=180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr, stderr[-2000:]
+    assert "interrupted (SIGTERM)" in stderr

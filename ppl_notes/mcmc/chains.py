@@ -20,7 +20,6 @@ import gc
 import multiprocessing
 import os
 import queue
-import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_notes._cluster import client_for
-from ppl_notes._pool import die_with_parent, without_main_module
+from ppl_notes._pool import die_with_parent, leave_signals_to_the_parent, without_main_module
 from ppl_notes.evaluation import StoryFacts
 from ppl_notes.evaluation.potential import BatchedPotential
 from ppl_notes.mcmc.driver import ChainResult, chain_process, drive_lockstep
@@ -48,7 +47,7 @@ def _init_worker(progress_queue, stop_event, parent: int) -> None:
     global _progress_queue, _stop_event
     _progress_queue, _stop_event = progress_queue, stop_event
     die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (module doc)
+    leave_signals_to_the_parent()  # the main process decides (module doc)
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
 
