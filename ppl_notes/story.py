@@ -46,13 +46,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Model", "Guide", "model", "guide", "check_pairing"]
 
 
-def _required_arguments(fn: Callable) -> list[str]:
-    """The arguments a call of ``fn`` cannot leave out."""
-    return [name for name, p in story_signature(fn).parameters.items()
-            if p.default is inspect.Parameter.empty
-            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-
-
 @dataclass(frozen=True, init=False, eq=False, repr=False)
 class Model(StoryViews):
     """A generative story: a Pyro model with a name, observed sites and default data.
@@ -225,7 +218,7 @@ class Model(StoryViews):
             raise StoryError(f"infer() needs a Pyro model: a function, a PyroModule or a "
                              f"story made with @ppl_notes.model; got {type(fn).__name__}")
         probe = cls(fn, observed=())
-        if data is None and not _required_arguments(fn):
+        if data is None and not story_signature(fn).parameters:
             data = {}  # a model of no arguments (GPRegression(...).model) needs none
         if data is None:
             raise DataError(f"infer({probe.name}): a model given without @ppl_notes.model "
@@ -324,10 +317,10 @@ class Model(StoryViews):
     def default_data(self) -> dict[str, Any]:
         """The story's default data set (e.g. Galton's heights), as raw values.
 
-        A story of no required argument whose observed sites take no argument holds its
-        data itself (Pyro's ``GPRegression(X, y, kernel).model``): its data are ``{}``.
+        A story of no argument at all whose observed sites take none holds its data
+        itself (Pyro's ``GPRegression(X, y, kernel).model``): its data are ``{}``.
         """
-        if self._default_data is None and not _required_arguments(self.fn) and not any(
+        if self._default_data is None and not self.parameters and not any(
                 self.observed_arguments.values()):
             return {}
         if self._default_data is None:

@@ -210,7 +210,7 @@ def test_the_evaluation_draws_a_chains_states_in_its_own_run(path, monkeypatch):
     def no_run_of_their_own(*args, **kwargs):
         raise AssertionError("the states were recovered by a run of their own")
 
-    monkeypatch.setattr(draws_module, "_recover_discrete", no_run_of_their_own)
+    monkeypatch.setattr(draws_module, "recover_discrete_sites", no_run_of_their_own)
     posterior, _ = posterior_of(hmm, data, values, facts, recover_discrete=True, seed=1)
     drawn = np.stack([posterior[f"z_{t}"] for t in range(len(Y))], axis=1)
     single, pairs = _hmm_exact(Y.numpy())
