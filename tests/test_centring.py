@@ -84,3 +84,21 @@ def test_the_story_as_written_stays_where_no_decentred_fit_is_better():
     assert tried == ["never", "never"]  # c = 0 and c = 1/2, Gaussians alone
     assert gaussian.info["centring"]["kept"] is False
     assert "no decentred Gaussian's ELBO is above" in gaussian.info["centring"]["why"]
+
+
+def test_ctrl_c_while_trying_the_centring_returns_the_story_as_written():
+    story = get_story("eight_schools").load_model()
+    from ppl_notes.evaluation import RunContext
+
+    context = RunContext(story, story.prepare_data(None),
+                         options={"num_draws": 1000, "escalate": "auto"})
+    gaussian = _with_elbo(-31.0)
+
+    def interrupted(trial):
+        result = _with_elbo(-30.0)
+        result.partial = True
+        return result
+
+    returned = chosen_centring(context, interrupted, gaussian, dim=10)
+    assert returned is gaussian and returned.partial
+    assert "interrupted (Ctrl-C)" in returned.info["centring"]["why"]

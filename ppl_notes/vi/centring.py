@@ -107,8 +107,9 @@ def chosen_centring(context, fit, gaussian, dim: int):
     -------
     RunResult or None
         The best decentred fit, its draws the story's own sites, with
-        ``info["centring"]``; None where the story as written is kept or no site is a
-        funnel's.
+        ``info["centring"]``; ``gaussian`` itself, marked partial, where Ctrl-C stopped a
+        trial (nothing more is fitted); None where the story as written is kept or no
+        site is a funnel's.
     """
     sites = funnel_sites(context.model, context.data, context.facts)
     if not sites:
@@ -120,6 +121,13 @@ def chosen_centring(context, fit, gaussian, dim: int):
         trial = context.replace(model=decentred(context.model, sites, centredness), options={
             **context.options, "escalate": "never", "centring": "tried"})
         fits[centredness] = fit(trial)
+        if fits[centredness].partial:  # Ctrl-C: the story as written's Gaussian, no more
+            gaussian.partial = True
+            gaussian.info["centring"] = {
+                "sites": sites, "kept": False, "centredness": {s: 1.0 for s in sites},
+                "why": "interrupted (Ctrl-C) while trying the centring: the Gaussian of the "
+                       "story as written is returned"}
+            return gaussian
         elbo[centredness] = elbo_at_draws(fits[centredness], draws)
     best = max(fits, key=lambda c: elbo[c][0] if math.isfinite(elbo[c][0]) else -math.inf)
     gain = elbo[best][0] - elbo[1.0][0]
