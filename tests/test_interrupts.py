@@ -264,7 +264,7 @@ def test_sigterm_to_the_process_group_stops_nuts_workers_with_one_line(tmp_path)
     with open(log, "w") as stderr_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "ppl_notes.cli", "run", "eight_schools", "--method", "nuts",
-             "--no-progress", "--set", "processes=2", "--set", "warmup=20000",
+             "--no-progress", "--set", "processes=2", "--set", "warmup=5000000",
              "--out", str(out)],
             stdout=subprocess.PIPE, stderr=stderr_file, text=True, start_new_session=True)
         try:
@@ -275,6 +275,7 @@ def test_sigterm_to_the_process_group_stops_nuts_workers_with_one_line(tmp_path)
                                          text=True).stdout.split()
                 time.sleep(0.5)
             time.sleep(15)  # the workers record their tapes and start their chains
+            assert process.poll() is None  # 5e6 warmup iterations: still running
             os.killpg(process.pid, signal.SIGTERM)  # the group, as timeout does
             process.communicate(timeout=180)
         finally:
