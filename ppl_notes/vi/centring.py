@@ -83,8 +83,8 @@ def decentred(model, sites: list[str], centredness: float):
 
 def original_sites(posterior: dict[str, Any], sites: list[str]) -> dict[str, Any]:
     """A decentred fit's draws as the story's own: each ``<site>_decentered`` left out."""
-    return {name: value for name, value in posterior.items()
-            if name not in {f"{site}_decentered" for site in sites}}
+    auxiliary = {f"{site}_decentered" for site in sites}
+    return {name: value for name, value in posterior.items() if name not in auxiliary}
 
 
 def chosen_centring(context, fit, gaussian, dim: int):
@@ -132,11 +132,11 @@ def chosen_centring(context, fit, gaussian, dim: int):
     best = max(fits, key=lambda c: elbo[c][0] if math.isfinite(elbo[c][0]) else -math.inf)
     gain = elbo[best][0] - elbo[1.0][0]
     error = math.hypot(elbo[best][1], elbo[1.0][1])
-    facts = {"sites": sites, "elbo": {str(c): round(float(e[0]), 4) for c, e in elbo.items()},
+    measured = {"sites": sites, "elbo": {str(c): round(float(e[0]), 4) for c, e in elbo.items()},
              "tried": [1.0, *CENTREDNESS_TRIED]}
     if not gain > 2 * error:  # NaN too: the story as written
         gaussian.info["centring"] = {
-            **facts, "kept": False, "centredness": {s: 1.0 for s in sites},
+            **measured, "kept": False, "centredness": {s: 1.0 for s in sites},
             "why": f"no decentred Gaussian's ELBO is above the story's {elbo[1.0][0]:.3f} by "
                    f"two standard errors ({2 * error:.3f})"}
         return None
@@ -149,7 +149,7 @@ def chosen_centring(context, fit, gaussian, dim: int):
         result.info["escalation"] = {"to_flow": False, "reason": reason}
     result.posterior = original_sites(result.posterior, sites)
     result.info["centring"] = {
-        **facts, "kept": True, "centredness": {s: best for s in sites},
+        **measured, "kept": True, "centredness": {s: best for s in sites},
         "why": f"the Gaussian of the story with {', '.join(sites)} at centredness {best} "
                f"has ELBO {elbo[best][0]:.3f}, above the story as written's "
                f"{elbo[1.0][0]:.3f} by more than two standard errors ({2 * error:.3f})"}

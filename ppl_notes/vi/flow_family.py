@@ -180,8 +180,8 @@ class Flows:
         self._log_det_tril = tril.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (K,)
         # every parameter a view of one flat vector, which Adam updates in place
         self.flat = torch.cat([p.detach().reshape(-1) for p in couplings.parameters()])
-        offset = 0
-        for parameter in couplings.parameters():
+        offset, self._parameters = 0, list(couplings.parameters())
+        for parameter in self._parameters:
             parameter.data = self.flat[offset:offset + parameter.numel()].view_as(parameter)
             offset += parameter.numel()
         # the same layers with their parameters' storage but no gradient: the
@@ -204,7 +204,7 @@ class Flows:
 
     def parameters(self) -> list[torch.Tensor]:
         """The couplings' parameters (the base Gaussians stay fixed), views of :attr:`flat`."""
-        return list(self.layers.parameters())
+        return self._parameters
 
     def flat_grad(self) -> torch.Tensor:
         """The parameters' gradients as one vector, in :attr:`flat`'s order (zeros where none)."""
